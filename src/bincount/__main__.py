@@ -1,0 +1,3 @@
+from bincount.cli import app
+
+app(prog_name="bincount")

@@ -1,0 +1,42 @@
+"""boto3 session and client factory: region, endpoint_url, anonymous (unsigned) access."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def client(
+    service: str,
+    *,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+    unsigned: bool = False,
+    max_pool_connections: int = 10,
+    max_attempts: int = 8,
+) -> Any:
+    """A boto3 client with adaptive retries (backoff on throttling and connection errors)."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    config = Config(
+        region_name=region or "us-east-1",
+        retries={"mode": "adaptive", "max_attempts": max_attempts},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=10,
+        read_timeout=60,
+        signature_version=UNSIGNED if unsigned else None,
+    )
+    return boto3.session.Session().client(service, endpoint_url=endpoint_url or None, config=config)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/key/prefix` into (bucket, key prefix without a leading slash)."""
+    from bincount.errors import BincountError
+
+    if not uri.startswith("s3://") or len(uri) <= 5:
+        raise BincountError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise BincountError(f"not an S3 URI: {uri!r} (no bucket)")
+    return bucket, key.strip("/")

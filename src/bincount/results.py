@@ -1,0 +1,40 @@
+"""Small result objects that stages return: printed as a rich table, or as JSON with --json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Result(BaseModel):
+    """Base for stage results. Override `rich()` for a custom view; `--json` prints `model_dump`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    def title(self) -> str:
+        return type(self).__name__.removesuffix("Result").lower() or "result"
+
+    def rich(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=self.title(), show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in self.model_dump(mode="json").items():
+            if isinstance(value, (list, dict)) and len(value) > 8:
+                value = f"{len(value)} entries (see --json)"
+            table.add_row(key, str(value))
+        return table
+
+
+def per_class_table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
+    """A rich table with a header row (for per-count breakdowns)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    return table

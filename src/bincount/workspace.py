@@ -1,0 +1,123 @@
+"""Paths inside the work dir, atomic file writes, JSON Lines and state.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bincount.errors import BincountError
+
+SPLITS = ("train", "val", "test")
+
+
+class Workspace:
+    """The layout of one work dir (see DESIGN.md): raw/, manifest.jsonl, splits/, state.json, models/, reports/."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    def split(self, name: str) -> Path:
+        return self.splits / f"{name}.jsonl"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def require(self, path: Path, hint: str) -> Path:
+        """Return `path` if it exists, else fail with a message saying which command makes it."""
+        if not path.exists():
+            raise BincountError(f"{path} not found: {hint}")
+        return path
+
+    # -- state.json: what later stages need from earlier ones ------------------------------
+    def state(self) -> dict[str, Any]:
+        if not self.state_path.exists():
+            return {}
+        try:
+            return json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BincountError(f"{self.state_path} is not valid JSON ({exc.msg}); fix or delete it") from None
+
+    def update_state(self, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into state.json (a value of None removes the key) and write it atomically."""
+        state = self.state()
+        for key, value in changes.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+        return state
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as JSON Lines atomically; return how many were written."""
+    lines = [json.dumps(row, sort_keys=True) for row in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON Lines file; a bad line is a BincountError naming the file and line."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise BincountError(f"{path} not found")
+    with path.open() as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BincountError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise BincountError(f"{path}:{number}: expected a JSON object")
+            yield row

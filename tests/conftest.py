@@ -1,0 +1,63 @@
+"""Shared fixtures: fake AWS credentials, a real local S3 server (moto) and small synthetic data."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Never reach real AWS from tests: fake credentials, a fixed region, no SDK telemetry.
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+for _name in [n for n in os.environ if n.startswith("BINCOUNT_")]:
+    del os.environ[_name]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API over HTTP on 127.0.0.1 (moto's ThreadedMotoServer); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory) -> Path:
+    """120 synthetic bins (counts 0..5, 64 px) in the bucket layout, made once per test session."""
+    from bincount.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, n=120, image_size=64, max_count=5, seed=1)
+    return out
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process: cli("fetch", "--limit", "3") -> click Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from bincount.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke

@@ -1,0 +1,40 @@
+import json
+import subprocess
+import sys
+
+
+def test_help_is_instant_and_lists_every_command():
+    code = "import sys, bincount.cli; print(sorted(m for m in ('torch','sagemaker','boto3','moto','PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    res = subprocess.run([sys.executable, "-m", "bincount", "--help"], capture_output=True, text=True, check=True)
+    lines = {line.split()[0]: line for line in res.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    for command in ("synth", "fetch", "split", "upload", "tune", "train", "evaluate", "deploy", "predict",
+                    "audit", "undeploy", "serve", "status", "config"):
+        assert command in lines
+        assert not lines[command].endswith("..."), lines[command]  # every description fits on its line
+
+
+def test_bad_config_exits_1_with_one_line(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("split:\n  train: 0.9\n")
+    res = cli("config", "--config", cfg)
+    assert res.exit_code == 1
+    assert "split ratios must sum to 1" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_config_json_and_set(cli, tmp_path):
+    res = cli("config", "--json", "--workdir", tmp_path, "--set", "train.epochs=7", "--set", "deploy.mode=serverless")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["settings"]["train"]["epochs"] == 7
+    assert data["settings"]["deploy"]["mode"] == "serverless"
+    assert data["settings"]["workdir"] == str(tmp_path)
+
+
+def test_bad_set_option(cli):
+    res = cli("config", "--set", "train.epochs")
+    assert res.exit_code == 1
+    assert "KEY=VALUE" in res.stderr

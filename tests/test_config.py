@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from bincount.config import load_settings, parse_int_set
+from bincount.errors import BincountError
+
+
+def test_defaults():
+    s = load_settings(environ={})
+    assert s.backend == "local"
+    assert s.data.source == "s3://aft-vbi-pds"
+    assert s.data.count_set() == [0, 1, 2, 3, 4, 5]
+    assert (s.split.train, s.split.val, s.split.test) == (0.6, 0.2, 0.2)
+
+
+def test_precedence_defaults_yaml_env_flags(tmp_path: Path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epochs: 3\n  lr: 0.5\n  batch_size: 8\ndata:\n  workers: 4\n")
+    env = {"BINCOUNT_TRAIN__LR": "0.25", "BINCOUNT_TRAIN__BATCH_SIZE": "16"}
+    s = load_settings(cfg, {"train.batch_size": 32}, environ=env)
+    assert s.train.epochs == 3  # yaml over default
+    assert s.train.lr == 0.25  # env over yaml
+    assert s.train.batch_size == 32  # flag over env
+    assert s.data.workers == 4
+    assert s.train.weight_decay == 1e-4  # untouched default
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("trian:\n  epochs: 3\n", "invalid setting trian: unknown key"),
+        ("train:\n  epoch: 3\n", "invalid setting train.epoch: unknown key"),
+        ("train:\n  epochs: zero\n", "invalid setting train.epochs"),
+        ("split:\n  train: 0.7\n", "split ratios must sum to 1"),
+        ("deploy:\n  memory_size_mb: 3000\n", "multiple of 1024"),
+        ("sagemaker:\n  role: admin\n", "IAM role ARN"),
+        ("data:\n  counts: one-five\n", "invalid setting data.counts"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("train: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path: Path, yaml_text: str, expected: str):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(BincountError) as info:
+        load_settings(cfg, environ={})
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_env_value_names_key():
+    with pytest.raises(BincountError, match="train.epochs"):
+        load_settings(environ={"BINCOUNT_TRAIN__EPOCHS": "-1"})
+
+
+def test_missing_config_file(tmp_path: Path):
+    with pytest.raises(BincountError, match="not found"):
+        load_settings(tmp_path / "nope.yaml", environ={})
+
+
+def test_shipped_configs_are_valid():
+    root = Path(__file__).parents[1] / "configs"
+    for path in root.glob("*.yaml"):
+        load_settings(path, environ={})
+
+
+def test_parse_int_set():
+    assert parse_int_set("0-2,5") == [0, 1, 2, 5]
+    assert parse_int_set("3") == [3]
+    with pytest.raises(ValueError):
+        parse_int_set("5-1")
+
+
+def test_counts_beyond_max_count():
+    s = load_settings(overrides={"data.counts": "1-7"}, environ={})
+    with pytest.raises(BincountError, match="max_count"):
+        s.data.count_set()
