@@ -1,0 +1,82 @@
+"""Model building, preprocessing and loading, shared by train.py and inference.py.
+
+Counting is classification over counts 0..num_classes-1 on a torchvision backbone.
+Imports only torch, torchvision, PIL and the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be had (offline and not cached)."""
+
+
+def _imagenet_weights(arch: str):
+    import torchvision.models as models
+
+    weights = models.get_model_weights(arch).DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not cache.exists():
+        raise WeightsUnavailable(
+            f"ImageNet weights for {arch} are not cached at {cache}; download them once with network access "
+            f"(python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"), "
+            "pass a local weights file as pretrained, or use pretrained=none"
+        )
+    return weights
+
+
+def build_model(arch: str, num_classes: int, pretrained: str = "none") -> nn.Module:
+    """A torchvision backbone with a `num_classes` head. pretrained: imagenet | none | path to weights."""
+    import torchvision.models as models
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    weights = _imagenet_weights(arch) if pretrained == "imagenet" else None
+    model = models.get_model(arch, weights=weights)
+    if pretrained not in ("imagenet", "none", "", None):
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        model.load_state_dict({k: v for k, v in state.items() if not _is_head(k)}, strict=False)
+    if arch.startswith("resnet"):
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:
+        last = model.classifier[-1]
+        model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+    return model
+
+
+def _is_head(key: str) -> bool:
+    return key.startswith(("fc.", "classifier.3.", "classifier.6."))
+
+
+def preprocess(image, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """PIL image -> normalised float tensor [3, S, S]: the whole picture resized (nothing cropped away)."""
+    from PIL import Image
+    from torchvision.transforms.functional import normalize, pil_to_tensor
+
+    image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    tensor = pil_to_tensor(image).float().div_(255)
+    return normalize(tensor, mean, std)
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Load model.pth (weights_only) and meta.json from a model dir; returns (model in eval mode, meta)."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "meta.json").read_text())
+    model = build_model(meta["arch"], meta["num_classes"], "none")
+    state = torch.load(model_dir / "model.pth", map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
