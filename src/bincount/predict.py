@@ -1,0 +1,378 @@
+"""Count the objects in bin images: files, folders (recursive) or s3:// URIs, sent concurrently.
+
+Targets, first match wins: --model (the artifact's handlers in this process, no server); --endpoint
+(an http(s):// URL of a local endpoint, or a SageMaker endpoint name); with backend sagemaker,
+deploy.endpoint_name; the endpoint recorded in state.json; else the last trained model, in-process.
+
+s3:// images are read with the data settings (data.endpoint_url, data.region, data.unsigned) when the
+bucket is the data source's bucket (e.g. the public ABID bucket), else with the s3 settings (your
+credentials, s3.endpoint_url, s3.region).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bincount.config import Settings
+from bincount.errors import BincountError
+from bincount.results import Result
+from bincount.workspace import Workspace
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_BODY_BYTES = 6 * 1024 * 1024
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+class PredictItem(Result):
+    image: str
+    count: int | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+
+
+class PredictResult(Result):
+    target: str
+    predicted: int
+    failed: int
+    items: list[PredictItem]
+    output_format: str = "table"
+    exit_code: int = 0
+
+    def rich(self) -> Any:
+        if self.output_format == "json":
+            return Raw(self.model_dump_json(indent=2) + "\n")
+        if self.output_format == "csv":
+            return Raw(items_csv(self.items))
+        from rich.table import Table
+
+        table = Table(title=f"predictions ({self.target})", title_justify="left")
+        for name, justify in (("image", "left"), ("count", "right"), ("confidence", "right"), ("error", "left")):
+            table.add_column(name, justify=justify, overflow="fold")
+        for item in self.items:
+            if item.error:
+                table.add_row(item.image, "", "", f"[red]{item.error}[/]")
+            else:
+                table.add_row(item.image, str(item.count), f"{item.confidence:.3f}", "")
+        table.caption = f"{self.predicted} predicted, {self.failed} failed"
+        return table
+
+
+class Raw:
+    """Text printed exactly as is (no wrapping, markup or highlighting): CSV and JSON output."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.segment import Segment
+
+        yield Segment(self.text.rstrip("\n"))
+
+
+def items_csv(items: list[PredictItem]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "count", "confidence", "error"])
+    for item in items:
+        conf = "" if item.confidence is None else f"{item.confidence:.6f}"
+        writer.writerow([item.image, "" if item.count is None else item.count, conf, item.error or ""])
+    return buf.getvalue()
+
+
+# -- sources: where image bytes come from --------------------------------------------------
+@dataclass
+class Source:
+    name: str  # what the user sees: a path or s3:// URI
+    read: Callable[[], bytes] | None  # None: the source itself is bad (see error)
+    content_type: str = "application/x-image"
+    error: str | None = None
+
+
+def _content_type(name: str) -> str:
+    return CONTENT_TYPES.get(Path(name.lower()).suffix, "application/x-image")
+
+
+def _read_file(path: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
+        size = path.stat().st_size
+        if size > MAX_BODY_BYTES:
+            raise ValueError(f"{size / 1e6:.1f} MB, over the {MAX_BODY_BYTES // (1024 * 1024)} MB request limit")
+        return path.read_bytes()
+
+    return read
+
+
+def file_source(path: Path, name: str | None = None) -> Source:
+    name = name or str(path)
+    if not path.is_file():
+        return Source(name, None, error="not found")
+    return Source(name, _read_file(path), _content_type(path.name))
+
+
+class S3Reader:
+    """Thread-safe S3 reads with the right settings per bucket (see the module docstring)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def client(self, bucket: str) -> Any:
+        from bincount.aws import client, parse_s3_uri
+
+        data = self.settings.data
+        public = data.source.startswith("s3://") and parse_s3_uri(data.source)[0] == bucket
+        key = "data" if public else "s3"
+        with self._lock:
+            if key not in self._clients:
+                pool = max(10, self.settings.deploy.workers)
+                if public:
+                    self._clients[key] = client("s3", region=data.region, endpoint_url=data.endpoint_url,
+                                                unsigned=data.unsigned, max_pool_connections=pool, max_attempts=4)
+                else:
+                    s3 = self.settings.s3
+                    self._clients[key] = client("s3", region=s3.region, endpoint_url=s3.endpoint_url,
+                                                max_pool_connections=pool, max_attempts=4)
+            return self._clients[key]
+
+    def sources(self, uri: str) -> list[Source]:
+        from bincount.aws import parse_s3_uri
+
+        bucket, prefix = parse_s3_uri(uri)
+        s3 = self.client(bucket)
+        try:
+            if prefix.lower().endswith(IMAGE_SUFFIXES):
+                return [Source(uri, self._reader(bucket, prefix), _content_type(prefix))]
+            keys = []
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+            for page in pages:
+                keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].lower().endswith(IMAGE_SUFFIXES)]
+        except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+            return [Source(uri, None, error=f"cannot list: {_aws_message(exc)}")]
+        if not keys:
+            return [Source(uri, None, error="no .jpg/.jpeg/.png objects under this prefix")]
+        return [Source(f"s3://{bucket}/{k}", self._reader(bucket, k), _content_type(k)) for k in sorted(keys)]
+
+    def _reader(self, bucket: str, key: str) -> Callable[[], bytes]:
+        def read() -> bytes:
+            try:
+                obj = self.client(bucket).get_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(f"cannot read: {_aws_message(exc)}") from None
+            if obj["ContentLength"] > MAX_BODY_BYTES:
+                obj["Body"].close()
+                raise ValueError(f"{obj['ContentLength'] / 1e6:.1f} MB, over the 6 MB request limit")
+            return obj["Body"].read()
+
+        return read
+
+
+def _aws_message(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        err = response["Error"]
+        return f"{err.get('Code')}: {err.get('Message') or ''}".strip().rstrip(":")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def collect(settings: Settings, inputs: list[str]) -> list[Source]:
+    """Files, folders (recursive .jpg/.jpeg/.png) and s3:// URIs -> image sources, in order."""
+    reader = None
+    out: list[Source] = []
+    for spec in inputs:
+        spec = str(spec)
+        if spec.startswith("s3://"):
+            reader = reader or S3Reader(settings)
+            out += reader.sources(spec)
+            continue
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            out += [file_source(p) for p in found] or [Source(spec, None, error="no .jpg/.jpeg/.png files in this folder")]
+        else:
+            out.append(file_source(path, spec))
+    if not out:
+        raise BincountError("no images given")
+    return out
+
+
+# -- targets: what answers ------------------------------------------------------------------
+class Target:
+    name: str
+
+    def predict(self, body: bytes, content_type: str) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ModelTarget(Target):
+    """The artifact's own handlers in this process (no server)."""
+
+    def __init__(self, model_dir: Path):
+        from bincount.serve import Handlers
+
+        self.name = f"model {model_dir}"
+        self.handlers = Handlers(model_dir)
+
+    def predict(self, body: bytes, content_type: str) -> dict:
+        from bincount.serve import client_status
+
+        try:
+            return json.loads(self.handlers.invoke(body, content_type, "application/json"))
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
+            if client_status(exc):
+                raise ValueError(str(exc)) from None
+            raise ValueError(f"internal error: {type(exc).__name__}: {exc}") from None
+
+
+class HttpTarget(Target):
+    """An endpoint URL speaking the SageMaker contract; one keep-alive connection per thread."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        from urllib.parse import urlsplit
+
+        self.url = url.rstrip("/")
+        self.name = f"endpoint {self.url}"
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BincountError(f"bad endpoint URL {url!r}")
+        self._parts, self._timeout = parts, timeout
+        self._local = threading.local()
+        from bincount.serve import ping
+
+        if not ping(self.url, timeout=5.0):
+            raise BincountError(f"the endpoint at {self.url} does not answer GET /ping with 200; "
+                                "is it running? (`bincount deploy` starts one)")
+
+    def _connection(self, fresh: bool = False) -> Any:
+        import http.client
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None or fresh:
+            if conn is not None:
+                conn.close()
+            cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+            conn = cls(self._parts.hostname, self._parts.port, timeout=self._timeout)
+            self._local.conn = conn
+        return conn
+
+    def predict(self, body: bytes, content_type: str) -> dict:
+        import http.client
+
+        path = f"{self._parts.path}/invocations"
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        for attempt in (0, 1):  # a kept-alive connection the server closed: retry once on a new one
+            conn = self._connection(fresh=attempt == 1)
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if attempt:
+                    raise ValueError("connection closed by the endpoint") from None
+            except OSError as exc:
+                conn.close()
+                self._local.conn = None
+                raise ValueError(f"cannot reach the endpoint: {exc}") from None
+        if resp.status != 200:
+            try:
+                message = json.loads(data).get("error") or data.decode(errors="replace")
+            except (ValueError, AttributeError):
+                message = data[:200].decode(errors="replace")
+            raise ValueError(f"HTTP {resp.status}: {message}")
+        return json.loads(data)
+
+
+class SageMakerTarget(Target):
+    def __init__(self, settings: Settings, endpoint_name: str):
+        from bincount.backends.sagemaker import invoke_endpoint
+
+        self.settings, self.endpoint_name = settings, endpoint_name
+        self.name = f"SageMaker endpoint {endpoint_name}"
+        self._invoke = invoke_endpoint
+
+    def predict(self, body: bytes, content_type: str) -> dict:
+        try:
+            return self._invoke(self.settings, self.endpoint_name, body, content_type)
+        except BincountError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def resolve_target(settings: Settings, endpoint: str | None = None, model: Path | str | None = None) -> Target:
+    """The first of: --model, --endpoint, deploy.endpoint_name (sagemaker), the recorded endpoint, the last model."""
+    from bincount.console import log
+    from bincount.serve import resolve_model
+
+    if model:
+        return ModelTarget(resolve_model(settings, model))
+    if endpoint:
+        if endpoint.startswith(("http://", "https://")):
+            return HttpTarget(endpoint)
+        return SageMakerTarget(settings, endpoint)
+    if settings.backend == "sagemaker" and settings.deploy.endpoint_name:
+        return SageMakerTarget(settings, settings.deploy.endpoint_name)
+    state = Workspace(settings.workdir).state()
+    recorded = state.get("endpoint") or {}
+    if recorded.get("backend") == "local" and recorded.get("url"):
+        return HttpTarget(recorded["url"])
+    if recorded.get("backend") == "sagemaker" and recorded.get("name"):
+        return SageMakerTarget(settings, recorded["name"])
+    training = state.get("training") or {}
+    if training.get("model_dir") or training.get("model_data"):
+        model_dir = resolve_model(settings, None)
+        log(f"no endpoint deployed: predicting in-process with the last trained model {model_dir}")
+        return ModelTarget(model_dir)
+    raise BincountError("nothing to predict with: run `bincount deploy`, or pass --endpoint URL|NAME or --model PATH")
+
+
+def run_predictions(settings: Settings, sources: list[Source], target: Target, description: str = "predict") -> list[PredictItem]:
+    """Predict every source concurrently (deploy.workers) with a progress bar; failures become items with an error."""
+    from bincount.console import progress
+
+    def one(source: Source) -> PredictItem:
+        if source.read is None:
+            return PredictItem(image=source.name, error=source.error or "unreadable")
+        try:
+            answer = target.predict(source.read(), source.content_type)
+            if isinstance(answer, list):  # a batch answer to a single image
+                answer = answer[0]
+            return PredictItem(image=source.name, count=int(answer["count"]), confidence=float(answer["confidence"]),
+                               probabilities=answer.get("probabilities"))
+        except Exception as exc:  # noqa: BLE001 - every failure is reported per item
+            return PredictItem(image=source.name, error=str(exc) or type(exc).__name__)
+
+    items: list[PredictItem] = []
+    with progress(transient=True) as bar, ThreadPoolExecutor(settings.deploy.workers) as pool:
+        task = bar.add_task(description, total=len(sources))
+        for item in pool.map(one, sources):
+            items.append(item)
+            bar.advance(task)
+    return items
+
+
+def predict(settings: Settings, images: list[str], endpoint: str | None = None, model: Path | None = None,
+            output_format: str = "table") -> PredictResult:
+    """Predict counts for images; failed items carry their reason and make the exit code 1."""
+    if output_format not in ("table", "json", "csv"):
+        raise BincountError(f"--format {output_format!r}: choose table, json or csv")
+    sources = collect(settings, images)
+    target = resolve_target(settings, endpoint, model)
+    try:
+        items = run_predictions(settings, sources, target)
+    finally:
+        target.close()
+    failed = sum(1 for item in items if item.error)
+    return PredictResult(target=target.name, predicted=len(items) - failed, failed=failed, items=items,
+                         output_format=output_format, exit_code=1 if failed else 0)
