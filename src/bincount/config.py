@@ -141,6 +141,14 @@ class ContinuousRange(Section):
     max: float
     scale: Literal["log", "linear"] = "log"
 
+    @model_validator(mode="after")
+    def _bounds(self) -> ContinuousRange:
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min:g}) must be below max ({self.max:g})")
+        if self.scale == "log" and self.min <= 0:
+            raise ValueError("a log-scale range needs min > 0")
+        return self
+
 
 class TuneSettings(Section):
     """Hyperparameter search: SageMaker HyperparameterTuner, or Optuna locally."""
@@ -153,9 +161,17 @@ class TuneSettings(Section):
     warm_start: bool = True  # start from the previous tuning job recorded in state.json
     lr: ContinuousRange = ContinuousRange(min=1e-4, max=1e-1, scale="log")
     weight_decay: ContinuousRange = ContinuousRange(min=1e-6, max=1e-2, scale="log")
-    batch_size: list[int] = [32, 64, 128, 256, 512]
+    batch_size: list[int] = Field([32, 64, 128, 256, 512], min_length=1)  # categorical choices
     epochs: int | None = Field(None, ge=1)  # epochs per trial; default train.epochs
     wait: bool = True
+
+    @field_validator("lr", "weight_decay", mode="before")
+    @classmethod
+    def _range_defaults(cls, value: Any, info: Any) -> Any:
+        """`--set tune.lr.max=0.01` keeps the default min and scale."""
+        if isinstance(value, dict):
+            return {**cls.model_fields[info.field_name].default.model_dump(), **value}
+        return value
 
 
 class DeploySettings(Section):

@@ -1,0 +1,129 @@
+"""`bincount tune --backend local`: an Optuna search (seeded TPE, median pruning) over real train.py runs.
+
+Each trial runs container/train.py through local_train.run_script, exactly as a local training does;
+its objective is read from the trial's log with the SageMaker metric regexes (the last value, as
+SageMaker's tuner takes it), and per-epoch values feed the pruner, which stops hopeless trials.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from bincount.backends.tuning import TuneResult, record
+from bincount.config import Settings
+from bincount.console import log
+from bincount.errors import BincountError
+from bincount.workspace import Workspace
+
+
+def objective_regex(objective: str) -> re.Pattern[str]:
+    """The regex SageMaker uses for this metric (epochlog.METRIC_DEFINITIONS)."""
+    from bincount.container.epochlog import METRIC_DEFINITIONS
+
+    for definition in METRIC_DEFINITIONS:
+        if definition["Name"] == objective:
+            return re.compile(definition["Regex"])
+    raise BincountError(f"tune.objective {objective!r} has no metric definition")
+
+
+def read_objective(log_path: Path, objective: str) -> float | None:
+    """The last value of `objective` in a training log, found with its metric-definition regex."""
+    pattern = objective_regex(objective)
+    value = None
+    with open(log_path, errors="replace") as fh:
+        for line in fh:
+            match = pattern.search(line)
+            if match:
+                value = float(match.group(1))
+    return None if value is None or value != value else value  # nan -> None
+
+
+def tune(settings: Settings) -> TuneResult:
+    """Run tune.max_jobs trials one after another; record the best in state.json (backend local)."""
+    import optuna
+
+    from bincount.backends.local_train import make_channels, run_script
+    from bincount.container.epochlog import OBJECTIVES
+
+    t = settings.tune
+    ws = Workspace(settings.workdir)
+    channels = make_channels(settings)
+    direction = OBJECTIVES[t.objective]
+    job = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = ws.root / "tuning" / job
+    base = settings.train.hyperparameters(settings.data.max_count)
+    base["epochs"] = t.epochs or settings.train.epochs
+    if settings.train.pretrained not in ("imagenet", "none"):
+        base["pretrained"] = str(Path(settings.train.pretrained).resolve())
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=job,
+        direction=direction.lower(),
+        sampler=optuna.samplers.TPESampler(seed=settings.train.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
+    previous = (ws.state().get("tuning") or {}).get("best_hyperparameters") or {}
+    if t.warm_start and _in_space(previous, settings):
+        study.enqueue_trial({"lr": float(previous["lr"]), "weight_decay": float(previous["weight_decay"]),
+                             "batch_size": int(previous["batch_size"])})
+        log("warm start: the first trial retries the previous best hyperparameters")
+
+    def trial_fn(trial: optuna.Trial) -> float:
+        hp = dict(base)
+        hp["lr"] = trial.suggest_float("lr", t.lr.min, t.lr.max, log=t.lr.scale == "log")
+        hp["weight_decay"] = trial.suggest_float("weight_decay", t.weight_decay.min, t.weight_decay.max,
+                                                 log=t.weight_decay.scale == "log")
+        hp["batch_size"] = trial.suggest_categorical("batch_size", list(t.batch_size))
+        run_dir = root / f"trial-{trial.number:03d}"
+
+        def on_epoch(metrics: dict[str, float]) -> None:
+            value = metrics.get(t.objective)
+            if value is None or value != value:
+                return
+            trial.report(value, int(metrics["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {int(metrics['epoch'])}: {t.objective}={value:.4f}")
+
+        log(f"trial {trial.number}: lr={hp['lr']:.3g} weight_decay={hp['weight_decay']:.3g} batch_size={hp['batch_size']}")
+        run_script(settings, hp, run_dir, channels, on_epoch=on_epoch)
+        value = read_objective(run_dir / "train.log", t.objective)
+        if value is None:
+            raise BincountError(f"trial {trial.number}: no {t.objective} in {run_dir / 'train.log'}")
+        log(f"trial {trial.number}: {t.objective}={value:.4f}")
+        return value
+
+    study.optimize(trial_fn, n_trials=t.max_jobs, catch=())
+    trials = [_row(tr, t.objective) for tr in study.trials]
+    done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise BincountError(f"local tuning {job}: no trial completed (see {root})")
+    reverse = direction == "Maximize"
+    trials.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0) if reverse else (r["value"] or 0)))
+    best = study.best_trial
+    result = TuneResult(backend="local", job=job, objective=t.objective, direction=direction,
+                        best_value=best.value, best_hyperparameters=dict(best.params), trials=trials,
+                        note=f"{sum(r['status'] == 'Pruned' for r in trials)} trial(s) pruned; runs in {root}")
+    record(settings, result)
+    return result
+
+
+def _row(trial: Any, objective: str) -> dict[str, Any]:
+    value = trial.value
+    if value is None and trial.intermediate_values:
+        value = trial.intermediate_values[max(trial.intermediate_values)]
+    return {"trial": f"trial-{trial.number:03d}", "status": trial.state.name.capitalize(), "value": value,
+            **trial.params}
+
+
+def _in_space(best: dict[str, Any], settings: Settings) -> bool:
+    t = settings.tune
+    try:
+        return (t.lr.min <= float(best["lr"]) <= t.lr.max
+                and t.weight_decay.min <= float(best["weight_decay"]) <= t.weight_decay.max
+                and int(best["batch_size"]) in t.batch_size)
+    except (KeyError, TypeError, ValueError):
+        return False

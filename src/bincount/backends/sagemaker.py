@@ -1,0 +1,375 @@
+"""The SageMaker backend: training and tuning jobs, endpoints, invocations (SageMaker Python SDK v2).
+
+The estimator, rules and session live in bincount.backends.sm_estimator; the shared tuning
+table and state handling in bincount.backends.tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bincount.backends import sm_estimator as sme
+from bincount.backends.tuning import TUNED, TuneResult, best_train_settings, coerce_hyperparameters, record
+from bincount.config import Settings
+from bincount.console import log
+from bincount.errors import BincountError
+from bincount.results import Result
+from bincount.workspace import Workspace
+
+
+class TrainJobResult(Result):
+    backend: str = "sagemaker"
+    job: str
+    status: str
+    model_data: str | None = None
+    metrics: dict[str, float] = {}
+    rules: list[dict[str, str]] = []
+    profiler_report: str | None = None
+    hyperparameters: dict[str, Any] = {}
+
+    def title(self) -> str:
+        return "train (sagemaker)"
+
+
+class EndpointResult(Result):
+    backend: str = "sagemaker"
+    endpoint: str
+    status: str
+    mode: str
+    config_name: str | None = None
+    model_name: str | None = None
+    model_data: str | None = None
+
+    def title(self) -> str:
+        return "deploy (sagemaker)"
+
+
+class UndeployResult(Result):
+    backend: str = "sagemaker"
+    endpoint: str
+    deleted: list[str] = []
+    kept: bool = False
+
+    def title(self) -> str:
+        return "undeploy (sagemaker)"
+
+
+# -- train -------------------------------------------------------------------------------------
+
+def _train_hyperparameters(settings: Settings, epochs: int | None = None) -> dict[str, Any]:
+    train = best_train_settings(settings)
+    if train.pretrained not in ("imagenet", "none"):
+        raise BincountError(f"train.pretrained={train.pretrained!r}: a local weights file cannot reach a SageMaker job; "
+                            "use imagenet or none")
+    hp = train.hyperparameters(settings.data.max_count)
+    if epochs is not None:
+        hp["epochs"] = epochs
+    return hp
+
+
+def train(settings: Settings) -> TrainJobResult:
+    """Start a training job over container/train.py; with train.wait, stream its logs and record the artifact."""
+    from sagemaker.utils import name_from_base
+
+    ws = Workspace(settings.workdir)
+    with sme.aws_errors("sagemaker train"), sme.sdk_output():
+        sm_session = sme.session(settings)
+        hp = _train_hyperparameters(settings)
+        inputs = sme.channels(settings)
+        est = sme.estimator(settings, sm_session, hp)
+        job = name_from_base(settings.sagemaker.base_job_name)
+        est.fit(inputs=inputs, job_name=job, wait=False, logs="None")
+        ws.update_state(training={"backend": "sagemaker", "job": job, "status": "InProgress"})
+        log(f"training job [bold]{job}[/] started in {settings.sagemaker.region}")
+        if not settings.train.wait:
+            return TrainJobResult(job=job, status="InProgress", hyperparameters=hp)
+        try:
+            est.latest_training_job.wait(logs="All")
+        finally:
+            description = sm_session.sagemaker_client.describe_training_job(TrainingJobName=job)
+            _record_training(ws, description)
+        rules = sme.rule_statuses(description)
+        for rule in rules:
+            log(f"rule {rule['rule']}: {rule['status']} {rule['details']}".rstrip())
+        report = sme.download_profiler_report(settings, sm_session, description)
+        if report:
+            log(f"profiler report: {report}")
+    return TrainJobResult(job=job, status=description["TrainingJobStatus"], model_data=_model_data(description),
+                          metrics=_final_metrics(description), rules=rules, profiler_report=report, hyperparameters=hp)
+
+
+def _model_data(description: dict[str, Any]) -> str | None:
+    return (description.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+
+
+def _final_metrics(description: dict[str, Any]) -> dict[str, float]:
+    return {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList") or []}
+
+
+def _record_training(ws: Workspace, description: dict[str, Any]) -> None:
+    ws.update_state(training={
+        "backend": "sagemaker",
+        "job": description["TrainingJobName"],
+        "status": description["TrainingJobStatus"],
+        "model_data": _model_data(description) if description["TrainingJobStatus"] == "Completed" else None,
+        "metrics": _final_metrics(description),
+    })
+
+
+# -- tune --------------------------------------------------------------------------------------
+
+def tune(settings: Settings) -> TuneResult:
+    """A HyperparameterTuner over the training estimator; records the best trial in state.json."""
+    from sagemaker.tuner import (
+        CategoricalParameter,
+        ContinuousParameter,
+        HyperparameterTuner,
+        WarmStartConfig,
+        WarmStartTypes,
+    )
+
+    from bincount.container.epochlog import METRIC_DEFINITIONS, OBJECTIVES
+
+    t = settings.tune
+    ws = Workspace(settings.workdir)
+    previous = ws.state().get("tuning") or {}
+    scale = {"log": "Logarithmic", "linear": "Linear"}
+    ranges = {
+        "lr": ContinuousParameter(t.lr.min, t.lr.max, scaling_type=scale[t.lr.scale]),
+        "weight_decay": ContinuousParameter(t.weight_decay.min, t.weight_decay.max, scaling_type=scale[t.weight_decay.scale]),
+        "batch_size": CategoricalParameter([int(b) for b in t.batch_size]),
+    }
+    warm = None
+    if t.warm_start and previous.get("backend") == "sagemaker" and previous.get("job"):
+        warm = WarmStartConfig(WarmStartTypes.IDENTICAL_DATA_AND_ALGORITHM, parents={previous["job"]})
+        log(f"warm start from tuning job {previous['job']}")
+    with sme.aws_errors("sagemaker tune"), sme.sdk_output():
+        sm_session = sme.session(settings)
+        inputs = sme.channels(settings)
+        est = sme.estimator(settings, sm_session, _train_hyperparameters(settings, t.epochs or settings.train.epochs))
+        tuner = HyperparameterTuner(
+            est,
+            objective_metric_name=t.objective,
+            hyperparameter_ranges=ranges,
+            metric_definitions=[dict(m) for m in METRIC_DEFINITIONS],
+            strategy=t.strategy,
+            objective_type=OBJECTIVES[t.objective],
+            max_jobs=t.max_jobs,
+            max_parallel_jobs=t.max_parallel_jobs,
+            early_stopping_type=t.early_stopping,
+            base_tuning_job_name=f"{settings.sagemaker.base_job_name}-tune"[:20],
+            warm_start_config=warm,
+        )
+        tuner.fit(inputs=inputs, wait=False, include_cls_metadata=False)
+        job = tuner.latest_tuning_job.name
+        log(f"tuning job [bold]{job}[/] started ({t.max_jobs} trials, {t.max_parallel_jobs} at a time)")
+        result = TuneResult(backend="sagemaker", job=job, objective=t.objective, direction=OBJECTIVES[t.objective],
+                            status="InProgress")
+        record(settings, result)
+        if not t.wait:
+            return result
+        tuner.wait()
+        result = tuning_result(settings, sm_session.sagemaker_client, job)
+    record(settings, result)
+    return result
+
+
+def tuning_result(settings: Settings, client: Any, job: str) -> TuneResult:
+    """Status, trials and best trial of a tuning job (the best alone where the trial list is unavailable)."""
+    from bincount.container.epochlog import OBJECTIVES
+
+    objective = settings.tune.objective
+    desc = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=job)
+    config = desc.get("HyperParameterTuningJobConfig") or {}
+    metric = config.get("HyperParameterTuningJobObjective") or {}
+    objective = metric.get("MetricName", objective)
+    direction = metric.get("Type", OBJECTIVES.get(objective, "Maximize"))
+    best = desc.get("BestTrainingJob") or {}
+    note = None
+    try:
+        summaries = []
+        paginator = client.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job")
+        for page in paginator.paginate(HyperParameterTuningJobName=job):
+            summaries.extend(page.get("TrainingJobSummaries", []))
+    except Exception as exc:  # noqa: BLE001 - e.g. an API the endpoint does not offer (moto)
+        reason = getattr(exc, "response", {}).get("Error", {}).get("Code") or type(exc).__name__
+        summaries = [best] if best else []
+        note = (f"the trial list is unavailable ({reason}); showing the best training job from "
+                "describe_hyper_parameter_tuning_job")
+    trials = [_trial_row(s) for s in summaries]
+    ranked = [r for r in trials if r["value"] is not None]
+    ranked.sort(key=lambda r: r["value"], reverse=direction == "Maximize")
+    trials = ranked + [r for r in trials if r["value"] is None]
+    best_value = (best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
+    return TuneResult(backend="sagemaker", job=job, objective=objective, direction=direction,
+                      status=desc.get("HyperParameterTuningJobStatus", "?"), best_value=best_value,
+                      best_hyperparameters=coerce_hyperparameters(best.get("TunedHyperParameters") or {}),
+                      trials=trials, note=note)
+
+
+def _trial_row(summary: dict[str, Any]) -> dict[str, Any]:
+    tuned = coerce_hyperparameters(summary.get("TunedHyperParameters") or {})
+    value = (summary.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
+    return {"trial": summary.get("TrainingJobName", "?"), "status": summary.get("TrainingJobStatus", "?"),
+            "value": value, **{k: tuned.get(k) for k in TUNED}}
+
+
+# -- deploy / undeploy -------------------------------------------------------------------------
+
+def _resolve_model_data(settings: Settings, sm_session: Any) -> str:
+    """settings.deploy.model_data, else the recorded training artifact; local files are uploaded to S3."""
+    model_data = settings.deploy.model_data
+    if not model_data:
+        training = Workspace(settings.workdir).state().get("training") or {}
+        model_data = training.get("model_data")
+        if not model_data and training.get("backend") == "sagemaker" and training.get("job"):
+            desc = sm_session.sagemaker_client.describe_training_job(TrainingJobName=training["job"])
+            if desc["TrainingJobStatus"] != "Completed":
+                raise BincountError(f"training job {training['job']} is {desc['TrainingJobStatus']}: "
+                                    "deploy once it has completed (bincount status)")
+            _record_training(Workspace(settings.workdir), desc)
+            model_data = _model_data(desc)
+    if not model_data:
+        raise BincountError("no model to deploy: run bincount train first or pass --model-data")
+    if model_data.startswith("s3://"):
+        return model_data
+    path = Path(model_data)
+    if not path.is_file():
+        raise BincountError(f"model artifact {path} not found (expected a model.tar.gz)")
+    from bincount.aws import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(sme.s3_uri(settings, "models", sme.timestamp()))
+    log(f"uploading {path} to s3://{bucket}/{prefix}/")
+    return sm_session.upload_data(str(path), bucket=bucket, key_prefix=prefix)
+
+
+def deploy(settings: Settings) -> EndpointResult:
+    """A PyTorchModel with container/inference.py on a real-time or serverless endpoint; waits until InService."""
+    from sagemaker.pytorch import PyTorchModel
+    from sagemaker.serverless import ServerlessInferenceConfig
+
+    d = settings.deploy
+    name = d.endpoint_name or f"{settings.sagemaker.base_job_name}-{sme.timestamp()}"
+    with sme.aws_errors("sagemaker deploy"), sme.sdk_output():
+        sm_session = sme.session(settings)
+        role = sme.require_role(settings)
+        model_data = _resolve_model_data(settings, sm_session)
+        model = PyTorchModel(
+            model_data=model_data,
+            role=role,
+            entry_point="inference.py",
+            source_dir=str(sme.container_dir()),
+            framework_version=d.framework_version,
+            py_version=d.py_version,
+            name=f"{name}-model",
+            sagemaker_session=sm_session,
+        )
+        log(f"deploying {model_data} to endpoint [bold]{name}[/] ({d.mode})")
+        if d.mode == "serverless":
+            model.deploy(endpoint_name=name, wait=True, serverless_inference_config=ServerlessInferenceConfig(
+                memory_size_in_mb=d.memory_size_mb, max_concurrency=d.max_concurrency))
+        else:
+            model.deploy(endpoint_name=name, wait=True, initial_instance_count=d.instance_count, instance_type=d.instance_type)
+        desc = sm_session.sagemaker_client.describe_endpoint(EndpointName=name)
+    result = EndpointResult(endpoint=name, status=desc["EndpointStatus"], mode=d.mode,
+                            config_name=desc.get("EndpointConfigName"), model_name=model.name, model_data=model_data)
+    Workspace(settings.workdir).update_state(endpoint={
+        "backend": "sagemaker", "name": name, "config_name": result.config_name, "model_name": result.model_name,
+        "mode": d.mode, "model_data": model_data})
+    return result
+
+
+def _confirm(question: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise BincountError(f"{question} No terminal to ask: pass --yes to confirm")
+    import typer
+
+    return typer.confirm(question, default=False, err=True)
+
+
+def undeploy(settings: Settings, yes: bool = False) -> UndeployResult:
+    """Delete the endpoint, its endpoint config and its model (after a confirmation that --yes skips)."""
+    from botocore.exceptions import ClientError
+
+    from bincount.aws import client as aws_client
+
+    ws = Workspace(settings.workdir)
+    recorded = ws.state().get("endpoint") or {}
+    if recorded.get("backend") != "sagemaker":
+        recorded = {}
+    name = settings.deploy.endpoint_name or recorded.get("name")
+    if not name:
+        raise BincountError("no SageMaker endpoint recorded in state.json: pass --endpoint-name")
+    if not _confirm(f"Delete SageMaker endpoint {name}, its endpoint config and model?", yes):
+        log("kept the endpoint")
+        return UndeployResult(endpoint=name, kept=True)
+    sm = aws_client("sagemaker", region=settings.sagemaker.region)
+    config_name = recorded.get("config_name") if recorded.get("name") == name else None
+    models = [recorded["model_name"]] if recorded.get("name") == name and recorded.get("model_name") else []
+    deleted: list[str] = []
+    with sme.aws_errors("sagemaker undeploy"):
+        try:
+            config_name = sm.describe_endpoint(EndpointName=name)["EndpointConfigName"]
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+        if config_name:
+            try:
+                variants = sm.describe_endpoint_config(EndpointConfigName=config_name)["ProductionVariants"]
+                models = list(dict.fromkeys([*models, *(v["ModelName"] for v in variants if v.get("ModelName"))]))
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
+        steps = [("endpoint", sm.delete_endpoint, {"EndpointName": name})]
+        if config_name:
+            steps.append(("endpoint config", sm.delete_endpoint_config, {"EndpointConfigName": config_name}))
+        steps += [("model", sm.delete_model, {"ModelName": m}) for m in models]
+        for kind, call, kwargs in steps:
+            try:
+                call(**kwargs)
+                deleted.append(f"{kind} {next(iter(kwargs.values()))}")
+                log(f"deleted {deleted[-1]}")
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
+    if recorded.get("name") == name:
+        ws.update_state(endpoint=None)
+    return UndeployResult(endpoint=name, deleted=deleted)
+
+
+def _missing(exc: Any) -> bool:
+    err = exc.response.get("Error", {})
+    message = err.get("Message", "").lower()
+    return err.get("Code") == "ResourceNotFound" or "could not find" in message or "does not exist" in message
+
+
+# -- predict / status --------------------------------------------------------------------------
+
+def invoke_endpoint(settings: Settings, endpoint_name: str, body: bytes, content_type: str) -> dict:
+    """POST one image to a SageMaker endpoint through sagemaker-runtime; the parsed JSON response."""
+    from bincount.aws import client as aws_client
+
+    runtime = aws_client("sagemaker-runtime", region=settings.sagemaker.region, max_attempts=3)
+    with sme.aws_errors(f"invoke endpoint {endpoint_name}"):
+        response = runtime.invoke_endpoint(EndpointName=endpoint_name, Body=body, ContentType=content_type,
+                                           Accept="application/json")
+        payload = response["Body"].read()
+    try:
+        data = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BincountError(f"endpoint {endpoint_name} answered {response.get('ContentType', '?')}, not JSON: "
+                            f"{payload[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise BincountError(f"endpoint {endpoint_name} answered JSON that is not an object: {payload[:80]!r}")
+    return data
+
+
+def status(settings: Settings) -> Any:
+    from bincount.status import status as show
+
+    return show(settings)

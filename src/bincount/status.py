@@ -1,0 +1,138 @@
+"""`bincount status`: the recorded data, channels, tuning, training and endpoint, and where each stands now.
+
+SageMaker jobs and endpoints are described live; a local endpoint is pinged (GET /ping).
+A lookup that fails shows as "unknown (...)" instead of failing the whole command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bincount.config import Settings
+from bincount.results import Result
+from bincount.workspace import SPLITS, Workspace
+
+
+class StatusResult(Result):
+    workdir: str
+    data: dict[str, int | None]
+    channels: dict[str, str] = {}
+    tuning: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    endpoint: dict[str, Any] | None = None
+
+    def rich(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"status of {self.workdir}", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("data", ", ".join(f"{k} {'-' if v is None else v}" for k, v in self.data.items()))
+        table.add_row("channels", ", ".join(f"{k} {v}" for k, v in self.channels.items()) or "-")
+        for name in ("tuning", "training", "endpoint"):
+            item = getattr(self, name)
+            table.add_row(name, "-" if not item else "\n".join(f"{k}: {_short(v)}" for k, v in item.items() if v is not None))
+        return table
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _lines(path) -> int | None:
+    if not path.exists():
+        return None
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def status(settings: Settings) -> StatusResult:
+    """Show the recorded state, with live job/endpoint status where it can be had."""
+    ws = Workspace(settings.workdir)
+    state = ws.state()
+    data = {"manifest": _lines(ws.manifest), **{name: _lines(ws.split(name)) for name in SPLITS}}
+    live = _Live(settings)
+    tuning = dict(state["tuning"]) if state.get("tuning") else None
+    if tuning and tuning.get("backend") == "sagemaker" and tuning.get("job"):
+        tuning.update(_known(live.tuning(tuning["job"])))
+    training = dict(state["training"]) if state.get("training") else None
+    if training and training.get("backend") == "sagemaker" and training.get("job"):
+        training.update(_known(live.training(training["job"])))
+    endpoint = dict(state["endpoint"]) if state.get("endpoint") else None
+    if endpoint and endpoint.get("backend") == "sagemaker" and endpoint.get("name"):
+        endpoint.update(_known(live.endpoint(endpoint["name"])))
+    elif endpoint and endpoint.get("url"):
+        endpoint["status"] = _ping(endpoint["url"])
+    return StatusResult(workdir=str(ws.root), data=data, channels=state.get("channels") or {},
+                        tuning=tuning, training=training, endpoint=endpoint)
+
+
+def _known(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _ping(url: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=2) as response:
+            return "up" if response.status == 200 else f"unhealthy (HTTP {response.status})"
+    except urllib.error.HTTPError as exc:
+        return f"unhealthy (HTTP {exc.code})"
+    except (OSError, ValueError) as exc:
+        return f"down ({getattr(exc, 'reason', exc)})"
+
+
+class _Live:
+    """Describe calls against SageMaker, made only when something recorded lives there."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._client = None
+
+    def _describe(self, method: str, **kwargs: Any) -> dict[str, Any] | str:
+        try:
+            if self._client is None:
+                from bincount.aws import client
+
+                self._client = client("sagemaker", region=self.settings.sagemaker.region, max_attempts=2)
+            return getattr(self._client, method)(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - status must show what it can
+            err = getattr(exc, "response", {}).get("Error", {})
+            return f"unknown ({err.get('Message') or type(exc).__name__})"
+
+    def training(self, job: str) -> dict[str, Any]:
+        desc = self._describe("describe_training_job", TrainingJobName=job)
+        if isinstance(desc, str):
+            return {"status": desc}
+        out = {"status": desc.get("TrainingJobStatus"), "secondary_status": desc.get("SecondaryStatus"),
+               "metrics": {m["MetricName"]: m["Value"] for m in desc.get("FinalMetricDataList") or []} or None}
+        if desc.get("TrainingJobStatus") == "Completed":
+            out["model_data"] = (desc.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+        if desc.get("FailureReason"):
+            out["failure"] = desc["FailureReason"]
+        return out
+
+    def tuning(self, job: str) -> dict[str, Any]:
+        desc = self._describe("describe_hyper_parameter_tuning_job", HyperParameterTuningJobName=job)
+        if isinstance(desc, str):
+            return {"status": desc}
+        best = desc.get("BestTrainingJob") or {}
+        return {"status": desc.get("HyperParameterTuningJobStatus"),
+                "trials": desc.get("TrainingJobStatusCounters"),
+                "best_job": best.get("TrainingJobName"),
+                "best_value": (best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")}
+
+    def endpoint(self, name: str) -> dict[str, Any]:
+        desc = self._describe("describe_endpoint", EndpointName=name)
+        if isinstance(desc, str):
+            return {"status": desc}
+        out = {"status": desc.get("EndpointStatus")}
+        if desc.get("FailureReason"):
+            out["failure"] = desc["FailureReason"]
+        return out
