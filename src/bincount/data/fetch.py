@@ -1,0 +1,550 @@
+"""`bincount fetch`: bin images and labels from S3 (or a local folder in the bucket layout) into
+<workdir>/raw/, plus manifest.jsonl of the usable items.
+
+- Selection never lists the bucket: ids come from --ids, --id-file (plain ids or the capstone JSON),
+  or, with only --limit, a scan upward from id 1 that stops once `limit` usable items are found or
+  after MAX_GAP consecutive ids without a label (the end of the bucket).
+- Concurrent (a thread pool of data.workers over one boto3 client), with botocore adaptive retries
+  plus our own backoff for errors while a body streams. Bodies stream to a temp file that is renamed
+  into place, so a file under its final name is always complete; stale *.part files are removed.
+- Resumable: present labels are read locally; a present image is trusted when the last manifest
+  lists it with the same size (no decoding), else when it decodes; only the rest is downloaded.
+- Labels: EXPECTED_QUANTITY is the target. A label whose count disagrees with its BIN_FCSKU_DATA
+  quantities stays usable and is listed in reports/fetch-notes.jsonl. Unusable items (see the reasons
+  in data/manifest.py) go to reports/fetch-rejects.jsonl, never into the manifest.
+- The manifest holds this run's selection (sorted by id); raw/ keeps everything ever fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bincount.console import log, progress
+from bincount.data import manifest as mf
+from bincount.errors import BincountError
+from bincount.results import Result, per_class_table
+from bincount.workspace import Workspace, atomic_write_bytes, read_jsonl, write_jsonl
+
+CHUNK = 256 * 1024
+MAX_GAP = 1000  # an id scan stops after this many consecutive ids without a label
+_FATAL_CODES = {"NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                "AllAccessDisabled", "InvalidBucketName", "PermanentRedirect", "301"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "500", "502", "503", "504"}
+
+
+class FetchResult(Result):
+    source: str
+    manifest: str
+    items: int
+    per_count: dict[int, int]
+    fetched: int
+    present: int
+    rejected: int
+    rejects: dict[str, int]
+    notes: int
+    ids_tried: int
+    seconds: float
+
+    def rich(self) -> Any:
+        from rich.console import Group
+
+        summary = per_class_table("fetch", ["", "value"], [
+            ["source", self.source], ["manifest", f"{self.manifest} ({self.items} items)"],
+            ["fetched", self.fetched], ["already present", self.present],
+            ["rejected", f"{self.rejected} " + (str(self.rejects) if self.rejects else "")],
+            ["notes", f"{self.notes} (reports/fetch-notes.jsonl)" if self.notes else 0],
+            ["seconds", f"{self.seconds:.1f}"]])
+        per_count = per_class_table("items per count", ["count", "items"], [[c, n] for c, n in self.per_count.items()])
+        return Group(summary, per_count)
+
+
+class _ShortBody(Exception):
+    """The body ended before ContentLength bytes arrived (retried)."""
+
+
+class _BadImage(Exception):
+    pass
+
+
+# -- sources -------------------------------------------------------------------------------------
+class S3Source:
+    """s3://bucket[/prefix] in the ABID layout, anonymous unless data.unsigned is false."""
+
+    def __init__(self, uri: str, data: Any):
+        from bincount.aws import client, parse_s3_uri
+
+        self.uri = uri.rstrip("/")
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.endpoint = data.endpoint_url or "AWS S3"
+        self.client = client("s3", region=data.region, endpoint_url=data.endpoint_url, unsigned=data.unsigned,
+                             max_pool_connections=data.workers, max_attempts=data.retries)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _get(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _MISSING_CODES:
+                return None
+            if code in _FATAL_CODES:
+                hint = " (a private bucket needs --set data.unsigned=false and credentials)" if code in {"AccessDenied", "403"} else ""
+                raise BincountError(f"s3://{self.bucket}/{self._key(key)}: {code}{hint}") from None
+            raise
+        except EndpointConnectionError:
+            raise BincountError(f"cannot reach {self.endpoint} for {self.uri} (check --endpoint-url and the network)") from None
+
+    def read_label(self, ident: str) -> bytes | None:
+        resp = self._get(mf.label_key(ident))
+        return None if resp is None else _read_all(resp)
+
+    def open_image(self, ident: str) -> Iterator[bytes] | None:
+        resp = self._get(mf.image_key(ident))
+        return None if resp is None else _stream(resp)
+
+
+def _read_all(resp: dict) -> bytes:
+    body = resp["Body"].read()
+    if resp.get("ContentLength") is not None and len(body) != resp["ContentLength"]:
+        raise _ShortBody(f"{len(body)} of {resp['ContentLength']} bytes")
+    return body
+
+
+def _stream(resp: dict) -> Iterator[bytes]:
+    expected, got = resp.get("ContentLength"), 0
+    for chunk in resp["Body"].iter_chunks(CHUNK):
+        got += len(chunk)
+        yield chunk
+    if expected is not None and got != expected:
+        raise _ShortBody(f"{got} of {expected} bytes")
+
+
+class LocalSource:
+    """A local folder in the bucket layout (bin-images/, metadata/), e.g. made by `bincount synth`."""
+
+    def __init__(self, root: str):
+        self.root = Path(root).expanduser()
+        self.uri = str(self.root)
+        if not self.root.is_dir():
+            raise BincountError(f"source {root} is neither an s3://bucket/prefix URI nor an existing folder")
+        if not (self.root / mf.IMAGES).is_dir() and not (self.root / mf.LABELS).is_dir():
+            raise BincountError(f"source {root} has no {mf.IMAGES}/ or {mf.LABELS}/ folder (the bucket layout)")
+
+    def read_label(self, ident: str) -> bytes | None:
+        path = self.root / mf.label_key(ident)
+        return path.read_bytes() if path.is_file() else None
+
+    def open_image(self, ident: str) -> Iterator[bytes] | None:
+        path = self.root / mf.image_key(ident)
+        if not path.is_file():
+            return None
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+
+        return chunks()
+
+
+def open_source(data: Any) -> S3Source | LocalSource:
+    return S3Source(data.source, data) if data.source.startswith("s3://") else LocalSource(data.source)
+
+
+def _transient(exc: BaseException) -> bool:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import ProtocolError
+
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "") in _THROTTLE_CODES
+    return isinstance(exc, (_ShortBody, ResponseStreamingError, IncompleteReadError, ReadTimeoutError,
+                            ConnectionClosedError, ProtocolError, ConnectionError, TimeoutError))
+
+
+def with_retries(fn: Callable[[], Any], attempts: int, base: float = 0.1, cap: float = 5.0) -> Any:
+    """Call fn, retrying transient errors (throttling, dropped connections, short bodies) with
+    exponential backoff and full jitter. botocore retries requests; this also covers body streaming."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not _transient(exc):
+                raise
+            time.sleep(random.uniform(0, min(cap, base * 2 ** attempt)))
+    raise AssertionError("unreachable")
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
+                stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Any, Any]]:
+    """Yield (item, fn(item)) as they complete, keeping at most 2*workers in flight and pulling
+    `items` lazily. Once stop() is true nothing new starts, but all started items are still yielded
+    (so the items done are always a prefix of `items`). Errors propagate; pending work is cancelled."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+        it = iter(items)
+        pending: dict[Any, Any] = {}
+
+        def fill() -> None:
+            while len(pending) < 2 * workers and not stop():
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                pending[pool.submit(fn, item)] = item
+
+        fill()
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield pending.pop(future), future.result()
+                fill()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+# -- per item work -------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    id: str
+    status: str  # fetched | present | rejected | absent (scan: no such id) | unselected (balanced)
+    row: dict | None = None
+    reason: str | None = None
+    detail: str | None = None
+    count: int | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+
+def inspect_image(path: Path, sha256: str | None = None) -> dict:
+    """Decode the image once (PIL verify + load); return bytes, sha256, width, height or raise _BadImage."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            img.load()
+            width, height = img.size
+    except Exception as exc:  # PIL raises many types for broken files
+        raise _BadImage(f"{type(exc).__name__}: {exc}") from None
+    if sha256 is None:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        sha256 = digest.hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": sha256, "width": width, "height": height}
+
+
+class Fetcher:
+    """The work for one id: its label, then its image; thread-safe (no shared mutable state)."""
+
+    def __init__(self, ws: Workspace, source: Any, counts: list[int], attempts: int,
+                 previous: dict[str, dict], hints: dict[str, int | None], scan: bool):
+        self.ws, self.source, self.counts, self.attempts = ws, source, set(counts), attempts
+        self.counts_text = _ranges(counts)
+        self.previous, self.hints, self.scan = previous, hints, scan
+
+    def label(self, ident: str) -> Outcome:
+        path = self.ws.raw / mf.label_key(ident)
+        if path.is_file():
+            raw = path.read_bytes()
+        else:
+            raw = with_retries(lambda: self.source.read_label(ident), self.attempts)
+            if raw is None:
+                if self.scan:
+                    return Outcome(ident, "absent")
+                return Outcome(ident, "rejected", reason=mf.MISSING_LABEL, detail=f"no {mf.label_key(ident)} in the source")
+            atomic_write_bytes(path, raw)
+        try:
+            label = mf.parse_label(raw)
+        except mf.LabelError as exc:
+            return Outcome(ident, "rejected", reason=exc.reason, detail=exc.detail)
+        if label.count not in self.counts:
+            return Outcome(ident, "rejected", reason=mf.COUNT_NOT_SELECTED, count=label.count,
+                           detail=f"count {label.count} is not in the selection {self.counts_text}")
+        out = Outcome(ident, "labelled", count=label.count)
+        if label.note:
+            out.notes.append((mf.COUNT_MISMATCH, label.note))
+        hint = self.hints.get(ident)
+        if hint is not None and hint != label.count:
+            out.notes.append(("id_file_count", f"the id file says count {hint}, the label says {label.count}"))
+        return out
+
+    def image(self, out: Outcome) -> Outcome:
+        ident = out.id
+        rel = f"raw/{mf.image_key(ident)}"
+        path = self.ws.root / rel
+        info, status = None, "present"
+        old = self.previous.get(ident)
+        if path.is_file():
+            size = path.stat().st_size
+            if old and old.get("image") == rel and old.get("bytes") == size and old.get("sha256"):
+                info = {k: old[k] for k in ("bytes", "sha256", "width", "height") if k in old}
+            else:
+                try:
+                    info = inspect_image(path)
+                except _BadImage:
+                    path.unlink()  # not complete after all: fetch it again
+        if info is None:
+            status = "fetched"
+            try:
+                sha = with_retries(lambda: self._download(ident, path), self.attempts)
+            except _Missing:
+                return Outcome(ident, "rejected", reason=mf.MISSING_IMAGE, count=out.count,
+                               detail=f"no {mf.image_key(ident)} in the source")
+            except Exception as exc:
+                if isinstance(exc, BincountError) or not _is_boto_error(exc):
+                    raise
+                return Outcome(ident, "rejected", reason=mf.FETCH_ERROR, count=out.count, detail=str(exc))
+            try:
+                info = inspect_image(path, sha)
+            except _BadImage as exc:
+                path.unlink(missing_ok=True)
+                return Outcome(ident, "rejected", reason=mf.BAD_IMAGE, count=out.count, detail=str(exc))
+        note = "; ".join(text for _, text in out.notes) or None
+        row = mf.manifest_row(ident, out.count, rel, f"raw/{mf.label_key(ident)}", info["bytes"], info["sha256"],
+                              width=info.get("width"), height=info.get("height"), note=note)
+        return Outcome(ident, status, row=row, count=out.count, notes=out.notes)
+
+    def _download(self, ident: str, path: Path) -> str:
+        """Stream the image to a temp file beside `path`, fsync, rename; return its sha256."""
+        chunks = self.source.open_image(ident)
+        if chunks is None:
+            raise _Missing(ident)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest.hexdigest()
+
+    def item(self, ident: str) -> Outcome:
+        out = self.label(ident)
+        return self.image(out) if out.status == "labelled" else out
+
+
+class _Missing(Exception):
+    pass
+
+
+def _is_boto_error(exc: BaseException) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(exc, (BotoCoreError, ClientError, _ShortBody, ConnectionError, TimeoutError))
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    values = sorted(values)
+    parts: list[str] = []
+    start = prev = values[0]
+    for cur in values[1:] + [None]:
+        if cur is None or cur != prev + 1:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cur
+        prev = cur
+    return ",".join(parts)
+
+
+def clean_parts(root: Path) -> int:
+    """Remove temp files a killed run left behind (they are never trusted)."""
+    removed = 0
+    for sub in (mf.IMAGES, mf.LABELS):
+        for path in (root / sub).glob(".*.part") if (root / sub).is_dir() else []:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# -- selection -----------------------------------------------------------------------------------
+class _Scan:
+    """Ids upward from `start` until MAX_GAP consecutive ids had no label (or `end`)."""
+
+    def __init__(self, start: int, end: int | None = None):
+        self.start, self.end, self.last_seen = start, end, start - 1
+
+    def saw(self, ident: str) -> None:
+        self.last_seen = max(self.last_seen, mf.id_number(ident))
+
+    def __iter__(self) -> Iterator[str]:
+        n = self.start
+        while (self.end is None or n <= self.end) and n - self.last_seen <= MAX_GAP:
+            yield mf.image_id(n)
+            n += 1
+
+
+def _candidates(data: Any) -> tuple[list[str] | None, dict[str, int | None]]:
+    """Explicit ids (sorted by number) and count hints, or None for an open-ended scan."""
+    from bincount.config import parse_int_set
+
+    if data.ids and data.id_file:
+        raise BincountError("give --ids or --id-file, not both")
+    if data.id_file:
+        hints = mf.parse_id_file(data.id_file)
+        return sorted(hints, key=mf.id_number), hints
+    if data.ids:
+        return [mf.image_id(n) for n in parse_int_set(data.ids)], {}
+    if data.limit is None:
+        raise BincountError("say what to fetch: --limit N, --ids 1-5000 or --id-file FILE")
+    return None, {}
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def fetch(settings: Any) -> FetchResult:
+    """Fetch the selected items into <workdir>/raw/ and write manifest.jsonl and the reports."""
+    started = time.perf_counter()
+    data = settings.data
+    ws = Workspace(settings.workdir)
+    counts = data.count_set()
+    candidates, hints = _candidates(data)
+    source = open_source(data)
+    if clean_parts(ws.raw):
+        log("removed temp files left by an interrupted run")
+    previous: dict[str, dict] = {}
+    if ws.manifest.exists():
+        try:
+            previous = {row["id"]: row for row in read_jsonl(ws.manifest) if "id" in row}
+        except BincountError:
+            previous = {}
+    scan = _Scan(1) if candidates is None else None
+    fetcher = Fetcher(ws, source, counts, data.retries, previous, hints, scan=scan is not None)
+    ids: Iterable[str] = scan if scan is not None else candidates
+    if data.balanced:
+        outcomes = _balanced(fetcher, ids, scan, counts, data)
+    else:
+        outcomes = _plain(fetcher, ids, scan, data)
+    return _finish(ws, source, outcomes, started)
+
+
+def _plain(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, data: Any) -> list[Outcome]:
+    """Label and image per id in one task; with --limit, the first `limit` usable ids in id order."""
+    limit = data.limit
+    outcomes: dict[str, Outcome] = {}
+    usable: list[str] = []
+    total = limit if limit is not None else len(ids)  # type: ignore[arg-type]
+    with progress() as bar:
+        task = bar.add_task("fetching", total=total)
+        for ident, out in bounded_map(fetcher.item, ids, data.workers, stop=lambda: limit is not None and len(usable) >= limit):
+            outcomes[ident] = out
+            if scan is not None and out.status != "absent":
+                scan.saw(ident)
+            if out.row is not None:
+                usable.append(ident)
+            if limit is None or out.row is not None:
+                bar.update(task, completed=min(total, len(usable) if limit is not None else len(outcomes)))
+    if limit is not None and len(usable) > limit:
+        cut = sorted(usable, key=mf.id_number)[limit - 1]
+        outcomes = {i: o for i, o in outcomes.items() if mf.id_number(i) <= mf.id_number(cut)}
+    return list(outcomes.values())
+
+
+def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: list[int], data: Any) -> list[Outcome]:
+    """Read labels first, pick equal numbers per count (seeded), then fetch only those images;
+    an image that turns out bad is replaced by a spare of the same count."""
+    if scan is not None and data.limit is None:
+        raise BincountError("--balanced without --ids/--id-file needs --limit")
+    want = None if data.limit is None else data.limit // len(counts)
+    if want == 0:
+        raise BincountError(f"--balanced --limit {data.limit} is less than one item for each of {len(counts)} counts")
+    outcomes: dict[str, Outcome] = {}
+    by_count: dict[int, list[str]] = {c: [] for c in counts}
+
+    def enough() -> bool:  # an open scan stops once every count has `want` candidates
+        return scan is not None and want is not None and all(len(v) >= want for v in by_count.values())
+
+    with progress() as bar:
+        task = bar.add_task("reading labels", total=None if scan is not None else len(ids))  # type: ignore[arg-type]
+        for ident, out in bounded_map(fetcher.label, ids, data.workers, stop=enough):
+            outcomes[ident] = out
+            if scan is not None and out.status != "absent":
+                scan.saw(ident)
+            if out.status == "labelled":
+                by_count[out.count].append(ident)  # type: ignore[index]
+            bar.advance(task)
+        if scan is not None and want is not None:  # keep the shortest id prefix that is enough (deterministic)
+            seen = {c: 0 for c in counts}
+            for ident in sorted(outcomes, key=mf.id_number):
+                out = outcomes[ident]
+                if out.status == "labelled":
+                    seen[out.count] += 1  # type: ignore[index]
+                if all(v >= want for v in seen.values()):
+                    outcomes = {i: o for i, o in outcomes.items() if mf.id_number(i) <= mf.id_number(ident)}
+                    by_count = {c: [i for i in v if i in outcomes] for c, v in by_count.items()}
+                    break
+        n = mf.balanced_size(by_count, counts, data.limit)
+        if n == 0:
+            empty = [c for c in counts if not by_count[c]]
+            raise BincountError(f"--balanced: no usable labels with count {_ranges(empty)} among the candidates; "
+                                "narrow --counts or widen the ids")
+        pools = mf.balanced_pools(by_count, counts, data.seed)
+        for ident in (i for pool in pools.values() for i in pool):
+            outcomes[ident].status = "unselected"
+        next_spare = {c: n for c in counts}
+        todo = [outcomes[i] for c in counts for i in pools[c][:n]]
+        task = bar.add_task("fetching images", total=n * len(counts))
+        while todo:
+            retry: list[Outcome] = []
+            for _, out in bounded_map(fetcher.image, todo, data.workers):
+                outcomes[out.id] = out
+                if out.row is not None:
+                    bar.advance(task)
+                elif next_spare[out.count] < len(pools[out.count]):  # type: ignore[index]
+                    spare = pools[out.count][next_spare[out.count]]  # type: ignore[index]
+                    next_spare[out.count] += 1  # type: ignore[index]
+                    retry.append(outcomes[spare])
+            todo = retry
+    return [o for o in outcomes.values() if o.status != "unselected"]
+
+
+def _finish(ws: Workspace, source: Any, outcomes: list[Outcome], started: float) -> FetchResult:
+    outcomes = sorted(outcomes, key=lambda o: mf.id_number(o.id))
+    rows = [o.row for o in outcomes if o.row is not None]
+    rejects = [{"id": o.id, "reason": o.reason, "detail": o.detail} for o in outcomes if o.status == "rejected"]
+    notes = [{"id": o.id, "reason": r, "detail": d} for o in outcomes if o.row is not None for r, d in o.notes]
+    ws.reports.mkdir(parents=True, exist_ok=True)
+    write_jsonl(ws.reports / "fetch-rejects.jsonl", rejects)
+    write_jsonl(ws.reports / "fetch-notes.jsonl", notes)
+    if not rows:
+        raise BincountError(f"no usable items from {source.uri} ({len(rejects)} rejected, see "
+                            f"{ws.reports / 'fetch-rejects.jsonl'}); check --source, --ids and --counts")
+    write_jsonl(ws.manifest, rows)
+    status = Counter(o.status for o in outcomes)
+    return FetchResult(
+        source=source.uri, manifest=str(ws.manifest), items=len(rows),
+        per_count=dict(sorted(Counter(r["count"] for r in rows).items())),
+        fetched=status["fetched"], present=status["present"], rejected=len(rejects),
+        rejects=dict(sorted(Counter(r["reason"] for r in rejects).items())), notes=len(notes),
+        ids_tried=len(outcomes), seconds=round(time.perf_counter() - started, 3))

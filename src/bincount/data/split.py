@@ -1,0 +1,73 @@
+"""`bincount split`: manifest.jsonl -> splits/{train,val,test}.jsonl, stratified by count and seeded.
+
+Within each count the ids are sorted, then shuffled with a generator seeded by (seed, count), and
+cut by largest-remainder shares, so every class is within one item of its ideal share in every
+split, and the same manifest and seed always give the same files (whatever the manifest's order).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from bincount.data.manifest import allocate, id_number
+from bincount.errors import BincountError
+from bincount.results import Result, per_class_table
+from bincount.workspace import SPLITS, Workspace, read_jsonl, write_jsonl
+
+
+class SplitResult(Result):
+    seed: int
+    ratios: dict[str, float]
+    sizes: dict[str, int]
+    per_count: dict[int, dict[str, int]]
+    files: dict[str, str]
+
+    def rich(self) -> Any:
+        rows = [[c, *(v[s] for s in SPLITS), sum(v.values())] for c, v in self.per_count.items()]
+        rows.append(["all", *(self.sizes[s] for s in SPLITS), sum(self.sizes.values())])
+        return per_class_table(f"split (seed {self.seed})", ["count", *SPLITS, "total"], rows)
+
+
+def stratified_split(rows: list[dict], ratios: dict[str, float], seed: int) -> dict[str, list[dict]]:
+    """Split rows per count by `ratios` (keys in SPLITS order); each split sorted by id."""
+    by_count: dict[int, list[dict]] = {}
+    for row in rows:
+        by_count.setdefault(int(row["count"]), []).append(row)
+    out: dict[str, list[dict]] = {name: [] for name in ratios}
+    for count, group in sorted(by_count.items()):
+        group = sorted(group, key=lambda r: (id_number(r["id"]), r["id"]))
+        random.Random(f"{seed}-{count}").shuffle(group)
+        start = 0
+        for name, size in zip(ratios, allocate(len(group), list(ratios.values()))):
+            out[name].extend(group[start:start + size])
+            start += size
+    return {name: sorted(part, key=lambda r: (id_number(r["id"]), r["id"])) for name, part in out.items()}
+
+
+def split(settings: Any) -> SplitResult:
+    """Write splits/{train,val,test}.jsonl from manifest.jsonl."""
+    ws = Workspace(settings.workdir)
+    if not ws.manifest.exists():
+        raise BincountError(f"{ws.manifest} not found: run `bincount fetch` first")
+    rows = read_jsonl(ws.manifest)
+    if not rows:
+        raise BincountError(f"{ws.manifest} is empty: run `bincount fetch` first")
+    seen: set[str] = set()
+    for number, row in enumerate(rows, 1):
+        if "id" not in row or not isinstance(row.get("count"), int):
+            raise BincountError(f"{ws.manifest}:{number}: a row needs an id and an integer count")
+        if row["id"] in seen:
+            raise BincountError(f"{ws.manifest}:{number}: id {row['id']} appears twice")
+        seen.add(row["id"])
+    s = settings.split
+    ratios = {"train": s.train, "val": s.val, "test": s.test}
+    parts = stratified_split(rows, ratios, s.seed)
+    files = {}
+    for name in SPLITS:
+        write_jsonl(ws.split(name), parts[name])
+        files[name] = str(ws.split(name))
+    counts = sorted({int(r["count"]) for r in rows})
+    per_count = {c: {name: sum(1 for r in parts[name] if r["count"] == c) for name in SPLITS} for c in counts}
+    return SplitResult(seed=s.seed, ratios=ratios, sizes={n: len(parts[n]) for n in SPLITS},
+                       per_count=per_count, files=files)

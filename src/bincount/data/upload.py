@@ -1,0 +1,166 @@
+"""`bincount upload`: the splits as SageMaker training channels in S3.
+
+Layout: s3://<bucket>/<prefix>/<split>/manifest.jsonl (rows with image = "images/<id>.jpg") and
+s3://<bucket>/<prefix>/<split>/images/<id>.jpg. Idempotent: every object carries its sha256 in
+its metadata (x-amz-meta-sha256); an object whose size and sha256 match the local file is skipped
+(one LIST per split, then a HEAD only for keys whose size matches). Objects under a split that it no
+longer lists are counted as `stale` and left alone. Records the channel URIs in state.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bincount.console import progress
+from bincount.errors import BincountError
+from bincount.results import Result
+from bincount.workspace import SPLITS, Workspace, read_jsonl
+
+
+class UploadResult(Result):
+    bucket: str
+    prefix: str
+    channels: dict[str, str]
+    items: dict[str, int]
+    uploaded: int
+    skipped: int
+    bytes_uploaded: int
+    stale: int
+
+
+@dataclass
+class _Job:
+    key: str
+    path: Path | None = None
+    data: bytes | None = None
+
+    def sha256(self) -> str:
+        if self.data is not None:
+            return hashlib.sha256(self.data).hexdigest()
+        digest = hashlib.sha256()
+        with self.path.open("rb") as fh:  # type: ignore[union-attr]
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else self.path.stat().st_size  # type: ignore[union-attr]
+
+
+def _s3_error(exc: Exception, bucket: str, endpoint: str | None) -> Exception:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return BincountError(f"bucket {bucket} does not exist (create it, or pick another with --bucket)")
+        if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            return BincountError(f"s3://{bucket}: {code} (check your AWS credentials and the bucket policy)")
+    if isinstance(exc, EndpointConnectionError):
+        return BincountError(f"cannot reach {endpoint or 'AWS S3'} (check --endpoint-url and the network)")
+    if isinstance(exc, NoCredentialsError):
+        return BincountError("no AWS credentials found (upload writes to your bucket, so it needs them)")
+    return exc
+
+
+def _jobs(ws: Workspace, base: str) -> tuple[dict[str, list[_Job]], dict[str, int]]:
+    jobs: dict[str, list[_Job]] = {}
+    items: dict[str, int] = {}
+    for split in SPLITS:
+        path = ws.split(split)
+        if not path.exists():
+            raise BincountError(f"{path} not found: run `bincount split` first")
+        rows = read_jsonl(path)
+        jobs[split], channel_rows = [], []
+        for number, row in enumerate(rows, 1):
+            if "id" not in row or "image" not in row:
+                raise BincountError(f"{path}:{number}: a row needs an id and an image")
+            local = Path(row["image"])
+            local = local if local.is_absolute() else ws.root / local
+            if not local.is_file():
+                raise BincountError(f"{local} (listed in {path}) not found: run `bincount fetch` again")
+            name = f"images/{row['id']}.jpg"
+            jobs[split].append(_Job(f"{base}{split}/{name}", path=local))
+            channel = {k: v for k, v in row.items() if k != "label"}
+            channel["image"] = name
+            channel_rows.append(json.dumps(channel, sort_keys=True) + "\n")
+        jobs[split].append(_Job(f"{base}{split}/manifest.jsonl", data="".join(channel_rows).encode()))
+        items[split] = len(rows)
+    return jobs, items
+
+
+def upload(settings: Any) -> UploadResult:
+    """Upload images and split manifests to s3://<bucket>/<prefix>/{train,val,test}/."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from bincount.aws import client as make_client
+    from bincount.data.fetch import with_retries
+
+    s3 = settings.s3
+    if not s3.bucket:
+        raise BincountError("upload needs a bucket: --bucket NAME, or s3.bucket in the config")
+    ws = Workspace(settings.workdir)
+    prefix = s3.prefix.strip("/")
+    base = f"{prefix}/" if prefix else ""
+    jobs, items = _jobs(ws, base)
+    client = make_client("s3", region=s3.region, endpoint_url=s3.endpoint_url, max_pool_connections=s3.workers)
+
+    existing: dict[str, int] = {}
+    try:
+        for split in SPLITS:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=f"{base}{split}/"):
+                existing.update({obj["Key"]: obj["Size"] for obj in page.get("Contents", [])})
+    except Exception as exc:
+        raise _s3_error(exc, s3.bucket, s3.endpoint_url) from None
+
+    def one(job: _Job) -> int | None:
+        """Upload if needed; return the bytes sent, or None when the object is unchanged (skipped)."""
+        size, sha = job.size(), job.sha256()
+        if existing.get(job.key) == size:
+            head = with_retries(lambda: client.head_object(Bucket=s3.bucket, Key=job.key), 5)
+            if head.get("Metadata", {}).get("sha256") == sha:
+                return None
+        content_type = "image/jpeg" if job.key.endswith(".jpg") else "application/jsonlines"
+
+        def put() -> None:
+            if job.data is not None:
+                client.put_object(Bucket=s3.bucket, Key=job.key, Body=job.data, Metadata={"sha256": sha},
+                                  ContentType=content_type)
+            else:
+                with job.path.open("rb") as fh:  # type: ignore[union-attr]
+                    client.put_object(Bucket=s3.bucket, Key=job.key, Body=fh, Metadata={"sha256": sha},
+                                      ContentType=content_type)
+
+        with_retries(put, 5)
+        return size
+
+    all_jobs = [job for split in SPLITS for job in jobs[split]]
+    uploaded = skipped = sent = 0
+    with progress() as bar, ThreadPoolExecutor(max_workers=s3.workers, thread_name_prefix="upload") as pool:
+        task = bar.add_task("uploading", total=len(all_jobs))
+        futures = [pool.submit(one, job) for job in all_jobs]
+        try:
+            for future in as_completed(futures):
+                try:
+                    n = future.result()
+                except Exception as exc:
+                    raise _s3_error(exc, s3.bucket, s3.endpoint_url) from None
+                if n is not None:
+                    uploaded, sent = uploaded + 1, sent + n
+                else:
+                    skipped += 1
+                bar.advance(task)
+        finally:
+            for future in futures:
+                future.cancel()
+
+    wanted = {job.key for job in all_jobs}
+    stale = sum(1 for key in existing if key not in wanted)
+    channels = {split: f"s3://{s3.bucket}/{base}{split}" for split in SPLITS}
+    ws.update_state(channels=channels)
+    return UploadResult(bucket=s3.bucket, prefix=prefix, channels=channels, items=items, uploaded=uploaded,
+                        skipped=skipped, bytes_uploaded=sent, stale=stale)
