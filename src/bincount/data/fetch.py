@@ -59,13 +59,17 @@ class FetchResult(Result):
 
     def rich(self) -> Any:
         from rich.console import Group
+        from rich.table import Table
 
-        summary = per_class_table("fetch", ["", "value"], [
-            ["source", self.source], ["manifest", f"{self.manifest} ({self.items} items)"],
-            ["fetched", self.fetched], ["already present", self.present],
-            ["rejected", f"{self.rejected} " + (str(self.rejects) if self.rejects else "")],
-            ["notes", f"{self.notes} (reports/fetch-notes.jsonl)" if self.notes else 0],
-            ["seconds", f"{self.seconds:.1f}"]])
+        summary = Table(title="fetch", show_header=False, title_justify="left")
+        summary.add_column(style="bold")
+        summary.add_column()
+        rejected = f"{self.rejected}  {self.rejects}  (reports/fetch-rejects.jsonl)" if self.rejected else "0"
+        for key, value in [("source", self.source), ("manifest", f"{self.manifest} ({self.items} items)"),
+                           ("fetched", self.fetched), ("already present", self.present), ("rejected", rejected),
+                           ("notes", f"{self.notes}  (reports/fetch-notes.jsonl)" if self.notes else "0"),
+                           ("seconds", f"{self.seconds:.1f}")]:
+            summary.add_row(key, str(value))
         per_count = per_class_table("items per count", ["count", "items"], [[c, n] for c, n in self.per_count.items()])
         return Group(summary, per_count)
 
@@ -397,7 +401,7 @@ class _Scan:
         self.start, self.end, self.last_seen = start, end, start - 1
 
     def saw(self, ident: str) -> None:
-        self.last_seen = max(self.last_seen, mf.id_number(ident))
+        self.last_seen = max(self.last_seen, int(ident))
 
     def __iter__(self) -> Iterator[str]:
         n = self.start
@@ -414,7 +418,7 @@ def _candidates(data: Any) -> tuple[list[str] | None, dict[str, int | None]]:
         raise BincountError("give --ids or --id-file, not both")
     if data.id_file:
         hints = mf.parse_id_file(data.id_file)
-        return sorted(hints, key=mf.id_number), hints
+        return sorted(hints, key=mf.id_key), hints
     if data.ids:
         return [mf.image_id(n) for n in parse_int_set(data.ids)], {}
     if data.limit is None:
@@ -466,8 +470,8 @@ def _plain(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, data: Any) 
             if limit is None or out.row is not None:
                 bar.update(task, completed=min(total, len(usable) if limit is not None else len(outcomes)))
     if limit is not None and len(usable) > limit:
-        cut = sorted(usable, key=mf.id_number)[limit - 1]
-        outcomes = {i: o for i, o in outcomes.items() if mf.id_number(i) <= mf.id_number(cut)}
+        cut = sorted(usable, key=mf.id_key)[limit - 1]
+        outcomes = {i: o for i, o in outcomes.items() if mf.id_key(i) <= mf.id_key(cut)}
     return list(outcomes.values())
 
 
@@ -496,12 +500,12 @@ def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: 
             bar.advance(task)
         if scan is not None and want is not None:  # keep the shortest id prefix that is enough (deterministic)
             seen = {c: 0 for c in counts}
-            for ident in sorted(outcomes, key=mf.id_number):
+            for ident in sorted(outcomes, key=mf.id_key):
                 out = outcomes[ident]
                 if out.status == "labelled":
                     seen[out.count] += 1  # type: ignore[index]
                 if all(v >= want for v in seen.values()):
-                    outcomes = {i: o for i, o in outcomes.items() if mf.id_number(i) <= mf.id_number(ident)}
+                    outcomes = {i: o for i, o in outcomes.items() if mf.id_key(i) <= mf.id_key(ident)}
                     by_count = {c: [i for i in v if i in outcomes] for c, v in by_count.items()}
                     break
         n = mf.balanced_size(by_count, counts, data.limit)
@@ -530,7 +534,7 @@ def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: 
 
 
 def _finish(ws: Workspace, source: Any, outcomes: list[Outcome], started: float) -> FetchResult:
-    outcomes = sorted(outcomes, key=lambda o: mf.id_number(o.id))
+    outcomes = sorted(outcomes, key=lambda o: mf.id_key(o.id))
     rows = [o.row for o in outcomes if o.row is not None]
     rejects = [{"id": o.id, "reason": o.reason, "detail": o.detail} for o in outcomes if o.status == "rejected"]
     notes = [{"id": o.id, "reason": r, "detail": d} for o in outcomes if o.row is not None for r, d in o.notes]

@@ -30,7 +30,7 @@ FETCH_ERROR = "fetch_error"  # the request kept failing after all retries
 # Note (reports/fetch-notes.jsonl): the item stays usable, EXPECTED_QUANTITY is the target.
 COUNT_MISMATCH = "count_mismatch"
 
-_ID_RE = re.compile(r"^(?:.*/)?0*(\d+)(?:\.(?:jpg|jpeg|json))?$", re.IGNORECASE)
+_PATH_RE = re.compile(r"^(?:.*/)?(\d+)\.(?:jpg|jpeg|json)$", re.IGNORECASE)
 
 
 class LabelError(ValueError):
@@ -54,15 +54,24 @@ def image_id(number: int) -> str:
 
 
 def normalize_id(text: str) -> str:
-    """'4', '00004', 'bin-images/00004.jpg', 'data/metadata/00004.json' -> '00004'."""
-    match = _ID_RE.match(str(text).strip())
+    """An id as written in an id file or on the command line.
+
+    A bare number is zero-padded to five digits, the ABID convention ('4' -> '00004'); a key path or
+    file name keeps its stem verbatim ('data/metadata/1044.json' -> '1044'), since the capstone list
+    names a few unpadded keys beside their padded namesakes (1044 and 01044 are different items).
+    """
+    text = str(text).strip()
+    if text.isdigit():
+        return image_id(int(text)) if len(text) < 5 else text
+    match = _PATH_RE.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not an image id (digits, or a path like metadata/00004.json)")
-    return image_id(int(match.group(1)))
+        raise ValueError(f"{text!r} is not an image id (digits, or a key path like metadata/00004.json)")
+    return match.group(1)
 
 
-def id_number(ident: str) -> int:
-    return int(ident)
+def id_key(ident: str) -> tuple[int, str]:
+    """Sort ids by number, then as text (01044 before 1044: arbitrary but fixed)."""
+    return (int(ident), ident) if ident.isdigit() else (-1, ident)
 
 
 def image_key(ident: str) -> str:
@@ -170,7 +179,7 @@ def balanced_pools(by_count: dict[int, list[str]], counts: Iterable[int], seed: 
     takes the first `balanced_size` of each; the rest are spares that replace items whose image is bad."""
     pools = {}
     for c in counts:
-        pool = sorted(set(by_count.get(c, [])), key=id_number)
+        pool = sorted(set(by_count.get(c, [])), key=id_key)
         random.Random(f"{seed}-{c}").shuffle(pool)
         pools[c] = pool
     return pools

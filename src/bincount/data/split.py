@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from bincount.data.manifest import allocate, id_number
+from bincount.data.manifest import allocate, id_key
 from bincount.errors import BincountError
 from bincount.results import Result, per_class_table
 from bincount.workspace import SPLITS, Workspace, read_jsonl, write_jsonl
@@ -36,13 +36,13 @@ def stratified_split(rows: list[dict], ratios: dict[str, float], seed: int) -> d
         by_count.setdefault(int(row["count"]), []).append(row)
     out: dict[str, list[dict]] = {name: [] for name in ratios}
     for count, group in sorted(by_count.items()):
-        group = sorted(group, key=lambda r: (id_number(r["id"]), r["id"]))
+        group = sorted(group, key=lambda r: id_key(str(r["id"])))
         random.Random(f"{seed}-{count}").shuffle(group)
         start = 0
         for name, size in zip(ratios, allocate(len(group), list(ratios.values()))):
             out[name].extend(group[start:start + size])
             start += size
-    return {name: sorted(part, key=lambda r: (id_number(r["id"]), r["id"])) for name, part in out.items()}
+    return {name: sorted(part, key=lambda r: id_key(str(r["id"]))) for name, part in out.items()}
 
 
 def split(settings: Any) -> SplitResult:
