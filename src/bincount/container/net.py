@@ -45,6 +45,8 @@ def build_model(arch: str, num_classes: int, pretrained: str = "none") -> nn.Mod
     weights = _imagenet_weights(arch) if pretrained == "imagenet" else None
     model = models.get_model(arch, weights=weights)
     if pretrained not in ("imagenet", "none", "", None):
+        if not Path(pretrained).is_file():
+            raise WeightsUnavailable(f"pretrained weights file {pretrained} not found; pass an existing .pth/.pt file, imagenet or none")
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
         model.load_state_dict({k: v for k, v in state.items() if not _is_head(k)}, strict=False)
@@ -60,16 +62,30 @@ def _is_head(key: str) -> bool:
     return key.startswith(("fc.", "classifier.3.", "classifier.6."))
 
 
-def preprocess(image, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """PIL image -> normalised float tensor [3, S, S]: the whole picture resized (nothing cropped away)."""
+def to_uint8(image, image_size: int) -> torch.Tensor:
+    """PIL image -> uint8 tensor [3, S, S]: the whole picture resized once (nothing cropped away).
+
+    train.py caches these tensors; preprocess() normalises them, so training and serving see the same pixels.
+    """
     from PIL import Image
-    from torchvision.transforms.functional import normalize, pil_to_tensor
+    from torchvision.transforms.functional import pil_to_tensor
 
     image = image.convert("RGB")
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
-    tensor = pil_to_tensor(image).float().div_(255)
-    return normalize(tensor, mean, std)
+    return pil_to_tensor(image)
+
+
+def normalize(batch: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 [..., 3, S, S] -> float, scaled to 0..1 and normalised per channel."""
+    mean_t = torch.tensor(mean, device=batch.device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=batch.device).view(3, 1, 1)
+    return (batch.float().div_(255) - mean_t) / std_t
+
+
+def preprocess(image, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """PIL image -> normalised float tensor [3, S, S]: the whole picture resized (nothing cropped away)."""
+    return normalize(to_uint8(image, image_size), mean, std)
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:

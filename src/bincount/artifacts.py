@@ -1,0 +1,106 @@
+"""model.tar.gz: build it from a model dir, and unpack it safely.
+
+Layout (what SageMaker's PyTorch inference container expects): model.pth, meta.json and
+code/ (inference.py, net.py, epochlog.py, requirements.txt) at the top of the archive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from bincount.errors import BincountError
+
+CONTAINER = Path(__file__).resolve().parent / "container"
+CODE_FILES = ("inference.py", "net.py", "epochlog.py", "requirements.txt")
+REQUIRED = ("model.pth", "meta.json")
+
+
+def package_model(model_dir: Path, out_tar: Path) -> Path:
+    """Write `out_tar` (atomically) from model_dir's model.pth, meta.json and code/.
+
+    code/ files missing from the model dir are taken from this package's container/ folder.
+    """
+    model_dir, out_tar = Path(model_dir), Path(out_tar)
+    for name in REQUIRED:
+        if not (model_dir / name).is_file():
+            raise BincountError(f"{model_dir} has no {name}: not a trained model dir")
+    out_tar.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_tar.parent, prefix=f".{out_tar.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for name in REQUIRED:
+                tar.add(model_dir / name, arcname=name)
+            for name in CODE_FILES:
+                source = model_dir / "code" / name
+                tar.add(source if source.is_file() else CONTAINER / name, arcname=f"code/{name}")
+        os.replace(tmp, out_tar)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_tar
+
+
+def _check_member(member: tarfile.TarInfo, tar_path: Path) -> None:
+    name = member.name
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts or (parts and ":" in parts[0]):
+        raise BincountError(f"{tar_path}: unsafe path {name!r} in archive")
+    if not (member.isfile() or member.isdir()):
+        raise BincountError(f"{tar_path}: {name!r} is a link or special file; refusing to extract")
+
+
+def extract_model(tar_path: Path, dest: Path) -> Path:
+    """Unpack model.tar.gz into `dest` (regular files and folders only) and return `dest`.
+
+    Absolute paths, '..' components, links and device files are rejected before anything is written;
+    the files land in a temp folder renamed into place, so `dest` is never half-written.
+    """
+    tar_path, dest = Path(tar_path), Path(dest)
+    if not tar_path.is_file():
+        raise BincountError(f"{tar_path} not found")
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(member, tar_path)
+            names = {Path(m.name).as_posix().lstrip("./") for m in members if m.isfile()}
+            missing = [n for n in REQUIRED if n not in names]
+            if missing:
+                raise BincountError(f"{tar_path}: not a bincount model archive (missing {', '.join(missing)})")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+            try:
+                tar.extractall(tmp, members=members, filter="data")
+                if dest.exists():
+                    shutil.rmtree(dest)
+                os.replace(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BincountError(f"{tar_path}: cannot read the model archive ({exc})") from None
+    return dest
+
+
+def model_dir_from(path: Path, cache: Path) -> Path:
+    """A model dir from a model.tar.gz (extracted under `cache`) or a model dir itself."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "meta.json").is_file():
+            raise BincountError(f"{path} has no meta.json: not a model dir")
+        return path
+    if not path.is_file():
+        raise BincountError(f"model {path} not found")
+    import hashlib
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = Path(cache) / key
+    if (dest / "meta.json").is_file():
+        return dest
+    return extract_model(path, dest)

@@ -1,0 +1,274 @@
+"""Local training: run container/train.py in a subprocess exactly as SageMaker would.
+
+Reusable pieces (the local tuner uses them for its trials):
+
+- ``make_channels(settings) -> dict[str, Path]``: <workdir>/channels/<split>/manifest.jsonl for
+  train, val (and test when split) with absolute image paths; BincountError when splits are missing.
+- ``hyperparameters(settings) -> dict``: the train.py arguments from the config, or the best tuning
+  result recorded in state.json when ``settings.train.use_best``.
+- ``run_script(settings, hyperparameters, run_dir, channels, on_epoch=None, extra_env=None) -> dict``:
+  runs train.py with ``--name value`` arguments and SM_* variables pointing into ``run_dir``
+  (model/, output/, checkpoints/; debug/ for the smdebug hook), streams stdout+stderr into
+  ``run_dir/train.log``, calls ``on_epoch(metrics: dict)`` for each epoch line (also appended to
+  ``run_dir/epochs.jsonl``), and returns ``{"metrics": best-epoch metrics, "history": [...],
+  "model_dir": Path, "run_dir": Path, "log": Path}``. Rerunning with the same ``run_dir`` resumes
+  from its checkpoint. A failed script raises BincountError with its last error line.
+- ``train(settings) -> TrainResult``: the `bincount train` stage for the local backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bincount.config import Settings
+from bincount.errors import BincountError
+from bincount.results import Result
+from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_jsonl
+
+CONTAINER = Path(__file__).resolve().parent.parent / "container"
+SCRIPT = CONTAINER / "train.py"
+
+
+class TrainResult(Result):
+    backend: str = "local"
+    run: str
+    model_data: str
+    model_dir: str
+    epochs: int
+    best_epoch: int
+    metrics: dict[str, float]
+    hyperparameters: dict[str, Any]
+    rules: list[dict[str, Any]] = []
+
+    def rich(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        table = Table(title=f"trained {self.run} (best epoch {self.best_epoch} of {self.epochs})",
+                      show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key in ("val_acc", "val_rmse", "val_loss", "train_loss", "test_acc", "test_rmse"):
+            if key in self.metrics:
+                table.add_row(key, f"{self.metrics[key]:.4f}")
+        table.add_row("model", self.model_data)
+        parts: list[Any] = [table]
+        if self.rules:
+            from bincount.debugger import rules_table
+
+            parts.append(rules_table(self.rules))
+        return Group(*parts)
+
+
+def make_channels(settings: Settings) -> dict[str, Path]:
+    """Channel folders for train.py from the splits: absolute image paths, nothing copied."""
+    ws = Workspace(settings.workdir)
+    root = ws.root.resolve()
+    channels = {}
+    for split in SPLITS:
+        path = ws.split(split)
+        if not path.is_file():
+            if split == "test":
+                continue
+            raise BincountError(f"{path} not found: run `bincount split` first")
+        rows = []
+        for row in read_jsonl(path):
+            image = Path(row["image"])
+            rows.append({**row, "image": str(image if image.is_absolute() else root / image)})
+        folder = root / "channels" / split
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        target = folder / "manifest.jsonl"
+        if not target.is_file() or target.read_text() != text:
+            atomic_write_text(target, text)
+        channels[split] = folder
+    return channels
+
+
+def hyperparameters(settings: Settings) -> dict[str, Any]:
+    """train.py arguments: the config's, overridden by the recorded best tuning result when use_best."""
+    hp = settings.train.hyperparameters(settings.data.max_count)
+    if settings.train.use_best:
+        best = Workspace(settings.workdir).state().get("tuning", {}).get("best_hyperparameters")
+        if not best:
+            raise BincountError("train.use_best is set but no tuning result is recorded: run `bincount tune` first")
+        hp.update({k: _parse_value(v) for k, v in best.items() if not k.startswith(("_", "sagemaker_"))})
+    return hp
+
+
+def _parse_value(value: Any) -> Any:
+    """SageMaker reports hyperparameters as strings (often JSON-quoted); give back numbers where they are."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().strip('"')
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def format_args(hp: dict[str, Any]) -> list[str]:
+    """--name value pairs as SageMaker passes them (booleans as true/false)."""
+    args = []
+    for key, value in hp.items():
+        if value is None:
+            continue
+        args += [f"--{key}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
+    return args
+
+
+def _num_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def script_env(run_dir: Path, channels: dict[str, Path], extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The SageMaker training environment for a local run in `run_dir`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "BINCOUNT_"))}
+    env.update({
+        "SM_MODEL_DIR": str(run_dir / "model"),
+        "SM_OUTPUT_DATA_DIR": str(run_dir / "output" / "data"),
+        "SM_OUTPUT_DIR": str(run_dir / "output"),
+        "SM_CHECKPOINT_DIR": str(run_dir / "checkpoints"),
+        "SM_HOSTS": '["algo-1"]',
+        "SM_CURRENT_HOST": "algo-1",
+        "SM_NUM_GPUS": str(_num_gpus()),
+        "PYTHONUNBUFFERED": "1",
+    })
+    for name, folder in channels.items():
+        env[f"SM_CHANNEL_{name.upper()}"] = str(folder)
+    env.update(extra_env or {})
+    return env
+
+
+def run_script(settings: Settings, hyperparameters: dict[str, Any], run_dir: Path, channels: dict[str, Path],
+               on_epoch: Callable[[dict[str, float]], None] | None = None,
+               extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run train.py once in `run_dir` (see the module docstring); returns metrics, history and model_dir."""
+    from bincount.container.epochlog import parse_epoch_line
+
+    run_dir = Path(run_dir).resolve()
+    (run_dir / "output" / "data").mkdir(parents=True, exist_ok=True)
+    env = script_env(run_dir, channels, extra_env)
+    command = [sys.executable, "-u", str(SCRIPT), *format_args(hyperparameters)]
+    tail: deque[str] = deque(maxlen=40)
+    history: dict[int, dict[str, float]] = {}
+    with open(run_dir / "train.log", "a") as log, subprocess.Popen(
+            command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            bufsize=1) as proc:
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                tail.append(line.rstrip())
+                metrics = parse_epoch_line(line)
+                if metrics is not None:
+                    history[int(metrics["epoch"])] = metrics
+                    with open(run_dir / "epochs.jsonl", "a") as fh:
+                        fh.write(json.dumps(metrics) + "\n")
+                    if on_epoch is not None:
+                        on_epoch(metrics)
+            proc.wait()
+        except BaseException:
+            proc.terminate()
+            proc.wait(timeout=30)
+            raise
+    if proc.returncode != 0:
+        raise BincountError(f"training failed (exit {proc.returncode}): {_last_error(tail)} "
+                            f"(full log: {run_dir / 'train.log'})")
+    model_dir = run_dir / "model"
+    meta = json.loads((model_dir / "meta.json").read_text())
+    return {"metrics": meta["metrics"], "history": meta.get("history") or list(history.values()),
+            "model_dir": model_dir, "run_dir": run_dir, "log": run_dir / "train.log", "meta": meta}
+
+
+def _last_error(lines: deque[str]) -> str:
+    """The line that says what went wrong: 'error: ...', else the last exception line, else the last line."""
+    lines_list = [ln for ln in lines if ln.strip()]
+    for line in reversed(lines_list):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    for line in reversed(lines_list):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return line
+    return lines_list[-1] if lines_list else "no output"
+
+
+def _live_table(rows: list[dict[str, float]]):
+    from rich.table import Table
+
+    table = Table(title="training (local)", title_justify="left")
+    for name in ("epoch", "train_loss", "val_loss", "val_acc", "val_rmse", "lr"):
+        table.add_column(name, justify="right")
+    best = max(rows, key=lambda r: (r.get("val_acc", 0), -r.get("val_loss", 0)))["epoch"] if rows else None
+    for row in rows:
+        style = "bold green" if row["epoch"] == best else None
+        table.add_row(str(int(row["epoch"])), *(f"{row.get(k, float('nan')):.4f}" if k != "lr" else
+                                                 f"{row.get(k, float('nan')):.6f}"
+                                                 for k in ("train_loss", "val_loss", "val_acc", "val_rmse", "lr")),
+                      style=style)
+    return table
+
+
+def _smdebug_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("smdebug") is not None
+
+
+def train(settings: Settings) -> TrainResult:
+    """`bincount train` on this machine: run train.py, package model.tar.gz, record it in state.json."""
+    from rich.live import Live
+
+    from bincount.artifacts import package_model
+    from bincount.console import err_console
+
+    ws = Workspace(settings.workdir)
+    channels = make_channels(settings)
+    hp = hyperparameters(settings)
+    pending = ws.state().get("training_pending") or {}
+    if pending.get("hyperparameters") == hp and Path(pending.get("run_dir", "")).is_dir():
+        run_dir = Path(pending["run_dir"])  # an interrupted run with the same settings: resume it
+        err_console().print(f"resuming interrupted run {run_dir.name}", highlight=False)
+    else:
+        run_dir = ws.models / time.strftime("%Y%m%d-%H%M%S")
+        while run_dir.exists():
+            run_dir = run_dir.with_name(run_dir.name + "x")
+        run_dir.mkdir(parents=True)
+        ws.update_state(training_pending={"run_dir": str(run_dir.resolve()), "hyperparameters": hp})
+    extra_env = {"DEBUGGER_OUT_DIR": str((run_dir / "debug").resolve())} if _smdebug_available() else {}
+
+    rows: list[dict[str, float]] = []
+    with Live(_live_table(rows), console=err_console(), refresh_per_second=4) as live:
+        def on_epoch(metrics: dict[str, float]) -> None:
+            rows[:] = [r for r in rows if r["epoch"] != metrics["epoch"]] + [metrics]
+            live.update(_live_table(rows))
+
+        out = run_script(settings, hp, run_dir, channels, on_epoch=on_epoch, extra_env=extra_env)
+    tar = package_model(out["model_dir"], run_dir / "model.tar.gz")
+
+    rules: list[dict[str, Any]] = []
+    if settings.sagemaker.rules and (run_dir / "debug").is_dir():
+        from bincount.debugger import check_run
+
+        rules = check_run(settings, run_dir, out["history"])
+    metrics = {k: float(v) for k, v in out["metrics"].items() if isinstance(v, (int, float))}
+    ws.update_state(training={"backend": "local", "job": run_dir.name, "model_data": str(tar.resolve()),
+                              "model_dir": str(out["model_dir"].resolve()), "metrics": metrics},
+                    training_pending=None)
+    return TrainResult(run=run_dir.name, model_data=str(tar.resolve()), model_dir=str(out["model_dir"].resolve()),
+                       epochs=len(out["history"]), best_epoch=int(metrics.get("epoch", 0)), metrics=metrics,
+                       hyperparameters=hp, rules=rules)

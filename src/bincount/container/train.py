@@ -1,0 +1,578 @@
+"""Train the bin-counting model: a SageMaker script-mode entry point that runs the same way locally.
+
+Contract (as SageMaker runs it):
+- hyperparameters arrive as `--name value` (booleans as true/false); unknown ones are ignored with a note;
+- data: SM_CHANNEL_TRAIN and SM_CHANNEL_VAL (SM_CHANNEL_TEST optional) each hold `manifest.jsonl` whose
+  rows have `count` and `image` (relative to the channel folder, or absolute);
+- output: SM_MODEL_DIR gets model.pth (best-epoch state dict), meta.json and code/ (inference.py, net.py,
+  epochlog.py, requirements.txt); SM_OUTPUT_DATA_DIR gets epochs.jsonl; on failure SM_OUTPUT_DIR/failure;
+- checkpoints: --checkpoint_dir, else $SM_CHECKPOINT_DIR, else /opt/ml/checkpoints (SageMaker syncs it
+  with checkpoint_s3_uri); written atomically every epoch; a restarted run continues after the last one;
+- distributed: under torchrun / SageMaker torch_distributed (WORLD_SIZE > 1) it runs DDP (nccl on GPU,
+  gloo on CPU); only rank 0 writes files and prints epoch lines;
+- SageMaker Debugger: when smdebug imports, the hook comes from smd.get_hook(create_if_not_exists=True)
+  (SageMaker's JSON config) or, when --debugger_out_dir / $DEBUGGER_OUT_DIR is set, an explicit one.
+
+Each epoch prints exactly one line on stdout (epochlog.format_epoch_line), the form SageMaker's metric
+definitions and the tuners parse:
+
+    epoch=3 train_loss=0.9100 val_loss=0.8800 val_acc=0.6100 val_rmse=0.8700 lr=0.000900
+
+val_acc is the share of exact counts, val_rmse the root mean squared count error of the predicted
+class. Other progress lines go to stderr with a "[train]" prefix. A usage error ends with one line
+"error: ..." on stderr and exit code 2.
+
+Recipe: the whole image is resized once to image_size (never cropped: a crop could cut objects out and
+change the count); augmentation is count-preserving (flips, transpose, small brightness/contrast jitter),
+done per batch on the device; AdamW or SGD, linear warm-up then cosine decay per step, label smoothing,
+optional inverse-frequency class weights, AMP + channels_last on CUDA, early stopping on val_acc with
+`patience`, best-epoch weights kept. Images are decoded once and cached as uint8 tensors when they fit
+in --cache_mb, else decoded per item by DataLoader workers (min(cpus, 8)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+try:
+    from . import epochlog, net
+except ImportError:  # run as a script: this folder is on sys.path
+    import epochlog
+    import net
+
+CODE_FILES = ("inference.py", "net.py", "epochlog.py")
+SERVING_REQUIREMENTS = (
+    "# Serving needs only torch, torchvision and Pillow, which the SageMaker PyTorch inference container has.\n")
+CHECKPOINT = "checkpoint.pt"
+
+
+class UsageError(Exception):
+    """Bad input the user can fix: reported as one line, exit code 2."""
+
+
+def log(message: str) -> None:
+    print(f"[train] {message}", file=sys.stderr, flush=True)
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="Train the bin-counting model (SageMaker script mode).")
+    p.add_argument("--arch", default="resnet18", choices=net.ARCHS)
+    p.add_argument("--pretrained", default="none", help="imagenet | none | path to a weights file")
+    p.add_argument("--num_classes", type=int, default=6, help="counts 0..num_classes-1")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--warmup_epochs", type=int, default=1)
+    p.add_argument("--label_smoothing", type=float, default=0.05)
+    p.add_argument("--class_weighting", type=str2bool, default=False)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--patience", type=int, default=5, help="early stopping; 0 = never stop early")
+    p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers when not cached")
+    p.add_argument("--cache_mb", type=int, default=4096, help="cache decoded images when they fit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", type=str2bool, default=True, help="mixed precision (CUDA only)")
+    p.add_argument("--augment", type=str2bool, default=True)
+    p.add_argument("--checkpoint_dir", default=env("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints"))
+    p.add_argument("--debugger_out_dir", default=env("DEBUGGER_OUT_DIR"), help="local smdebug hook output")
+    p.add_argument("--debugger_interval", type=int, default=5, help="steps between saved tensors (local hook)")
+    p.add_argument("--model_dir", default=env("SM_MODEL_DIR", "/opt/ml/model"))
+    p.add_argument("--train", default=env("SM_CHANNEL_TRAIN"))
+    p.add_argument("--val", default=env("SM_CHANNEL_VAL"))
+    p.add_argument("--test", default=env("SM_CHANNEL_TEST"))
+    p.add_argument("--output_data_dir", default=env("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        log(f"ignoring unknown arguments: {' '.join(unknown)}")
+    return args
+
+
+# -- data ------------------------------------------------------------------------------------------
+def read_channel(channel: str | None, name: str, num_classes: int) -> list[tuple[Path, int]]:
+    """(image path, count) pairs of a channel folder's manifest.jsonl."""
+    if not channel:
+        raise UsageError(f"no {name} channel: set SM_CHANNEL_{name.upper()} (a folder with manifest.jsonl)")
+    folder = Path(channel)
+    manifest = folder / "manifest.jsonl"
+    if not manifest.is_file():
+        raise UsageError(f"{name} channel {folder} has no manifest.jsonl")
+    items = []
+    for number, line in enumerate(manifest.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            count, image = int(row["count"]), Path(row["image"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{manifest}:{number}: need 'count' and 'image' ({exc})") from None
+        if not 0 <= count < num_classes:
+            raise UsageError(f"{manifest}:{number}: count {count} outside 0..{num_classes - 1} (raise num_classes)")
+        items.append((image if image.is_absolute() else folder / image, count))
+    if not items:
+        raise UsageError(f"{name} channel {manifest} is empty")
+    return items
+
+
+def manifest_digest(channel: str) -> str:
+    """sha256 over (id, count, sha256) of a channel's rows: the same for local and S3 layouts."""
+    rows = []
+    for line in (Path(channel) / "manifest.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.append([str(row.get("id") or Path(row["image"]).stem), int(row["count"]), row.get("sha256")])
+    return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+
+
+def decode(path: Path, image_size: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return net.to_uint8(image, image_size)
+
+
+class Images(torch.utils.data.Dataset):
+    """Decoded on demand (in DataLoader workers): one decode and one resize per item per epoch."""
+
+    def __init__(self, items: list[tuple[Path, int]], image_size: int):
+        self.items, self.image_size = items, image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, count = self.items[i]
+        return decode(path, self.image_size), count
+
+
+class Batches:
+    """Batches of (uint8 images [B,3,S,S], counts [B]) over the given index order.
+
+    Cached: every image decoded once (threads) and kept as one uint8 tensor; batches are slices.
+    Streamed: a DataLoader decodes per item in worker processes.
+    """
+
+    def __init__(self, items, image_size: int, batch_size: int, cache_mb: int, num_workers: int | None,
+                 pin_memory: bool = False):
+        self.items, self.batch_size = items, batch_size
+        self.labels = torch.tensor([c for _, c in items])
+        size = len(items) * 3 * image_size * image_size
+        self.cached = size <= cache_mb * 2**20
+        workers = min(os.cpu_count() or 1, 8)
+        if self.cached:
+            with ThreadPoolExecutor(workers) as pool:
+                self.images = torch.stack(list(pool.map(lambda it: decode(it[0], image_size), items)))
+        else:
+            self.dataset = Images(items, image_size)
+            self.num_workers = workers if num_workers is None else num_workers
+            self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def iterate(self, order: list[int], drop_last_single: bool = False):
+        if drop_last_single and len(order) % self.batch_size == 1 and len(order) > 1:
+            order = order[:-1]  # a batch of one breaks BatchNorm in training
+        if self.cached:
+            for start in range(0, len(order), self.batch_size):
+                index = torch.tensor(order[start:start + self.batch_size])
+                yield self.images[index], self.labels[index]
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, persistent_workers=False)
+            yield from loader
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Count-preserving augmentation of a float batch in [0, 1]: flips, transpose, brightness/contrast."""
+    n = images.shape[0]
+    coins = torch.rand(3, n, generator=generator).to(images.device) < 0.5
+    pick = lambda coin, a, b: torch.where(coin.view(-1, 1, 1, 1), a, b)  # noqa: E731
+    images = pick(coins[0], images.flip(3), images)
+    images = pick(coins[1], images.flip(2), images)
+    if images.shape[2] == images.shape[3]:
+        images = pick(coins[2], images.transpose(2, 3), images)
+    jitter = (torch.rand(2, n, 1, 1, 1, generator=generator) * 0.3 + 0.85).to(images.device)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = (images - mean) * jitter[1] + mean * jitter[0]
+    return images.clamp_(0, 1)
+
+
+def to_input(images: torch.Tensor, device, channels_last: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on the device (augmented when a generator is given)."""
+    images = images.to(device, non_blocking=True).float().div_(255)
+    if generator is not None:
+        images = augment(images, generator)
+    mean = torch.tensor(net.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(net.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    images = (images - mean) / std
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+# -- training --------------------------------------------------------------------------------------
+class Dist:
+    """torch.distributed when launched with WORLD_SIZE > 1; otherwise a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled to mean 1 over the classes present."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 1.0)
+    return weights
+
+
+def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_hook(args, dist: Dist, model: nn.Module, loss_fn: nn.Module):
+    """The smdebug hook, or None (smdebug missing, broken, or not configured)."""
+    if not dist.main:
+        return None
+    try:
+        try:
+            from . import smdebug_compat
+        except ImportError:
+            import smdebug_compat
+        smdebug_compat.install()
+        import smdebug.pytorch as smd
+
+        hook = smd.get_hook(create_if_not_exists=True)
+        if hook is None and args.debugger_out_dir:
+            from smdebug.core.reduction_config import ReductionConfig
+            from smdebug.core.save_config import SaveConfig
+
+            # Reductions (means, variances, norms), not whole tensors: a few KB per step instead of
+            # the full weights and gradients; losses are kept whole.
+            hook = smd.Hook(out_dir=args.debugger_out_dir, save_config=SaveConfig(save_interval=args.debugger_interval),
+                            reduction_config=ReductionConfig(reductions=["mean", "variance"], abs_reductions=["mean"],
+                                                             norms=["l2"]),
+                            include_collections=["weights", "biases", "gradients", "losses"])
+            hook.get_collection("losses").reduction_config = ReductionConfig()
+        if hook is not None:
+            hook.register_module(model)
+            hook.register_loss(loss_fn)
+            log(f"smdebug hook on ({getattr(hook, 'out_dir', '?')})")
+        return hook
+    except ImportError:
+        return None
+    except Exception as exc:  # smdebug is optional: never let it break training
+        log(f"warning: smdebug hook disabled ({type(exc).__name__}: {exc})")
+        return None
+
+
+def set_mode(hook, mode: str) -> None:
+    if hook is not None:
+        import smdebug.pytorch as smd
+
+        hook.set_mode(smd.modes.TRAIN if mode == "train" else smd.modes.EVAL)
+
+
+def shard(n: int, dist: Dist, generator: torch.Generator | None) -> list[int]:
+    """This rank's indices: shuffled with a generator shared by all ranks, then strided."""
+    if generator is None:  # evaluation: every item once
+        return list(range(n))[dist.rank::dist.world]
+    order = torch.randperm(n, generator=generator).tolist()
+    return order[: n - n % dist.world][dist.rank::dist.world]  # equal steps on every rank
+
+
+def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scaler, device, channels_last, amp,
+                generator, dist: Dist) -> float:
+    model.train()
+    total, seen = 0.0, 0
+    for images, labels in data.iterate(order, drop_last_single=True):
+        x = to_input(images, device, channels_last, generator)
+        y = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(y)
+        seen += len(y)
+    total, seen = dist.sum([total, seen])
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Dist) -> dict[str, float]:
+    """Loss, accuracy and RMSE of the predicted counts over a split (all ranks together)."""
+    model.eval()
+    loss_sum = correct = sq_err = n = 0.0
+    for images, labels in data.iterate(shard(len(data), dist, None)):
+        x = to_input(images, device, channels_last, None)
+        y = labels.to(device)
+        with torch.autocast(device.type, enabled=amp):
+            logits = model(x)
+        loss_sum += loss_fn(logits.float(), y).item() * len(y)
+        pred = logits.argmax(1)
+        correct += (pred == y).sum().item()
+        sq_err += ((pred - y).float() ** 2).sum().item()
+        n += len(y)
+    loss_sum, correct, sq_err, n = dist.sum([loss_sum, correct, sq_err, n])
+    n = max(n, 1.0)
+    return {"loss": loss_sum / n, "acc": correct / n, "rmse": math.sqrt(sq_err / n)}
+
+
+def better(a: dict, b: dict | None) -> bool:
+    """Is epoch metrics `a` better than `b`: higher val_acc, then lower val_loss."""
+    return b is None or (a["val_acc"], -a["val_loss"]) > (b["val_acc"], -b["val_loss"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(folder: Path | None, dist: Dist) -> dict | None:
+    ckpt = None
+    if dist.main and folder is not None and (folder / CHECKPOINT).is_file():
+        ckpt = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+    return dist.broadcast(ckpt)
+
+
+def usable_dir(path: str | None) -> Path | None:
+    if not path:
+        return None
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return Path(path)
+    except OSError as exc:
+        log(f"warning: no checkpoints ({path}: {exc.strerror})")
+        return None
+
+
+def write_model(args, best_state, best_metrics, history, started: float) -> None:
+    model_dir = Path(args.model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(best_state, model_dir / "model.pth")
+    hyperparameters = {k: v for k, v in vars(args).items()
+                       if k not in ("model_dir", "train", "val", "test", "output_data_dir", "checkpoint_dir",
+                                    "debugger_out_dir")}
+    meta = {
+        "arch": args.arch, "num_classes": args.num_classes, "classes": list(range(args.num_classes)),
+        "image_size": args.image_size, "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD),
+        "metrics": best_metrics, "hyperparameters": hyperparameters,
+        "manifest_digest": manifest_digest(args.train), "history": history,
+        "train_seconds": round(time.time() - started, 1), "torch": torch.__version__,
+    }
+    (model_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    here, code = Path(__file__).resolve().parent, model_dir / "code"
+    code.mkdir(exist_ok=True)
+    for name in CODE_FILES:
+        shutil.copy2(here / name, code / name)
+    (code / "requirements.txt").write_text(SERVING_REQUIREMENTS)
+    if args.output_data_dir:
+        out = Path(args.output_data_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "epochs.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train; returns the best epoch's metrics (on rank 0; other ranks get them too)."""
+    started = time.time()
+    if args.num_classes < 2:
+        raise UsageError("num_classes must be at least 2")
+    dist = Dist()
+    device = dist.device
+    cuda = device.type == "cuda"
+    amp, channels_last = args.amp and cuda, cuda
+    torch.manual_seed(args.seed)
+
+    train_items = read_channel(args.train, "train", args.num_classes)
+    val_items = read_channel(args.val, "val", args.num_classes)
+    test_items = read_channel(args.test, "test", args.num_classes) if args.test else None
+    batches = lambda items: Batches(items, args.image_size, args.batch_size, args.cache_mb, args.num_workers,  # noqa: E731
+                                    pin_memory=cuda)
+    train_data, val_data = batches(train_items), batches(val_items)
+    log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
+        f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device}, world {dist.world}")
+
+    model = net.build_model(args.arch, args.num_classes, args.pretrained).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    weights = class_weights(train_data.labels, args.num_classes).to(device) if args.class_weighting else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+    optimizer = make_optimizer(model, args)
+    steps = math.ceil(len(train_items) / dist.world / args.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(args.warmup_epochs * steps, args.epochs * steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    ckpt_dir = usable_dir(args.checkpoint_dir) if dist.main else None
+    ckpt = load_checkpoint(ckpt_dir, dist)
+    start, best_state, best_metrics, bad_epochs, history = 1, None, None, 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start, best_state, best_metrics = ckpt["epoch"] + 1, ckpt["best_state"], ckpt["best_metrics"]
+        bad_epochs, history = ckpt["bad_epochs"], ckpt["history"]
+        log(f"resuming after epoch {ckpt['epoch']} from {ckpt_dir / CHECKPOINT}")
+    stopped = ckpt is not None and ckpt.get("stopped", False)
+
+    hook = make_hook(args, dist, model, loss_fn)
+    ddp = model
+    if dist.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+
+    for epoch in range(start, args.epochs + 1):
+        if stopped:
+            break
+        generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        order = shard(len(train_data), dist, generator)
+        set_mode(hook, "train")
+        lr = optimizer.param_groups[0]["lr"]
+        aug = generator if args.augment else None
+        train_loss = train_epoch(ddp, train_data, order, optimizer, scheduler, loss_fn, scaler, device,
+                                 channels_last, amp, aug, dist)
+        set_mode(hook, "eval")
+        val = evaluate(model, val_data, loss_fn, device, channels_last, amp, dist)
+        metrics = {"train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
+                   "val_rmse": val["rmse"], "lr": lr}
+        history.append({"epoch": epoch, **metrics})
+        if better(metrics, best_metrics):
+            best_metrics = {"epoch": epoch, **metrics}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        stopped = args.patience > 0 and bad_epochs >= args.patience
+        if dist.main:
+            print(epochlog.format_epoch_line(epoch, **metrics), flush=True)
+            if ckpt_dir is not None:
+                save_checkpoint(ckpt_dir / CHECKPOINT, {
+                    "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_state": best_state,
+                    "best_metrics": best_metrics, "bad_epochs": bad_epochs, "history": history, "stopped": stopped})
+        if stopped:
+            log(f"early stop: no better val_acc for {args.patience} epochs (best epoch {best_metrics['epoch']})")
+
+    if best_state is None:
+        raise UsageError("no epoch ran (epochs must be >= 1)")
+    if test_items is not None:
+        model.load_state_dict(best_state)
+        test = evaluate(model, batches(test_items), loss_fn, device, channels_last, amp, dist)
+        best_metrics.update({"test_loss": test["loss"], "test_acc": test["acc"], "test_rmse": test["rmse"]})
+        if dist.main:
+            log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
+    if dist.main:
+        write_model(args, best_state, best_metrics, history, started)
+    if hook is not None:
+        try:
+            hook.close()
+        except Exception as exc:  # noqa: BLE001 - the model is written; a hook problem is only a warning
+            log(f"warning: smdebug hook close failed ({exc})")
+    dist.barrier()
+    dist.close()
+    return best_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except (UsageError, net.WeightsUnavailable) as exc:
+        message = f"error: {exc}"
+        print(message, file=sys.stderr, flush=True)
+        failure_dir = os.environ.get("SM_OUTPUT_DIR")
+        if failure_dir and Path(failure_dir).is_dir():
+            (Path(failure_dir) / "failure").write_text(message + "\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Score a trained model on the test split (or any manifest): metrics, per-count table, plots.
+
+Writes reports/metrics.json, reports/confusion-matrix.png and reports/training-curve.png.
+The per-count table has the form the public ABID challenge reports its baseline in
+(counts 0..5: 55.67% accuracy, RMSE 0.930), shown beside ours for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bincount.config import Settings
+from bincount.errors import BincountError
+from bincount.results import Result, per_class_table
+from bincount.workspace import Workspace, atomic_write_bytes, atomic_write_text, read_jsonl
+
+ABID_BASELINE = {"accuracy": 0.5567, "rmse": 0.930}  # ABID challenge baseline, moderate task (counts 0..5)
+BATCH = 64
+
+
+class EvalResult(Result):
+    model: str
+    manifest: str
+    n: int
+    accuracy: float
+    rmse: float
+    mae: float
+    within_one: float
+    per_count: list[dict[str, Any]]
+    confusion: list[list[int]]
+    classes: list[int]
+    baseline: dict[str, float] = ABID_BASELINE
+    skipped: int = 0
+    reports: dict[str, str] = {}
+
+    def rich(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        summary = Table(title=f"evaluation on {self.n} images", show_header=False, title_justify="left")
+        summary.add_column(style="bold")
+        summary.add_column()
+        summary.add_row("accuracy", f"{self.accuracy:.2%}")
+        summary.add_row("RMSE", f"{self.rmse:.3f}")
+        summary.add_row("MAE", f"{self.mae:.3f}")
+        summary.add_row("within one", f"{self.within_one:.2%}")
+        if self.skipped:
+            summary.add_row("skipped (unreadable)", str(self.skipped))
+        for name, path in self.reports.items():
+            summary.add_row(name, path)
+        rows = [[r["count"], r["n"], r["accuracy"], r["rmse"]] for r in self.per_count]
+        rows.append(["all", self.n, self.accuracy, self.rmse])
+        table = per_class_table("per count", ["count", "images", "accuracy", "RMSE"], rows)
+        table.caption = (f"ABID challenge baseline (counts 0..5): {self.baseline['accuracy']:.2%} accuracy, "
+                         f"RMSE {self.baseline['rmse']:.3f}")
+        return Group(summary, table)
+
+
+def compute_metrics(truth: list[int], predicted: list[int], classes: list[int]) -> dict[str, Any]:
+    """Accuracy, RMSE, MAE, within-one accuracy, per-count accuracy/RMSE and the confusion matrix."""
+    n = len(truth)
+    if n == 0 or n != len(predicted):
+        raise BincountError("nothing to evaluate (no predictions)")
+    errors = [p - t for t, p in zip(truth, predicted)]
+    index = {c: i for i, c in enumerate(classes)}
+    confusion = [[0] * len(classes) for _ in classes]
+    for t, p in zip(truth, predicted):
+        if t in index and p in index:
+            confusion[index[t]][index[p]] += 1
+    per_count = []
+    for c in sorted(set(truth)):
+        errs = [e for t, e in zip(truth, errors) if t == c]
+        per_count.append({"count": c, "n": len(errs), "accuracy": sum(e == 0 for e in errs) / len(errs),
+                          "rmse": math.sqrt(sum(e * e for e in errs) / len(errs))})
+    return {
+        "n": n,
+        "accuracy": sum(e == 0 for e in errors) / n,
+        "rmse": math.sqrt(sum(e * e for e in errors) / n),
+        "mae": sum(abs(e) for e in errors) / n,
+        "within_one": sum(abs(e) <= 1 for e in errors) / n,
+        "per_count": per_count,
+        "confusion": confusion,
+        "classes": list(classes),
+    }
+
+
+def resolve_model(settings: Settings, model: Path | None) -> Path:
+    """A local model dir: --model (tar or dir), else the one state.json records."""
+    from bincount.artifacts import model_dir_from
+
+    ws = Workspace(settings.workdir)
+    cache = ws.models / ".extracted"
+    if model is not None:
+        return model_dir_from(Path(model), cache)
+    training = ws.state().get("training") or {}
+    if training.get("model_dir") and (Path(training["model_dir"]) / "meta.json").is_file():
+        return Path(training["model_dir"])
+    data = training.get("model_data")
+    if not data:
+        raise BincountError("no trained model recorded: run `bincount train` first, or pass --model")
+    if str(data).startswith("s3://"):
+        data = _download(settings, str(data), ws.models / "downloaded")
+    return model_dir_from(Path(data), cache)
+
+
+def _download(settings: Settings, uri: str, folder: Path) -> Path:
+    from bincount.aws import client, parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    target = folder / bucket / key
+    if not target.is_file():
+        s3 = client("s3", region=settings.s3.region, endpoint_url=settings.s3.endpoint_url)
+        atomic_write_bytes(target, s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    return target
+
+
+def _image_path(ws: Workspace, manifest: Path, image: str) -> Path:
+    path = Path(image)
+    if path.is_absolute():
+        return path
+    for base in (ws.root, manifest.parent):
+        if (base / path).exists():
+            return base / path
+    return ws.root / path
+
+
+def predict_counts(model_dir: Path, paths: list[Path]) -> tuple[list[int | None], dict]:
+    """Predicted counts (None for an unreadable image), batched under inference_mode; each image decoded once."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from PIL import Image
+
+    from bincount.container import net
+
+    model, meta = net.load_model(model_dir)
+    size = meta["image_size"]
+
+    def load(path: Path):
+        try:
+            with Image.open(path) as image:
+                return net.to_uint8(image, size)
+        except (OSError, ValueError):
+            return None
+
+    out: list[int | None] = []
+    with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool, torch.inference_mode():
+        for start in range(0, len(paths), BATCH):
+            tensors = list(pool.map(load, paths[start:start + BATCH]))
+            good = [t for t in tensors if t is not None]
+            preds = iter([])
+            if good:
+                batch = net.normalize(torch.stack(good), meta["mean"], meta["std"])
+                preds = iter(model(batch).argmax(1).tolist())
+            out += [None if t is None else meta["classes"][next(preds)] for t in tensors]
+    return out, meta
+
+
+def load_history(model_dir: Path, meta: dict) -> list[dict[str, float]]:
+    """Epoch metrics of the run: meta.json's history, else the run's epochs.jsonl."""
+    history = meta.get("history") or []
+    if not history:
+        path = Path(model_dir).parent / "epochs.jsonl"
+        if path.is_file():
+            rows = {int(r["epoch"]): r for r in read_jsonl(path)}
+            history = [rows[e] for e in sorted(rows)]
+    return history
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(confusion, cmap="Blues")
+    peak = max(max(row) for row in confusion) or 1
+    for i, row in enumerate(confusion):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted count")
+    ax.set_ylabel("true count")
+    ax.set_title("confusion matrix")
+    _save(fig, path)
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key in ("train_loss", "val_loss"):
+        left.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=key)
+    left.set_xlabel("epoch")
+    left.set_title("loss")
+    left.legend()
+    right.plot(epochs, [h.get("val_acc", math.nan) for h in history], marker="o", label="val_acc")
+    right.plot(epochs, [h.get("val_rmse", math.nan) for h in history], marker="o", label="val_rmse")
+    right.set_xlabel("epoch")
+    right.set_title("validation")
+    right.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def evaluate(settings: Settings, manifest: Path | None = None, model: Path | None = None) -> EvalResult:
+    """Score the model on `manifest` (default splits/test.jsonl); write reports/metrics.json and the plots."""
+    ws = Workspace(settings.workdir)
+    manifest = Path(manifest) if manifest else ws.require(ws.split("test"), "run `bincount split` first")
+    rows = read_jsonl(manifest)
+    if not rows:
+        raise BincountError(f"{manifest} is empty")
+    model_dir = resolve_model(settings, model)
+    predicted, meta = predict_counts(model_dir, [_image_path(ws, manifest, r["image"]) for r in rows])
+    pairs = [(int(r["count"]), p) for r, p in zip(rows, predicted) if p is not None]
+    if not pairs:
+        raise BincountError(f"none of the {len(rows)} images in {manifest} could be read")
+    result = compute_metrics([t for t, _ in pairs], [p for _, p in pairs], meta["classes"])
+    reports = {"metrics": ws.reports / "metrics.json", "confusion_matrix": ws.reports / "confusion-matrix.png"}
+    plot_confusion(result["confusion"], result["classes"], reports["confusion_matrix"])
+    history = load_history(model_dir, meta)
+    if history:
+        reports["training_curve"] = ws.reports / "training-curve.png"
+        plot_history(history, reports["training_curve"])
+    out = EvalResult(model=str(model_dir), manifest=str(manifest), skipped=len(rows) - len(pairs),
+                     reports={k: str(v) for k, v in reports.items()}, **result)
+    atomic_write_text(reports["metrics"], out.model_dump_json(indent=2) + "\n")
+    return out
