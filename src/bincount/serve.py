@@ -34,23 +34,6 @@ _LOAD_LOCK = threading.Lock()
 
 
 # -- the model: resolve, extract, load the artifact's own handlers -------------------------
-def _safe_extract(tar_path: Path, dest: Path) -> None:
-    try:
-        from bincount.artifacts import extract_model
-    except ImportError:
-        extract_model = None
-    if extract_model is not None:
-        extract_model(tar_path, dest)
-        return
-    import tarfile
-
-    try:
-        with tarfile.open(tar_path, "r:*") as tar:
-            tar.extractall(dest, filter="data")  # rejects absolute paths, '..', links leaving dest, devices
-    except (tarfile.TarError, OSError) as exc:
-        raise BincountError(f"cannot unpack {tar_path}: {exc}") from None
-
-
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -109,19 +92,9 @@ def resolve_model(settings: Settings, model: Path | str | None = None) -> Path:
         raise BincountError(f"model {path} not found")
     dest = cache / _file_digest(path)[:16]
     if not (dest / "meta.json").is_file():
-        import shutil
-        import tempfile
+        from bincount.artifacts import extract_model  # safe: no absolute paths, '..', links or devices
 
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
-        try:
-            _safe_extract(path, tmp)
-            if not (tmp / "meta.json").is_file() or not (tmp / "model.pth").is_file():
-                raise BincountError(f"{path} is not a model artifact (needs meta.json and model.pth)")
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        extract_model(path, dest)
     return dest.resolve()
 
 
@@ -160,11 +133,11 @@ def load_handlers(model_dir: Path | str) -> ModuleType:
 class Handlers:
     """The four handlers over one loaded model: `invoke(body, content_type, accept) -> JSON text`.
 
-    predict_fn runs under a lock: concurrent forward passes only fight over the same CPU cores
-    (measured in benchmarks/serve.py), while decoding and JSON work still overlap.
+    Requests run concurrently: an eval-mode model's forward pass changes no state, so it is thread-safe,
+    and benchmarks/serve.py measures it faster than serialising predict_fn (lock=True) on CPU.
     """
 
-    def __init__(self, model_dir: Path | str, lock: bool = True):
+    def __init__(self, model_dir: Path | str, lock: bool = False):
         self.model_dir = Path(model_dir)
         self.module = load_handlers(self.model_dir)
         self.bundle = self.module.model_fn(str(self.model_dir))
@@ -292,7 +265,7 @@ class EndpointServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def load(self, model_dir: Path | str, lock: bool = True) -> EndpointServer:
+    def load(self, model_dir: Path | str, lock: bool = False) -> EndpointServer:
         self.handlers = Handlers(model_dir, lock=lock)
         return self
 
@@ -318,7 +291,7 @@ class EndpointServer(ThreadingHTTPServer):
 
 
 def start(model_dir: Path | str, host: str = "127.0.0.1", port: int = 0, quiet: bool = True,
-          lock: bool = True) -> EndpointServer:
+          lock: bool = False) -> EndpointServer:
     """Load the model and serve it from a background thread (tests, benchmarks); stop with `.shutdown()`."""
     server = EndpointServer(host, port, quiet=quiet).load(model_dir, lock=lock)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()

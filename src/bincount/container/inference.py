@@ -80,7 +80,7 @@ def _decode(data: bytes, what: str = "body"):
         except UnidentifiedImageError:
             raise RequestError(f"{what} is not an image (expected JPEG, PNG, WEBP, BMP or GIF)") from None
         except Exception as exc:  # noqa: BLE001 - a malformed header can raise many things
-            raise RequestError(f"{what}: unreadable image ({type(exc).__name__}: {exc})") from None
+            raise RequestError(f"{what}: truncated or corrupt image ({type(exc).__name__}: {exc})") from None
         width, height = image.size
         if width < 1 or height < 1 or width * height > MAX_PIXELS:
             raise RequestError(f"{what}: image is {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit", 413)

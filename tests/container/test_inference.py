@@ -1,0 +1,123 @@
+"""The SageMaker inference handlers on a tiny real model: formats, batches, and every kind of bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from bincount.container import inference, net
+
+
+def make_model_dir(dest: Path, arch: str = "mobilenet_v3_small", image_size: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised model dir in the artifact layout: model.pth, meta.json, code/."""
+    import torch
+
+    torch.manual_seed(seed)
+    (dest / "code").mkdir(parents=True, exist_ok=True)
+    torch.save(net.build_model(arch, 6).state_dict(), dest / "model.pth")
+    meta = {"arch": arch, "num_classes": 6, "classes": list(range(6)), "image_size": image_size,
+            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {},
+            "hyperparameters": {}, "manifest_digest": ""}
+    (dest / "meta.json").write_text(json.dumps(meta))
+    for name in ("inference.py", "net.py", "epochlog.py"):
+        shutil.copy(Path(net.__file__).with_name(name), dest / "code" / name)
+    return dest
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (48, 40), colour=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels (a decompression bomb's header) with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return inference.model_fn(str(make_model_dir(tmp_path_factory.mktemp("model"))))
+
+
+def serve(body, content_type, bundle, accept="application/json"):
+    return json.loads(inference.output_fn(inference.predict_fn(inference.input_fn(body, content_type), bundle), accept))
+
+
+@pytest.mark.parametrize("fmt,ctype", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("JPEG", "application/x-image"),
+                                       ("PNG", "image/jpeg; charset=binary")])
+def test_single_image_gives_one_object(bundle, fmt, ctype):
+    out = serve(image_bytes(fmt), ctype, bundle)
+    assert set(out) == {"count", "confidence", "probabilities"}
+    assert out["count"] in range(6)
+    assert list(out["probabilities"]) == [str(c) for c in range(6)]
+    assert abs(sum(out["probabilities"].values()) - 1) < 1e-4
+    assert out["confidence"] == max(out["probabilities"].values())
+
+
+def test_json_batches_are_always_lists_and_match_single_calls(bundle):
+    a, b = image_bytes("JPEG"), image_bytes("PNG", colour=(10, 200, 90))
+    b64 = [base64.b64encode(x).decode() for x in (a, b)]
+    out = serve(json.dumps({"instances": b64}), "application/json", bundle)
+    assert isinstance(out, list) and len(out) == 2
+    assert out[0]["count"] == serve(a, "image/jpeg", bundle)["count"]
+    assert out[0]["confidence"] == pytest.approx(serve(a, "image/jpeg", bundle)["confidence"], abs=1e-5)
+    one = serve(json.dumps(b64[:1]).encode(), "application/json", bundle)  # a bare list of one
+    assert isinstance(one, list) and len(one) == 1
+
+
+@pytest.mark.parametrize("body,ctype,status,words", [
+    (b"", "image/jpeg", 400, "empty body"),
+    (b"hello, not a picture", "image/jpeg", 400, "not an image"),
+    (image_bytes("JPEG", (200, 200))[:300], "image/jpeg", 400, "truncated"),  # cut in the header
+    (image_bytes("PNG", (300, 300))[:-40], "image/png", 400, "truncated"),  # cut in the pixel data
+    (image_bytes("PNG"), "text/plain", 415, "unsupported content type"),
+    (b"\xff" * (6 * 1024 * 1024 + 1), "image/jpeg", 413, "byte limit"),
+    (png_header_only(8000, 8000), "image/png", 413, "pixel limit"),
+    (png_header_only(20000, 20000), "image/png", 413, "too large"),
+    (b"{not json", "application/json", 400, "not valid JSON"),
+    (b'{"instances": []}', "application/json", 400, "empty"),
+    (b'{"instances": ["@@@"]}', "application/json", 400, "base64"),
+    (b'{"image": "abc"}', "application/json", 400, "instances"),
+    (json.dumps(["aGk="] * 65).encode(), "application/json", 413, "over the limit"),
+])
+def test_bad_input_raises_request_error_with_status(body, ctype, status, words):
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(body, ctype)
+    assert err.value.status == status
+    assert words in str(err.value)
+
+
+def test_batch_pixel_total_is_limited(monkeypatch):
+    monkeypatch.setattr(inference, "MAX_PIXELS", 3000)
+    b64 = base64.b64encode(image_bytes("PNG", (40, 40))).decode()
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(json.dumps([b64, b64]), "application/json")
+    assert err.value.status == 413
+
+
+def test_output_refuses_other_accept_types(bundle):
+    prediction = inference.predict_fn(inference.input_fn(image_bytes(), "image/jpeg"), bundle)
+    assert json.loads(inference.output_fn(prediction, "*/*"))["count"] in range(6)
+    with pytest.raises(inference.RequestError) as err:
+        inference.output_fn(prediction, "text/csv")
+    assert err.value.status == 406
+
+
+def test_big_batches_are_split_into_forward_chunks(bundle, monkeypatch):
+    monkeypatch.setattr(inference, "FORWARD_BATCH", 2)
+    b64 = [base64.b64encode(image_bytes(colour=(i * 40, 0, 0))).decode() for i in range(5)]
+    assert len(serve(json.dumps(b64), "application/json", bundle)) == 5
