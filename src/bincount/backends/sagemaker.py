@@ -72,6 +72,7 @@ def _train_hyperparameters(settings: Settings, epochs: int | None = None) -> dic
 
 def train(settings: Settings) -> TrainJobResult:
     """Start a training job over container/train.py; with train.wait, stream its logs and record the artifact."""
+    sme.load_sdk()
     from sagemaker.utils import name_from_base
 
     ws = Workspace(settings.workdir)
@@ -123,6 +124,7 @@ def _record_training(ws: Workspace, description: dict[str, Any]) -> None:
 
 def tune(settings: Settings) -> TuneResult:
     """A HyperparameterTuner over the training estimator; records the best trial in state.json."""
+    sme.load_sdk()
     from sagemaker.tuner import (
         CategoricalParameter,
         ContinuousParameter,
@@ -160,11 +162,10 @@ def tune(settings: Settings) -> TuneResult:
             max_jobs=t.max_jobs,
             max_parallel_jobs=t.max_parallel_jobs,
             early_stopping_type=t.early_stopping,
-            base_tuning_job_name=f"{settings.sagemaker.base_job_name}-tune"[:20],
             warm_start_config=warm,
         )
-        tuner.fit(inputs=inputs, wait=False, include_cls_metadata=False)
-        job = tuner.latest_tuning_job.name
+        job = _tuning_job_name(settings.sagemaker.base_job_name)
+        tuner.fit(inputs=inputs, job_name=job, wait=False, include_cls_metadata=False)
         log(f"tuning job [bold]{job}[/] started ({t.max_jobs} trials, {t.max_parallel_jobs} at a time)")
         result = TuneResult(backend="sagemaker", job=job, objective=t.objective, direction=OBJECTIVES[t.objective],
                             status="InProgress")
@@ -175,6 +176,14 @@ def tune(settings: Settings) -> TuneResult:
         result = tuning_result(settings, sm_session.sagemaker_client, job)
     record(settings, result)
     return result
+
+
+def _tuning_job_name(base: str) -> str:
+    """A unique tuning job name within SageMaker's 32 characters: <base>-tune-yymmdd-HHMMSS-xxx."""
+    import secrets
+
+    stamp = sme.timestamp()[2:]
+    return f"{(base + '-tune')[:14].rstrip('-')}-{stamp}-{secrets.token_hex(2)[:3]}"
 
 
 def tuning_result(settings: Settings, client: Any, job: str) -> TuneResult:
@@ -248,6 +257,7 @@ def _resolve_model_data(settings: Settings, sm_session: Any) -> str:
 
 def deploy(settings: Settings) -> EndpointResult:
     """A PyTorchModel with container/inference.py on a real-time or serverless endpoint; waits until InService."""
+    sme.load_sdk()
     from sagemaker.pytorch import PyTorchModel
     from sagemaker.serverless import ServerlessInferenceConfig
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -12,6 +13,9 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.workspace import Workspace
+
+# SDK v2 is what we use on purpose (v3 dropped the Estimator and its Debugger rules): no nagging.
+os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 
 # Tensors the built-in rules read, saved through each rule's `collections_to_save` (one definition
 # per collection, so the hook config the SDK merges from the rules has no conflicting duplicates).
@@ -59,6 +63,20 @@ def aws_errors(action: str) -> Iterator[None]:
         raise
 
 
+def load_sdk() -> Any:
+    """Import the SageMaker SDK with its stdout log handlers pointed at stderr (stdout is for results)."""
+    import logging
+
+    with contextlib.redirect_stdout(sys.stderr):
+        import sagemaker
+    for name in ("sagemaker.config", "sagemaker"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+                handler.setStream(sys.stderr)
+    logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
+    return sagemaker
+
+
 @contextlib.contextmanager
 def sdk_output() -> Iterator[None]:
     """The SDK prints logs and progress dots on stdout; send them to stderr (stdout is for results)."""
@@ -92,7 +110,8 @@ def output_path(settings: Settings) -> str:
 def session(settings: Settings) -> Any:
     """A sagemaker.Session in settings.sagemaker.region, default bucket s3.bucket, telemetry opted out if asked."""
     import boto3
-    import sagemaker
+
+    sagemaker = load_sdk()
     from sagemaker.config import load_sagemaker_config
 
     boto_session = boto3.Session(region_name=settings.sagemaker.region)
