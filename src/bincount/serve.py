@@ -164,6 +164,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
     server_version = "bincount-serve"
     timeout = 60  # idle keep-alive connections are closed after this many seconds
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stalls
     server: EndpointServer
 
     def _send(self, status: int, payload: Any, close: bool = False) -> None:
