@@ -121,3 +121,33 @@ def test_big_batches_are_split_into_forward_chunks(bundle, monkeypatch):
     monkeypatch.setattr(inference, "FORWARD_BATCH", 2)
     b64 = [base64.b64encode(image_bytes(colour=(i * 40, 0, 0))).decode() for i in range(5)]
     assert len(serve(json.dumps(b64), "application/json", bundle)) == 5
+
+
+def test_in_sagemaker_containers_request_errors_are_toolkit_errors_with_their_status(tmp_path, monkeypatch):
+    """SageMaker's serving toolkit answers a BaseInferenceToolkitError with its status_code (else a 500)."""
+    import sys
+    import textwrap
+
+    from bincount.serve import load_handlers
+
+    site = tmp_path / "site" / "sagemaker_inference"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("")
+    (site / "errors.py").write_text(textwrap.dedent("""
+        class BaseInferenceToolkitError(Exception):
+            def __init__(self, status_code, message, phrase):
+                self.status_code, self.message, self.phrase = status_code, message, phrase
+                super().__init__(status_code, message, phrase)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in ("sagemaker_inference", "sagemaker_inference.errors"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    module = load_handlers(make_model_dir(tmp_path / "model"))
+    from sagemaker_inference.errors import BaseInferenceToolkitError
+
+    with pytest.raises(BaseInferenceToolkitError) as err:
+        module.input_fn(image_bytes(), "text/plain")
+    assert (err.value.status_code, err.value.status) == (415, 415)
+    assert str(err.value).startswith("unsupported content type")
+    for name in ("sagemaker_inference", "sagemaker_inference.errors"):
+        sys.modules.pop(name, None)

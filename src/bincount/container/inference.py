@@ -10,8 +10,9 @@ Response (application/json):
   a list of those for a JSON batch (always a list, even of one).
 
 Bad input raises `RequestError` carrying an HTTP status (400 bad image, 413 too large, 415 wrong type,
-406 unacceptable Accept). `bincount serve` answers it as a 4xx JSON error; the SageMaker PyTorch
-serving stack turns any handler exception into an error response (a 500 with the message there).
+406 unacceptable Accept). `bincount serve` answers it as a 4xx JSON error. In SageMaker's PyTorch
+serving containers RequestError extends sagemaker_inference's BaseInferenceToolkitError, so the
+endpoint answers the same 4xx there; any other handler exception becomes a 500 with its message.
 Limits: 6 MB per request body (SageMaker's real-time limit), 40 megapixels per request (checked from
 the image header before decoding, so decompression bombs are refused cheaply), 64 images per batch.
 """
@@ -40,12 +41,25 @@ JSON_TYPES = ("application/json",)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # decoders we let PIL use on untrusted bytes
 
 
-class RequestError(ValueError):
+try:  # present in SageMaker's serving containers: its errors carry their HTTP status to the client
+    from sagemaker_inference.errors import BaseInferenceToolkitError as _ErrorBase
+except ImportError:
+    _ErrorBase = Exception
+
+
+class RequestError(_ErrorBase):
     """The request cannot be served as sent; `status` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        if _ErrorBase is Exception:
+            super().__init__(message)
+        else:  # BaseInferenceToolkitError(status_code, message, phrase)
+            super().__init__(status, message, message)
+        self.status = self.status_code = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Batch(list):
