@@ -79,8 +79,9 @@ def _ping(url: str) -> str:
     import urllib.error
     import urllib.request
 
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local endpoint: never via a proxy
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=2) as response:
+        with opener.open(url.rstrip("/") + "/ping", timeout=2) as response:
             return "up" if response.status == 200 else f"unhealthy (HTTP {response.status})"
     except urllib.error.HTTPError as exc:
         return f"unhealthy (HTTP {exc.code})"

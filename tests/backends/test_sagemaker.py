@@ -144,14 +144,40 @@ def record_channels(settings):
     Workspace(settings.workdir).update_state(channels=channels)
 
 
-def test_training_request_has_rules_profiler_metrics_and_hyperparameters(sm, tmp_path):
-    from bincount.backends import sagemaker as backend
+def finished_job_has_rule_findings(monkeypatch):
+    """moto's jobs have no rule statuses and write no profiler report: give the finished job both."""
+    import boto3
+    from moto.sagemaker import models as sm_models
+
+    real_init = sm_models.FakeTrainingJob.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.debug_rule_evaluation_statuses = [
+            {"RuleConfigurationName": "Overfit", "RuleEvaluationStatus": "NoIssuesFound"},
+            {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "IssuesFound",
+             "StatusDetails": "loss flat for 10 steps"}]
+        self.profiler_rule_evaluation_statuses = [
+            {"RuleConfigurationName": "ProfilerReport", "RuleEvaluationStatus": "NoIssuesFound"}]
+        key = f"bincount/output/{self.training_job_name}/rule-output/ProfilerReport/profiler-output/profiler-report.html"
+        boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key=key, Body=b"<html>report</html>")
+
+    monkeypatch.setattr(sm_models.FakeTrainingJob, "__init__", init)
+
+
+def test_training_request_has_rules_profiler_metrics_and_hyperparameters(sm, tmp_path, cli, monkeypatch):
+    from types import SimpleNamespace
+
     from bincount.container.epochlog import METRIC_DEFINITIONS
     from bincount.workspace import Workspace
 
-    settings = make_settings(tmp_path, **{"sagemaker.tags": {"team": "vision"}})
-    record_channels(settings)
-    result = backend.train(settings)
+    record_channels(make_settings(tmp_path))
+    finished_job_has_rule_findings(monkeypatch)
+    out = cli("train", "--backend", "sagemaker", "--workdir", tmp_path, "--epochs", "1", "--image-size", "32",
+              "--set", f"s3.bucket={BUCKET}", "--set", f"sagemaker.role={ROLE}", "--set", "sagemaker.tags={team: vision}",
+              "--json")
+    assert out.exit_code == 0, out.stderr
+    result = SimpleNamespace(**json.loads(out.stdout))  # stdout holds the result alone: SDK output went to stderr
 
     req = sm.last("CreateTrainingJob")
     assert result.job == req["TrainingJobName"] and result.status == "Completed"
@@ -175,6 +201,11 @@ def test_training_request_has_rules_profiler_metrics_and_hyperparameters(sm, tmp
     assert req["ResourceConfig"] == {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30}
     assert {"Key": "team", "Value": "vision"} in req["Tags"]
     assert "EnableManagedSpotTraining" not in req and "sagemaker_torch_distributed_enabled" not in hp
+
+    assert {"rule": "LossNotDecreasing", "status": "IssuesFound", "details": "loss flat for 10 steps"} in result.rules
+    assert len(result.rules) == 3 and "LossNotDecreasing: IssuesFound" in out.stderr.replace("rule ", "").replace("[", "")
+    report = Path(result.profiler_report) / "ProfilerReport" / "profiler-output" / "profiler-report.html"
+    assert report.read_bytes() == b"<html>report</html>" and str(tmp_path / "reports") in str(report)
 
     state = Workspace(tmp_path).state()["training"]
     assert state["backend"] == "sagemaker" and state["job"] == result.job

@@ -78,6 +78,8 @@ def train(settings: Settings) -> TrainJobResult:
     ws = Workspace(settings.workdir)
     with sme.aws_errors("sagemaker train"), sme.sdk_output():
         sm_session = sme.session(settings)
+        if settings.train.use_best:
+            _refresh_tuning(settings, sm_session.sagemaker_client)
         hp = _train_hyperparameters(settings)
         inputs = sme.channels(settings)
         est = sme.estimator(settings, sm_session, hp)
@@ -100,6 +102,15 @@ def train(settings: Settings) -> TrainJobResult:
             log(f"profiler report: {report}")
     return TrainJobResult(job=job, status=description["TrainingJobStatus"], model_data=_model_data(description),
                           metrics=_final_metrics(description), rules=rules, profiler_report=report, hyperparameters=hp)
+
+
+def _refresh_tuning(settings: Settings, client: Any) -> None:
+    """A SageMaker tuning job started with --no-wait: fetch and record its best trial once there is one."""
+    tuning = Workspace(settings.workdir).state().get("tuning") or {}
+    if tuning.get("backend") == "sagemaker" and tuning.get("job") and not tuning.get("best_hyperparameters"):
+        result = tuning_result(settings, client, tuning["job"])
+        if result.best_hyperparameters:
+            record(settings, result)
 
 
 def _model_data(description: dict[str, Any]) -> str | None:

@@ -1,0 +1,101 @@
+"""The local tuner: Optuna trials of the real train.py, objective read with the SageMaker metric regexes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bincount.config import load_settings
+from bincount.errors import BincountError
+
+
+def test_read_objective_takes_the_last_value_sagemaker_would(tmp_path):
+    from bincount.backends.local_tune import read_objective
+
+    log = tmp_path / "train.log"
+    log.write_text("[train] 30 train / 10 val images\n"
+                   "epoch=1 train_loss=1.7000 val_loss=1.6000 val_acc=0.2000 val_rmse=2.0000 lr=0.001000\n"
+                   "[train] warning: something val_acc-ish\n"
+                   "epoch=2 train_loss=1.5000 val_loss=1.5500 val_acc=0.3500 val_rmse=1.5000 lr=0.000500\n")
+    assert read_objective(log, "val_acc") == 0.35
+    assert read_objective(log, "val_rmse") == 1.5
+    log.write_text("epoch=1 train_loss=nan val_loss=nan val_acc=nan val_rmse=nan lr=0.001000\n")
+    assert read_objective(log, "val_acc") is None
+
+
+def test_coerce_best_hyperparameters_from_sagemaker():
+    from bincount.backends.tuning import coerce_hyperparameters
+
+    raw = {"lr": "0.0123", "batch_size": '"64"', "weight_decay": "1e-05", "amp": '"false"', "arch": '"resnet34"',
+           "_tuning_objective_metric": '"val_acc"', "sagemaker_program": '"train.py"', "unknown": "1"}
+    assert coerce_hyperparameters(raw) == {"lr": 0.0123, "batch_size": 64, "weight_decay": 1e-05, "amp": False,
+                                           "arch": "resnet34"}
+    with pytest.raises(BincountError, match="batch_size"):
+        coerce_hyperparameters({"batch_size": "lots"})
+
+
+def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch):
+    """The pruning path, with run_script replaced by one that emits epoch lines (no training needed here)."""
+    from bincount.backends import local_train, local_tune
+    from bincount.container.epochlog import format_epoch_line
+
+    calls = []
+
+    def fake_run_script(settings, hp, run_dir, channels, on_epoch=None, extra_env=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        good = len(calls) < 2
+        calls.append(hp)
+        with open(run_dir / "train.log", "w") as log:
+            for epoch in range(1, 4):
+                metrics = {"train_loss": 1.0, "val_loss": 1.0, "val_acc": 0.5 + 0.1 * epoch if good else 0.01,
+                           "val_rmse": 1.0, "lr": hp["lr"]}
+                log.write(format_epoch_line(epoch, **metrics) + "\n")
+                log.flush()
+                on_epoch({"epoch": epoch, **metrics})
+        return {}
+
+    monkeypatch.setattr(local_train, "run_script", fake_run_script)
+    monkeypatch.setattr(local_train, "make_channels", lambda settings: {})
+    settings = load_settings(overrides={"workdir": tmp_path, "tune.max_jobs": 4, "tune.epochs": 3}, environ={})
+    result = local_tune.tune(settings)
+    statuses = [t["status"] for t in result.trials]
+    assert statuses.count("Complete") == 2 and statuses.count("Pruned") == 2
+    assert result.best_value == pytest.approx(0.8)
+    assert all(hp["epochs"] == 3 for hp in calls)
+
+
+@pytest.mark.slow
+def test_three_trial_search_records_the_best(tmp_path, synth_source, cli):
+    from bincount.backends.local_tune import read_objective, tune
+    from bincount.data.fetch import fetch
+    from bincount.data.split import split
+    from bincount.workspace import Workspace
+
+    settings = load_settings(overrides={
+        "workdir": tmp_path, "data.source": str(synth_source), "data.limit": 40, "train.image_size": 32,
+        "train.arch": "mobilenet_v3_small", "train.num_workers": 0, "train.epochs": 5, "tune.epochs": 1,
+        "tune.max_jobs": 3, "tune.batch_size": [8, 16, 512]}, environ={})
+    fetch(settings)
+    split(settings)
+    result = tune(settings)
+
+    assert result.backend == "local" and len(result.trials) == 3
+    assert all(t["status"] == "Complete" for t in result.trials)
+    best = result.trials[0]
+    assert best["value"] == result.best_value == max(t["value"] for t in result.trials)
+    assert set(result.best_hyperparameters) == {"lr", "weight_decay", "batch_size"}
+    assert result.best_hyperparameters["batch_size"] in (8, 16, 512)
+    # the objective is what the metric regex finds in that trial's log
+    log = Path(tmp_path / "tuning" / result.job / best["trial"] / "train.log")
+    assert read_objective(log, "val_acc") == result.best_value
+    assert "epoch=1 " in log.read_text() and "epoch=2 " not in log.read_text()
+
+    state = Workspace(tmp_path).state()["tuning"]
+    assert state["backend"] == "local" and state["job"] == result.job and state["objective"] == "val_acc"
+    assert state["best_hyperparameters"] == result.best_hyperparameters and state["best_value"] == result.best_value
+
+    status = cli("status", "--workdir", tmp_path, "--json")
+    assert status.exit_code == 0, status.stderr
+    assert json.loads(status.stdout)["tuning"]["best_hyperparameters"] == result.best_hyperparameters
