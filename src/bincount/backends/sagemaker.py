@@ -33,6 +33,29 @@ class TrainJobResult(Result):
     def title(self) -> str:
         return "train (sagemaker)"
 
+    def rich(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        table = Table(title=f"training job {self.job}: {self.status}", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for name, value in self.metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        table.add_row("model", self.model_data or "(not yet: see bincount status)")
+        if self.profiler_report:
+            table.add_row("profiler report", self.profiler_report)
+        parts: list[Any] = [table]
+        if self.rules:
+            rules = Table(title="Debugger and profiler rules", title_justify="left")
+            for column in ("rule", "status", "details"):
+                rules.add_column(column)
+            for rule in self.rules:
+                style = "red" if rule["status"] in ("IssuesFound", "Error") else None
+                rules.add_row(rule["rule"], rule["status"], rule.get("details", ""), style=style)
+            parts.append(rules)
+        return Group(*parts)
+
 
 class EndpointResult(Result):
     backend: str = "sagemaker"
