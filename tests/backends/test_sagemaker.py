@@ -247,6 +247,10 @@ def test_clear_errors_without_role_channels_or_yes(tmp_path, cli):
     with pytest.raises(BincountError, match="run bincount upload first"):
         backend.train(make_settings(tmp_path))
     Workspace(tmp_path).update_state(channels={"train": f"s3://{BUCKET}/bincount/train/"})
+    with pytest.raises(BincountError, match="no S3 val channel"):
+        backend.train(make_settings(tmp_path))
+    Workspace(tmp_path).update_state(channels={"train": f"s3://{BUCKET}/bincount/train/",
+                                               "val": f"s3://{BUCKET}/bincount/val/"})
     with pytest.raises(BincountError, match="set sagemaker.role"):
         backend.train(load_settings(overrides={"workdir": tmp_path, "s3.bucket": BUCKET}, environ={}))
     with pytest.raises(BincountError, match="role ARN"):

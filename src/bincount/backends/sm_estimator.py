@@ -131,8 +131,9 @@ def channels(settings: Settings) -> dict[str, Any]:
 
     recorded = Workspace(settings.workdir).state().get("channels") or {}
     uris = {name: uri for name, uri in recorded.items() if isinstance(uri, str) and uri.startswith("s3://")}
-    if "train" not in uris:
-        raise BincountError("no S3 training channels in state.json: run bincount upload first")
+    missing = [name for name in ("train", "val") if name not in uris]
+    if missing:
+        raise BincountError(f"no S3 {' and '.join(missing)} channel in state.json: run bincount upload first")
     return {name: TrainingInput(uri, distribution="FullyReplicated") for name, uri in sorted(uris.items())}
 
 
