@@ -8,8 +8,8 @@ read with smdebug.trials.create_trial, and the run's epoch metrics.
 - VanishingGradient (threshold 1e-7): some layer's mean |gradient| falls below the threshold at a saved
   training step.
 - PoorWeightInitialization (threshold 10): at the first saved step a conv/linear layer's weight std
-  scaled by sqrt(fan_in) (about 1 for He/Glorot-style initialisation) lies outside [1/10, 10], or a
-  layer's weights are all equal (symmetric, nothing to break the tie). SageMaker's rule compares
+  scaled by sqrt(fan_in) and by sqrt(fan_out) (about 1 for He/Glorot-style initialisation in either
+  mode) both lie outside [1/10, 10], or a layer's weights are all equal (symmetric: nothing breaks the tie). SageMaker's rule compares
   activation variances across layers; weights and fan-in are what a local run saves cheaply.
 - LossNotDecreasing (num_steps 10, diff_percent 0.1): the mean training loss over the last num_steps
   saved steps is not diff_percent % below the mean over the first num_steps.
@@ -63,15 +63,15 @@ def vanishing_gradient(grad_abs_means: dict[str, list[tuple[int, float]]], thres
                    "smdebug")
 
 
-def poor_weight_initialization(layers: dict[str, tuple[float, float, int]], threshold: float = INIT_THRESHOLD):
-    """layers: name -> (std, abs mean, fan_in) of multi-dimensional weights at the first saved step."""
+def poor_weight_initialization(layers: dict[str, tuple[float, int, int]], threshold: float = INIT_THRESHOLD):
+    """layers: name -> (std, fan_in, fan_out) of multi-dimensional weights at the first saved step."""
     if not layers:
         return finding("PoorWeightInitialization", None, "no weights saved", "smdebug")
     bad = []
-    for name, (std, _, fan_in) in layers.items():
-        scaled = std * math.sqrt(fan_in)
-        if std == 0 or not 1 / threshold <= scaled <= threshold:
-            bad.append(f"{name} (std*sqrt(fan_in)={scaled:.3g})")
+    for name, (std, fan_in, fan_out) in layers.items():
+        scaled = [std * math.sqrt(fan) for fan in (fan_in, fan_out)]
+        if std == 0 or not any(1 / threshold <= s <= threshold for s in scaled):
+            bad.append(f"{name} (std*sqrt(fan_in)={scaled[0]:.3g})")
     if bad:
         return finding("PoorWeightInitialization", True, f"{len(bad)} layers: {', '.join(bad[:3])}", "smdebug")
     return finding("PoorWeightInitialization", False,
@@ -157,16 +157,16 @@ def read_trial(debug_dir: Path, meta: dict) -> dict[str, Any]:
         if len(shapes.get(key, ())) > 1:
             tensor = trial.tensor(name)
             grads[key] = [(s, reduction(tensor, s, "mean", True)) for s in tensor.steps(mode=ModeKeys.TRAIN)]
-    layers: dict[str, tuple[float, float, int]] = {}
+    layers: dict[str, tuple[float, int, int]] = {}
     for name in trial.tensor_names(collection="weights"):
         key = param(name)
         shape = shapes.get(key, ())
         tensor = trial.tensor(name)
         steps = tensor.steps(mode=ModeKeys.TRAIN)
         if len(shape) > 1 and steps:
-            fan_in = math.prod(shape[1:])
+            receptive = math.prod(shape[2:])
             layers[key] = (math.sqrt(max(reduction(tensor, steps[0], "variance"), 0.0)),
-                           reduction(tensor, steps[0], "mean", True), fan_in)
+                           shape[1] * receptive, shape[0] * receptive)
     losses: list[float] = []
     for name in trial.tensor_names(collection="losses"):
         tensor = trial.tensor(name)

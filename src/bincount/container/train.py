@@ -476,8 +476,9 @@ def run(args: argparse.Namespace) -> dict:
     batches = lambda items: Batches(items, args.image_size, args.batch_size, args.cache_mb, args.num_workers,  # noqa: E731
                                     pin_memory=cuda)
     train_data, val_data = batches(train_items), batches(val_items)
-    log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
-        f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device}, world {dist.world}")
+    if dist.main:
+        log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
+            f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device}, world {dist.world}")
 
     model = net.build_model(args.arch, args.num_classes, args.pretrained).to(device)
     if channels_last:
@@ -569,8 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         message = f"error: {exc}"
         print(message, file=sys.stderr, flush=True)
         failure_dir = os.environ.get("SM_OUTPUT_DIR")
-        if failure_dir and Path(failure_dir).is_dir():
-            (Path(failure_dir) / "failure").write_text(message + "\n")
+        if failure_dir:  # SageMaker shows this file as the job's FailureReason
+            try:
+                Path(failure_dir).mkdir(parents=True, exist_ok=True)
+                (Path(failure_dir) / "failure").write_text(message + "\n")
+            except OSError:
+                pass
         return 2
 
 

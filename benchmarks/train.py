@@ -1,0 +1,160 @@
+"""Benchmark: local training. (1) Does the recipe learn the counting task? (2) Is the input pipeline free?
+
+(1) Learning: synthesise --images bins (counts 0..5, 128 px) in the ABID layout, then the real chain:
+`fetch` (from the local folder) -> `split` (60/20/20, stratified) -> `train` (local backend: train.py in a
+subprocess, as SageMaker runs it) -> `evaluate` on the test split. Reports test accuracy (goal >= 0.90)
+and the wall time of training (goal: within 10 minutes on 2 CPU cores).
+
+(2) Input pipeline: the same training step (forward, backward, AdamW step) on the same batches, fed
+(a) by train.py's real loader (decoded-once uint8 cache -> float, count-preserving augmentation,
+normalisation) and (b) from a list of ready float batches held in memory. Ratio = images/s (a) / (b),
+goal >= 0.85. Also reported: the streamed loader (DataLoader workers decoding JPEGs per item, the path
+for data sets larger than --cache_mb). Rounds alternate and the best of each is kept (the machine may
+be shared).
+
+    .venv/bin/python benchmarks/train.py [--images 1500] [--arch resnet18] [--image-size 64] [--epochs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL_ACC, GOAL_PIPELINE, LIMIT_S = 0.90, 0.85, 600
+
+
+def learning(root: Path, args) -> dict:
+    from bincount.backends.local_train import train
+    from bincount.config import load_settings
+    from bincount.data.fetch import fetch
+    from bincount.data.split import split
+    from bincount.data.synth import synthesize
+    from bincount.evaluate import evaluate
+
+    synthesize(root / "synth", n=args.images, image_size=args.synth_size, max_count=5, seed=args.seed)
+    settings = load_settings(environ={}, overrides={
+        "workdir": str(root / "work"), "data.source": str(root / "synth"),
+        "train.arch": args.arch, "train.image_size": args.image_size, "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size, "train.lr": args.lr, "train.optimizer": args.optimizer,
+        "train.weight_decay": args.weight_decay, "train.warmup_epochs": 2, "train.patience": 0,
+        "train.seed": args.seed})
+    fetch(settings)
+    split(settings)
+    started = time.perf_counter()
+    result = train(settings)
+    seconds = time.perf_counter() - started
+    scored = evaluate(settings)
+    print(f"learning: {args.arch} {args.image_size}px, {result.epochs} epochs in {seconds:.0f} s; "
+          f"test accuracy {scored.accuracy:.3f}, RMSE {scored.rmse:.3f}, within one {scored.within_one:.3f} "
+          f"({scored.n} test images)", flush=True)
+    return {"accuracy": scored.accuracy, "rmse": scored.rmse, "seconds": seconds, "epochs": result.epochs,
+            "channels": root / "work" / "channels"}
+
+
+def pipeline(channel: Path, args, steps: int = 12, rounds: int = 3) -> dict:
+    import torch
+
+    from bincount.container import net
+    from bincount.container import train as script
+
+    items = script.read_channel(str(channel), "train", 6)
+    torch.manual_seed(0)
+    model = net.build_model(args.arch, 6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
+    device = torch.device("cpu")
+    n = steps * args.batch_size
+    order = list(range(min(n, len(items))))
+
+    def step(x, y):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def via_loader(data) -> float:
+        generator = torch.Generator().manual_seed(0)
+        model.train()
+        start, seen = time.perf_counter(), 0
+        for images, labels in data.iterate(order, drop_last_single=True):
+            step(script.to_input(images, device, False, generator), labels)
+            seen += len(labels)
+        return seen / (time.perf_counter() - start)
+
+    cached = script.Batches(items, args.image_size, args.batch_size, cache_mb=4096, num_workers=None)
+    streamed = script.Batches(items, args.image_size, args.batch_size, cache_mb=0, num_workers=None)
+    generator = torch.Generator().manual_seed(0)
+    ready = [(script.to_input(x, device, False, generator), y) for x, y in cached.iterate(order, True)]
+
+    def in_memory() -> float:
+        model.train()
+        start, seen = time.perf_counter(), 0
+        for x, y in ready:
+            step(x, y)
+            seen += len(y)
+        return seen / (time.perf_counter() - start)
+
+    via_loader(cached)  # warm-up (allocator, kernels)
+    best = {"memory": 0.0, "cached": 0.0, "streamed": 0.0}
+    for _ in range(rounds):
+        best["memory"] = max(best["memory"], in_memory())
+        best["cached"] = max(best["cached"], via_loader(cached))
+        best["streamed"] = max(best["streamed"], via_loader(streamed))
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1500)
+    p.add_argument("--synth-size", type=int, default=128)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-learning", action="store_true", help="only the input-pipeline part (synthesises less)")
+    args = p.parse_args(argv if argv is not None else sys.argv[1:] if __name__ == "__main__" else [])
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bincount-bench-train-") as tmp:
+        root = Path(tmp)
+        if args.skip_learning:
+            args.images = min(args.images, 400)
+            from bincount.data.synth import synthesize
+
+            synthesize(root / "synth", n=args.images, image_size=args.synth_size, seed=args.seed)
+            channel = root / "channel"
+            channel.mkdir()
+            lines = [json.dumps({"count": json.loads(p.read_text())["EXPECTED_QUANTITY"],
+                                 "image": str(root / "synth" / "bin-images" / f"{p.stem}.jpg")})
+                     for p in sorted((root / "synth" / "metadata").glob("*.json"))]
+            (channel / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        else:
+            learned = learning(root, args)
+            channel = learned["channels"] / "train"
+            in_time = learned["seconds"] <= LIMIT_S
+            rows.append({"name": "train: test accuracy", "ratio": learned["accuracy"] if in_time else 0.0,
+                         "goal": GOAL_ACC, "note": f"{learned['epochs']} epochs in {learned['seconds']:.0f} s "
+                         f"(limit {LIMIT_S} s), RMSE {learned['rmse']:.3f}"})
+        speeds = pipeline(channel, args)
+    cached = speeds["cached"] / speeds["memory"]
+    streamed = speeds["streamed"] / speeds["memory"]
+    rows.append({"name": "train: input pipeline (cached loader / in memory)", "ratio": cached,
+                 "goal": GOAL_PIPELINE, "note": f"{speeds['cached']:.0f} vs {speeds['memory']:.0f} images/s"})
+    rows.append({"name": "train: input pipeline (streamed loader / in memory)", "ratio": streamed,
+                 "goal": GOAL_PIPELINE, "note": f"{speeds['streamed']:.0f} vs {speeds['memory']:.0f} images/s"})
+    for row in rows:
+        verdict = "pass" if row["ratio"] >= row["goal"] else "miss"
+        print(f"{row['name']}: {row['ratio']:.3f} (goal >= {row['goal']}) {verdict}; {row['note']}", flush=True)
+    return {"name": "train", "rows": rows, **rows[0]}
+
+
+if __name__ == "__main__":
+    main()

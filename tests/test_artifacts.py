@@ -1,0 +1,75 @@
+"""model.tar.gz packaging and safe extraction."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bincount.artifacts import extract_model, model_dir_from, package_model
+from bincount.errors import BincountError
+
+
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    (d / "code").mkdir(parents=True)
+    (d / "model.pth").write_bytes(b"weights")
+    (d / "meta.json").write_text("{}")
+    (d / "code" / "net.py").write_text("# trained copy\n")
+    return d
+
+
+def test_package_layout_and_round_trip(tmp_path):
+    tar = package_model(model_dir(tmp_path), tmp_path / "out" / "model.tar.gz")
+    with tarfile.open(tar) as t:
+        names = sorted(t.getnames())
+    assert names == ["code/epochlog.py", "code/inference.py", "code/net.py", "code/requirements.txt",
+                     "meta.json", "model.pth"]
+    dest = extract_model(tar, tmp_path / "x")
+    assert (dest / "code" / "net.py").read_text() == "# trained copy\n"  # the model dir's own copy wins
+    assert (dest / "code" / "inference.py").stat().st_size > 0  # missing ones come from container/
+    assert model_dir_from(tar, tmp_path / "cache") == model_dir_from(tar, tmp_path / "cache")
+    with pytest.raises(BincountError, match="no model.pth"):
+        package_model(tmp_path, tmp_path / "bad.tar.gz")
+
+
+def _tar(tmp_path: Path, add) -> Path:
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in (("model.pth", b"w"), ("meta.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        add(t)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink"])
+def test_unsafe_archives_are_refused_before_anything_is_written(tmp_path, kind):
+    def add(t: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo({"absolute": "/tmp/evil", "dotdot": "code/../../evil"}.get(kind, "code/link"))
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "model.pth"
+        info.size = 0 if kind in ("symlink", "hardlink") else 4
+        t.addfile(info, io.BytesIO(b"evil") if info.size else None)
+
+    with pytest.raises(BincountError, match="unsafe path|link or special file"):
+        extract_model(_tar(tmp_path, add), tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    assert not (tmp_path.parent / "evil").exists()
+
+
+def test_not_a_model_archive(tmp_path):
+    path = tmp_path / "other.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        info = tarfile.TarInfo("readme.txt")
+        t.addfile(info, io.BytesIO(b""))
+    with pytest.raises(BincountError, match="missing model.pth, meta.json"):
+        extract_model(path, tmp_path / "dest")
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(BincountError, match="cannot read"):
+        extract_model(tmp_path / "junk.tar.gz", tmp_path / "dest")

@@ -1,0 +1,77 @@
+"""Metrics on a hand-made case, and `evaluate` end to end on a small untrained model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bincount.config import load_settings
+from bincount.errors import BincountError
+from bincount.evaluate import compute_metrics, evaluate
+from bincount.workspace import Workspace, write_jsonl
+
+
+def test_metrics_by_hand():
+    truth = [0, 1, 1, 2, 3, 5, 5]
+    predicted = [0, 1, 2, 2, 1, 5, 4]
+    m = compute_metrics(truth, predicted, list(range(6)))
+    assert m["n"] == 7
+    assert m["accuracy"] == pytest.approx(4 / 7)  # float division, not 0
+    assert m["mae"] == pytest.approx(4 / 7)  # |errors| = 0,0,1,0,2,0,1
+    assert m["rmse"] == pytest.approx(math.sqrt(6 / 7))
+    assert m["within_one"] == pytest.approx(6 / 7)
+    per = {r["count"]: r for r in m["per_count"]}
+    assert per[1]["accuracy"] == 0.5 and per[1]["rmse"] == pytest.approx(math.sqrt(0.5))
+    assert per[3] == {"count": 3, "n": 1, "accuracy": 0.0, "rmse": 2.0}
+    assert 4 not in per  # only counts present in the truth get a row
+    assert m["confusion"][3][1] == 1 and m["confusion"][5][4] == 1 and sum(map(sum, m["confusion"])) == 7
+    with pytest.raises(BincountError):
+        compute_metrics([], [], [0, 1])
+
+
+def _model_dir(dest: Path) -> Path:
+    import torch
+
+    from bincount.container import net
+
+    torch.manual_seed(0)
+    dest.mkdir(parents=True)
+    torch.save(net.build_model("mobilenet_v3_small", 6).state_dict(), dest / "model.pth")
+    history = [{"epoch": 1, "train_loss": 1.7, "val_loss": 1.8, "val_acc": 0.2, "val_rmse": 1.9, "lr": 0.001},
+               {"epoch": 2, "train_loss": 1.5, "val_loss": 1.6, "val_acc": 0.3, "val_rmse": 1.5, "lr": 0.0005}]
+    meta = {"arch": "mobilenet_v3_small", "num_classes": 6, "classes": list(range(6)), "image_size": 32,
+            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {}, "hyperparameters": {},
+            "manifest_digest": "", "history": history}
+    (dest / "meta.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_evaluate_writes_metrics_and_plots(synth_source, tmp_path):
+    from bincount.artifacts import package_model
+
+    ws = Workspace(tmp_path)
+    rows = [{"id": p.stem, "count": json.loads((synth_source / "metadata" / f"{p.stem}.json").read_text())
+             ["EXPECTED_QUANTITY"], "image": str(p)} for p in sorted((synth_source / "bin-images").glob("*.jpg"))[:20]]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    write_jsonl(ws.split("test"), rows + [{"id": "x", "count": 1, "image": str(broken)}])
+    settings = load_settings(overrides={"workdir": str(tmp_path)}, environ={})
+
+    with pytest.raises(BincountError, match="run `bincount train` first"):
+        evaluate(settings)
+
+    tar = package_model(_model_dir(tmp_path / "m"), tmp_path / "model.tar.gz")
+    result = evaluate(settings, model=tar)
+    assert result.n == 20 and result.skipped == 1
+    assert 0 <= result.accuracy <= 1 and result.rmse >= 0 and result.within_one >= result.accuracy
+    saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert saved["accuracy"] == result.accuracy and saved["baseline"] == {"accuracy": 0.5567, "rmse": 0.93}
+    for name in ("confusion-matrix.png", "training-curve.png"):
+        assert (tmp_path / "reports" / name).read_bytes()[:4] == b"\x89PNG"
+
+    # The model recorded in state.json is the default.
+    ws.update_state(training={"backend": "local", "model_data": str(tar)})
+    assert evaluate(settings).accuracy == result.accuracy
