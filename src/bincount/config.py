@@ -56,7 +56,7 @@ class DataSettings(Section):
     balanced: bool = False  # equal numbers per count (labels are read first, then images fetched)
     workers: int = Field(32, ge=1, le=512)  # concurrent requests: sized for network latency, not CPU
     retries: int = Field(8, ge=1, le=50)  # attempts per request, with backoff on throttling/connection errors
-    seed: int = 0  # which items --balanced/--limit pick when there are more than needed
+    seed: int = 0  # which items --balanced picks when a count has more than needed (--limit takes the lowest ids)
 
     @field_validator("counts", "ids")
     @classmethod

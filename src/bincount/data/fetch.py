@@ -3,7 +3,9 @@
 
 - Selection never lists the bucket: ids come from --ids, --id-file (plain ids or the capstone JSON),
   or, with only --limit, a scan upward from id 1 that stops once `limit` usable items are found or
-  after MAX_GAP consecutive ids without a label (the end of the bucket).
+  after MAX_GAP consecutive ids without a label (the end of the bucket). --limit always keeps the
+  lowest usable ids (in id order), so a run is deterministic; --balanced picks per count with
+  data.seed, and replaces an item whose image is bad by a spare of the same count.
 - Concurrent (a thread pool of data.workers over one boto3 client), with botocore adaptive retries
   plus our own backoff for errors while a body streams. Bodies stream to a temp file that is renamed
   into place, so a file under its final name is always complete; stale *.part files are removed.
@@ -13,7 +15,8 @@
 - Labels: EXPECTED_QUANTITY is the target. A label whose count disagrees with its BIN_FCSKU_DATA
   quantities stays usable and is listed in reports/fetch-notes.jsonl. Unusable items (see the reasons
   in data/manifest.py) go to reports/fetch-rejects.jsonl, never into the manifest.
-- The manifest holds this run's selection (sorted by id); raw/ keeps everything ever fetched.
+- The manifest holds this run's selection (sorted by id); raw/ keeps everything fetched (also the
+  few items a --limit run fetched beyond the limit while requests were in flight), except bad images.
 """
 
 from __future__ import annotations
