@@ -38,3 +38,11 @@ def test_bad_set_option(cli):
     res = cli("config", "--set", "train.epochs")
     assert res.exit_code == 1
     assert "KEY=VALUE" in res.stderr
+
+
+def test_error_with_brackets_is_printed_verbatim(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  arch: '[bold]x'\n")
+    res = cli("config", "--config", cfg)
+    assert res.exit_code == 1
+    assert "invalid setting train.arch" in res.stderr

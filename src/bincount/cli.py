@@ -45,9 +45,11 @@ def _call(target: str, config: Path | None, options: dict[str, Any], sets: list[
 
 
 def _fail(message: str, code: int = 1) -> None:
+    from rich.markup import escape
+
     from bincount.console import err_console
 
-    err_console().print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
