@@ -3,7 +3,7 @@
 (1) Learning: synthesise --images bins (counts 0..5, 128 px) in the ABID layout, then the real chain:
 `fetch` (from the local folder) -> `split` (60/20/20, stratified) -> `train` (local backend: train.py in a
 subprocess, as SageMaker runs it) -> `evaluate` on the test split. Reports test accuracy (goal >= 0.90)
-and the wall time of training (goal: within 10 minutes on 2 CPU cores).
+and the wall time of training: limit / time, goal >= 1 (within 10 minutes on 2 CPU cores).
 
 (2) Input pipeline: the same training step (forward, backward, AdamW step) on the same batches, fed
 (a) by train.py's real loader (decoded-once uint8 cache -> float, count-preserving augmentation,
@@ -37,7 +37,7 @@ def learning(root: Path, args) -> dict:
 
     synthesize(root / "synth", n=args.images, image_size=args.synth_size, max_count=5, seed=args.seed)
     settings = load_settings(environ={}, overrides={
-        "workdir": str(root / "work"), "data.source": str(root / "synth"),
+        "workdir": str(root / "work"), "data.source": str(root / "synth"), "data.limit": args.images,
         "train.arch": args.arch, "train.image_size": args.image_size, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.lr": args.lr, "train.optimizer": args.optimizer,
         "train.weight_decay": args.weight_decay, "train.warmup_epochs": 2, "train.patience": 0,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--synth-size", type=int, default=128)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--optimizer", default="adamw")
@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             learned = learning(root, args)
             channel = learned["channels"] / "train"
-            in_time = learned["seconds"] <= LIMIT_S
-            rows.append({"name": "train: test accuracy", "ratio": learned["accuracy"] if in_time else 0.0,
-                         "goal": GOAL_ACC, "note": f"{learned['epochs']} epochs in {learned['seconds']:.0f} s "
-                         f"(limit {LIMIT_S} s), RMSE {learned['rmse']:.3f}"})
+            rows.append({"name": "train: test accuracy", "ratio": learned["accuracy"], "goal": GOAL_ACC,
+                         "note": f"{args.arch} {args.image_size}px, {learned['epochs']} epochs, "
+                                 f"RMSE {learned['rmse']:.3f}"})
+            rows.append({"name": "train: time limit / training time", "ratio": LIMIT_S / learned["seconds"],
+                         "goal": 1.0, "note": f"{learned['seconds']:.0f} s of training (limit {LIMIT_S} s)"})
         speeds = pipeline(channel, args)
     cached = speeds["cached"] / speeds["memory"]
     streamed = speeds["streamed"] / speeds["memory"]

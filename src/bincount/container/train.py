@@ -9,7 +9,8 @@ Contract (as SageMaker runs it):
 - checkpoints: --checkpoint_dir, else $SM_CHECKPOINT_DIR, else /opt/ml/checkpoints (SageMaker syncs it
   with checkpoint_s3_uri); written atomically every epoch; a restarted run continues after the last one;
 - distributed: under torchrun / SageMaker torch_distributed (WORLD_SIZE > 1) it runs DDP (nccl on GPU,
-  gloo on CPU); only rank 0 writes files and prints epoch lines;
+  gloo on CPU); only rank 0 writes files and prints epoch lines (several SM_HOSTS without it: only the
+  first host writes); SM_CURRENT_HOST and SM_NUM_GPUS are logged;
 - SageMaker Debugger: when smdebug imports, the hook comes from smd.get_hook(create_if_not_exists=True)
   (SageMaker's JSON config) or, when --debugger_out_dir / $DEBUGGER_OUT_DIR is set, an explicit one.
 
@@ -243,6 +244,11 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # Several SageMaker hosts without torch_distributed train independently: only the first one writes.
+        hosts = json.loads(os.environ.get("SM_HOSTS") or "[]")
+        self.spare_host = self.world == 1 and len(hosts) > 1 and os.environ.get("SM_CURRENT_HOST") != hosts[0]
+        if self.spare_host:
+            log(f"warning: {len(hosts)} hosts but no torch_distributed; only {hosts[0]} writes the model")
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
         if cuda:
@@ -254,7 +260,7 @@ class Dist:
 
     @property
     def main(self) -> bool:
-        return self.rank == 0
+        return self.rank == 0 and not self.spare_host
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -478,7 +484,8 @@ def run(args: argparse.Namespace) -> dict:
     train_data, val_data = batches(train_items), batches(val_items)
     if dist.main:
         log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
-            f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device}, world {dist.world}")
+            f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device}, world {dist.world}, "
+            f"host {os.environ.get('SM_CURRENT_HOST', 'local')} ({os.environ.get('SM_NUM_GPUS', '?')} GPUs)")
 
     model = net.build_model(args.arch, args.num_classes, args.pretrained).to(device)
     if channels_last:
