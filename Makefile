@@ -13,7 +13,8 @@ test:  ## run the whole test suite (slow tests included)
 	$(BIN)/python -m pytest -q
 
 demo:  ## offline end-to-end demo: synth -> local S3 -> fetch -> split -> train -> evaluate -> deploy -> predict -> audit
-	$(BIN)/python benchmarks/demo.py
+	rm -rf demo-work
+	$(BIN)/bincount demo --config configs/demo.yaml
 
 bench:  ## run every benchmark and print their ratios against their goals
 	$(BIN)/python benchmarks/run_all.py

@@ -254,6 +254,16 @@ def status(
     _call("backends:status", config, {"workdir": workdir, "backend": backend}, set, json)
 
 
+@app.command()
+def demo(
+    images: Annotated[int, typer.Option(min=60, help="Synthetic bins to make.")] = 900,
+    image_size: Annotated[int, typer.Option(min=32, help="Their size in pixels.")] = 96,
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
+) -> None:
+    """Run the whole pipeline offline on synthetic bins. Local S3 server, train, serve, audit."""
+    _call("demo:demo", config, {"workdir": workdir}, set, json, images=images, image_size=image_size)
+
+
 @app.command("config")
 def show_config(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,

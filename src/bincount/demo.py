@@ -1,0 +1,135 @@
+"""The offline end-to-end demo: every stage of the real pipeline, with no network and no AWS account.
+
+synth -> a local S3 server (moto, 127.0.0.1) holding the bins in the ABID bucket layout -> fetch as
+from the real bucket -> split -> train -> evaluate -> deploy the local endpoint -> predict -> audit ->
+undeploy. Nothing is left running afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bincount.config import Settings
+from bincount.console import log
+from bincount.errors import BincountError
+from bincount.results import Result
+
+
+class DemoResult(Result):
+    workdir: str
+    images: int
+    accuracy: float
+    rmse: float
+    within_one: float
+    agreement: float
+    to_recount: int
+    predictions: list[dict[str, Any]]
+    reports: dict[str, str]
+    seconds: float
+
+    def rich(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="bincount demo: done (nothing left running)", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("test accuracy", f"{self.accuracy:.1%}")
+        table.add_row("test RMSE", f"{self.rmse:.3f}")
+        table.add_row("within one", f"{self.within_one:.1%}")
+        table.add_row("audit agreement", f"{self.agreement:.1%} ({self.to_recount} bins to recount)")
+        for p in self.predictions:
+            table.add_row(f"predict {Path(p['image']).name}", f"count {p['count']} (confidence {p['confidence']:.2f})")
+        for name, path in self.reports.items():
+            table.add_row(name, path)
+        table.add_row("time", f"{self.seconds:.0f} s")
+        return table
+
+
+def _serve_bucket(source: Path, bucket: str) -> tuple[Any, str]:
+    """Start moto's S3 server on a free 127.0.0.1 port and fill a public-read bucket from `source`."""
+    import json
+    import logging
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise BincountError("the demo needs moto's S3 server: pip install 'bincount[test]' (make install does)") from None
+    from bincount.aws import client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    s3 = client("s3", endpoint_url=url, max_pool_connections=16)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+    files = [p for p in sorted(source.rglob("*")) if p.is_file()]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: s3.upload_file(str(p), bucket, p.relative_to(source).as_posix()), files))
+    return server, url
+
+
+def demo(settings: Settings, images: int = 900, image_size: int = 96) -> DemoResult:
+    """Run the whole pipeline offline on synthetic bins and summarise it."""
+    import os
+
+    from bincount import audit as audit_stage
+    from bincount import evaluate as evaluate_stage
+    from bincount import predict as predict_stage
+    from bincount import serve
+    from bincount.backends import local_train
+    from bincount.data import fetch, split, synth
+    from bincount.workspace import Workspace, read_jsonl
+
+    start = time.monotonic()
+    # Fake credentials for the local S3 server only; fetch itself uses unsigned requests.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(key, "demo")
+    ws = Workspace(settings.workdir)
+    bucket = settings.data.source.removeprefix("s3://").split("/")[0] or "demo-bins"
+    log(f"[bold]1/8 synth[/] {images} bins of {image_size} px")
+    synth.synthesize(ws.root / "synth", images, image_size, settings.data.max_count, seed=settings.data.seed)
+    server, url = _serve_bucket(ws.root / "synth", bucket)
+    endpoint_up = False
+    try:
+        settings.data.source, settings.data.endpoint_url, settings.data.unsigned = f"s3://{bucket}", url, True
+        settings.data.limit = images
+        log(f"[bold]2/8 fetch[/] from s3://{bucket} on {url} (a local S3 server)")
+        fetch.fetch(settings)
+        log("[bold]3/8 split[/]")
+        split.split(settings)
+        log("[bold]4/8 train[/]")
+        local_train.train(settings)
+        log("[bold]5/8 evaluate[/]")
+        metrics = evaluate_stage.evaluate(settings)
+        log("[bold]6/8 deploy[/] the local endpoint")
+        serve.deploy_local(settings)
+        endpoint_up = True
+        log("[bold]7/8 predict and audit[/]")
+        test_rows = read_jsonl(ws.split("test"))[:4]
+        predicted = predict_stage.predict(settings, [str(ws.root / r["image"]) for r in test_rows], None, None, "table")
+        audited = audit_stage.audit(settings, None, 0.6, None, None, None, 10)
+    finally:
+        if endpoint_up:
+            log("[bold]8/8 undeploy[/]")
+            serve.undeploy_local(settings, yes=True)
+        server.stop()
+    return DemoResult(
+        workdir=str(ws.root), images=images,
+        accuracy=metrics.accuracy, rmse=metrics.rmse, within_one=metrics.within_one,
+        agreement=audited.agreement or 0.0, to_recount=audited.recount,
+        predictions=[{"image": p.image, "count": p.count, "confidence": p.confidence} for p in predicted.items],
+        reports={"metrics": str(ws.reports / "metrics.json"), "confusion matrix": str(ws.reports / "confusion-matrix.png"),
+                 "training curves": str(ws.reports / "training-curves.png"), "audit": str(ws.reports / "audit.csv")},
+        seconds=time.monotonic() - start,
+    )
+
