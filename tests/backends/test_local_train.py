@@ -92,6 +92,7 @@ def test_train_then_evaluate(synth_source, tmp_path, cli):
     assert rules["VanishingGradient"]["source"] == "smdebug"
     assert rules["VanishingGradient"]["status"] == "NoIssuesFound"
     assert rules["PoorWeightInitialization"]["status"] == "NoIssuesFound"
+    assert rules["LossNotDecreasing"]["source"] == "smdebug"
     saved = json.loads((workdir / "reports" / "rules.json").read_text())
     assert saved["run"] == out["run"] and len(saved["findings"]) == 5
 

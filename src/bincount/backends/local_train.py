@@ -258,6 +258,8 @@ def train(settings: Settings) -> TrainResult:
             live.update(_live_table(rows))
 
         out = run_script(settings, hp, run_dir, channels, on_epoch=on_epoch, extra_env=extra_env)
+    if not err_console().is_terminal:
+        err_console().line()  # a piped Live view leaves its last line open
     tar = package_model(out["model_dir"], run_dir / "model.tar.gz")
 
     rules: list[dict[str, Any]] = []
