@@ -19,8 +19,8 @@ demo:  ## offline end-to-end demo: synth -> local S3 -> fetch -> split -> train 
 bench:  ## run every benchmark and print their ratios against their goals
 	$(BIN)/python benchmarks/run_all.py
 
-docs:  ## regenerate docs/cli.md from --help
-	$(BIN)/python -m bincount.clidoc > docs/cli.md
+docs:  ## regenerate the README's CLI and config references and configs/default.yaml
+	$(BIN)/python -m bincount.docs .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

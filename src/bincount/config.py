@@ -44,19 +44,19 @@ def parse_int_set(spec: str) -> list[int]:
 class DataSettings(Section):
     """Where the bin images come from and which ones to take."""
 
-    source: str = "s3://aft-vbi-pds"  # s3://bucket[/prefix] in the bucket layout, or a local folder
-    endpoint_url: str | None = None  # any S3-compatible endpoint (e.g. http://127.0.0.1:9000)
-    region: str = "us-east-1"
-    unsigned: bool = True  # anonymous requests (the public ABID bucket needs no account)
-    max_count: int = Field(5, ge=1, le=100)  # classes are counts 0..max_count
-    counts: str | None = None  # keep only these counts, e.g. "1-5"; default 0..max_count
-    limit: int | None = Field(None, ge=1)  # at most this many usable items
-    ids: str | None = None  # an id range or list, e.g. "1-5000" or "4,9915,100313"
-    id_file: Path | None = None  # plain ids (one a line) or the capstone JSON {"1": ["data/metadata/100313.json", ...]}
-    balanced: bool = False  # equal numbers per count (labels are read first, then images fetched)
-    workers: int = Field(32, ge=1, le=512)  # concurrent requests: sized for network latency, not CPU
-    retries: int = Field(8, ge=1, le=50)  # attempts per request, with backoff on throttling/connection errors
-    seed: int = 0  # which items --balanced picks when a count has more than needed (--limit takes the lowest ids)
+    source: str = Field("s3://aft-vbi-pds", description="s3://bucket[/prefix] in the bucket layout, or a local folder")
+    endpoint_url: str | None = Field(None, description="any S3-compatible endpoint (e.g. http://127.0.0.1:9000)")
+    region: str = Field("us-east-1", description="AWS region of the source bucket")
+    unsigned: bool = Field(True, description="anonymous requests (the public ABID bucket needs no account)")
+    max_count: int = Field(5, ge=1, le=100, description="classes are counts 0..max_count")
+    counts: str | None = Field(None, description="keep only these counts, e.g. \"1-5\"; default 0..max_count")
+    limit: int | None = Field(None, ge=1, description="at most this many usable items")
+    ids: str | None = Field(None, description="an id range or list, e.g. \"1-5000\" or \"4,9915,100313\"")
+    id_file: Path | None = Field(None, description="plain ids (one a line) or the capstone JSON {\"1\": [\"data/metadata/100313.json\", ...]}")
+    balanced: bool = Field(False, description="equal numbers per count (labels are read first, then images fetched)")
+    workers: int = Field(32, ge=1, le=512, description="concurrent requests: sized for network latency, not CPU")
+    retries: int = Field(8, ge=1, le=50, description="attempts per request, with backoff on throttling/connection errors")
+    seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")
 
     @field_validator("counts", "ids")
     @classmethod
@@ -75,10 +75,10 @@ class DataSettings(Section):
 class SplitSettings(Section):
     """Stratified, seeded train/val/test split."""
 
-    train: float = Field(0.6, gt=0, lt=1)
-    val: float = Field(0.2, ge=0, lt=1)
-    test: float = Field(0.2, ge=0, lt=1)
-    seed: int = 42
+    train: float = Field(0.6, gt=0, lt=1, description="share of each count that goes to training")
+    val: float = Field(0.2, ge=0, lt=1, description="share for validation (early stopping, tuning objective)")
+    test: float = Field(0.2, ge=0, lt=1, description="share held out for evaluate and audit")
+    seed: int = Field(42, description="random seed: the same manifest and seed give the same split")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitSettings:
@@ -91,34 +91,34 @@ class SplitSettings(Section):
 class S3Settings(Section):
     """Where `upload` puts the training channels."""
 
-    bucket: str | None = None  # required by upload and the sagemaker backend
-    prefix: str = "bincount"
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    workers: int = Field(16, ge=1, le=256)
+    bucket: str | None = Field(None, description="required by upload and the sagemaker backend")
+    prefix: str = Field("bincount", description="key prefix: channels go to s3://<bucket>/<prefix>/{train,val,test}/")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for upload (e.g. a local S3 server)")
+    region: str = Field("us-east-1", description="AWS region of the bucket")
+    workers: int = Field(16, ge=1, le=256, description="concurrent uploads")
 
 
 class TrainSettings(Section):
     """Hyperparameters of container/train.py (passed as --name value, as SageMaker does)."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"] = "resnet18"
-    pretrained: str = "none"  # imagenet | none | path to a local weights file
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    warmup_epochs: int = Field(1, ge=0)
-    label_smoothing: float = Field(0.05, ge=0, lt=1)
-    class_weighting: bool = False
-    image_size: int = Field(224, ge=32, le=1024)
-    patience: int = Field(5, ge=0)  # early stopping: epochs without a better val metric (0 = never stop)
-    num_workers: int | None = Field(None, ge=0)  # DataLoader workers; default sized to the machine
-    seed: int = 0
-    amp: bool = True  # mixed precision (CUDA only)
-    use_best: bool = False  # train with the best hyperparameters recorded by `bincount tune`
-    wait: bool = True  # sagemaker backend: stream logs until the job ends
+    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"] = Field("resnet18", description="torchvision backbone")
+    pretrained: str = Field("none", description="imagenet | none | path to a local weights file")
+    epochs: int = Field(20, ge=1, description="maximum epochs (early stopping may end sooner)")
+    batch_size: int = Field(64, ge=1, description="images per step (per process under DDP)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up; cosine decay to the end)")
+    weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay (AdamW) or L2 (SGD)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    warmup_epochs: int = Field(1, ge=0, description="epochs of linear learning-rate warm-up")
+    label_smoothing: float = Field(0.05, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
+    class_weighting: bool = Field(False, description="weight the loss by inverse class frequency (for unbalanced counts)")
+    image_size: int = Field(224, ge=32, le=1024, description="input size in pixels: the whole bin is resized, never cropped")
+    patience: int = Field(5, ge=0, description="early stopping: epochs without a better val metric (0 = never stop)")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; default sized to the machine")
+    seed: int = Field(0, description="random seed for initialisation, shuffling and augmentation")
+    amp: bool = Field(True, description="mixed precision (CUDA only)")
+    use_best: bool = Field(False, description="train with the best hyperparameters recorded by `bincount tune`")
+    wait: bool = Field(True, description="sagemaker backend: stream logs until the job ends")
 
     @field_validator("pretrained")
     @classmethod
@@ -139,7 +139,7 @@ class TrainSettings(Section):
 class ContinuousRange(Section):
     min: float
     max: float
-    scale: Literal["log", "linear"] = "log"
+    scale: Literal["log", "linear"] = Field("log", description="log or linear search scale")
 
     @model_validator(mode="after")
     def _bounds(self) -> ContinuousRange:
@@ -153,17 +153,17 @@ class ContinuousRange(Section):
 class TuneSettings(Section):
     """Hyperparameter search: SageMaker HyperparameterTuner, or Optuna locally."""
 
-    objective: Literal["val_acc", "val_rmse"] = "val_acc"  # val_acc is maximised, val_rmse minimised
-    max_jobs: int = Field(8, ge=1)
-    max_parallel_jobs: int = Field(2, ge=1)
-    strategy: Literal["Bayesian", "Random", "Hyperband", "Grid"] = "Bayesian"
-    early_stopping: Literal["Auto", "Off"] = "Auto"
-    warm_start: bool = True  # start from the previous tuning job recorded in state.json
-    lr: ContinuousRange = ContinuousRange(min=1e-4, max=1e-1, scale="log")
-    weight_decay: ContinuousRange = ContinuousRange(min=1e-6, max=1e-2, scale="log")
-    batch_size: list[int] = Field([32, 64, 128, 256, 512], min_length=1)  # categorical choices
-    epochs: int | None = Field(None, ge=1)  # epochs per trial; default train.epochs
-    wait: bool = True
+    objective: Literal["val_acc", "val_rmse"] = Field("val_acc", description="val_acc is maximised, val_rmse minimised")
+    max_jobs: int = Field(8, ge=1, description="trials in total")
+    max_parallel_jobs: int = Field(2, ge=1, description="trials at once")
+    strategy: Literal["Bayesian", "Random", "Hyperband", "Grid"] = Field("Bayesian", description="SageMaker search strategy (local search always uses Optuna TPE)")
+    early_stopping: Literal["Auto", "Off"] = Field("Auto", description="stop hopeless trials early (SageMaker Auto; Optuna median pruning locally)")
+    warm_start: bool = Field(True, description="start from the previous tuning job recorded in state.json")
+    lr: ContinuousRange = Field(ContinuousRange(min=1e-4, max=1e-1, scale="log"), description="learning-rate search range")
+    weight_decay: ContinuousRange = Field(ContinuousRange(min=1e-6, max=1e-2, scale="log"), description="weight-decay search range")
+    batch_size: list[int] = Field([32, 64, 128, 256, 512], min_length=1, description="categorical choices")
+    epochs: int | None = Field(None, ge=1, description="epochs per trial; default train.epochs")
+    wait: bool = Field(True, description="sagemaker backend: wait for the tuning job to end")
 
     @field_validator("lr", "weight_decay", mode="before")
     @classmethod
@@ -177,18 +177,18 @@ class TuneSettings(Section):
 class DeploySettings(Section):
     """Endpoint settings: the local server, or a SageMaker real-time or serverless endpoint."""
 
-    mode: Literal["realtime", "serverless"] = "realtime"
-    endpoint_name: str | None = None  # default: bincount-<timestamp>
-    instance_type: str = "ml.m5.large"
-    instance_count: int = Field(1, ge=1)
-    memory_size_mb: int = Field(4096, ge=1024, le=6144)  # serverless: 1024..6144 in steps of 1024
-    max_concurrency: int = Field(5, ge=1, le=200)  # serverless
-    framework_version: str = "2.6.0"  # SageMaker PyTorch inference container
-    py_version: str = "py312"
-    host: str = "127.0.0.1"  # local server
-    port: int = Field(8080, ge=0, le=65535)  # 0 picks a free port
-    model_data: str | None = None  # model.tar.gz (path or s3:// URI); default: the one in state.json
-    workers: int = Field(8, ge=1, le=128)  # concurrent predict requests
+    mode: Literal["realtime", "serverless"] = Field("realtime", description="realtime (instances) or serverless (SageMaker)")
+    endpoint_name: str | None = Field(None, description="default: bincount-<timestamp>")
+    instance_type: str = Field("ml.m5.large", description="realtime endpoint instance type")
+    instance_count: int = Field(1, ge=1, description="realtime endpoint instance count")
+    memory_size_mb: int = Field(4096, ge=1024, le=6144, description="serverless: 1024..6144 in steps of 1024")
+    max_concurrency: int = Field(5, ge=1, le=200, description="serverless")
+    framework_version: str = Field("2.6.0", description="SageMaker PyTorch inference container")
+    py_version: str = Field("py312", description="Python version of the inference container")
+    host: str = Field("127.0.0.1", description="local server")
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+    model_data: str | None = Field(None, description="model.tar.gz (path or s3:// URI); default: the one in state.json")
+    workers: int = Field(8, ge=1, le=128, description="concurrent predict requests")
 
     @field_validator("memory_size_mb")
     @classmethod
@@ -201,39 +201,39 @@ class DeploySettings(Section):
 class RuleSettings(Section):
     """SageMaker Debugger built-in rules (each can be switched off)."""
 
-    vanishing_gradient: bool = True
-    overfit: bool = True
-    overtraining: bool = True
-    poor_weight_initialization: bool = True
-    loss_not_decreasing: bool = True
-    profiler_report: bool = True
-    stop_training_on_failure: bool = False  # rule action: stop the job when a rule fires
+    vanishing_gradient: bool = Field(True, description="VanishingGradient rule")
+    overfit: bool = Field(True, description="Overfit rule")
+    overtraining: bool = Field(True, description="Overtraining rule")
+    poor_weight_initialization: bool = Field(True, description="PoorWeightInitialization rule")
+    loss_not_decreasing: bool = Field(True, description="LossNotDecreasing rule")
+    profiler_report: bool = Field(True, description="ProfilerReport rule (system and dataloader bottlenecks)")
+    stop_training_on_failure: bool = Field(False, description="rule action: stop the job when a rule fires")
 
 
 class SageMakerSettings(Section):
     """The SageMaker backend: training jobs, tuning jobs, endpoints."""
 
-    role: str | None = None  # an IAM role ARN SageMaker can assume
-    region: str = "us-east-1"
-    instance_type: str = "ml.g4dn.xlarge"
-    instance_count: int = Field(1, ge=1)  # >1 runs torch_distributed (DDP)
-    volume_size_gb: int = Field(30, ge=1)
-    max_run_s: int = Field(24 * 3600, ge=60)
-    framework_version: str = "2.8.0"  # SageMaker PyTorch training container
-    py_version: str = "py312"
-    output_path: str | None = None  # default s3://<s3.bucket>/<s3.prefix>/output
-    base_job_name: str = "bincount"
-    tags: dict[str, str] = {}
-    subnets: list[str] | None = None
-    security_group_ids: list[str] | None = None
-    volume_kms_key: str | None = None
-    output_kms_key: str | None = None
-    enable_network_isolation: bool = False
-    use_spot_instances: bool = False
-    max_wait_s: int | None = Field(None, ge=60)  # spot: >= max_run_s
-    checkpoint_s3_uri: str | None = None  # default s3://<s3.bucket>/<s3.prefix>/checkpoints when spot
-    rules: RuleSettings = RuleSettings()
-    telemetry_opt_out: bool = True  # no SDK telemetry calls
+    role: str | None = Field(None, description="an IAM role ARN SageMaker can assume")
+    region: str = Field("us-east-1", description="AWS region for SageMaker jobs and endpoints")
+    instance_type: str = Field("ml.g4dn.xlarge", description="training instance type")
+    instance_count: int = Field(1, ge=1, description=">1 runs torch_distributed (DDP)")
+    volume_size_gb: int = Field(30, ge=1, description="training volume size")
+    max_run_s: int = Field(24 * 3600, ge=60, description="training time limit in seconds")
+    framework_version: str = Field("2.8.0", description="SageMaker PyTorch training container")
+    py_version: str = Field("py312", description="Python version of the training container")
+    output_path: str | None = Field(None, description="default s3://<s3.bucket>/<s3.prefix>/output")
+    base_job_name: str = Field("bincount", description="prefix of training and tuning job names")
+    tags: dict[str, str] = Field({}, description="tags on jobs, models and endpoints")
+    subnets: list[str] | None = Field(None, description="VPC subnets for training (optional)")
+    security_group_ids: list[str] | None = Field(None, description="VPC security groups for training (optional)")
+    volume_kms_key: str | None = Field(None, description="KMS key for the training volume (optional)")
+    output_kms_key: str | None = Field(None, description="KMS key for the output in S3 (optional)")
+    enable_network_isolation: bool = Field(False, description="no network access from the training container")
+    use_spot_instances: bool = Field(False, description="managed spot training (resumes from checkpoints after interruptions)")
+    max_wait_s: int | None = Field(None, ge=60, description="spot: >= max_run_s")
+    checkpoint_s3_uri: str | None = Field(None, description="default s3://<s3.bucket>/<s3.prefix>/checkpoints when spot")
+    rules: RuleSettings = Field(RuleSettings(), description="Debugger rules to run next to the training job")
+    telemetry_opt_out: bool = Field(True, description="no SDK telemetry calls")
 
     @field_validator("role")
     @classmethod
@@ -248,15 +248,15 @@ class SageMakerSettings(Section):
 class Settings(Section):
     """Everything bincount needs, in one tree."""
 
-    workdir: Path = Path("bincount-work")
-    backend: Literal["local", "sagemaker"] = "local"
-    data: DataSettings = DataSettings()
-    split: SplitSettings = SplitSettings()
-    s3: S3Settings = S3Settings()
-    train: TrainSettings = TrainSettings()
-    tune: TuneSettings = TuneSettings()
-    deploy: DeploySettings = DeploySettings()
-    sagemaker: SageMakerSettings = SageMakerSettings()
+    workdir: Path = Field(Path("bincount-work"), description="the work dir: raw/, manifest.jsonl, splits/, state.json, models/, reports/")
+    backend: Literal["local", "sagemaker"] = Field("local", description="local (this machine, default) or sagemaker")
+    data: DataSettings = Field(DataSettings(), description="what to fetch and from where")
+    split: SplitSettings = Field(SplitSettings(), description="how to split the manifest")
+    s3: S3Settings = Field(S3Settings(), description="where upload puts the training channels")
+    train: TrainSettings = Field(TrainSettings(), description="training hyperparameters (container/train.py arguments)")
+    tune: TuneSettings = Field(TuneSettings(), description="hyperparameter search")
+    deploy: DeploySettings = Field(DeploySettings(), description="endpoints: the local server or SageMaker")
+    sagemaker: SageMakerSettings = Field(SageMakerSettings(), description="the SageMaker backend")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

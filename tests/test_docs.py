@@ -1,0 +1,33 @@
+"""The README's references and configs/default.yaml are generated: they must match the code."""
+
+from pathlib import Path
+
+import yaml
+
+from bincount import docs
+from bincount.config import Settings, load_settings
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_readme_references_are_current():
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- BEGIN GENERATED: cli -->" in text and "<!-- BEGIN GENERATED: config -->" in text
+    assert docs.render_readme(text) == text, "README.md is stale: run `make docs`"
+
+
+def test_default_yaml_is_current_and_spells_out_every_key():
+    path = ROOT / "configs" / "default.yaml"
+    assert path.read_text() == docs.default_yaml(), "configs/default.yaml is stale: run `make docs`"
+    assert load_settings(path, environ={}) == Settings()
+    data = yaml.safe_load(path.read_text())
+    for key, _, description, _ in docs._fields(Settings):
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        assert description, f"{key} has no description"
+
+
+def test_readme_opens_with_install_and_test():
+    text = (ROOT / "README.md").read_text()
+    assert text.index("make install") < text.index("make test") < text.index("## ")
