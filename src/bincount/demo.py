@@ -128,8 +128,7 @@ def demo(settings: Settings, images: int = 900, image_size: int = 96) -> DemoRes
         accuracy=metrics.accuracy, rmse=metrics.rmse, within_one=metrics.within_one,
         agreement=audited.agreement or 0.0, to_recount=audited.recount,
         predictions=[{"image": p.image, "count": p.count, "confidence": p.confidence} for p in predicted.items],
-        reports={"metrics": str(ws.reports / "metrics.json"), "confusion matrix": str(ws.reports / "confusion-matrix.png"),
-                 "training curves": str(ws.reports / "training-curves.png"), "audit": str(ws.reports / "audit.csv")},
+        reports={**metrics.reports, "audit": audited.csv},
         seconds=time.monotonic() - start,
     )
 
