@@ -342,6 +342,17 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     container = model_req.get("PrimaryContainer") or model_req["Containers"][0]
     assert "pytorch-inference:2.6.0-cpu-py312" in container["Image"]
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    # the repacked artifact serves itself with the serving code only: no train.py, no smdebug to install
+    import io
+    import tarfile
+
+    repacked = container["ModelDataUrl"][5:].split("/", 1)
+    body = boto3.client("s3", region_name="us-east-1").get_object(Bucket=repacked[0], Key=repacked[1])["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as served:
+        names = set(served.getnames())
+        requirements = served.extractfile("code/requirements.txt").read().decode()
+    assert {"model.pth", "meta.json", "code/inference.py", "code/net.py", "code/epochlog.py"} <= names
+    assert "code/train.py" not in names and "smdebug" not in requirements
     assert ws.state()["endpoint"]["name"] == endpoint.endpoint
 
     serverless = backend.deploy(make_settings(tmp_path, **{"deploy.mode": "serverless", "deploy.endpoint_name": "bincount-sls"}))

@@ -295,9 +295,11 @@ def deploy(settings: Settings) -> EndpointResult:
     from sagemaker.pytorch import PyTorchModel
     from sagemaker.serverless import ServerlessInferenceConfig
 
+    import tempfile
+
     d = settings.deploy
     name = d.endpoint_name or f"{settings.sagemaker.base_job_name}-{sme.timestamp()}"
-    with sme.aws_errors("sagemaker deploy"), sme.sdk_output():
+    with sme.aws_errors("sagemaker deploy"), sme.sdk_output(), tempfile.TemporaryDirectory() as serving_dir:
         sm_session = sme.session(settings)
         role = sme.require_role(settings)
         model_data = _resolve_model_data(settings, sm_session)
@@ -305,7 +307,7 @@ def deploy(settings: Settings) -> EndpointResult:
             model_data=model_data,
             role=role,
             entry_point="inference.py",
-            source_dir=str(sme.container_dir()),
+            source_dir=str(sme.serving_code(Path(serving_dir))),
             framework_version=d.framework_version,
             py_version=d.py_version,
             name=f"{name}-model",
