@@ -14,8 +14,6 @@ Also measured: in-process with predict_fn serialised by a lock (why the server d
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -24,23 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 GOAL = 0.8  # HTTP throughput / in-process throughput at concurrency 4
-
-
-def make_model_dir(dest: Path, arch: str, image_size: int) -> Path:
-    import torch
-
-    from bincount.container import net
-
-    torch.manual_seed(0)
-    (dest / "code").mkdir(parents=True, exist_ok=True)
-    torch.save(net.build_model(arch, 6).state_dict(), dest / "model.pth")
-    meta = {"arch": arch, "num_classes": 6, "classes": list(range(6)), "image_size": image_size,
-            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {},
-            "hyperparameters": {}, "manifest_digest": "benchmark"}
-    (dest / "meta.json").write_text(json.dumps(meta))
-    for name in ("inference.py", "net.py", "epochlog.py"):
-        shutil.copy(Path(net.__file__).with_name(name), dest / "code" / name)
-    return dest
 
 
 def measure(call, bodies: list[bytes], concurrency: int) -> dict:
@@ -67,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args([] if argv is None else argv)
 
+    from bincount.artifacts import write_model_dir
     from bincount.config import load_settings
     from bincount.data.synth import synthesize
     from bincount.predict import HttpTarget
@@ -77,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         synthesize(tmp / "bins", n=24, image_size=256, seed=0)
         images = [p.read_bytes() for p in sorted((tmp / "bins" / "bin-images").glob("*.jpg"))]
         bodies = [images[i % len(images)] for i in range(args.requests)]
-        model_dir = make_model_dir(tmp / "model", args.arch, args.image_size)
+        model_dir = write_model_dir(tmp / "model", args.arch, args.image_size, manifest_digest="benchmark")
         settings = load_settings(overrides={"workdir": str(tmp / "work"), "deploy.port": 0,
                                             "deploy.model_data": str(model_dir)})
         local, serialised = Handlers(model_dir), Handlers(model_dir, lock=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
+from bincount.artifacts import write_model_dir
 from bincount.audit import AuditRow, rank
 from bincount.workspace import write_jsonl
 
@@ -22,21 +22,12 @@ def sure_of_two(tmp_path_factory) -> Path:
 
     from bincount.container import net
 
-    dest = tmp_path_factory.mktemp("model")
-    (dest / "code").mkdir()
     model = net.build_model("mobilenet_v3_small", 6)
     head = model.classifier[-1]
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 0, 3, 0, 0, 0]))
-    torch.save(model.state_dict(), dest / "model.pth")
-    meta = {"arch": "mobilenet_v3_small", "num_classes": 6, "classes": list(range(6)), "image_size": 32,
-            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {},
-            "hyperparameters": {}, "manifest_digest": ""}
-    (dest / "meta.json").write_text(json.dumps(meta))
-    for name in ("inference.py", "net.py", "epochlog.py"):
-        shutil.copy(Path(net.__file__).with_name(name), dest / "code" / name)
-    return dest
+    return write_model_dir(tmp_path_factory.mktemp("model"), "mobilenet_v3_small", model=model)
 
 
 @pytest.fixture

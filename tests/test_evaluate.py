@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bincount.artifacts import write_model_dir
 from bincount.config import load_settings
 from bincount.errors import BincountError
 from bincount.evaluate import compute_metrics, evaluate
@@ -33,20 +34,9 @@ def test_metrics_by_hand():
 
 
 def _model_dir(dest: Path) -> Path:
-    import torch
-
-    from bincount.container import net
-
-    torch.manual_seed(0)
-    dest.mkdir(parents=True)
-    torch.save(net.build_model("mobilenet_v3_small", 6).state_dict(), dest / "model.pth")
     history = [{"epoch": 1, "train_loss": 1.7, "val_loss": 1.8, "val_acc": 0.2, "val_rmse": 1.9, "lr": 0.001},
                {"epoch": 2, "train_loss": 1.5, "val_loss": 1.6, "val_acc": 0.3, "val_rmse": 1.5, "lr": 0.0005}]
-    meta = {"arch": "mobilenet_v3_small", "num_classes": 6, "classes": list(range(6)), "image_size": 32,
-            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {}, "hyperparameters": {},
-            "manifest_digest": "", "history": history}
-    (dest / "meta.json").write_text(json.dumps(meta))
-    return dest
+    return write_model_dir(dest, "mobilenet_v3_small", history=history)
 
 
 def test_evaluate_writes_metrics_and_plots(synth_source, tmp_path):

@@ -11,29 +11,12 @@ from pathlib import Path
 import pytest
 
 from bincount import serve
-
-
-def make_model_dir(dest: Path, arch: str = "resnet18", image_size: int = 32, seed: int = 0) -> Path:
-    """A randomly initialised model dir in the artifact layout: model.pth, meta.json, code/."""
-    import torch
-
-    from bincount.container import net
-
-    torch.manual_seed(seed)
-    (dest / "code").mkdir(parents=True, exist_ok=True)
-    torch.save(net.build_model(arch, 6).state_dict(), dest / "model.pth")
-    meta = {"arch": arch, "num_classes": 6, "classes": list(range(6)), "image_size": image_size,
-            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {},
-            "hyperparameters": {}, "manifest_digest": ""}
-    (dest / "meta.json").write_text(json.dumps(meta))
-    for name in ("inference.py", "net.py", "epochlog.py"):
-        shutil.copy(Path(net.__file__).with_name(name), dest / "code" / name)
-    return dest
+from bincount.artifacts import write_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"))
+    return write_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""model.tar.gz: build it from a model dir, and unpack it safely.
+"""Model artifacts: build model.tar.gz from a model dir, unpack it safely, write a model dir.
 
 Layout (what SageMaker's PyTorch inference container expects): model.pth, meta.json and
 code/ (inference.py, net.py, epochlog.py, requirements.txt) at the top of the archive.
@@ -6,11 +6,13 @@ code/ (inference.py, net.py, epochlog.py, requirements.txt) at the top of the ar
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bincount.errors import BincountError
 
@@ -104,3 +106,29 @@ def model_dir_from(path: Path, cache: Path) -> Path:
     if (dest / "meta.json").is_file():
         return dest
     return extract_model(path, dest)
+
+
+def write_model_dir(dest: Path, arch: str = "resnet18", image_size: int = 32, *, num_classes: int = 6,
+                    seed: int = 0, model: Any = None, **meta: Any) -> Path:
+    """A model dir in the artifact layout: model.pth, meta.json (every contract key) and code/.
+
+    `model` (an nn.Module of `arch`) defaults to a randomly initialised one (seeded); `meta` adds or
+    overrides meta.json keys. For tests, benchmarks and trying the serving path without training.
+    """
+    import torch
+
+    from bincount.container import net
+
+    dest = Path(dest)
+    (dest / "code").mkdir(parents=True, exist_ok=True)
+    if model is None:
+        torch.manual_seed(seed)
+        model = net.build_model(arch, num_classes)
+    torch.save(model.state_dict(), dest / "model.pth")
+    meta = {"arch": arch, "num_classes": num_classes, "classes": list(range(num_classes)), "image_size": image_size,
+            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {}, "hyperparameters": {},
+            "manifest_digest": "", **meta}
+    (dest / "meta.json").write_text(json.dumps(meta))
+    for name in CODE_FILES:
+        shutil.copy(CONTAINER / name, dest / "code" / name)
+    return dest

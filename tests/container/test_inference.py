@@ -5,30 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import struct
 import zlib
-from pathlib import Path
 
 import pytest
 
-from bincount.container import inference, net
-
-
-def make_model_dir(dest: Path, arch: str = "mobilenet_v3_small", image_size: int = 32, seed: int = 0) -> Path:
-    """A randomly initialised model dir in the artifact layout: model.pth, meta.json, code/."""
-    import torch
-
-    torch.manual_seed(seed)
-    (dest / "code").mkdir(parents=True, exist_ok=True)
-    torch.save(net.build_model(arch, 6).state_dict(), dest / "model.pth")
-    meta = {"arch": arch, "num_classes": 6, "classes": list(range(6)), "image_size": image_size,
-            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {},
-            "hyperparameters": {}, "manifest_digest": ""}
-    (dest / "meta.json").write_text(json.dumps(meta))
-    for name in ("inference.py", "net.py", "epochlog.py"):
-        shutil.copy(Path(net.__file__).with_name(name), dest / "code" / name)
-    return dest
+from bincount.artifacts import write_model_dir
+from bincount.container import inference
 
 
 def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (48, 40), colour=(200, 30, 30)) -> bytes:
@@ -50,7 +33,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return inference.model_fn(str(make_model_dir(tmp_path_factory.mktemp("model"))))
+    return inference.model_fn(str(write_model_dir(tmp_path_factory.mktemp("model"), "mobilenet_v3_small")))
 
 
 def serve(body, content_type, bundle, accept="application/json"):
@@ -142,7 +125,7 @@ def test_in_sagemaker_containers_request_errors_are_toolkit_errors_with_their_st
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     for name in ("sagemaker_inference", "sagemaker_inference.errors"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    module = load_handlers(make_model_dir(tmp_path / "model"))
+    module = load_handlers(write_model_dir(tmp_path / "model", "mobilenet_v3_small"))
     from sagemaker_inference.errors import BaseInferenceToolkitError
 
     with pytest.raises(BaseInferenceToolkitError) as err:
