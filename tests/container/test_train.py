@@ -25,23 +25,23 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
     from bincount.artifacts import extract_model, package_model
 
     run = tmp_path / "run"
-    first = run_train(channels, run, "--epochs", "1", "--class_weighting", "true", "--amp", "false",
-                      "--sagemaker_extra", "ignored")
+    recipe = ["--class_weighting", "true", "--amp", "false", "--ema_decay", "0.9", "--count_loss", "0.5",
+              "--stem", "small"]
+    first = run_train(channels, run, "--epochs", "1", *recipe, "--sagemaker_extra", "ignored")
     assert first.returncode == 0, first.stderr[-2000:]
     assert epochs_in(first.stdout) == [1]
     assert "ignoring unknown arguments: --sagemaker_extra ignored" in first.stderr
     assert (run / "checkpoints" / "checkpoint.pt").is_file()
 
     # Restarted (as after a spot interruption) with the same checkpoint dir: continues at epoch 2.
-    second = run_train(channels, run, "--epochs", "2", "--class_weighting", "true", "--amp", "false",
-                       env={"SM_CHANNEL_TEST": str(channels["test"])})
+    second = run_train(channels, run, "--epochs", "2", *recipe, env={"SM_CHANNEL_TEST": str(channels["test"])})
     assert second.returncode == 0, second.stderr[-2000:]
     assert epochs_in(second.stdout) == [2]
     assert "resuming after epoch 1" in second.stderr
 
     model_dir = run / "model"
     meta = json.loads((model_dir / "meta.json").read_text())
-    assert meta["arch"] == "mobilenet_v3_small" and meta["classes"] == list(range(6)) and meta["image_size"] == 32
+    assert meta["arch"] == "mobilenet_v3_small" and meta["stem"] == "small" and meta["classes"] == list(range(6)) and meta["image_size"] == 32
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
     assert meta["metrics"]["epoch"] in (1, 2) and 0.0 <= meta["metrics"]["test_acc"] <= 1.0
     assert meta["hyperparameters"]["class_weighting"] is True and len(meta["manifest_digest"]) == 64
@@ -157,6 +157,31 @@ def test_warmup_then_cosine_and_count_preserving_augmentation():
     # Flips and transposes move pixels but never drop any: sorted per-image values match up to jitter.
     weights = train.class_weights(torch.tensor([0, 0, 0, 1]), 3)
     assert weights.tolist() == pytest.approx([2 / 3, 2.0, 1.0])
+
+
+def test_ema_counting_loss_and_small_stem():
+    import torch
+
+    from bincount.container import net, train
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = train.EMA(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    before = ema.model[0].weight.clone()
+    ema.update(model)  # first step: decay min(0.5, 2/11)
+    assert torch.allclose(ema.model[0].weight, before + 9 / 11)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+    logits, target = torch.tensor([[0.0, 0.0, 10.0]]), torch.tensor([0])
+    ce = train.CountingLoss(None, 0.0, 0.0)(logits, target)
+    assert train.CountingLoss(None, 0.0, 1.0)(logits, target) == pytest.approx(ce.item() + 2.0, abs=1e-3)
+
+    # small stem: 4x the feature-map area, same parameter names (debugger, pretrained files).
+    standard, small = net.build_model("resnet18", 6), net.build_model("resnet18", 6, stem="small")
+    assert [n for n, _ in standard.named_parameters()] == [n for n, _ in small.named_parameters()]
+    x = torch.zeros(1, 3, 64, 64)
+    assert small.layer4(small.layer3(small.layer2(small.layer1(small.maxpool(small.conv1(x)))))).shape[-1] == 4
 
 
 def test_smdebug_shim_writes_tensors_without_ndarray_tostring():

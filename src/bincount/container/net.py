@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+STEMS = ("standard", "small")  # small: 2x less downsampling in the stem, for inputs below ~128 px
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -36,12 +37,18 @@ def _imagenet_weights(arch: str):
     return weights
 
 
-def build_model(arch: str, num_classes: int, pretrained: str = "none") -> nn.Module:
-    """A torchvision backbone with a `num_classes` head. pretrained: imagenet | none | path to weights."""
+def build_model(arch: str, num_classes: int, pretrained: str = "none", stem: str = "standard") -> nn.Module:
+    """A torchvision backbone with a `num_classes` head. pretrained: imagenet | none | path to weights.
+
+    stem="small" keeps 4x more feature-map area for small inputs: resnet drops the stem's max-pool,
+    mobilenet's first convolution gets stride 1 (same weights, so pretrained files still load).
+    """
     import torchvision.models as models
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
     weights = _imagenet_weights(arch) if pretrained == "imagenet" else None
     model = models.get_model(arch, weights=weights)
     if pretrained not in ("imagenet", "none", "", None):
@@ -55,6 +62,11 @@ def build_model(arch: str, num_classes: int, pretrained: str = "none") -> nn.Mod
     else:
         last = model.classifier[-1]
         model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+    if stem == "small":
+        if arch.startswith("resnet"):
+            model.maxpool = nn.Identity()
+        else:
+            model.features[0][0].stride = (1, 1)
     return model
 
 
@@ -92,7 +104,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     """Load model.pth (weights_only) and meta.json from a model dir; returns (model in eval mode, meta)."""
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / "meta.json").read_text())
-    model = build_model(meta["arch"], meta["num_classes"], "none")
+    model = build_model(meta["arch"], meta["num_classes"], "none", meta.get("stem", "standard"))
     state = torch.load(model_dir / "model.pth", map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), meta

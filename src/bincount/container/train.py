@@ -34,6 +34,7 @@ in --cache_mb, else decoded per item by DataLoader workers (min(cpus, 8)).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -82,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description="Train the bin-counting model (SageMaker script mode).")
     p.add_argument("--arch", default="resnet18", choices=net.ARCHS)
+    p.add_argument("--stem", default="standard", choices=net.STEMS, help="small: less stem downsampling (small inputs)")
     p.add_argument("--pretrained", default="none", help="imagenet | none | path to a weights file")
     p.add_argument("--num_classes", type=int, default=6, help="counts 0..num_classes-1")
     p.add_argument("--epochs", type=int, default=20)
@@ -92,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--warmup_epochs", type=int, default=1)
     p.add_argument("--label_smoothing", type=float, default=0.05)
+    p.add_argument("--count_loss", type=float, default=0.0, help="weight of |expected count - count| in the loss")
+    p.add_argument("--ema_decay", type=float, default=0.0, help="keep an EMA of the weights (e.g. 0.99); 0 = off")
     p.add_argument("--class_weighting", type=str2bool, default=False)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--patience", type=int, default=5, help="early stopping; 0 = never stop early")
@@ -300,6 +304,40 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights
 
 
+class CountingLoss(nn.Module):
+    """Cross-entropy plus `count_weight` x |expected count - count| (the softmax's mean count): ordinal-aware."""
+
+    def __init__(self, weight: torch.Tensor | None, label_smoothing: float, count_weight: float):
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.count_weight = count_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.ce(logits, target)
+        if self.count_weight:
+            counts = torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
+            expected = logits.float().softmax(1) @ counts
+            loss = loss + self.count_weight * (expected - target.float()).abs().mean()
+        return loss
+
+
+class EMA:
+    """Exponential moving average of the weights (buffers copied); its decay ramps up over the first steps."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay, self.steps = copy.deepcopy(model).eval().requires_grad_(False), decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for ema, live in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if ema.dtype.is_floating_point:
+                ema.lerp_(live, 1 - decay)
+            else:
+                ema.copy_(live)
+
+
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -371,7 +409,7 @@ def shard(n: int, dist: Dist, generator: torch.Generator | None) -> list[int]:
 
 
 def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scaler, device, channels_last, amp,
-                generator, dist: Dist) -> float:
+                generator, dist: Dist, ema: EMA | None = None) -> float:
     model.train()
     total, seen = 0.0, 0
     for images, labels in data.iterate(order, drop_last_single=True):
@@ -384,6 +422,8 @@ def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scal
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update(getattr(model, "module", model))
         total += loss.item() * len(y)
         seen += len(y)
     total, seen = dist.sum([total, seen])
@@ -447,7 +487,7 @@ def write_model(args, best_state, best_metrics, history, started: float) -> None
                        if k not in ("model_dir", "train", "val", "test", "output_data_dir", "checkpoint_dir",
                                     "debugger_out_dir")}
     meta = {
-        "arch": args.arch, "num_classes": args.num_classes, "classes": list(range(args.num_classes)),
+        "arch": args.arch, "stem": args.stem, "num_classes": args.num_classes, "classes": list(range(args.num_classes)),
         "image_size": args.image_size, "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD),
         "metrics": best_metrics, "hyperparameters": hyperparameters,
         "manifest_digest": manifest_digest(args.train), "history": history,
@@ -487,17 +527,19 @@ def run(args: argparse.Namespace) -> dict:
             f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device}, world {dist.world}, "
             f"host {os.environ.get('SM_CURRENT_HOST', 'local')} ({os.environ.get('SM_NUM_GPUS', '?')} GPUs)")
 
-    model = net.build_model(args.arch, args.num_classes, args.pretrained).to(device)
+    model = net.build_model(args.arch, args.num_classes, args.pretrained, args.stem).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     weights = class_weights(train_data.labels, args.num_classes).to(device) if args.class_weighting else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+    loss_fn = CountingLoss(weights, args.label_smoothing, args.count_loss)
     optimizer = make_optimizer(model, args)
     steps = math.ceil(len(train_items) / dist.world / args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(args.warmup_epochs * steps, args.epochs * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
+    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    scored = ema.model if ema is not None else model  # the weights validated, kept and shipped
     ckpt_dir = usable_dir(args.checkpoint_dir) if dist.main else None
     ckpt = load_checkpoint(ckpt_dir, dist)
     start, best_state, best_metrics, bad_epochs, history = 1, None, None, 0, []
@@ -506,6 +548,9 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.model.load_state_dict(ckpt["ema"])
+            ema.steps = ckpt["ema_steps"]
         start, best_state, best_metrics = ckpt["epoch"] + 1, ckpt["best_state"], ckpt["best_metrics"]
         bad_epochs, history = ckpt["bad_epochs"], ckpt["history"]
         log(f"resuming after epoch {ckpt['epoch']} from {ckpt_dir / CHECKPOINT}")
@@ -525,15 +570,15 @@ def run(args: argparse.Namespace) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         aug = generator if args.augment else None
         train_loss = train_epoch(ddp, train_data, order, optimizer, scheduler, loss_fn, scaler, device,
-                                 channels_last, amp, aug, dist)
+                                 channels_last, amp, aug, dist, ema)
         set_mode(hook, "eval")
-        val = evaluate(model, val_data, loss_fn, device, channels_last, amp, dist)
+        val = evaluate(scored, val_data, loss_fn, device, channels_last, amp, dist)
         metrics = {"train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                    "val_rmse": val["rmse"], "lr": lr}
         history.append({"epoch": epoch, **metrics})
         if better(metrics, best_metrics):
             best_metrics = {"epoch": epoch, **metrics}
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -544,15 +589,16 @@ def run(args: argparse.Namespace) -> dict:
                 save_checkpoint(ckpt_dir / CHECKPOINT, {
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_state": best_state,
-                    "best_metrics": best_metrics, "bad_epochs": bad_epochs, "history": history, "stopped": stopped})
+                    "best_metrics": best_metrics, "bad_epochs": bad_epochs, "history": history, "stopped": stopped,
+                    "ema": ema.model.state_dict() if ema else None, "ema_steps": ema.steps if ema else 0})
         if stopped:
             log(f"early stop: no better val_acc for {args.patience} epochs (best epoch {best_metrics['epoch']})")
 
     if best_state is None:
         raise UsageError("no epoch ran (epochs must be >= 1)")
     if test_items is not None:
-        model.load_state_dict(best_state)
-        test = evaluate(model, batches(test_items), loss_fn, device, channels_last, amp, dist)
+        scored.load_state_dict(best_state)
+        test = evaluate(scored, batches(test_items), loss_fn, device, channels_last, amp, dist)
         best_metrics.update({"test_loss": test["loss"], "test_acc": test["acc"], "test_rmse": test["rmse"]})
         if dist.main:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
