@@ -73,3 +73,37 @@ def test_not_a_model_archive(tmp_path):
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(BincountError, match="cannot read"):
         extract_model(tmp_path / "junk.tar.gz", tmp_path / "dest")
+
+
+def test_resolve_model_from_a_dir_an_archive_s3_or_the_state(s3_server, tmp_path):
+    from bincount.artifacts import resolve_model
+    from bincount.aws import client
+    from bincount.config import load_settings
+    from bincount.workspace import Workspace
+
+    ws = Workspace(tmp_path / "w")
+    settings = load_settings(overrides={"workdir": str(ws.root), "s3.endpoint_url": s3_server}, environ={})
+    with pytest.raises(BincountError, match="run `bincount train` first"):
+        resolve_model(settings)
+    src = model_dir(tmp_path)
+    assert resolve_model(settings, src) == src.resolve()
+    tar = package_model(src, tmp_path / "model.tar.gz")
+    unpacked = resolve_model(settings, tar)
+    assert unpacked.parent == ws.models.resolve() / "cache" and (unpacked / "code" / "net.py").is_file()
+    assert resolve_model(settings, tar) == unpacked  # unpacked once, then reused
+
+    s3 = client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="resolve-model")
+    s3.upload_file(str(tar), "resolve-model", "job/output/model.tar.gz")
+    ws.update_state(training={"backend": "sagemaker", "model_data": "s3://resolve-model/job/output/model.tar.gz"})
+    assert resolve_model(settings) == unpacked  # same bytes, same cache entry
+    ws.update_state(training={"backend": "local", "model_dir": str(src), "model_data": str(tar)})
+    assert resolve_model(settings) == src.resolve()  # the unpacked dir, while it is there
+
+    with pytest.raises(BincountError, match="cannot download s3://resolve-model/nope"):
+        resolve_model(settings, "s3://resolve-model/nope.tar.gz")
+    with pytest.raises(BincountError, match="not found"):
+        resolve_model(settings, tmp_path / "missing.tar.gz")
+    (src / "model.pth").unlink()
+    with pytest.raises(BincountError, match="not a model dir"):
+        resolve_model(settings, src)

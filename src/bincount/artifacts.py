@@ -1,4 +1,4 @@
-"""Model artifacts: build model.tar.gz from a model dir, unpack it safely, write a model dir.
+"""Model artifacts: build model.tar.gz from a model dir, unpack it safely, find the model to use.
 
 Layout (what SageMaker's PyTorch inference container expects): model.pth, meta.json and
 code/ (inference.py, net.py, epochlog.py, requirements.txt) at the top of the archive.
@@ -6,15 +6,19 @@ code/ (inference.py, net.py, epochlog.py, requirements.txt) at the top of the ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bincount.errors import BincountError
+
+if TYPE_CHECKING:
+    from bincount.config import Settings
 
 CONTAINER = Path(__file__).resolve().parent / "container"
 CODE_FILES = ("inference.py", "net.py", "epochlog.py", "requirements.txt")
@@ -89,23 +93,71 @@ def extract_model(tar_path: Path, dest: Path) -> Path:
     return dest
 
 
-def model_dir_from(path: Path, cache: Path) -> Path:
-    """A model dir from a model.tar.gz (extracted under `cache`) or a model dir itself."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "meta.json").is_file():
-            raise BincountError(f"{path} has no meta.json: not a model dir")
-        return path
-    if not path.is_file():
-        raise BincountError(f"model {path} not found")
-    import hashlib
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    dest = Path(cache) / key
-    if (dest / "meta.json").is_file():
+
+def model_dir_from(path: Path, cache: Path) -> Path:
+    """A model dir from a model dir itself, or a model.tar.gz unpacked safely once into cache/<sha256 prefix>/."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "meta.json").is_file() or not (path / "model.pth").is_file():
+            raise BincountError(f"{path} is not a model dir (needs meta.json and model.pth)")
+        return path.resolve()
+    if not path.is_file():
+        raise BincountError(f"model {path} not found: pass a model dir, a model.tar.gz or an s3:// URI")
+    dest = Path(cache) / _file_digest(path)[:16]
+    if not (dest / "meta.json").is_file():
+        extract_model(path, dest)
+    return dest.resolve()
+
+
+def _trained_model(state: dict) -> str:
+    """The last trained model recorded in state.json: its local dir if still there, else its model.tar.gz."""
+    training = state.get("training") or {}
+    model_dir, model_data = training.get("model_dir"), training.get("model_data")
+    if model_dir and (Path(model_dir) / "meta.json").is_file():
+        return str(model_dir)
+    if model_data or model_dir:
+        return str(model_data or model_dir)
+    raise BincountError("no trained model recorded: run `bincount train` first, or pass --model PATH|s3://URI")
+
+
+def _download(settings: Settings, uri: str, dest: Path) -> Path:
+    from bincount.aws import client, parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    if dest.exists():
         return dest
-    return extract_model(path, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    try:
+        client("s3", region=settings.s3.region, endpoint_url=settings.s3.endpoint_url).download_file(bucket, key, str(tmp))
+    except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+        tmp.unlink(missing_ok=True)
+        raise BincountError(f"cannot download {uri}: {exc}") from None
+    os.replace(tmp, dest)
+    return dest
+
+
+def resolve_model(settings: Settings, model: Path | str | None = None) -> Path:
+    """A local model dir for `model`: a model dir, a model.tar.gz, an s3:// URI of one, or None for the
+    last trained model in state.json. Archives are downloaded and unpacked safely once, into
+    <workdir>/models/cache/, and reused.
+    """
+    from bincount.workspace import Workspace
+
+    ws = Workspace(settings.workdir)
+    source = str(model) if model else _trained_model(ws.state())
+    cache = ws.models / "cache"
+    if source.startswith("s3://"):
+        name = hashlib.sha256(source.encode()).hexdigest()[:16]
+        return model_dir_from(_download(settings, source, cache / "downloads" / f"{name}.tar.gz"), cache)
+    return model_dir_from(Path(source), cache)
 
 
 def write_model_dir(dest: Path, arch: str = "resnet18", image_size: int = 32, *, num_classes: int = 6,

@@ -87,36 +87,6 @@ def compute_metrics(truth: list[int], predicted: list[int], classes: list[int]) 
     }
 
 
-def resolve_model(settings: Settings, model: Path | None) -> Path:
-    """A local model dir: --model (tar or dir), else the one state.json records."""
-    from bincount.artifacts import model_dir_from
-
-    ws = Workspace(settings.workdir)
-    cache = ws.models / ".extracted"
-    if model is not None:
-        return model_dir_from(Path(model), cache)
-    training = ws.state().get("training") or {}
-    if training.get("model_dir") and (Path(training["model_dir"]) / "meta.json").is_file():
-        return Path(training["model_dir"])
-    data = training.get("model_data")
-    if not data:
-        raise BincountError("no trained model recorded: run `bincount train` first, or pass --model")
-    if str(data).startswith("s3://"):
-        data = _download(settings, str(data), ws.models / "downloaded")
-    return model_dir_from(Path(data), cache)
-
-
-def _download(settings: Settings, uri: str, folder: Path) -> Path:
-    from bincount.aws import client, parse_s3_uri
-
-    bucket, key = parse_s3_uri(uri)
-    target = folder / bucket / key
-    if not target.is_file():
-        s3 = client("s3", region=settings.s3.region, endpoint_url=settings.s3.endpoint_url)
-        atomic_write_bytes(target, s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    return target
-
-
 def _image_path(ws: Workspace, manifest: Path, image: str) -> Path:
     path = Path(image)
     if path.is_absolute():
@@ -231,6 +201,8 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
     rows = read_jsonl(manifest)
     if not rows:
         raise BincountError(f"{manifest} is empty")
+    from bincount.artifacts import resolve_model
+
     model_dir = resolve_model(settings, model)
     predicted, meta = predict_counts(model_dir, [_image_path(ws, manifest, r["image"]) for r in rows])
     pairs = [(int(r["count"]), p) for r, p in zip(rows, predicted) if p is not None]

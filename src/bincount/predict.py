@@ -312,8 +312,8 @@ class SageMakerTarget(Target):
 
 def resolve_target(settings: Settings, endpoint: str | None = None, model: Path | str | None = None) -> Target:
     """The first of: --model, --endpoint, deploy.endpoint_name (sagemaker), the recorded endpoint, the last model."""
+    from bincount.artifacts import resolve_model
     from bincount.console import log
-    from bincount.serve import resolve_model
 
     if model:
         return ModelTarget(resolve_model(settings, model))
@@ -331,7 +331,7 @@ def resolve_target(settings: Settings, endpoint: str | None = None, model: Path 
         return SageMakerTarget(settings, recorded["name"])
     training = state.get("training") or {}
     if training.get("model_dir") or training.get("model_data"):
-        model_dir = resolve_model(settings, None)
+        model_dir = resolve_model(settings)
         log(f"no endpoint deployed: predicting in-process with the last trained model {model_dir}")
         return ModelTarget(model_dir)
     raise BincountError("nothing to predict with: run `bincount deploy`, or pass --endpoint URL|NAME or --model PATH")

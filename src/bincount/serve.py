@@ -33,69 +33,15 @@ SIBLINGS = ("inference", "net", "epochlog")  # modules an artifact's code/ may i
 _LOAD_LOCK = threading.Lock()
 
 
-# -- the model: resolve, extract, load the artifact's own handlers -------------------------
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _download_s3(settings: Settings, uri: str, dest: Path) -> Path:
-    from bincount.aws import client, parse_s3_uri
-
-    bucket, key = parse_s3_uri(uri)
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    try:
-        client("s3", region=settings.s3.region, endpoint_url=settings.s3.endpoint_url).download_file(bucket, key, str(tmp))
-    except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-        tmp.unlink(missing_ok=True)
-        raise BincountError(f"cannot download {uri}: {exc}") from None
-    os.replace(tmp, dest)
-    return dest
-
-
-def model_source(settings: Settings, model: Path | str | None = None) -> str:
-    """The model to use: `model`, else deploy.model_data, else the last trained model in state.json."""
-    if model:
-        return str(model)
-    if settings.deploy.model_data:
-        return settings.deploy.model_data
-    training = Workspace(settings.workdir).state().get("training") or {}
-    for key in ("model_dir", "model_data"):
-        if training.get(key):
-            return str(training[key])
-    raise BincountError("no model given and none trained yet: run `bincount train` or pass --model")
-
-
+# -- the model: resolve it, load the artifact's own handlers --------------------------------
 def resolve_model(settings: Settings, model: Path | str | None = None) -> Path:
-    """A model dir (meta.json + model.pth [+ code/]) for a model dir, model.tar.gz or s3:// URI.
+    """The model to serve, as a local dir: `model`, else deploy.model_data, else the last trained model.
 
-    Archives are unpacked safely once into <workdir>/models/cache/<sha256 prefix>/ and reused.
+    A model dir, model.tar.gz or s3:// URI; see artifacts.resolve_model.
     """
-    source = model_source(settings, model)
-    cache = Workspace(settings.workdir).models / "cache"
-    if source.startswith("s3://"):
-        name = hashlib.sha256(source.encode()).hexdigest()[:16]
-        path = _download_s3(settings, source, cache / "downloads" / f"{name}.tar.gz")
-    else:
-        path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "meta.json").is_file() or not (path / "model.pth").is_file():
-            raise BincountError(f"{path} is not a model dir (needs meta.json and model.pth)")
-        return path.resolve()
-    if not path.is_file():
-        raise BincountError(f"model {path} not found")
-    dest = cache / _file_digest(path)[:16]
-    if not (dest / "meta.json").is_file():
-        from bincount.artifacts import extract_model  # safe: no absolute paths, '..', links or devices
+    from bincount.artifacts import resolve_model as resolve
 
-        extract_model(path, dest)
-    return dest.resolve()
+    return resolve(settings, model or settings.deploy.model_data)
 
 
 def load_handlers(model_dir: Path | str) -> ModuleType:
