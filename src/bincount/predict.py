@@ -24,10 +24,10 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result
+from bincount.serve import MAX_BODY_BYTES
 from bincount.workspace import Workspace
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-MAX_BODY_BYTES = 6 * 1024 * 1024
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
@@ -101,11 +101,15 @@ def _content_type(name: str) -> str:
     return CONTENT_TYPES.get(Path(name.lower()).suffix, "application/x-image")
 
 
+def _too_big(size: int) -> ValueError:
+    return ValueError(f"{size / 1e6:.1f} MB, over the {MAX_BODY_BYTES // (1024 * 1024)} MB request limit")
+
+
 def _read_file(path: Path) -> Callable[[], bytes]:
     def read() -> bytes:
         size = path.stat().st_size
         if size > MAX_BODY_BYTES:
-            raise ValueError(f"{size / 1e6:.1f} MB, over the {MAX_BODY_BYTES // (1024 * 1024)} MB request limit")
+            raise _too_big(size)
         return path.read_bytes()
 
     return read
@@ -170,7 +174,7 @@ class S3Reader:
                 raise ValueError(f"cannot read: {_aws_message(exc)}") from None
             if obj["ContentLength"] > MAX_BODY_BYTES:
                 obj["Body"].close()
-                raise ValueError(f"{obj['ContentLength'] / 1e6:.1f} MB, over the 6 MB request limit")
+                raise _too_big(obj["ContentLength"])
             return obj["Body"].read()
 
         return read
