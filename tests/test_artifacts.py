@@ -71,8 +71,9 @@ def test_not_a_model_archive(tmp_path):
     with pytest.raises(BincountError, match="missing model.pth, meta.json"):
         extract_model(path, tmp_path / "dest")
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
-    with pytest.raises(BincountError, match="cannot read"):
+    with pytest.raises(BincountError, match="cannot read") as err:
         extract_model(tmp_path / "junk.tar.gz", tmp_path / "dest")
+    assert str(err.value).endswith("(not a tar or tar.gz file)")  # one line, not tarfile's one per method
 
 
 def test_resolve_model_from_a_dir_an_archive_s3_or_the_state(s3_server, tmp_path):
@@ -85,6 +86,8 @@ def test_resolve_model_from_a_dir_an_archive_s3_or_the_state(s3_server, tmp_path
     settings = load_settings(overrides={"workdir": str(ws.root), "s3.endpoint_url": s3_server}, environ={})
     with pytest.raises(BincountError, match="run `bincount train` first"):
         resolve_model(settings)
+    with pytest.raises(BincountError, match="or pass --model-data PATH"):  # deploy's option
+        resolve_model(settings, option="--model-data")
     src = model_dir(tmp_path)
     assert resolve_model(settings, src) == src.resolve()
     tar = package_model(src, tmp_path / "model.tar.gz")

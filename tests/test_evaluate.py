@@ -65,3 +65,13 @@ def test_evaluate_writes_metrics_and_plots(synth_source, tmp_path):
     # The model recorded in state.json is the default.
     ws.update_state(training={"backend": "local", "model_data": str(tar)})
     assert evaluate(settings).accuracy == result.accuracy
+
+
+def test_a_broken_model_is_a_one_line_error(tmp_path):
+    model = _model_dir(tmp_path / "m")
+    (model / "model.pth").write_bytes(b"not a state dict")
+    write_jsonl(tmp_path / "m.jsonl", [{"id": "1", "count": 1, "image": str(tmp_path / "any.jpg")}])
+    settings = load_settings(overrides={"workdir": str(tmp_path)}, environ={})
+    with pytest.raises(BincountError, match="cannot load the model in .*: UnpicklingError") as err:
+        evaluate(settings, manifest=tmp_path / "m.jsonl", model=model)
+    assert "\n" not in str(err.value)

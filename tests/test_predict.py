@@ -151,3 +151,11 @@ def test_an_endpoint_name_goes_to_sagemaker(cli, model_dir, images, expected, tm
     assert out["target"] == "SageMaker endpoint bincount-prod"
     _check(out["items"], expected)
     assert {c[0] for c in calls} == {"bincount-prod"} and ("bincount-prod", "image/png") in calls
+
+
+def test_a_broken_model_is_a_one_line_error(cli, model_dir, images, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.pth").write_bytes(b"not a state dict")
+    res = cli("predict", images, "--workdir", tmp_path, "--model", broken)
+    assert res.exit_code == 1 and "cannot load the model in" in res.stderr and "Traceback" not in res.stderr

@@ -89,7 +89,8 @@ def extract_model(tar_path: Path, dest: Path) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BincountError(f"{tar_path}: cannot read the model archive ({exc})") from None
+        reason = "not a tar or tar.gz file" if isinstance(exc, tarfile.ReadError) else " ".join(str(exc).split())
+        raise BincountError(f"{tar_path}: cannot read the model archive ({reason})") from None
     return dest
 
 
@@ -116,7 +117,13 @@ def model_dir_from(path: Path, cache: Path) -> Path:
     return dest.resolve()
 
 
-def _trained_model(state: dict) -> str:
+def load_error(model_dir: Path, exc: Exception) -> BincountError:
+    """A one-line error for a model dir whose model.pth or meta.json cannot be loaded."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return BincountError(f"cannot load the model in {model_dir} (model.pth, meta.json): {type(exc).__name__}: {first}")
+
+
+def _trained_model(state: dict, option: str) -> str:
     """The last trained model recorded in state.json: its local dir if still there, else its model.tar.gz."""
     training = state.get("training") or {}
     model_dir, model_data = training.get("model_dir"), training.get("model_data")
@@ -124,7 +131,7 @@ def _trained_model(state: dict) -> str:
         return str(model_dir)
     if model_data or model_dir:
         return str(model_data or model_dir)
-    raise BincountError("no trained model recorded: run `bincount train` first, or pass --model PATH|s3://URI")
+    raise BincountError(f"no trained model recorded: run `bincount train` first, or pass {option} PATH|s3://URI")
 
 
 def _download(settings: Settings, uri: str, dest: Path) -> Path:
@@ -144,15 +151,15 @@ def _download(settings: Settings, uri: str, dest: Path) -> Path:
     return dest
 
 
-def resolve_model(settings: Settings, model: Path | str | None = None) -> Path:
+def resolve_model(settings: Settings, model: Path | str | None = None, option: str = "--model") -> Path:
     """A local model dir for `model`: a model dir, a model.tar.gz, an s3:// URI of one, or None for the
     last trained model in state.json. Archives are downloaded and unpacked safely once, into
-    <workdir>/models/cache/, and reused.
+    <workdir>/models/cache/, and reused. `option` names the CLI option in the error when there is none.
     """
     from bincount.workspace import Workspace
 
     ws = Workspace(settings.workdir)
-    source = str(model) if model else _trained_model(ws.state())
+    source = str(model) if model else _trained_model(ws.state(), option)
     cache = ws.models / "cache"
     if source.startswith("s3://"):
         name = hashlib.sha256(source.encode()).hexdigest()[:16]

@@ -107,8 +107,13 @@ def predict_counts(model_dir: Path, paths: list[Path]) -> tuple[list[int | None]
 
     from bincount.container import net
 
-    model, meta = net.load_model(model_dir)
-    size = meta["image_size"]
+    try:
+        model, meta = net.load_model(model_dir)
+        size, mean, std, classes = meta["image_size"], meta["mean"], meta["std"], meta["classes"]
+    except Exception as exc:  # noqa: BLE001 - a broken model.pth or meta.json: one line, not a traceback
+        from bincount.artifacts import load_error
+
+        raise load_error(model_dir, exc) from None
 
     def load(path: Path):
         try:
@@ -124,9 +129,9 @@ def predict_counts(model_dir: Path, paths: list[Path]) -> tuple[list[int | None]
             good = [t for t in tensors if t is not None]
             preds = iter([])
             if good:
-                batch = net.normalize(torch.stack(good), meta["mean"], meta["std"])
+                batch = net.normalize(torch.stack(good), mean, std)
                 preds = iter(model(batch).argmax(1).tolist())
-            out += [None if t is None else meta["classes"][next(preds)] for t in tensors]
+            out += [None if t is None else classes[next(preds)] for t in tensors]
     return out, meta
 
 

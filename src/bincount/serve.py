@@ -34,14 +34,14 @@ _LOAD_LOCK = threading.Lock()
 
 
 # -- the model: resolve it, load the artifact's own handlers --------------------------------
-def resolve_model(settings: Settings, model: Path | str | None = None) -> Path:
+def resolve_model(settings: Settings, model: Path | str | None = None, option: str = "--model") -> Path:
     """The model to serve, as a local dir: `model`, else deploy.model_data, else the last trained model.
 
     A model dir, model.tar.gz or s3:// URI; see artifacts.resolve_model.
     """
     from bincount.artifacts import resolve_model as resolve
 
-    return resolve(settings, model or settings.deploy.model_data)
+    return resolve(settings, model or settings.deploy.model_data, option)
 
 
 def load_handlers(model_dir: Path | str) -> ModuleType:
@@ -86,7 +86,12 @@ class Handlers:
     def __init__(self, model_dir: Path | str, lock: bool = False):
         self.model_dir = Path(model_dir)
         self.module = load_handlers(self.model_dir)
-        self.bundle = self.module.model_fn(str(self.model_dir))
+        try:
+            self.bundle = self.module.model_fn(str(self.model_dir))
+        except Exception as exc:  # noqa: BLE001 - a broken model.pth or meta.json: one line, not a traceback
+            from bincount.artifacts import load_error
+
+            raise load_error(self.model_dir, exc) from None
         self._lock = threading.Lock() if lock else None
 
     def invoke(self, body: bytes, content_type: str | None = None, accept: str | None = None) -> str:
@@ -363,7 +368,7 @@ def deploy_local(settings: Settings, timeout: float = 120.0) -> LocalEndpointRes
         _stop(int(current.get("pid") or 0))
         ws.update_state(endpoint=None)
 
-    model_dir = resolve_model(settings, settings.deploy.model_data)
+    model_dir = resolve_model(settings, settings.deploy.model_data, option="--model-data")
     log_path = ws.reports / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
