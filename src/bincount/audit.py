@@ -17,7 +17,7 @@ from typing import Any
 
 from bincount.config import Settings
 from bincount.errors import BincountError
-from bincount.results import Result
+from bincount.results import Result, key_value_table
 from bincount.workspace import Workspace, atomic_write_text, read_jsonl
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
@@ -64,9 +64,7 @@ class AuditResult(Result):
             table.add_row(row.id, str(row.expected), "" if row.predicted is None else str(row.predicted),
                           "" if row.confidence is None else f"{row.confidence:.3f}",
                           f"[{style[row.action]}]{row.action}[/]" + (f" ({row.error})" if row.error else ""))
-        summary = Table(title="audit", show_header=False, title_justify="left")
-        summary.add_column(style="bold")
-        summary.add_column()
+        summary = key_value_table(title="audit")
         pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
         for key, value in (("bins", self.bins), ("agreement", f"{pct(self.agreement)} of {self.scored} scored"),
                            ("threshold", f"{self.threshold:.2f}"),

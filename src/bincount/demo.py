@@ -14,7 +14,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
-from bincount.results import Result
+from bincount.results import Result, key_value_table
 
 
 class DemoResult(Result):
@@ -30,11 +30,8 @@ class DemoResult(Result):
     seconds: float
 
     def rich(self) -> Any:
-        from rich.table import Table
 
-        table = Table(title="bincount demo: done (nothing left running)", show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
+        table = key_value_table(title="bincount demo: done (nothing left running)")
         table.add_row("test accuracy", f"{self.accuracy:.1%}")
         table.add_row("test RMSE", f"{self.rmse:.3f}")
         table.add_row("within one", f"{self.within_one:.1%}")

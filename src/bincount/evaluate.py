@@ -7,14 +7,13 @@ The per-count table has the form the public ABID challenge reports its baseline 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from bincount.config import Settings
 from bincount.errors import BincountError
-from bincount.results import Result, per_class_table
+from bincount.results import Result, key_value_table, per_class_table
 from bincount.workspace import Workspace, atomic_write_bytes, atomic_write_text, read_jsonl
 
 ABID_BASELINE = {"accuracy": 0.5567, "rmse": 0.930}  # ABID challenge baseline, moderate task (counts 0..5)
@@ -38,11 +37,8 @@ class EvalResult(Result):
 
     def rich(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
 
-        summary = Table(title=f"evaluation on {self.n} images", show_header=False, title_justify="left")
-        summary.add_column(style="bold")
-        summary.add_column()
+        summary = key_value_table(title=f"evaluation on {self.n} images")
         summary.add_row("accuracy", f"{self.accuracy:.2%}")
         summary.add_row("RMSE", f"{self.rmse:.3f}")
         summary.add_row("MAE", f"{self.mae:.3f}")

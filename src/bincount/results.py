@@ -16,16 +16,22 @@ class Result(BaseModel):
         return type(self).__name__.removesuffix("Result").lower() or "result"
 
     def rich(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title=self.title(), show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
+        table = key_value_table(self.title())
         for key, value in self.model_dump(mode="json").items():
             if isinstance(value, (list, dict)) and len(value) > 8:
                 value = f"{len(value)} entries (see --json)"
             table.add_row(key, str(value))
         return table
+
+
+def key_value_table(title: str) -> Any:
+    """A two-column rich table without a header: bold names on the left, values on the right."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    return table
 
 
 def per_class_table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 
 from bincount.config import Settings
 from bincount.errors import BincountError
-from bincount.results import Result
+from bincount.results import Result, key_value_table
 from bincount.workspace import Workspace
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time invocation limit
@@ -301,11 +301,8 @@ class LocalEndpointResult(Result):
         return "endpoint"
 
     def rich(self) -> Any:
-        from rich.table import Table
 
-        table = Table(title=self.title(), show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
+        table = key_value_table(title=self.title())
         for key, value in self.model_dump(exclude_none=True).items():
             table.add_row(key, str(value))
         return table

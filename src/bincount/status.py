@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from bincount.config import Settings
-from bincount.results import Result
+from bincount.results import Result, key_value_table
 from bincount.workspace import SPLITS, Workspace
 
 
@@ -22,11 +22,8 @@ class StatusResult(Result):
     endpoint: dict[str, Any] | None = None
 
     def rich(self) -> Any:
-        from rich.table import Table
 
-        table = Table(title=f"status of {self.workdir}", show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
+        table = key_value_table(title=f"status of {self.workdir}")
         table.add_row("data", ", ".join(f"{k} {'-' if v is None else v}" for k, v in self.data.items()))
         table.add_row("channels", ", ".join(f"{k} {v}" for k, v in self.channels.items()) or "-")
         for name in ("tuning", "training", "endpoint"):

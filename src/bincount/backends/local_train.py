@@ -30,7 +30,7 @@ from typing import Any
 
 from bincount.config import Settings
 from bincount.errors import BincountError
-from bincount.results import Result
+from bincount.results import Result, key_value_table
 from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_jsonl
 
 CONTAINER = Path(__file__).resolve().parent.parent / "container"
@@ -50,12 +50,8 @@ class TrainResult(Result):
 
     def rich(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
 
-        table = Table(title=f"trained {self.run} (best epoch {self.best_epoch} of {self.epochs})",
-                      show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
+        table = key_value_table(title=f"trained {self.run} (best epoch {self.best_epoch} of {self.epochs})")
         for key in ("val_acc", "val_rmse", "val_loss", "train_loss", "test_acc", "test_rmse"):
             if key in self.metrics:
                 table.add_row(key, f"{self.metrics[key]:.4f}")

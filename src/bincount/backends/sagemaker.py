@@ -16,7 +16,7 @@ from bincount.backends.tuning import TUNED, TuneResult, best_train_settings, coe
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
-from bincount.results import Result
+from bincount.results import Result, key_value_table
 from bincount.workspace import Workspace
 
 
@@ -37,9 +37,7 @@ class TrainJobResult(Result):
         from rich.console import Group
         from rich.table import Table
 
-        table = Table(title=f"training job {self.job}: {self.status}", show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
+        table = key_value_table(title=f"training job {self.job}: {self.status}")
         for name, value in self.metrics.items():
             table.add_row(name, f"{value:.4f}")
         table.add_row("model", self.model_data or "(not yet: see bincount status)")
@@ -159,13 +157,7 @@ def _record_training(ws: Workspace, description: dict[str, Any]) -> None:
 def tune(settings: Settings) -> TuneResult:
     """A HyperparameterTuner over the training estimator; records the best trial in state.json."""
     sme.load_sdk()
-    from sagemaker.tuner import (
-        CategoricalParameter,
-        ContinuousParameter,
-        HyperparameterTuner,
-        WarmStartConfig,
-        WarmStartTypes,
-    )
+    from sagemaker.tuner import CategoricalParameter, ContinuousParameter, HyperparameterTuner, WarmStartConfig, WarmStartTypes
 
     from bincount.container.epochlog import METRIC_DEFINITIONS, OBJECTIVES
 
@@ -292,10 +284,10 @@ def _resolve_model_data(settings: Settings, sm_session: Any) -> str:
 def deploy(settings: Settings) -> EndpointResult:
     """A PyTorchModel with container/inference.py on a real-time or serverless endpoint; waits until InService."""
     sme.load_sdk()
+    import tempfile
+
     from sagemaker.pytorch import PyTorchModel
     from sagemaker.serverless import ServerlessInferenceConfig
-
-    import tempfile
 
     d = settings.deploy
     name = d.endpoint_name or f"{settings.sagemaker.base_job_name}-{sme.timestamp()}"

@@ -36,7 +36,7 @@ from typing import Any
 from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.errors import BincountError
-from bincount.results import Result, per_class_table
+from bincount.results import Result, key_value_table, per_class_table
 from bincount.workspace import Workspace, read_jsonl, write_jsonl
 
 CHUNK = 256 * 1024
@@ -63,11 +63,8 @@ class FetchResult(Result):
 
     def rich(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
 
-        summary = Table(title="fetch", show_header=False, title_justify="left")
-        summary.add_column(style="bold")
-        summary.add_column()
+        summary = key_value_table(title="fetch")
         rejected = f"{self.rejected}  {self.rejects}  (reports/fetch-rejects.jsonl)" if self.rejected else "0"
         for key, value in [("source", self.source), ("manifest", f"{self.manifest} ({self.items} items)"),
                            ("fetched", self.fetched), ("already present", self.present), ("rejected", rejected),
@@ -176,13 +173,7 @@ def open_source(data: Any) -> S3Source | LocalSource:
 
 
 def _transient(exc: BaseException) -> bool:
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        IncompleteReadError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
+    from botocore.exceptions import ClientError, ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from urllib3.exceptions import ProtocolError
 
     if isinstance(exc, ClientError):
