@@ -168,10 +168,10 @@ def test_ema_counting_loss_and_small_stem():
     ema = train.EMA(model, decay=0.5)
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    before = ema.model[0].weight.clone()
+    before = ema.state["0.weight"].clone()
     ema.update(model)  # first step: decay min(0.5, 2/11)
-    assert torch.allclose(ema.model[0].weight, before + 9 / 11)
-    assert not any(p.requires_grad for p in ema.model.parameters())
+    assert torch.allclose(ema.state["0.weight"], before + 9 / 11)
+    assert ema.state["1.num_batches_tracked"] == model[1].num_batches_tracked
 
     logits, target = torch.tensor([[0.0, 0.0, 10.0]]), torch.tensor([0])
     ce = train.CountingLoss(None, 0.0, 0.0)(logits, target)

@@ -25,16 +25,16 @@ class. Other progress lines go to stderr with a "[train]" prefix. A usage error 
 
 Recipe: the whole image is resized once to image_size (never cropped: a crop could cut objects out and
 change the count); augmentation is count-preserving (flips, transpose, small brightness/contrast jitter),
-done per batch on the device; AdamW or SGD, linear warm-up then cosine decay per step, label smoothing,
-optional inverse-frequency class weights, AMP + channels_last on CUDA, early stopping on val_acc with
-`patience`, best-epoch weights kept. Images are decoded once and cached as uint8 tensors when they fit
+done per batch on the device; AdamW or SGD, linear warm-up then cosine decay per step, label smoothing
+plus a count-aware term (|expected count - count| on the softmax, --count_loss), an EMA of the weights
+(--ema_decay: the EMA model is validated, kept and shipped), optional inverse-frequency class weights,
+AMP + channels_last on CUDA, early stopping on val_acc with `patience`, best-epoch weights kept. Images are decoded once and cached as uint8 tensors when they fit
 in --cache_mb, else decoded per item by DataLoader workers (min(cpus, 8)).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -94,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--warmup_epochs", type=int, default=1)
     p.add_argument("--label_smoothing", type=float, default=0.05)
-    p.add_argument("--count_loss", type=float, default=0.0, help="weight of |expected count - count| in the loss")
-    p.add_argument("--ema_decay", type=float, default=0.0, help="keep an EMA of the weights (e.g. 0.99); 0 = off")
+    p.add_argument("--count_loss", type=float, default=0.5, help="weight of |expected count - count| in the loss")
+    p.add_argument("--ema_decay", type=float, default=0.995, help="EMA of the weights (validated and shipped); 0 = off")
     p.add_argument("--class_weighting", type=str2bool, default=False)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--patience", type=int, default=5, help="early stopping; 0 = never stop early")
@@ -304,7 +304,7 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights
 
 
-class CountingLoss(nn.Module):
+class CountingLoss(nn.modules.loss._Loss):  # a _Loss, as smdebug's register_loss requires
     """Cross-entropy plus `count_weight` x |expected count - count| (the softmax's mean count): ordinal-aware."""
 
     def __init__(self, weight: torch.Tensor | None, label_smoothing: float, count_weight: float):
@@ -322,20 +322,24 @@ class CountingLoss(nn.Module):
 
 
 class EMA:
-    """Exponential moving average of the weights (buffers copied); its decay ramps up over the first steps."""
+    """Exponential moving average of the weights and float buffers; its decay ramps up over the first steps."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.model, self.decay, self.steps = copy.deepcopy(model).eval().requires_grad_(False), decay, 0
+        self.state, self.decay, self.steps = clone_state(model), decay, 0
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for ema, live in zip(self.model.state_dict().values(), model.state_dict().values()):
+        for ema, live in zip(self.state.values(), model.state_dict().values()):
             if ema.dtype.is_floating_point:
                 ema.lerp_(live, 1 - decay)
             else:
                 ema.copy_(live)
+
+
+def clone_state(model: nn.Module, device=None) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(device).clone() for k, v in model.state_dict().items()}
 
 
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
@@ -538,8 +542,7 @@ def run(args: argparse.Namespace) -> dict:
         optimizer, warmup_cosine(args.warmup_epochs * steps, args.epochs * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
-    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
-    scored = ema.model if ema is not None else model  # the weights validated, kept and shipped
+    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None  # its weights are validated and shipped
     ckpt_dir = usable_dir(args.checkpoint_dir) if dist.main else None
     ckpt = load_checkpoint(ckpt_dir, dist)
     start, best_state, best_metrics, bad_epochs, history = 1, None, None, 0, []
@@ -549,7 +552,7 @@ def run(args: argparse.Namespace) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
-            ema.model.load_state_dict(ckpt["ema"])
+            ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
             ema.steps = ckpt["ema_steps"]
         start, best_state, best_metrics = ckpt["epoch"] + 1, ckpt["best_state"], ckpt["best_metrics"]
         bad_epochs, history = ckpt["bad_epochs"], ckpt["history"]
@@ -572,16 +575,21 @@ def run(args: argparse.Namespace) -> dict:
         train_loss = train_epoch(ddp, train_data, order, optimizer, scheduler, loss_fn, scaler, device,
                                  channels_last, amp, aug, dist, ema)
         set_mode(hook, "eval")
-        val = evaluate(scored, val_data, loss_fn, device, channels_last, amp, dist)
+        live = clone_state(model) if ema is not None else None
+        if ema is not None:
+            model.load_state_dict(ema.state)
+        val = evaluate(model, val_data, loss_fn, device, channels_last, amp, dist)
         metrics = {"train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                    "val_rmse": val["rmse"], "lr": lr}
         history.append({"epoch": epoch, **metrics})
         if better(metrics, best_metrics):
             best_metrics = {"epoch": epoch, **metrics}
-            best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
+            best_state = clone_state(model, "cpu")
             bad_epochs = 0
         else:
             bad_epochs += 1
+        if live is not None:
+            model.load_state_dict(live)
         stopped = args.patience > 0 and bad_epochs >= args.patience
         if dist.main:
             print(epochlog.format_epoch_line(epoch, **metrics), flush=True)
@@ -590,15 +598,15 @@ def run(args: argparse.Namespace) -> dict:
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_state": best_state,
                     "best_metrics": best_metrics, "bad_epochs": bad_epochs, "history": history, "stopped": stopped,
-                    "ema": ema.model.state_dict() if ema else None, "ema_steps": ema.steps if ema else 0})
+                    "ema": ema.state if ema else None, "ema_steps": ema.steps if ema else 0})
         if stopped:
             log(f"early stop: no better val_acc for {args.patience} epochs (best epoch {best_metrics['epoch']})")
 
     if best_state is None:
         raise UsageError("no epoch ran (epochs must be >= 1)")
     if test_items is not None:
-        scored.load_state_dict(best_state)
-        test = evaluate(scored, batches(test_items), loss_fn, device, channels_last, amp, dist)
+        model.load_state_dict(best_state)
+        test = evaluate(model, batches(test_items), loss_fn, device, channels_last, amp, dist)
         best_metrics.update({"test_loss": test["loss"], "test_acc": test["acc"], "test_rmse": test["rmse"]})
         if dist.main:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
