@@ -102,6 +102,7 @@ class TrainSettings(Section):
     """Hyperparameters of container/train.py (passed as --name value, as SageMaker does)."""
 
     arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"] = Field("resnet18", description="torchvision backbone")
+    stem: Literal["standard", "small"] = Field("standard", description="small: no stem max-pool (mobilenet: stride-1 first conv), for inputs below ~128 px")
     pretrained: str = Field("none", description="imagenet | none | path to a local weights file")
     epochs: int = Field(20, ge=1, description="maximum epochs (early stopping may end sooner)")
     batch_size: int = Field(64, ge=1, description="images per step (per process under DDP)")
@@ -111,6 +112,8 @@ class TrainSettings(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     warmup_epochs: int = Field(1, ge=0, description="epochs of linear learning-rate warm-up")
     label_smoothing: float = Field(0.05, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
+    count_loss: float = Field(0.5, ge=0, description="weight of |expected count - count| (softmax mean) added to the loss")
+    ema_decay: float = Field(0.995, ge=0, lt=1, description="validate and ship an exponential moving average of the weights (0 = off)")
     class_weighting: bool = Field(False, description="weight the loss by inverse class frequency (for unbalanced counts)")
     image_size: int = Field(224, ge=32, le=1024, description="input size in pixels: the whole bin is resized, never cropped")
     patience: int = Field(5, ge=0, description="early stopping: epochs without a better val metric (0 = never stop)")
