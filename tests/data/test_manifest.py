@@ -6,7 +6,8 @@ import pytest
 from bincount.data import manifest as mf
 from bincount.errors import BincountError
 
-CAPSTONE = Path("/work/shared/data/capstone_file_list.json")
+# shared/ lies beside the checkout (for developers and CI alike)
+CAPSTONE = Path(__file__).resolve().parents[3] / "shared" / "data" / "capstone_file_list.json"
 
 
 def test_normalize_id():
