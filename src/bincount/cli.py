@@ -257,7 +257,7 @@ def status(
 @app.command()
 def demo(
     images: Annotated[int, typer.Option(min=60, help="Synthetic bins to make.")] = 900,
-    image_size: Annotated[int, typer.Option(min=32, help="Their size in pixels.")] = 96,
+    image_size: Annotated[int, typer.Option(min=32, help="Their size in pixels.")] = 128,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Run the whole pipeline offline on synthetic bins. Local S3 server, train, serve, audit."""

@@ -75,7 +75,7 @@ def _serve_bucket(source: Path, bucket: str) -> tuple[Any, str]:
     return server, url
 
 
-def demo(settings: Settings, images: int = 900, image_size: int = 96) -> DemoResult:
+def demo(settings: Settings, images: int = 900, image_size: int = 128) -> DemoResult:
     """Run the whole pipeline offline on synthetic bins and summarise it."""
     import os
 

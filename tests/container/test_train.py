@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from bincount.container.epochlog import parse_epoch_line
+from bincount.container.epochlog import METRIC_DEFINITIONS, parse_epoch_line
 
 from .conftest import SCRIPT, run_train
 
@@ -37,6 +38,11 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
     second = run_train(channels, run, "--epochs", "2", *recipe, env={"SM_CHANNEL_TEST": str(channels["test"])})
     assert second.returncode == 0, second.stderr[-2000:]
     assert epochs_in(second.stdout) == [2]
+    # the closing line repeats the kept epoch's metrics, so "the last value" of an objective is the best one
+    last_line = second.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("best_epoch=")
+    regex = next(d["Regex"] for d in METRIC_DEFINITIONS if d["Name"] == "val_acc")
+    last_val_acc = float(re.findall(regex, second.stdout)[-1])
     assert "resuming after epoch 1" in second.stderr
 
     model_dir = run / "model"
@@ -44,6 +50,8 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
     assert meta["arch"] == "mobilenet_v3_small" and meta["stem"] == "small" and meta["classes"] == list(range(6)) and meta["image_size"] == 32
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
     assert meta["metrics"]["epoch"] in (1, 2) and 0.0 <= meta["metrics"]["test_acc"] <= 1.0
+    assert last_val_acc == round(meta["metrics"]["val_acc"], 4)
+    assert last_line.startswith(f"best_epoch={meta['metrics']['epoch']} ")
     assert meta["hyperparameters"]["class_weighting"] is True and len(meta["manifest_digest"]) == 64
     assert len(meta["mean"]) == len(meta["std"]) == 3
     assert sorted(p.name for p in (model_dir / "code").iterdir()) == [

@@ -3,6 +3,13 @@
     epoch=3 train_loss=0.9100 val_loss=0.8800 val_acc=0.6100 val_rmse=0.8700 lr=0.000900
 
 Numbers are plain decimals (or nan); keys never change order. Standard library only.
+
+A run ends with one more line, the kept (best) epoch's metrics:
+
+    best_epoch=2 train_loss=0.9500 val_loss=0.8500 val_acc=0.6400 val_rmse=0.8100
+
+so a tuner that scores a job by the last value of its objective metric (SageMaker's does, and the
+local Optuna search reads the log the same way) scores the weights that are actually kept.
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ def format_epoch_line(epoch: int, **metrics: float) -> str:
         if name in metrics:
             value = metrics[name]
             parts.append(f"{name}={value:.6f}" if name == "lr" else f"{name}={value:.4f}")
+    return " ".join(parts)
+
+
+def format_best_line(best: dict[str, float]) -> str:
+    """The closing line: the best epoch's number and metrics (no lr), in the epoch line's form."""
+    parts = [f"best_epoch={int(best['epoch'])}"]
+    parts += [f"{name}={best[name]:.4f}" for name in METRICS if name != "lr" and name in best]
     return " ".join(parts)
 
 

@@ -604,6 +604,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if best_state is None:
         raise UsageError("no epoch ran (epochs must be >= 1)")
+    if dist.main:  # tuners score a job by the last value of the objective: make it the kept epoch's
+        print(epochlog.format_best_line(best_metrics), flush=True)
     if test_items is not None:
         model.load_state_dict(best_state)
         test = evaluate(model, batches(test_items), loss_fn, device, channels_last, amp, dist)
