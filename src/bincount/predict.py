@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bincount.config import Settings
 from bincount.errors import BincountError
@@ -210,11 +210,12 @@ def collect(settings: Settings, inputs: list[str]) -> list[Source]:
 
 
 # -- targets: what answers ------------------------------------------------------------------
-class Target:
+class Target(Protocol):
+    """What answers: the model in this process, a local endpoint URL, or a SageMaker endpoint."""
+
     name: str
 
-    def predict(self, body: bytes, content_type: str) -> dict:
-        raise NotImplementedError
+    def predict(self, body: bytes, content_type: str) -> dict: ...
 
     def close(self) -> None:
         pass
