@@ -90,26 +90,9 @@ def make_channels(settings: Settings) -> dict[str, Path]:
 
 def hyperparameters(settings: Settings) -> dict[str, Any]:
     """train.py arguments: the config's, overridden by the recorded best tuning result when use_best."""
-    hp = settings.train.hyperparameters(settings.data.max_count)
-    if settings.train.use_best:
-        best = Workspace(settings.workdir).state().get("tuning", {}).get("best_hyperparameters")
-        if not best:
-            raise BincountError("train.use_best is set but no tuning result is recorded: run `bincount tune` first")
-        hp.update({k: _parse_value(v) for k, v in best.items() if not k.startswith(("_", "sagemaker_"))})
-    return hp
+    from bincount.backends.tuning import best_train_settings
 
-
-def _parse_value(value: Any) -> Any:
-    """SageMaker reports hyperparameters as strings (often JSON-quoted); give back numbers where they are."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip().strip('"')
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+    return best_train_settings(settings).hyperparameters(settings.data.max_count)
 
 
 def format_args(hp: dict[str, Any]) -> list[str]:

@@ -87,7 +87,7 @@ def best_train_settings(settings: Settings) -> TrainSettings:
     best = tuning.get("best_hyperparameters")
     if not best:
         job = tuning.get("job")
-        hint = f"tuning job {job} has no best trial recorded yet (see bincount status)" if job else "run bincount tune first"
+        hint = f"tuning job {job} has no best trial recorded yet (see bincount status)" if job else "run `bincount tune` first"
         raise BincountError(f"--use-best: no best hyperparameters in state.json; {hint}")
     merged = {**settings.train.model_dump(), **coerce_hyperparameters(best)}
     return TrainSettings.model_validate(merged)
