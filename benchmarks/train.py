@@ -48,7 +48,8 @@ def learning(root: Path, args) -> dict:
         "train.weight_decay": args.weight_decay, "train.warmup_epochs": 2, "train.patience": 0,
         "train.stem": args.stem, "train.ema_decay": args.ema_decay, "train.count_loss": args.count_loss,
         "train.label_smoothing": args.label_smoothing,
-        "train.seed": args.seed})
+        "train.seed": args.seed, "split.train": 1 - args.val_share - args.test_share, "split.val": args.val_share,
+        "split.test": args.test_share})
     fetch(settings)
     split(settings)
     started = time.perf_counter()
@@ -71,7 +72,7 @@ def pipeline(channel: Path, args, steps: int = 12, rounds: int = 3) -> dict:
 
     items = script.read_channel(str(channel), "train", 6)
     torch.manual_seed(0)
-    model = net.build_model(args.arch, 6, stem=args.stem)
+    model = net.build_model(args.arch, 6, stem=args.stem).to(memory_format=torch.channels_last)  # as train.py
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
     device = torch.device("cpu")
@@ -89,14 +90,14 @@ def pipeline(channel: Path, args, steps: int = 12, rounds: int = 3) -> dict:
         model.train()
         start, seen = time.perf_counter(), 0
         for images, labels in data.iterate(order, drop_last_single=True):
-            step(script.to_input(images, device, False, generator), labels)
+            step(script.to_input(images, device, True, generator), labels)
             seen += len(labels)
         return seen / (time.perf_counter() - start)
 
     cached = script.Batches(items, args.image_size, args.batch_size, cache_mb=4096, num_workers=None)
     streamed = script.Batches(items, args.image_size, args.batch_size, cache_mb=0, num_workers=None)
     generator = torch.Generator().manual_seed(0)
-    ready = [(script.to_input(x, device, False, generator), y) for x, y in cached.iterate(order, True)]
+    ready = [(script.to_input(x, device, True, generator), y) for x, y in cached.iterate(order, True)]
 
     def in_memory() -> float:
         model.train()
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--label-smoothing", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-share", type=float, default=0.1, help="validation share (picks the kept epoch)")
+    p.add_argument("--test-share", type=float, default=0.2, help="held-out test share (the reported accuracy)")
     p.add_argument("--skip-learning", action="store_true", help="only the input-pipeline part (synthesises less)")
     args = p.parse_args(argv if argv is not None else sys.argv[1:] if __name__ == "__main__" else [])
 

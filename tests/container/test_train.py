@@ -167,6 +167,27 @@ def test_warmup_then_cosine_and_count_preserving_augmentation():
     assert weights.tolist() == pytest.approx([2 / 3, 2.0, 1.0])
 
 
+def test_checkpoint_writer_saves_a_snapshot_in_the_background(tmp_path):
+    import torch
+
+    from bincount.container import train
+
+    live = {"model": {"w": torch.zeros(3)}, "history": [{"epoch": 1}], "epoch": 1}
+    writer = train.CheckpointWriter(tmp_path / "checkpoint.pt")
+    writer.save(live)
+    live["model"]["w"].add_(1.0)  # training goes on mutating the live tensors
+    live["history"].append({"epoch": 2})
+    writer.close()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["model"]["w"].tolist() == [0.0, 0.0, 0.0] and saved["history"] == [{"epoch": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+    failing = train.CheckpointWriter(tmp_path / "missing" / "checkpoint.pt")
+    failing.save(live)
+    with pytest.raises(RuntimeError, match="does not exist"):
+        failing.close()  # a failed write is not lost in the thread
+
+
 def test_ema_counting_loss_and_small_stem():
     import torch
 
