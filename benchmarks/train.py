@@ -48,7 +48,7 @@ def learning(root: Path, args) -> dict:
         "train.weight_decay": args.weight_decay, "train.warmup_epochs": 2, "train.patience": 0,
         "train.stem": args.stem, "train.ema_decay": args.ema_decay, "train.count_loss": args.count_loss,
         "train.label_smoothing": args.label_smoothing,
-        "train.seed": args.seed, "split.train": 1 - args.val_share - args.test_share, "split.val": args.val_share,
+        "train.tta": args.tta, "train.seed": args.seed, "split.train": 1 - args.val_share - args.test_share, "split.val": args.val_share,
         "split.test": args.test_share})
     fetch(settings)
     split(settings)
@@ -56,11 +56,12 @@ def learning(root: Path, args) -> dict:
     result = train(settings)
     scored = evaluate(settings)
     seconds = time.perf_counter() - started
-    print(f"learning: {args.arch} ({args.stem} stem) {args.image_size}px, {result.epochs} epochs, "
+    print(f"learning: {args.arch} ({args.stem} stem) {args.image_size}px, {result.epochs} epochs, tta {args.tta}, "
           f"train + evaluate in {seconds:.0f} s; "
           f"test accuracy {scored.accuracy:.3f}, RMSE {scored.rmse:.3f}, within one {scored.within_one:.3f} "
           f"({scored.n} test images)", flush=True)
     return {"accuracy": scored.accuracy, "rmse": scored.rmse, "seconds": seconds, "epochs": result.epochs,
+            "train_images": len((root / "work" / "channels" / "train" / "manifest.jsonl").read_text().splitlines()),
             "channels": root / "work" / "channels"}
 
 
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--label-smoothing", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="test-time augmentation")
     p.add_argument("--val-share", type=float, default=0.1, help="validation share (picks the kept epoch)")
     p.add_argument("--test-share", type=float, default=0.2, help="held-out test share (the reported accuracy)")
     p.add_argument("--skip-learning", action="store_true", help="only the input-pipeline part (synthesises less)")
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             channel = learned["channels"] / "train"
             rows.append({"name": "train: test accuracy", "ratio": learned["accuracy"], "goal": GOAL_ACC,
                          "note": f"{args.arch} {args.stem} stem {args.image_size}px, {learned['epochs']} epochs, "
+                                 f"{'with' if args.tta else 'no'} TTA, {learned['train_images']} train images, "
                                  f"RMSE {learned['rmse']:.3f}"})
             rows.append({"name": "train: time limit / (training + evaluation time)",
                          "ratio": LIMIT_S / learned["seconds"], "goal": 1.0,

@@ -75,3 +75,15 @@ def test_a_broken_model_is_a_one_line_error(tmp_path):
     with pytest.raises(BincountError, match="cannot load the model in .*: UnpicklingError") as err:
         evaluate(settings, manifest=tmp_path / "m.jsonl", model=model)
     assert "\n" not in str(err.value)
+
+
+def test_evaluate_predicts_as_the_served_model_does_with_tta(synth_source, tmp_path):
+    from bincount.container import inference
+    from bincount.evaluate import predict_counts
+
+    paths = sorted((synth_source / "bin-images").glob("*.jpg"))[:12]
+    model = write_model_dir(tmp_path / "m", "resnet18", seed=5, tta=True)
+    counts, meta = predict_counts(model, paths)
+    bundle = inference.model_fn(str(model))
+    served = [inference.predict_fn(inference.input_fn(p.read_bytes(), "image/jpeg"), bundle)[0]["count"] for p in paths]
+    assert meta["tta"] is True and counts == served

@@ -185,8 +185,8 @@ def write_model_dir(dest: Path, arch: str = "resnet18", image_size: int = 32, *,
         model = net.build_model(arch, num_classes)
     torch.save(model.state_dict(), dest / "model.pth")
     meta = {"arch": arch, "num_classes": num_classes, "classes": list(range(num_classes)), "image_size": image_size,
-            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "metrics": {}, "hyperparameters": {},
-            "manifest_digest": "", **meta}
+            "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "tta": False, "metrics": {},
+            "hyperparameters": {}, "manifest_digest": "", **meta}
     (dest / "meta.json").write_text(json.dumps(meta))
     for name in CODE_FILES:
         shutil.copy(CONTAINER / name, dest / "code" / name)

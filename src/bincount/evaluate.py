@@ -126,7 +126,7 @@ def predict_counts(model_dir: Path, paths: list[Path]) -> tuple[list[int | None]
             preds = iter([])
             if good:
                 batch = net.normalize(torch.stack(good), mean, std)
-                preds = iter(model(batch).argmax(1).tolist())
+                preds = iter(net.predict_proba(model, batch, bool(meta.get("tta"))).argmax(1).tolist())
             out += [None if t is None else classes[next(preds)] for t in tensors]
     return out, meta
 

@@ -134,3 +134,25 @@ def test_in_sagemaker_containers_request_errors_are_toolkit_errors_with_their_st
     assert str(err.value).startswith("unsupported content type")
     for name in ("sagemaker_inference", "sagemaker_inference.errors"):
         sys.modules.pop(name, None)
+
+
+def test_a_model_recorded_with_tta_serves_the_averaged_views(tmp_path):
+    import torch
+    from PIL import Image
+
+    from bincount.container import net
+
+    plain = inference.model_fn(str(write_model_dir(tmp_path / "plain", "resnet18", seed=3)))
+    tta = inference.model_fn(str(write_model_dir(tmp_path / "tta", "resnet18", seed=3, tta=True)))
+    picture = Image.new("RGB", (40, 40), (20, 200, 90))
+    picture.paste((250, 10, 10), (0, 0, 14, 9))  # one object in a corner: the views differ
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    got_plain, got_tta = serve(buf.getvalue(), "image/png", plain), serve(buf.getvalue(), "image/png", tta)
+    x = net.preprocess(picture, 32)[None]
+    with torch.inference_mode():
+        expected = net.predict_proba(tta["model"], x, tta=True)[0].tolist()
+        single = net.predict_proba(tta["model"], x)[0].tolist()
+    assert list(got_tta["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+    assert list(got_plain["probabilities"].values()) == pytest.approx(single, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(expected, single)) > 1e-4

@@ -27,7 +27,7 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
 
     run = tmp_path / "run"
     recipe = ["--class_weighting", "true", "--amp", "false", "--ema_decay", "0.9", "--count_loss", "0.5",
-              "--stem", "small"]
+              "--stem", "small", "--tta", "true"]
     first = run_train(channels, run, "--epochs", "1", *recipe, "--sagemaker_extra", "ignored")
     assert first.returncode == 0, first.stderr[-2000:]
     assert epochs_in(first.stdout) == [1]
@@ -53,6 +53,7 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
     assert last_val_acc == round(meta["metrics"]["val_acc"], 4)
     assert last_line.startswith(f"best_epoch={meta['metrics']['epoch']} ")
     assert meta["hyperparameters"]["class_weighting"] is True and len(meta["manifest_digest"]) == 64
+    assert meta["tta"] is True  # the shipped model predicts with test-time augmentation
     assert len(meta["mean"]) == len(meta["std"]) == 3
     assert sorted(p.name for p in (model_dir / "code").iterdir()) == [
         "epochlog.py", "inference.py", "net.py", "requirements.txt"]
@@ -186,6 +187,26 @@ def test_checkpoint_writer_saves_a_snapshot_in_the_background(tmp_path):
     failing.save(live)
     with pytest.raises(RuntimeError, match="does not exist"):
         failing.close()  # a failed write is not lost in the thread
+
+
+def test_test_time_augmentation_averages_the_eight_training_views():
+    import torch
+
+    from bincount.container import net
+
+    class TopLeft(torch.nn.Module):  # "sees" only the top-left pixel: not flip-invariant at all
+        def forward(self, x):
+            return torch.stack([x[:, 0, 0, 0] * 10, torch.zeros(len(x))], 1)
+
+    x = torch.zeros(1, 3, 8, 8)
+    x[0, :, 0, 0] = 1.0
+    assert len(net.views(x)) == 8 and len(net.views(torch.zeros(1, 3, 8, 6))) == 4
+    plain = net.predict_proba(TopLeft(), x)
+    averaged = net.predict_proba(TopLeft(), x, tta=True)
+    # 2 of the 8 views (identity, transpose) keep the bright pixel at the top left
+    expected = (2 * plain[0, 0] + 6 * 0.5) / 8
+    assert averaged.shape == (1, 2) and averaged[0, 0].item() == pytest.approx(expected.item())
+    assert averaged.sum().item() == pytest.approx(1.0)
 
 
 def test_ema_counting_loss_and_small_stem():

@@ -157,7 +157,7 @@ def predict_fn(images: list, bundle: dict) -> Batch:
         for start in range(0, len(images), FORWARD_BATCH):
             chunk = images[start:start + FORWARD_BATCH]
             batch = torch.stack([net.preprocess(im, meta["image_size"], meta["mean"], meta["std"]) for im in chunk])
-            probs = torch.softmax(model(batch).float(), dim=1)
+            probs = net.predict_proba(model, batch, bool(meta.get("tta")))
             for row in probs.tolist():
                 best = max(range(len(row)), key=row.__getitem__)
                 out.append({"count": classes[best], "confidence": row[best],

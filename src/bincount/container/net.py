@@ -100,6 +100,23 @@ def preprocess(image, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> 
     return normalize(to_uint8(image, image_size), mean, std)
 
 
+def views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """The count-preserving views of a batch [B, 3, H, W]: 4 flips, times 2 with the transpose when square."""
+    flips = [batch, batch.flip(3), batch.flip(2), batch.flip(2, 3)]
+    return flips + [v.transpose(2, 3) for v in flips] if batch.shape[2] == batch.shape[3] else flips
+
+
+def predict_proba(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax over the counts [B, num_classes]; with tta, averaged over views(batch) (test-time augmentation).
+
+    The model was trained on exactly these flips and transposes, so averaging them costs 8x the compute
+    and typically gains one to two points of accuracy.
+    """
+    if not tta:
+        return model(batch).float().softmax(1)
+    return torch.stack([model(v).float().softmax(1) for v in views(batch)]).mean(0)
+
+
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Load model.pth (weights_only) and meta.json from a model dir; returns (model in eval mode, meta)."""
     model_dir = Path(model_dir)

@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", type=str2bool, default=True, help="mixed precision (CUDA only)")
     p.add_argument("--augment", type=str2bool, default=True)
+    p.add_argument("--tta", type=str2bool, default=False,
+                   help="test-time augmentation: the shipped model averages the 8 flips/transposes (meta.json 'tta')")
     p.add_argument("--checkpoint_dir", default=env("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints"))
     p.add_argument("--debugger_out_dir", default=env("DEBUGGER_OUT_DIR"), help="local smdebug hook output")
     p.add_argument("--debugger_interval", type=int, default=5, help="steps between saved tensors (local hook)")
@@ -435,8 +437,11 @@ def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scal
 
 
 @torch.no_grad()
-def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Dist) -> dict[str, float]:
-    """Loss, accuracy and RMSE of the predicted counts over a split (all ranks together)."""
+def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Dist, tta: bool = False) -> dict[str, float]:
+    """Loss, accuracy and RMSE of the predicted counts over a split (all ranks together).
+
+    tta: counts from net.predict_proba's averaged views (as the shipped model predicts); the loss stays plain.
+    """
     model.eval()
     loss_sum = correct = sq_err = n = 0.0
     for images, labels in data.iterate(shard(len(data), dist, None)):
@@ -444,8 +449,8 @@ def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Di
         y = labels.to(device)
         with torch.autocast(device.type, enabled=amp):
             logits = model(x)
+            pred = net.predict_proba(model, x, tta=True).argmax(1) if tta else logits.argmax(1)
         loss_sum += loss_fn(logits.float(), y).item() * len(y)
-        pred = logits.argmax(1)
         correct += (pred == y).sum().item()
         sq_err += ((pred - y).float() ** 2).sum().item()
         n += len(y)
@@ -530,7 +535,7 @@ def write_model(args, best_state, best_metrics, history, started: float) -> None
                                     "debugger_out_dir")}
     meta = {
         "arch": args.arch, "stem": args.stem, "num_classes": args.num_classes, "classes": list(range(args.num_classes)),
-        "image_size": args.image_size, "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD),
+        "image_size": args.image_size, "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "tta": args.tta,
         "metrics": best_metrics, "hyperparameters": hyperparameters,
         "manifest_digest": manifest_digest(args.train), "history": history,
         "train_seconds": round(time.time() - started, 1), "torch": torch.__version__,
@@ -649,7 +654,7 @@ def run(args: argparse.Namespace) -> dict:
         print(epochlog.format_best_line(best_metrics), flush=True)
     if test_items is not None:
         model.load_state_dict(best_state)
-        test = evaluate(model, batches(test_items), loss_fn, device, channels_last, amp, dist)
+        test = evaluate(model, batches(test_items), loss_fn, device, channels_last, amp, dist, args.tta)
         best_metrics.update({"test_loss": test["loss"], "test_acc": test["acc"], "test_rmse": test["rmse"]})
         if dist.main:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
