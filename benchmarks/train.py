@@ -18,9 +18,10 @@ Measured on a 2-core CPU (300 test images, so +-2 points of noise between runs):
 - 60/20/20 split (900 train images): 0.823 (0.797 without EMA and count loss).
 Tried, not better (one run each, 60/20/20 unless noted): weight decay 0.05 (0.783); colour-channel
 shuffling (0.787; 70/10/20: 0.850, 0.860 with TTA); zoom-out/shift augmentation to 0.75 (0.740: objects
-get smaller); batch 32 (0.830); 80 px (0.833); 110 epochs (70/10/20: 0.853); SGD lr 0.1 (0.62 at epoch
-65); mobilenet_v3_large at 96 px from scratch (did not learn: 0.20 val at epoch 32); 96 px and
---stem small cost 2-4x per epoch, too slow for the 10 minutes.
+get smaller); EMA decay 0.998 (70/10/20, TTA: 0.887 and 0.870 on seeds 0 and 1); batch 32 (0.830); 80 px
+(0.833); 110 epochs (70/10/20: 0.853); SGD lr 0.1 (0.62 at epoch 65); mobilenet_v3_large at 96 px from
+scratch (did not learn: 0.20 val at epoch 32); 96 px and --stem small cost 2-4x per epoch, too slow for
+the 10 minutes.
 
 (2) Input pipeline: the same training step (forward, backward, AdamW step) on the same batches, fed
 (a) by train.py's real loader (decoded-once uint8 cache -> float, count-preserving augmentation,
