@@ -12,9 +12,9 @@ tta, so evaluate averages the 8 flips/transposes it was trained on).
 Measured on a 2-core CPU (300 test images, so +-2 points of noise between runs):
 - `make bench`: test accuracy 0.877 with TTA, RMSE 0.351, every error within one; 397 s. Goal missed.
 - train.py on the same data, seed / epochs varied: 0.877, 0.853, 0.853, 0.860 plain; 0.887, 0.877,
-  0.870, 0.877 with TTA (TTA: +1.0 to +2.4 points in every run). An ensemble of four such models with
-  TTA reaches 0.900, one model about 0.88. Train accuracy is 0.97-0.99: the gap is generalisation from
-  1,050 images without pretrained weights.
+  0.870, 0.877 with TTA (TTA: +1.0 to +2.4 points in each of these runs, though -3.9 on the demo's
+  weaker model). An ensemble of four such models with TTA reaches 0.900, one model about 0.88. Train
+  accuracy is 0.97-0.99: the gap is generalisation from 1,050 images without pretrained weights.
 - 60/20/20 split (900 train images): 0.823 (0.797 without EMA and count loss).
 Tried, not better (one run each, 60/20/20 unless noted): weight decay 0.05 (0.783); colour-channel
 shuffling (0.787; 70/10/20: 0.850, 0.860 with TTA); zoom-out/shift augmentation to 0.75 (0.740: objects

@@ -87,3 +87,13 @@ def test_evaluate_predicts_as_the_served_model_does_with_tta(synth_source, tmp_p
     bundle = inference.model_fn(str(model))
     served = [inference.predict_fn(inference.input_fn(p.read_bytes(), "image/jpeg"), bundle)[0]["count"] for p in paths]
     assert meta["tta"] is True and counts == served
+
+
+def test_evaluate_can_switch_the_models_tta_for_one_run(synth_source, tmp_path):
+    rows = [{"id": p.stem, "count": 1, "image": str(p)} for p in sorted((synth_source / "bin-images").glob("*.jpg"))[:8]]
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    settings = load_settings(overrides={"workdir": str(tmp_path)}, environ={})
+    model = write_model_dir(tmp_path / "m", "resnet18", seed=5, tta=True)
+    assert evaluate(settings, manifest=tmp_path / "m.jsonl", model=model).tta is True  # as recorded
+    off = evaluate(settings, manifest=tmp_path / "m.jsonl", model=model, tta=False)
+    assert off.tta is False and json.loads((tmp_path / "reports" / "metrics.json").read_text())["tta"] is False

@@ -169,10 +169,12 @@ def train(
 def evaluate(
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest to score (default splits/test.jsonl).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="model.tar.gz or model dir (default: the last trained).")] = None,
+    tta: Annotated[Optional[bool], typer.Option(
+        "--tta/--no-tta", help="Test-time augmentation on or off for this run (default: as the model records it).")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Score a model on the test split. Accuracy, RMSE, MAE, within-one, per-count table, plots."""
-    _call("evaluate:evaluate", config, {"workdir": workdir}, set, json, manifest=manifest, model=model)
+    _call("evaluate:evaluate", config, {"workdir": workdir}, set, json, manifest=manifest, model=model, tta=tta)
 
 
 @app.command()

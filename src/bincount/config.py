@@ -117,7 +117,7 @@ class TrainSettings(Section):
     class_weighting: bool = Field(False, description="weight the loss by inverse class frequency (for unbalanced counts)")
     image_size: int = Field(224, ge=32, le=1024, description="input size in pixels: the whole bin is resized, never cropped")
     tta: bool = Field(False, description="test-time augmentation, recorded in the model: evaluate, serve and predict "
-                      "average the 8 flips/transposes of each bin (1-2 points more accuracy, 8x the inference cost)")
+                      "average the 8 flips/transposes of each bin (8x the inference cost; check with evaluate --tta/--no-tta)")
     patience: int = Field(5, ge=0, description="early stopping: epochs without a better val metric (0 = never stop)")
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers; default sized to the machine")
     seed: int = Field(0, description="random seed for initialisation, shuffling and augmentation")

@@ -32,6 +32,7 @@ class EvalResult(Result):
     confusion: list[list[int]]
     classes: list[int]
     baseline: dict[str, float] = ABID_BASELINE
+    tta: bool = False
     skipped: int = 0
     reports: dict[str, str] = {}
 
@@ -43,6 +44,7 @@ class EvalResult(Result):
         summary.add_row("RMSE", f"{self.rmse:.3f}")
         summary.add_row("MAE", f"{self.mae:.3f}")
         summary.add_row("within one", f"{self.within_one:.2%}")
+        summary.add_row("test-time augmentation", "on (8 views)" if self.tta else "off")
         if self.skipped:
             summary.add_row("skipped (unreadable)", str(self.skipped))
         for name, path in self.reports.items():
@@ -93,8 +95,11 @@ def _image_path(ws: Workspace, manifest: Path, image: str) -> Path:
     return ws.root / path
 
 
-def predict_counts(model_dir: Path, paths: list[Path]) -> tuple[list[int | None], dict]:
-    """Predicted counts (None for an unreadable image), batched under inference_mode; each image decoded once."""
+def predict_counts(model_dir: Path, paths: list[Path], tta: bool | None = None) -> tuple[list[int | None], dict]:
+    """Predicted counts (None for an unreadable image), batched under inference_mode; each image decoded once.
+
+    tta: test-time augmentation; None = as the model records it (meta.json), as serving does.
+    """
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -106,6 +111,7 @@ def predict_counts(model_dir: Path, paths: list[Path]) -> tuple[list[int | None]
     try:
         model, meta = net.load_model(model_dir)
         size, mean, std, classes = meta["image_size"], meta["mean"], meta["std"], meta["classes"]
+        tta = bool(meta.get("tta")) if tta is None else tta
     except Exception as exc:  # noqa: BLE001 - a broken model.pth or meta.json: one line, not a traceback
         from bincount.artifacts import load_error
 
@@ -126,9 +132,9 @@ def predict_counts(model_dir: Path, paths: list[Path]) -> tuple[list[int | None]
             preds = iter([])
             if good:
                 batch = net.normalize(torch.stack(good), mean, std)
-                preds = iter(net.predict_proba(model, batch, bool(meta.get("tta"))).argmax(1).tolist())
+                preds = iter(net.predict_proba(model, batch, tta).argmax(1).tolist())
             out += [None if t is None else classes[next(preds)] for t in tensors]
-    return out, meta
+    return out, {**meta, "tta": tta}
 
 
 def load_history(model_dir: Path, meta: dict) -> list[dict[str, float]]:
@@ -195,8 +201,12 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def evaluate(settings: Settings, manifest: Path | None = None, model: Path | None = None) -> EvalResult:
-    """Score the model on `manifest` (default splits/test.jsonl); write reports/metrics.json and the plots."""
+def evaluate(settings: Settings, manifest: Path | None = None, model: Path | None = None,
+             tta: bool | None = None) -> EvalResult:
+    """Score the model on `manifest` (default splits/test.jsonl); write reports/metrics.json and the plots.
+
+    tta overrides the model's recorded test-time augmentation for this evaluation (None: as recorded).
+    """
     ws = Workspace(settings.workdir)
     manifest = Path(manifest) if manifest else ws.require(ws.split("test"), "run `bincount split` first")
     rows = read_jsonl(manifest)
@@ -205,7 +215,7 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
     from bincount.artifacts import resolve_model
 
     model_dir = resolve_model(settings, model)
-    predicted, meta = predict_counts(model_dir, [_image_path(ws, manifest, r["image"]) for r in rows])
+    predicted, meta = predict_counts(model_dir, [_image_path(ws, manifest, r["image"]) for r in rows], tta)
     pairs = [(int(r["count"]), p) for r, p in zip(rows, predicted) if p is not None]
     if not pairs:
         raise BincountError(f"none of the {len(rows)} images in {manifest} could be read")
@@ -216,7 +226,7 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
     if history:
         reports["training_curve"] = ws.reports / "training-curve.png"
         plot_history(history, reports["training_curve"])
-    out = EvalResult(model=str(model_dir), manifest=str(manifest), skipped=len(rows) - len(pairs),
+    out = EvalResult(model=str(model_dir), manifest=str(manifest), skipped=len(rows) - len(pairs), tta=meta["tta"],
                      reports={k: str(v) for k, v in reports.items()}, **result)
     atomic_write_text(reports["metrics"], out.model_dump_json(indent=2) + "\n")
     return out

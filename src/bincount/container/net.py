@@ -109,8 +109,8 @@ def views(batch: torch.Tensor) -> list[torch.Tensor]:
 def predict_proba(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """Softmax over the counts [B, num_classes]; with tta, averaged over views(batch) (test-time augmentation).
 
-    The model was trained on exactly these flips and transposes, so averaging them costs 8x the compute
-    and typically gains one to two points of accuracy.
+    The model was trained on exactly these flips and transposes. Averaging them costs 8x the compute; it
+    gained 1-2 points on well-trained models and lost some on a weak one, so measure it (evaluate --tta).
     """
     if not tta:
         return model(batch).float().softmax(1)
