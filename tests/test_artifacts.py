@@ -30,6 +30,7 @@ def test_package_layout_and_round_trip(tmp_path):
     dest = extract_model(tar, tmp_path / "x")
     assert (dest / "code" / "net.py").read_text() == "# trained copy\n"  # the model dir's own copy wins
     assert (dest / "code" / "inference.py").stat().st_size > 0  # missing ones come from container/
+    assert "smdebug" not in (dest / "code" / "requirements.txt").read_text()  # serving, not training, needs
     assert model_dir_from(tar, tmp_path / "cache") == model_dir_from(tar, tmp_path / "cache")
     with pytest.raises(BincountError, match="no model.pth"):
         package_model(tmp_path, tmp_path / "bad.tar.gz")
@@ -110,3 +111,12 @@ def test_resolve_model_from_a_dir_an_archive_s3_or_the_state(s3_server, tmp_path
     (src / "model.pth").unlink()
     with pytest.raises(BincountError, match="not a model dir"):
         resolve_model(settings, src)
+
+
+def test_the_training_script_writes_the_same_serving_code_as_the_package():
+    from bincount import artifacts
+    from bincount.container import train
+
+    # container/ cannot import this package, so train.py keeps its own copy of these two.
+    assert train.CODE_FILES == artifacts.SERVING_FILES
+    assert train.SERVING_REQUIREMENTS == artifacts.SERVING_REQUIREMENTS

@@ -21,14 +21,29 @@ if TYPE_CHECKING:
     from bincount.config import Settings
 
 CONTAINER = Path(__file__).resolve().parent / "container"
-CODE_FILES = ("inference.py", "net.py", "epochlog.py", "requirements.txt")
+SERVING_FILES = ("inference.py", "net.py", "epochlog.py")  # what an endpoint imports (container/train.py: CODE_FILES)
+CODE_FILES = (*SERVING_FILES, "requirements.txt")
+# container/requirements.txt installs smdebug for training; an endpoint needs nothing beyond the inference
+# container (and may have no internet). container/train.py writes the same text (it cannot import this package).
+SERVING_REQUIREMENTS = (
+    "# Serving needs only torch, torchvision and Pillow, which the SageMaker PyTorch inference container has.\n")
 REQUIRED = ("model.pth", "meta.json")
+
+
+def write_serving_code(dest: Path) -> Path:
+    """An artifact's code/ folder (or an endpoint's source_dir): the serving modules and requirements.txt."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SERVING_FILES:
+        shutil.copy(CONTAINER / name, dest / name)
+    (dest / "requirements.txt").write_text(SERVING_REQUIREMENTS)
+    return dest
 
 
 def package_model(model_dir: Path, out_tar: Path) -> Path:
     """Write `out_tar` (atomically) from model_dir's model.pth, meta.json and code/.
 
-    code/ files missing from the model dir are taken from this package's container/ folder.
+    code/ files missing from the model dir are taken from this package's serving code (write_serving_code).
     """
     model_dir, out_tar = Path(model_dir), Path(out_tar)
     for name in REQUIRED:
@@ -41,9 +56,11 @@ def package_model(model_dir: Path, out_tar: Path) -> Path:
         with tarfile.open(tmp, "w:gz") as tar:
             for name in REQUIRED:
                 tar.add(model_dir / name, arcname=name)
-            for name in CODE_FILES:
-                source = model_dir / "code" / name
-                tar.add(source if source.is_file() else CONTAINER / name, arcname=f"code/{name}")
+            with tempfile.TemporaryDirectory() as fallback:
+                serving = write_serving_code(Path(fallback))
+                for name in CODE_FILES:
+                    source = model_dir / "code" / name
+                    tar.add(source if source.is_file() else serving / name, arcname=f"code/{name}")
         os.replace(tmp, out_tar)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -179,7 +196,7 @@ def write_model_dir(dest: Path, arch: str = "resnet18", image_size: int = 32, *,
     from bincount.container import net
 
     dest = Path(dest)
-    (dest / "code").mkdir(parents=True, exist_ok=True)
+    write_serving_code(dest / "code")
     if model is None:
         torch.manual_seed(seed)
         model = net.build_model(arch, num_classes)
@@ -188,6 +205,4 @@ def write_model_dir(dest: Path, arch: str = "resnet18", image_size: int = 32, *,
             "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "tta": False, "metrics": {},
             "hyperparameters": {}, "manifest_digest": "", **meta}
     (dest / "meta.json").write_text(json.dumps(meta))
-    for name in CODE_FILES:
-        shutil.copy(CONTAINER / name, dest / "code" / name)
     return dest

@@ -40,21 +40,11 @@ def container_dir() -> Path:
     return Path(bincount.container.__file__).parent
 
 
-SERVING_FILES = ("inference.py", "net.py", "epochlog.py")
-
-
 def serving_code(dest: Path) -> Path:
-    """The endpoint's source_dir: only the serving handlers, and no training requirements.
+    """The endpoint's source_dir: only the serving handlers, and no training requirements (no smdebug)."""
+    from bincount.artifacts import write_serving_code
 
-    container/requirements.txt installs smdebug for training; an endpoint needs nothing beyond the
-    inference container (and may have no internet), so it gets an empty requirements file.
-    """
-    import shutil
-
-    for name in SERVING_FILES:
-        shutil.copy(container_dir() / name, dest / name)
-    (dest / "requirements.txt").write_text("# serving needs only torch, torchvision and Pillow (in the container)\n")
-    return dest
+    return write_serving_code(dest)
 
 
 @contextlib.contextmanager
