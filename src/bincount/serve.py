@@ -301,7 +301,6 @@ class LocalEndpointResult(Result):
         return "endpoint"
 
     def rich(self) -> Any:
-
         table = key_value_table(title=self.title())
         for key, value in self.model_dump(exclude_none=True).items():
             table.add_row(key, str(value))
@@ -365,7 +364,7 @@ def deploy_local(settings: Settings, timeout: float = 120.0) -> LocalEndpointRes
         _stop(int(current.get("pid") or 0))
         ws.update_state(endpoint=None)
 
-    model_dir = resolve_model(settings, settings.deploy.model_data, option="--model-data")
+    model_dir = resolve_model(settings, option="--model-data")  # deploy.model_data, else the last trained
     log_path = ws.reports / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0

@@ -22,7 +22,6 @@ class StatusResult(Result):
     endpoint: dict[str, Any] | None = None
 
     def rich(self) -> Any:
-
         table = key_value_table(title=f"status of {self.workdir}")
         table.add_row("data", ", ".join(f"{k} {'-' if v is None else v}" for k, v in self.data.items()))
         table.add_row("channels", ", ".join(f"{k} {v}" for k, v in self.channels.items()) or "-")
