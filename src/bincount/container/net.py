@@ -88,11 +88,16 @@ def to_uint8(image, image_size: int) -> torch.Tensor:
     return pil_to_tensor(image)
 
 
+def standardize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Float images in 0..1 [..., 3, S, S] -> normalised per channel."""
+    mean_t = torch.tensor(mean, device=images.device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(3, 1, 1)
+    return (images - mean_t) / std_t
+
+
 def normalize(batch: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 [..., 3, S, S] -> float, scaled to 0..1 and normalised per channel."""
-    mean_t = torch.tensor(mean, device=batch.device).view(3, 1, 1)
-    std_t = torch.tensor(std, device=batch.device).view(3, 1, 1)
-    return (batch.float().div_(255) - mean_t) / std_t
+    return standardize(batch.float().div_(255), mean, std)
 
 
 def preprocess(image, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

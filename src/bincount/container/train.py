@@ -236,9 +236,7 @@ def to_input(images: torch.Tensor, device, channels_last: bool, generator: torch
     images = images.to(device, non_blocking=True).float().div_(255)
     if generator is not None:
         images = augment(images, generator)
-    mean = torch.tensor(net.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(net.IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    images = (images - mean) / std
+    images = net.standardize(images)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
