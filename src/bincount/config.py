@@ -121,7 +121,7 @@ class TrainSettings(Section):
     patience: int = Field(5, ge=0, description="early stopping: epochs without a better val metric (0 = never stop)")
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers; default sized to the machine")
     seed: int = Field(0, description="random seed for initialisation, shuffling and augmentation")
-    amp: bool = Field(True, description="mixed precision (CUDA only)")
+    amp: bool = Field(True, description="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (else off)")
     use_best: bool = Field(False, description="train with the best hyperparameters recorded by `bincount tune`")
     wait: bool = Field(True, description="sagemaker backend: stream logs until the job ends")
 

@@ -32,6 +32,7 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert epochs_in(first.stdout) == [1]
     assert "ignoring unknown arguments: --sagemaker_extra ignored" in first.stderr
+    assert "device cpu (float32)" in first.stderr  # --amp false
     assert (run / "checkpoints" / "checkpoint.pt").is_file()
 
     # Restarted (as after a spot interruption) with the same checkpoint dir: continues at epoch 2.
@@ -232,6 +233,25 @@ def test_ema_counting_loss_and_small_stem():
     assert [n for n, _ in standard.named_parameters()] == [n for n, _ in small.named_parameters()]
     x = torch.zeros(1, 3, 64, 64)
     assert small.layer4(small.layer3(small.layer2(small.layer1(small.maxpool(small.conv1(x)))))).shape[-1] == 4
+
+
+def test_mixed_precision_on_cpu_is_bfloat16_where_native_and_trains():
+    import torch
+
+    from bincount.container import net, train
+
+    assert isinstance(train.cpu_bf16(), bool)  # AVX512-BF16/AMX: on; elsewhere off (emulated would be slower)
+    assert train.amp_dtype(torch.device("cpu")) is torch.bfloat16
+    assert train.amp_dtype(torch.device("cuda")) is torch.float16
+    # The training step under CPU autocast: bfloat16 logits, float32 loss and gradients on float32 weights.
+    model = net.build_model("resnet18", 6).to(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        loss = train.CountingLoss(None, 0.05, 0.5)(logits, torch.tensor([0, 1, 2, 5]))
+    loss.backward()
+    assert logits.dtype is torch.bfloat16 and loss.dtype is torch.float32 and torch.isfinite(loss)
+    assert model.fc.weight.grad.dtype is torch.float32 and torch.isfinite(model.fc.weight.grad).all()
 
 
 def test_smdebug_shim_writes_tensors_without_ndarray_tostring():

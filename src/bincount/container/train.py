@@ -28,7 +28,7 @@ change the count); augmentation is count-preserving (flips, transpose, small bri
 done per batch on the device; AdamW or SGD, linear warm-up then cosine decay per step, label smoothing
 plus a count-aware term (|expected count - count| on the softmax, --count_loss), an EMA of the weights
 (--ema_decay: the EMA model is validated, kept and shipped), optional inverse-frequency class weights,
-channels_last, AMP on CUDA, early stopping on val_acc with `patience`, best-epoch weights kept. Images are decoded once and cached as uint8 tensors when they fit
+channels_last, mixed precision (float16 on CUDA, bfloat16 on CPUs that have it), early stopping on val_acc with `patience`, best-epoch weights kept. Images are decoded once and cached as uint8 tensors when they fit
 in --cache_mb, else decoded per item by DataLoader workers (min(cpus, 8)).
 """
 
@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers when not cached")
     p.add_argument("--cache_mb", type=int, default=4096, help="cache decoded images when they fit")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", type=str2bool, default=True, help="mixed precision (CUDA only)")
+    p.add_argument("--amp", type=str2bool, default=True,
+                   help="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (else off)")
     p.add_argument("--augment", type=str2bool, default=True)
     p.add_argument("--tta", type=str2bool, default=False,
                    help="test-time augmentation: the shipped model averages the 8 flips/transposes (meta.json 'tta')")
@@ -412,6 +413,18 @@ def shard(n: int, dist: Dist, generator: torch.Generator | None) -> list[int]:
     return order[: n - n % dist.world][dist.rank::dist.world]  # equal steps on every rank
 
 
+def cpu_bf16() -> bool:
+    """Does this CPU run bfloat16 natively (AVX512-BF16 / AMX)? Emulated bfloat16 would be slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scaler, device, channels_last, amp,
                 generator, dist: Dist, ema: EMA | None = None) -> float:
     model.train()
@@ -419,7 +432,7 @@ def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scal
     for images, labels in data.iterate(order, drop_last_single=True):
         x = to_input(images, device, channels_last, generator)
         y = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -445,7 +458,7 @@ def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Di
     for images, labels in data.iterate(shard(len(data), dist, None)):
         x = to_input(images, device, channels_last, None)
         y = labels.to(device)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             logits = model(x)
             pred = net.predict_proba(model, x, tta=True).argmax(1) if tta else logits.argmax(1)
         loss_sum += loss_fn(logits.float(), y).item() * len(y)
@@ -558,7 +571,8 @@ def run(args: argparse.Namespace) -> dict:
     dist = Dist()
     device = dist.device
     cuda = device.type == "cuda"
-    amp, channels_last = args.amp and cuda, True  # channels_last: faster convolutions on CPU and GPU
+    amp, channels_last = args.amp and (cuda or cpu_bf16()), True  # channels_last: faster convs on CPU and GPU
+    precision = str(amp_dtype(device)).removeprefix("torch.") if amp else "float32"
     torch.manual_seed(args.seed)
 
     train_items = read_channel(args.train, "train", args.num_classes)
@@ -569,7 +583,7 @@ def run(args: argparse.Namespace) -> dict:
     train_data, val_data = batches(train_items), batches(val_items)
     if dist.main:
         log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
-            f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device}, world {dist.world}, "
+            f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device} ({precision}), world {dist.world}, "
             f"host {os.environ.get('SM_CURRENT_HOST', 'local')} ({os.environ.get('SM_NUM_GPUS', '?')} GPUs)")
 
     model = net.build_model(args.arch, args.num_classes, args.pretrained, args.stem).to(device)
@@ -581,7 +595,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = math.ceil(len(train_items) / dist.world / args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(args.warmup_epochs * steps, args.epochs * steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and cuda)  # bfloat16 needs no loss scaling
 
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None  # its weights are validated and shipped
     ckpt_dir = usable_dir(args.checkpoint_dir) if dist.main else None
