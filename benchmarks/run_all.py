@@ -1,7 +1,8 @@
 """`make bench`: run the fetch, train and serve benchmarks and print one table of ratios vs goals.
 
 Each benchmarks/<name>.py has main() -> {"name", "ratio", "goal", ...}; a metric whose goal is a
-floor ("higher is better") passes when ratio >= goal. Extra rows a benchmark reports go in "rows".
+floor ("higher is better") passes when ratio >= goal; a goal of None marks a row shown for
+information. Extra rows a benchmark reports go in "rows".
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ def main(names: list[str]) -> int:
             rows.append((name, "error", "", f"{type(exc).__name__}: {exc}", False))
             continue
         for row in result.get("rows", [result]):
-            ok = row["ratio"] >= row["goal"]
-            rows.append((row["name"], f"{row['ratio']:.2f}", f">= {row['goal']}", row.get("note", ""), ok))
+            goal = row.get("goal")  # None: reported for information, no goal
+            ok = goal is None or row["ratio"] >= goal
+            rows.append((row["name"], f"{row['ratio']:.2f}", "-" if goal is None else f">= {goal}",
+                         row.get("note", ""), ok))
     table = Table(title="bincount benchmarks (ratios measured against a baseline in the same run)")
     for column in ("benchmark", "ratio", "goal", "note", "result"):
         table.add_column(column)
     for name, ratio, goal, note, ok in rows:
-        table.add_row(name, ratio, goal, note, "[green]pass[/]" if ok else "[red]miss[/]")
+        verdict = "info" if goal == "-" else "[green]pass[/]" if ok else "[red]miss[/]"
+        table.add_row(name, ratio, goal, note, verdict)
     Console().print(table)
     return 0 if all(r[-1] for r in rows) else 1
 
