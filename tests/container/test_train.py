@@ -55,6 +55,7 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
     assert last_line.startswith(f"best_epoch={meta['metrics']['epoch']} ")
     assert meta["hyperparameters"]["class_weighting"] is True and len(meta["manifest_digest"]) == 64
     assert meta["tta"] is True  # the shipped model predicts with test-time augmentation
+    assert meta["train_precision"] == "float32"  # --amp false
     assert len(meta["mean"]) == len(meta["std"]) == 3
     assert sorted(p.name for p in (model_dir / "code").iterdir()) == [
         "epochlog.py", "inference.py", "net.py", "requirements.txt"]

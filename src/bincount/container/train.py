@@ -28,8 +28,10 @@ change the count); augmentation is count-preserving (flips, transpose, small bri
 done per batch on the device; AdamW or SGD, linear warm-up then cosine decay per step, label smoothing
 plus a count-aware term (|expected count - count| on the softmax, --count_loss), an EMA of the weights
 (--ema_decay: the EMA model is validated, kept and shipped), optional inverse-frequency class weights,
-channels_last, mixed precision (float16 on CUDA, bfloat16 on CPUs that have it), early stopping on val_acc with `patience`, best-epoch weights kept. Images are decoded once and cached as uint8 tensors when they fit
-in --cache_mb, else decoded per item by DataLoader workers (min(cpus, 8)).
+channels_last, mixed precision (--amp: float16 on CUDA, bfloat16 on CPUs that run it natively, else
+float32; recorded as meta.json "train_precision"), early stopping on val_acc with `patience`, best-epoch
+weights kept. Images are decoded once and cached as uint8 tensors when they fit in --cache_mb, else
+decoded per item by DataLoader workers (min(cpus, 8)).
 """
 
 from __future__ import annotations
@@ -537,7 +539,7 @@ def usable_dir(path: str | None) -> Path | None:
         return None
 
 
-def write_model(args, best_state, best_metrics, history, started: float) -> None:
+def write_model(args, best_state, best_metrics, history, started: float, precision: str) -> None:
     model_dir = Path(args.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(best_state, model_dir / "model.pth")
@@ -549,7 +551,7 @@ def write_model(args, best_state, best_metrics, history, started: float) -> None
         "image_size": args.image_size, "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "tta": args.tta,
         "metrics": best_metrics, "hyperparameters": hyperparameters,
         "manifest_digest": manifest_digest(args.train), "history": history,
-        "train_seconds": round(time.time() - started, 1), "torch": torch.__version__,
+        "train_seconds": round(time.time() - started, 1), "train_precision": precision, "torch": torch.__version__,
     }
     (model_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     here, code = Path(__file__).resolve().parent, model_dir / "code"
@@ -583,7 +585,8 @@ def run(args: argparse.Namespace) -> dict:
     train_data, val_data = batches(train_items), batches(val_items)
     if dist.main:
         log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
-            f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device} ({precision}), world {dist.world}, "
+            f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device} ({precision}), "
+            f"world {dist.world}, "
             f"host {os.environ.get('SM_CURRENT_HOST', 'local')} ({os.environ.get('SM_NUM_GPUS', '?')} GPUs)")
 
     model = net.build_model(args.arch, args.num_classes, args.pretrained, args.stem).to(device)
@@ -671,7 +674,7 @@ def run(args: argparse.Namespace) -> dict:
         if dist.main:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
     if dist.main:
-        write_model(args, best_state, best_metrics, history, started)
+        write_model(args, best_state, best_metrics, history, started, precision)
     if hook is not None:
         try:
             hook.close()
