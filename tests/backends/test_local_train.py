@@ -64,7 +64,7 @@ def test_script_failure_is_one_line_bincount_error(synth_source, tmp_path):
     settings = settings_for(workdir)
     hp = {**settings.train.hyperparameters(5), "pretrained": "missing-weights.pth"}
     with pytest.raises(BincountError, match="training failed .*weights file missing-weights.pth not found"):
-        run_script(settings, hp, tmp_path / "run", make_channels(settings))
+        run_script(hp, tmp_path / "run", make_channels(settings))
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run_script(settings, hp, run_dir, channels, on_epoch=None, extra_env=None):
+    def fake_run_script(hp, run_dir, channels, on_epoch=None, extra_env=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         good = len(calls) < 2
         calls.append(hp)

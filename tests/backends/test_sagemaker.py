@@ -277,7 +277,7 @@ def _local_model(workdir: Path, synth_source: Path) -> Path:
         environ={})
     fetch(settings)
     split(settings)
-    out = run_script(settings, settings.train.hyperparameters(settings.data.max_count), workdir / "models" / "run",
+    out = run_script(settings.train.hyperparameters(settings.data.max_count), workdir / "models" / "run",
                      make_channels(settings))
     return package_model(out["model_dir"], workdir / "models" / "model.tar.gz")
 

@@ -6,7 +6,7 @@ Reusable pieces (the local tuner uses them for its trials):
   train, val (and test when split) with absolute image paths; BincountError when splits are missing.
 - ``hyperparameters(settings) -> dict``: the train.py arguments from the config, or the best tuning
   result recorded in state.json when ``settings.train.use_best``.
-- ``run_script(settings, hyperparameters, run_dir, channels, on_epoch=None, extra_env=None) -> dict``:
+- ``run_script(hyperparameters, run_dir, channels, on_epoch=None, extra_env=None) -> dict``:
   runs train.py with ``--name value`` arguments and SM_* variables pointing into ``run_dir``
   (model/, output/, checkpoints/; debug/ for the smdebug hook), streams stdout+stderr into
   ``run_dir/train.log``, calls ``on_epoch(metrics: dict)`` for each epoch line (also appended to
@@ -133,7 +133,7 @@ def script_env(run_dir: Path, channels: dict[str, Path], extra_env: dict[str, st
     return env
 
 
-def run_script(settings: Settings, hyperparameters: dict[str, Any], run_dir: Path, channels: dict[str, Path],
+def run_script(hyperparameters: dict[str, Any], run_dir: Path, channels: dict[str, Path],
                on_epoch: Callable[[dict[str, float]], None] | None = None,
                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run train.py once in `run_dir` (see the module docstring); returns metrics, history and model_dir."""
@@ -236,7 +236,7 @@ def train(settings: Settings) -> TrainResult:
             rows[:] = [r for r in rows if r["epoch"] != metrics["epoch"]] + [metrics]
             live.update(_live_table(rows))
 
-        out = run_script(settings, hp, run_dir, channels, on_epoch=on_epoch, extra_env=extra_env)
+        out = run_script(hp, run_dir, channels, on_epoch=on_epoch, extra_env=extra_env)
     if not err_console().is_terminal:
         err_console().line()  # a piped Live view leaves its last line open
     tar = package_model(out["model_dir"], run_dir / "model.tar.gz")

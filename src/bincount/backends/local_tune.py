@@ -89,7 +89,7 @@ def tune(settings: Settings) -> TuneResult:
                 raise optuna.TrialPruned(f"epoch {int(metrics['epoch'])}: {t.objective}={value:.4f}")
 
         log(f"trial {trial.number}: lr={hp['lr']:.3g} weight_decay={hp['weight_decay']:.3g} batch_size={hp['batch_size']}")
-        run_script(settings, hp, run_dir, channels, on_epoch=on_epoch)
+        run_script(hp, run_dir, channels, on_epoch=on_epoch)
         value = read_objective(run_dir / "train.log", t.objective)
         if value is None:
             raise BincountError(f"trial {trial.number}: no {t.objective} in {run_dir / 'train.log'}")
