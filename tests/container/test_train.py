@@ -242,8 +242,9 @@ def test_mixed_precision_on_cpu_is_bfloat16_where_native_and_trains():
     from bincount.container import net, train
 
     assert isinstance(train.cpu_bf16(), bool)  # AVX512-BF16/AMX: on; elsewhere off (emulated would be slower)
-    assert train.amp_dtype(torch.device("cpu")) is torch.bfloat16
-    assert train.amp_dtype(torch.device("cuda")) is torch.float16
+    # train.py's autocast takes torch's per-device default: bfloat16 on the CPU, float16 on CUDA
+    assert torch.get_autocast_dtype("cpu") is torch.bfloat16
+    assert torch.get_autocast_dtype("cuda") is torch.float16
     # The training step under CPU autocast: bfloat16 logits, float32 loss and gradients on float32 weights.
     model = net.build_model("resnet18", 6).to(memory_format=torch.channels_last)
     x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)

@@ -423,10 +423,6 @@ def cpu_bf16() -> bool:
         return False
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
 def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scaler, device, channels_last, amp,
                 generator, dist: Dist, ema: EMA | None = None) -> float:
     model.train()
@@ -434,7 +430,7 @@ def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scal
     for images, labels in data.iterate(order, drop_last_single=True):
         x = to_input(images, device, channels_last, generator)
         y = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+        with torch.autocast(device.type, enabled=amp):  # float16 on CUDA, bfloat16 on the CPU
             loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -460,7 +456,7 @@ def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Di
     for images, labels in data.iterate(shard(len(data), dist, None)):
         x = to_input(images, device, channels_last, None)
         y = labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+        with torch.autocast(device.type, enabled=amp):
             logits = model(x)
             pred = net.predict_proba(model, x, tta=True).argmax(1) if tta else logits.argmax(1)
         loss_sum += loss_fn(logits.float(), y).item() * len(y)
@@ -574,7 +570,7 @@ def run(args: argparse.Namespace) -> dict:
     device = dist.device
     cuda = device.type == "cuda"
     amp, channels_last = args.amp and (cuda or cpu_bf16()), True  # channels_last: faster convs on CPU and GPU
-    precision = str(amp_dtype(device)).removeprefix("torch.") if amp else "float32"
+    precision = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.") if amp else "float32"
     torch.manual_seed(args.seed)
 
     train_items = read_channel(args.train, "train", args.num_classes)
