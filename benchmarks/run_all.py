@@ -35,18 +35,18 @@ def main(names: list[str]) -> int:
             rows.append((name, "error", "", f"{type(exc).__name__}: {exc}", False))
             continue
         for row in result.get("rows", [result]):
-            goal = row.get("goal")  # None: reported for information, no goal
-            ok = goal is None or row["ratio"] >= goal
+            goal = row.get("goal")
+            ok = None if goal is None else row["ratio"] >= goal  # None: reported for information, no goal
             rows.append((row["name"], f"{row['ratio']:.2f}", "-" if goal is None else f">= {goal}",
                          row.get("note", ""), ok))
     table = Table(title="bincount benchmarks (ratios measured against a baseline in the same run)")
     for column in ("benchmark", "ratio", "goal", "note", "result"):
         table.add_column(column)
     for name, ratio, goal, note, ok in rows:
-        verdict = "info" if goal == "-" else "[green]pass[/]" if ok else "[red]miss[/]"
+        verdict = "info" if ok is None else "[green]pass[/]" if ok else "[red]miss[/]"
         table.add_row(name, ratio, goal, note, verdict)
     Console().print(table)
-    return 0 if all(r[-1] for r in rows) else 1
+    return 0 if all(r[-1] is not False for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ GOAL_ACC, GOAL_PIPELINE, LIMIT_S = 0.90, 0.85, 600
 def learning(root: Path, args) -> dict:
     from bincount.backends.local_train import train
     from bincount.config import load_settings
-    from bincount.container.train import cpu_bf16
     from bincount.data.fetch import fetch
     from bincount.data.split import split
     from bincount.data.synth import synthesize
@@ -79,7 +78,7 @@ def learning(root: Path, args) -> dict:
     result = train(settings)
     scored = evaluate(settings)
     seconds = time.perf_counter() - started
-    precision = "bfloat16" if args.amp and cpu_bf16() else "float32"
+    precision = json.loads((Path(result.model_dir) / "meta.json").read_text())["train_precision"]  # as trained
     print(f"learning: {args.arch} ({args.stem} stem) {args.image_size}px, {result.epochs} epochs, tta {args.tta}, "
           f"{precision}, train + evaluate in {seconds:.0f} s; "
           f"test accuracy {scored.accuracy:.3f}, RMSE {scored.rmse:.3f}, within one {scored.within_one:.3f} "
