@@ -10,6 +10,7 @@ import pytest
 
 from bincount.artifacts import extract_model, model_dir_from, package_model
 from bincount.errors import BincountError
+from bincount.state import LocalTraining, SageMakerTraining
 
 
 def model_dir(tmp_path: Path) -> Path:
@@ -99,9 +100,10 @@ def test_resolve_model_from_a_dir_an_archive_s3_or_the_state(s3_server, tmp_path
     s3 = client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="resolve-model")
     s3.upload_file(str(tar), "resolve-model", "job/output/model.tar.gz")
-    ws.update_state(training={"backend": "sagemaker", "model_data": "s3://resolve-model/job/output/model.tar.gz"})
+    ws.update_state(training=SageMakerTraining(job="job", status="Completed",
+                                               model_data="s3://resolve-model/job/output/model.tar.gz"))
     assert resolve_model(settings) == unpacked  # same bytes, same cache entry
-    ws.update_state(training={"backend": "local", "model_dir": str(src), "model_data": str(tar)})
+    ws.update_state(training=LocalTraining(job="run", model_dir=str(src), model_data=str(tar)))
     assert resolve_model(settings) == src.resolve()  # the unpacked dir, while it is there
 
     with pytest.raises(BincountError, match="cannot download s3://resolve-model/nope"):

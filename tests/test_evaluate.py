@@ -12,6 +12,7 @@ from bincount.artifacts import write_model_dir
 from bincount.config import load_settings
 from bincount.errors import BincountError
 from bincount.evaluate import compute_metrics, evaluate
+from bincount.state import LocalTraining
 from bincount.workspace import Workspace, write_jsonl
 
 
@@ -63,7 +64,7 @@ def test_evaluate_writes_metrics_and_plots(synth_source, tmp_path):
         assert (tmp_path / "reports" / name).read_bytes()[:4] == b"\x89PNG"
 
     # The model recorded in state.json is the default.
-    ws.update_state(training={"backend": "local", "model_data": str(tar)})
+    ws.update_state(training=LocalTraining(job="run", model_data=str(tar), model_dir=str(tmp_path / "gone")))
     assert evaluate(settings).accuracy == result.accuracy
 
 

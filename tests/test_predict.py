@@ -111,18 +111,19 @@ def test_failed_items_are_listed_and_exit_non_zero_while_the_others_come_back(cl
 
 
 def test_default_targets_come_from_state(cli, model_dir, images, expected, tmp_path):
+    from bincount.state import LocalEndpoint, LocalTraining
     from bincount.workspace import Workspace
 
     good = str(sorted(images.glob("*.jpg"))[0])
     res = cli("predict", good, "--workdir", tmp_path)
     assert res.exit_code == 1 and "nothing to predict with" in res.stderr
     ws = Workspace(tmp_path)
-    ws.update_state(training={"backend": "local", "model_dir": str(model_dir)})
+    ws.update_state(training=LocalTraining(job="run", model_dir=str(model_dir), model_data=str(tmp_path / "m.tar.gz")))
     out = json.loads(cli("predict", good, "--workdir", tmp_path, "--json").stdout)
     assert out["target"] == f"model {model_dir.resolve()}"
     server = serve.start(model_dir)
     try:
-        ws.update_state(endpoint={"backend": "local", "url": server.url, "pid": 0, "model_dir": str(model_dir)})
+        ws.update_state(endpoint=LocalEndpoint(url=server.url, pid=0, model_dir=str(model_dir)))
         out = json.loads(cli("predict", good, "--workdir", tmp_path, "--json").stdout)
         assert out["target"] == f"endpoint {server.url}"
         _check(out["items"], expected)

@@ -27,8 +27,9 @@ def test_status_counts_data_and_pings_the_local_endpoint(tmp_path, cli):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     ws.update_state(channels={"train": "s3://b/bincount/train/"},
-                    training={"backend": "local", "job": "20250101-000000", "model_data": "/x/model.tar.gz"},
-                    endpoint={"backend": "local", "url": url, "pid": 1})
+                    training={"backend": "local", "job": "20250101-000000", "model_data": "/x/model.tar.gz",
+                              "model_dir": "/x/model"},
+                    endpoint={"backend": "local", "url": url, "pid": 1, "model_dir": "/x/model"})
     try:
         out = cli("status", "--workdir", tmp_path, "--json")
         assert out.exit_code == 0, out.stderr
@@ -52,9 +53,10 @@ def test_status_of_vanished_sagemaker_items_is_unknown_not_an_error(tmp_path):
     from bincount.status import status
 
     Workspace(tmp_path).update_state(
-        tuning={"backend": "sagemaker", "job": "gone-tune", "objective": "val_acc", "best_value": 0.5},
-        training={"backend": "sagemaker", "job": "gone-job"},
-        endpoint={"backend": "sagemaker", "name": "gone-endpoint"})
+        tuning={"backend": "sagemaker", "job": "gone-tune", "objective": "val_acc", "status": "InProgress",
+                "best_value": 0.5},
+        training={"backend": "sagemaker", "job": "gone-job", "status": "InProgress"},
+        endpoint={"backend": "sagemaker", "name": "gone-endpoint", "mode": "realtime", "model_data": "s3://b/m.tar.gz"})
     with mock_aws():
         result = status(load_settings(overrides={"workdir": tmp_path}, environ={}))
     assert result.training["status"].startswith("unknown (")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bincount.errors import BincountError
+from bincount.state import LocalTraining, Training
 
 if TYPE_CHECKING:
     from bincount.config import Settings
@@ -140,14 +141,12 @@ def load_error(model_dir: Path, exc: Exception) -> BincountError:
     return BincountError(f"cannot load the model in {model_dir} (model.pth, meta.json): {type(exc).__name__}: {first}")
 
 
-def _trained_model(state: dict, option: str) -> str:
+def _trained_model(training: Training | None, option: str) -> str:
     """The last trained model recorded in state.json: its local dir if still there, else its model.tar.gz."""
-    training = state.get("training") or {}
-    model_dir, model_data = training.get("model_dir"), training.get("model_data")
-    if model_dir and (Path(model_dir) / "meta.json").is_file():
-        return str(model_dir)
-    if model_data or model_dir:
-        return str(model_data or model_dir)
+    if isinstance(training, LocalTraining) and (Path(training.model_dir) / "meta.json").is_file():
+        return training.model_dir
+    if training and training.model_data:
+        return training.model_data
     raise BincountError(f"no trained model recorded: run `bincount train` first, or pass {option} PATH|s3://URI")
 
 
@@ -176,7 +175,7 @@ def resolve_model(settings: Settings, model: Path | str | None = None, option: s
     from bincount.workspace import Workspace
 
     ws = Workspace(settings.workdir)
-    source = str(model) if model else _trained_model(ws.state(), option)
+    source = str(model) if model else _trained_model(ws.state().training, option)
     cache = ws.models / "cache"
     if source.startswith("s3://"):
         name = hashlib.sha256(source.encode()).hexdigest()[:16]

@@ -25,6 +25,7 @@ from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result
 from bincount.serve import MAX_BODY_BYTES
+from bincount.state import LocalEndpoint, SageMakerEndpoint
 from bincount.workspace import Workspace
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -329,13 +330,11 @@ def resolve_target(settings: Settings, endpoint: str | None = None, model: Path 
     if settings.backend == "sagemaker" and settings.deploy.endpoint_name:
         return SageMakerTarget(settings, settings.deploy.endpoint_name)
     state = Workspace(settings.workdir).state()
-    recorded = state.get("endpoint") or {}
-    if recorded.get("backend") == "local" and recorded.get("url"):
-        return HttpTarget(recorded["url"])
-    if recorded.get("backend") == "sagemaker" and recorded.get("name"):
-        return SageMakerTarget(settings, recorded["name"])
-    training = state.get("training") or {}
-    if training.get("model_dir") or training.get("model_data"):
+    if isinstance(state.endpoint, LocalEndpoint):
+        return HttpTarget(state.endpoint.url)
+    if isinstance(state.endpoint, SageMakerEndpoint):
+        return SageMakerTarget(settings, state.endpoint.name)
+    if state.training and state.training.model_data:
         model_dir = resolve_model(settings)
         log(f"no endpoint deployed: predicting in-process with the last trained model {model_dir}")
         return ModelTarget(model_dir)

@@ -26,6 +26,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
+from bincount.state import LocalEndpoint, SageMakerEndpoint
 from bincount.workspace import Workspace
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time invocation limit
@@ -353,15 +354,15 @@ def deploy_local(settings: Settings, timeout: float = 120.0) -> LocalEndpointRes
     import subprocess
 
     ws = Workspace(settings.workdir)
-    current = ws.state().get("endpoint")
-    if current and current.get("backend") == "sagemaker":
-        raise BincountError(f"a SageMaker endpoint {current.get('name')!r} is recorded; "
+    current = ws.state().endpoint
+    if isinstance(current, SageMakerEndpoint):
+        raise BincountError(f"a SageMaker endpoint {current.name!r} is recorded; "
                             "remove it first with `bincount undeploy --backend sagemaker`")
-    if current and current.get("pid") and _is_our_server(int(current["pid"])) and ping(current.get("url", "")):
-        return LocalEndpointResult(action="already running", url=current["url"], pid=current["pid"],
-                                   model_dir=current.get("model_dir"), log=str(ws.reports / "serve.log"))
+    if current and current.pid > 0 and _is_our_server(current.pid) and ping(current.url):
+        return LocalEndpointResult(action="already running", url=current.url, pid=current.pid,
+                                   model_dir=current.model_dir, log=str(ws.reports / "serve.log"))
     if current:
-        _stop(int(current.get("pid") or 0))
+        _stop(current.pid)
         ws.update_state(endpoint=None)
 
     model_dir = resolve_model(settings, option="--model-data")  # deploy.model_data, else the last trained
@@ -391,7 +392,7 @@ def deploy_local(settings: Settings, timeout: float = 120.0) -> LocalEndpointRes
             raise BincountError(f"the local server did not become ready within {timeout:.0f}s: "
                                 f"{_last_line(log_path)} (see {log_path})")
         time.sleep(0.2)
-    ws.update_state(endpoint={"backend": "local", "url": url, "pid": proc.pid, "model_dir": str(model_dir)})
+    ws.update_state(endpoint=LocalEndpoint(url=url, pid=proc.pid, model_dir=str(model_dir)))
     return LocalEndpointResult(action="started", url=url, pid=proc.pid, model_dir=str(model_dir), log=str(log_path))
 
 
@@ -424,12 +425,12 @@ def _stop(pid: int, grace: float = 10.0) -> bool:
 def undeploy_local(settings: Settings, yes: bool = False) -> LocalEndpointResult:
     """Stop the recorded local server and clear it from state.json. Idempotent."""
     ws = Workspace(settings.workdir)
-    current = ws.state().get("endpoint")
+    current = ws.state().endpoint
     if not current:
         return LocalEndpointResult(action="nothing to stop")
-    if current.get("backend") != "local":
-        raise BincountError(f"the recorded endpoint is a {current.get('backend')} one; use --backend {current.get('backend')}")
-    stopped = _stop(int(current.get("pid") or 0))
+    if not isinstance(current, LocalEndpoint):
+        raise BincountError(f"the recorded endpoint is a {current.backend} one; use --backend {current.backend}")
+    stopped = _stop(current.pid)
     ws.update_state(endpoint=None)
     return LocalEndpointResult(action="stopped" if stopped else "was not running (state cleared)",
-                               url=current.get("url"), pid=current.get("pid"), model_dir=current.get("model_dir"))
+                               url=current.url, pid=current.pid, model_dir=current.model_dir)

@@ -10,6 +10,7 @@ from typing import Any
 
 from bincount.config import Settings
 from bincount.results import Result, key_value_table
+from bincount.state import LocalEndpoint, Record, SageMakerEndpoint, SageMakerTraining, SageMakerTuning
 from bincount.workspace import SPLITS, Workspace
 
 
@@ -27,7 +28,7 @@ class StatusResult(Result):
         table.add_row("channels", ", ".join(f"{k} {v}" for k, v in self.channels.items()) or "-")
         for name in ("tuning", "training", "endpoint"):
             item = getattr(self, name)
-            table.add_row(name, "-" if not item else "\n".join(f"{k}: {_short(v)}" for k, v in item.items() if v is not None))
+            table.add_row(name, "-" if not item else "\n".join(f"{k}: {_short(v)}" for k, v in item.items() if v not in (None, {})))
         return table
 
 
@@ -52,19 +53,18 @@ def status(settings: Settings) -> StatusResult:
     state = ws.state()
     data = {"manifest": _lines(ws.manifest), **{name: _lines(ws.split(name)) for name in SPLITS}}
     live = _Live(settings)
-    tuning = dict(state["tuning"]) if state.get("tuning") else None
-    if tuning and tuning.get("backend") == "sagemaker" and tuning.get("job"):
-        tuning.update(_known(live.tuning(tuning["job"])))
-    training = dict(state["training"]) if state.get("training") else None
-    if training and training.get("backend") == "sagemaker" and training.get("job"):
-        training.update(_known(live.training(training["job"])))
-    endpoint = dict(state["endpoint"]) if state.get("endpoint") else None
-    if endpoint and endpoint.get("backend") == "sagemaker" and endpoint.get("name"):
-        endpoint.update(_known(live.endpoint(endpoint["name"])))
-    elif endpoint and endpoint.get("url"):
-        endpoint["status"] = _ping(endpoint["url"])
-    return StatusResult(workdir=str(ws.root), data=data, channels=state.get("channels") or {},
-                        tuning=tuning, training=training, endpoint=endpoint)
+    tuning, training, endpoint = state.tuning, state.training, state.endpoint
+    return StatusResult(
+        workdir=str(ws.root), data=data, channels=state.channels,
+        tuning=_shown(tuning, live.tuning(tuning.job) if isinstance(tuning, SageMakerTuning) else {}),
+        training=_shown(training, live.training(training.job) if isinstance(training, SageMakerTraining) else {}),
+        endpoint=_shown(endpoint, live.endpoint(endpoint.name) if isinstance(endpoint, SageMakerEndpoint)
+                        else {"status": _ping(endpoint.url)} if isinstance(endpoint, LocalEndpoint) else {}))
+
+
+def _shown(record: Record | None, live: dict[str, Any]) -> dict[str, Any] | None:
+    """A recorded item as shown: its fields, updated with what a live lookup found."""
+    return {**record.model_dump(mode="json", exclude_none=True), **_known(live)} if record else None
 
 
 def _known(values: dict[str, Any]) -> dict[str, Any]:

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from bincount.errors import BincountError
+from bincount.state import Record, State
 
 SPLITS = ("train", "val", "test")
 
 
 class Workspace:
-    """The layout of one work dir (see DESIGN.md): raw/, manifest.jsonl, splits/, state.json, models/, reports/."""
+    """The layout of one work dir: raw/, manifest.jsonl, splits/, state.json, models/, reports/ (see README)."""
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -53,24 +54,24 @@ class Workspace:
             raise BincountError(f"{path} not found: {hint}")
         return path
 
-    # -- state.json: what later stages need from earlier ones ------------------------------
-    def state(self) -> dict[str, Any]:
+    # -- state.json: what later stages need from earlier ones (bincount.state) --------------
+    def state(self) -> State:
+        """The recorded state (an empty State when there is no state.json yet)."""
         if not self.state_path.exists():
-            return {}
+            return State()
         try:
-            return json.loads(self.state_path.read_text())
+            raw = json.loads(self.state_path.read_text())
         except json.JSONDecodeError as exc:
             raise BincountError(f"{self.state_path} is not valid JSON ({exc.msg}); fix or delete it") from None
+        return State.load(raw, self.state_path)
 
-    def update_state(self, **changes: Any) -> dict[str, Any]:
-        """Merge `changes` into state.json (a value of None removes the key) and write it atomically."""
-        state = self.state()
-        for key, value in changes.items():
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value
-        atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+    def update_state(self, **changes: Record | dict[str, str] | None) -> State:
+        """Set sections of state.json (None removes one), validate the whole, and write it atomically.
+
+        `ws.update_state(training=LocalTraining(...), training_pending=None)`.
+        """
+        state = State.model_validate({**dict(self.state()), **changes})
+        atomic_write_text(self.state_path, state.dump())
         return state
 
 

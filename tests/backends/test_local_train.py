@@ -11,6 +11,7 @@ import pytest
 
 from bincount.config import load_settings
 from bincount.errors import BincountError
+from bincount.state import LocalTraining, LocalTuning
 from bincount.workspace import Workspace, write_jsonl
 
 FAST = {"train.arch": "mobilenet_v3_small", "train.image_size": 32, "train.batch_size": 32, "train.epochs": 2,
@@ -51,8 +52,9 @@ def test_use_best_without_a_tuning_result_is_an_error(tmp_path):
     settings = settings_for(tmp_path, **{"train.use_best": True})
     with pytest.raises(BincountError, match="run `bincount tune` first"):
         hyperparameters(settings)
-    Workspace(tmp_path).update_state(tuning={"best_hyperparameters": {"lr": "0.05", "batch_size": "16",
-                                                                      "_tuning_objective_metric": "val_acc"}})
+    Workspace(tmp_path).update_state(tuning=LocalTuning(
+        job="tune-1", objective="val_acc", status="Completed",
+        best_hyperparameters={"lr": "0.05", "batch_size": "16", "_tuning_objective_metric": "val_acc"}))
     hp = hyperparameters(settings)
     assert hp["lr"] == 0.05 and hp["batch_size"] == 16 and "_tuning_objective_metric" not in hp
 
@@ -82,8 +84,8 @@ def test_train_then_evaluate(synth_source, tmp_path, cli):
     assert (workdir / "channels" / "train" / "manifest.jsonl").is_file()
 
     state = Workspace(workdir).state()
-    assert state["training"]["backend"] == "local" and state["training"]["model_data"] == out["model_data"]
-    assert "training_pending" not in state
+    assert isinstance(state.training, LocalTraining) and state.training.model_data == out["model_data"]
+    assert state.training_pending is None
 
     # Debugger findings over the run's smdebug tensors, saved to reports/rules.json.
     rules = {f["rule"]: f for f in out["rules"]}

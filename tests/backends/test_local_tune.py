@@ -9,6 +9,7 @@ import pytest
 
 from bincount.config import load_settings
 from bincount.errors import BincountError
+from bincount.state import LocalTuning
 
 
 def test_read_objective_takes_the_last_value_sagemaker_would(tmp_path):
@@ -92,9 +93,9 @@ def test_three_trial_search_records_the_best(tmp_path, synth_source, cli):
     assert read_objective(log, "val_acc") == result.best_value
     assert "epoch=1 " in log.read_text() and "epoch=2 " not in log.read_text()
 
-    state = Workspace(tmp_path).state()["tuning"]
-    assert state["backend"] == "local" and state["job"] == result.job and state["objective"] == "val_acc"
-    assert state["best_hyperparameters"] == result.best_hyperparameters and state["best_value"] == result.best_value
+    state = Workspace(tmp_path).state().tuning
+    assert isinstance(state, LocalTuning) and state.job == result.job and state.objective == "val_acc"
+    assert state.best_hyperparameters == result.best_hyperparameters and state.best_value == result.best_value
 
     status = cli("status", "--workdir", tmp_path, "--json")
     assert status.exit_code == 0, status.stderr

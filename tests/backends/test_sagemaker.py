@@ -18,6 +18,7 @@ import pytest
 
 from bincount.config import load_settings
 from bincount.errors import BincountError
+from bincount.state import SageMakerEndpoint, SageMakerTraining
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 BUCKET = "bincount-test"
@@ -207,9 +208,9 @@ def test_training_request_has_rules_profiler_metrics_and_hyperparameters(sm, tmp
     report = Path(result.profiler_report) / "ProfilerReport" / "profiler-output" / "profiler-report.html"
     assert report.read_bytes() == b"<html>report</html>" and str(tmp_path / "reports") in str(report)
 
-    state = Workspace(tmp_path).state()["training"]
-    assert state["backend"] == "sagemaker" and state["job"] == result.job
-    assert state["model_data"] == f"s3://{BUCKET}/bincount/output/{result.job}/output/model.tar.gz"
+    state = Workspace(tmp_path).state().training
+    assert isinstance(state, SageMakerTraining) and state.job == result.job
+    assert state.model_data == f"s3://{BUCKET}/bincount/output/{result.job}/output/model.tar.gz"
     assert sm.telemetry == []  # the SDK's telemetry is opted out
 
 
@@ -258,10 +259,10 @@ def test_clear_errors_without_role_channels_or_yes(tmp_path, cli):
     with pytest.raises(BincountError, match="no best hyperparameters"):
         backend.train(make_settings(tmp_path, **{"train.use_best": True}))
 
-    Workspace(tmp_path).update_state(endpoint={"backend": "sagemaker", "name": "ep-1"})
+    Workspace(tmp_path).update_state(endpoint=SageMakerEndpoint(name="ep-1", mode="realtime", model_data="s3://b/m.tar.gz"))
     out = cli("undeploy", "--backend", "sagemaker", "--workdir", tmp_path)
     assert out.exit_code == 1 and "--yes" in out.stderr
-    assert Workspace(tmp_path).state()["endpoint"]["name"] == "ep-1"
+    assert Workspace(tmp_path).state().endpoint.name == "ep-1"
 
 
 def _local_model(workdir: Path, synth_source: Path) -> Path:
@@ -315,13 +316,13 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     assert "WarmStartConfig" not in req
     assert first.best_hyperparameters == {"lr": 0.0123, "weight_decay": 0.0002, "batch_size": 16}
     assert first.best_value == 0.75 and first.note and "unavailable" in first.note
-    assert ws.state()["tuning"]["best_hyperparameters"]["batch_size"] == 16
+    assert ws.state().tuning.best_hyperparameters["batch_size"] == 16
 
     second = backend.tune(settings)  # warm start from the first
     warm = sm.last("CreateHyperParameterTuningJob")["WarmStartConfig"]
     assert warm == {"ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": first.job}],
                     "WarmStartType": "IdenticalDataAndAlgorithm"}
-    assert ws.state()["tuning"]["job"] == second.job
+    assert ws.state().tuning.job == second.job
 
     # train --use-best: the best hyperparameters reach the job (typed, internal keys gone)
     trained = backend.train(make_settings(tmp_path, **{"train.use_best": True}))
@@ -353,7 +354,7 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
         requirements = served.extractfile("code/requirements.txt").read().decode()
     assert {"model.pth", "meta.json", "code/inference.py", "code/net.py", "code/epochlog.py"} <= names
     assert "code/train.py" not in names and "smdebug" not in requirements
-    assert ws.state()["endpoint"]["name"] == endpoint.endpoint
+    assert ws.state().endpoint.name == endpoint.endpoint
 
     serverless = backend.deploy(make_settings(tmp_path, **{"deploy.mode": "serverless", "deploy.endpoint_name": "bincount-sls"}))
     variant = sm.last("CreateEndpointConfig")["ProductionVariants"][0]
@@ -385,13 +386,13 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     realtime = backend.undeploy(make_settings(tmp_path, **{"deploy.endpoint_name": endpoint.endpoint}), yes=True)
     assert realtime.deleted == [f"endpoint {endpoint.endpoint}", f"endpoint config {endpoint.config_name}",
                                 f"model {endpoint.model_name}"]
-    assert ws.state()["endpoint"]["name"] == "bincount-sls"
+    assert ws.state().endpoint.name == "bincount-sls"
     gone = backend.undeploy(settings, yes=True)
     assert gone.endpoint == "bincount-sls" and len(gone.deleted) == 3
     client = boto3.client("sagemaker", region_name="us-east-1")
     assert client.list_endpoints()["Endpoints"] == [] and client.list_models()["Models"] == []
     assert client.list_endpoint_configs()["EndpointConfigs"] == []
-    assert "endpoint" not in ws.state()
+    assert ws.state().endpoint is None
     assert sm.telemetry == []
 
 

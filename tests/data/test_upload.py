@@ -52,7 +52,7 @@ def test_upload_lays_out_channels_and_is_idempotent(split_workdir, channels_buck
             assert key in keys
             head = client.head_object(Bucket=channels_bucket, Key=key)
             assert head["Metadata"]["sha256"] == row["sha256"] and head["ContentLength"] == row["bytes"]
-    assert Workspace(split_workdir).state()["channels"] == {
+    assert Workspace(split_workdir).state().channels == {
         name: f"s3://{channels_bucket}/run1/{name}" for name in ("train", "val", "test")}
 
     again = upload(settings)

@@ -31,6 +31,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
+from bincount.state import LocalTraining, PendingTraining
 from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_jsonl
 
 CONTAINER = Path(__file__).resolve().parent.parent / "container"
@@ -218,16 +219,16 @@ def train(settings: Settings) -> TrainResult:
     ws = Workspace(settings.workdir)
     channels = make_channels(settings)
     hp = hyperparameters(settings)
-    pending = ws.state().get("training_pending") or {}
-    if pending.get("hyperparameters") == hp and Path(pending.get("run_dir", "")).is_dir():
-        run_dir = Path(pending["run_dir"])  # an interrupted run with the same settings: resume it
+    pending = ws.state().training_pending
+    if pending and pending.hyperparameters == hp and Path(pending.run_dir).is_dir():
+        run_dir = Path(pending.run_dir)  # an interrupted run with the same settings: resume it
         err_console().print(f"resuming interrupted run {run_dir.name}", highlight=False)
     else:
         run_dir = ws.models / time.strftime("%Y%m%d-%H%M%S")
         while run_dir.exists():
             run_dir = run_dir.with_name(run_dir.name + "x")
         run_dir.mkdir(parents=True)
-        ws.update_state(training_pending={"run_dir": str(run_dir.resolve()), "hyperparameters": hp})
+        ws.update_state(training_pending=PendingTraining(run_dir=str(run_dir.resolve()), hyperparameters=hp))
     extra_env = {"DEBUGGER_OUT_DIR": str((run_dir / "debug").resolve())} if _smdebug_available() else {}
 
     rows: list[dict[str, float]] = []
@@ -247,8 +248,8 @@ def train(settings: Settings) -> TrainResult:
 
         rules = check_run(settings, run_dir, out["history"])
     metrics = {k: float(v) for k, v in out["metrics"].items() if isinstance(v, (int, float))}
-    ws.update_state(training={"backend": "local", "job": run_dir.name, "model_data": str(tar.resolve()),
-                              "model_dir": str(out["model_dir"].resolve()), "metrics": metrics},
+    ws.update_state(training=LocalTraining(job=run_dir.name, model_data=str(tar.resolve()),
+                                           model_dir=str(out["model_dir"].resolve()), metrics=metrics),
                     training_pending=None)
     return TrainResult(run=run_dir.name, model_data=str(tar.resolve()), model_dir=str(out["model_dir"].resolve()),
                        epochs=len(out["history"]), best_epoch=int(metrics.get("epoch", 0)), metrics=metrics,

@@ -66,7 +66,8 @@ def tune(settings: Settings) -> TuneResult:
         sampler=optuna.samplers.TPESampler(seed=settings.train.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
-    previous = (ws.state().get("tuning") or {}).get("best_hyperparameters") or {}
+    recorded = ws.state().tuning
+    previous = (recorded.best_hyperparameters if recorded else None) or {}
     if t.warm_start and _in_space(previous, settings):
         study.enqueue_trial({"lr": float(previous["lr"]), "weight_decay": float(previous["weight_decay"]),
                              "batch_size": int(previous["batch_size"])})

@@ -17,6 +17,7 @@ from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
+from bincount.state import SageMakerEndpoint, SageMakerTraining, SageMakerTuning
 from bincount.workspace import Workspace
 
 
@@ -106,7 +107,7 @@ def train(settings: Settings) -> TrainJobResult:
         est = sme.estimator(settings, sm_session, hp)
         job = name_from_base(settings.sagemaker.base_job_name)
         est.fit(inputs=inputs, job_name=job, wait=False, logs="None")
-        ws.update_state(training={"backend": "sagemaker", "job": job, "status": "InProgress"})
+        ws.update_state(training=SageMakerTraining(job=job, status="InProgress"))
         log(f"training job [bold]{job}[/] started in {settings.sagemaker.region}")
         if not settings.train.wait:
             return TrainJobResult(job=job, status="InProgress", hyperparameters=hp)
@@ -127,9 +128,9 @@ def train(settings: Settings) -> TrainJobResult:
 
 def _refresh_tuning(settings: Settings, client: Any) -> None:
     """A SageMaker tuning job started with --no-wait: fetch and record its best trial once there is one."""
-    tuning = Workspace(settings.workdir).state().get("tuning") or {}
-    if tuning.get("backend") == "sagemaker" and tuning.get("job") and not tuning.get("best_hyperparameters"):
-        result = tuning_result(settings, client, tuning["job"])
+    tuning = Workspace(settings.workdir).state().tuning
+    if isinstance(tuning, SageMakerTuning) and not tuning.best_hyperparameters:
+        result = tuning_result(settings, client, tuning.job)
         if result.best_hyperparameters:
             record(settings, result)
 
@@ -143,13 +144,10 @@ def _final_metrics(description: dict[str, Any]) -> dict[str, float]:
 
 
 def _record_training(ws: Workspace, description: dict[str, Any]) -> None:
-    ws.update_state(training={
-        "backend": "sagemaker",
-        "job": description["TrainingJobName"],
-        "status": description["TrainingJobStatus"],
-        "model_data": _model_data(description) if description["TrainingJobStatus"] == "Completed" else None,
-        "metrics": _final_metrics(description),
-    })
+    status = description["TrainingJobStatus"]
+    ws.update_state(training=SageMakerTraining(
+        job=description["TrainingJobName"], status=status, metrics=_final_metrics(description),
+        model_data=_model_data(description) if status == "Completed" else None))
 
 
 # -- tune --------------------------------------------------------------------------------------
@@ -163,7 +161,7 @@ def tune(settings: Settings) -> TuneResult:
 
     t = settings.tune
     ws = Workspace(settings.workdir)
-    previous = ws.state().get("tuning") or {}
+    previous = ws.state().tuning
     scale = {"log": "Logarithmic", "linear": "Linear"}
     ranges = {
         "lr": ContinuousParameter(t.lr.min, t.lr.max, scaling_type=scale[t.lr.scale]),
@@ -171,9 +169,9 @@ def tune(settings: Settings) -> TuneResult:
         "batch_size": CategoricalParameter([int(b) for b in t.batch_size]),
     }
     warm = None
-    if t.warm_start and previous.get("backend") == "sagemaker" and previous.get("job"):
-        warm = WarmStartConfig(WarmStartTypes.IDENTICAL_DATA_AND_ALGORITHM, parents={previous["job"]})
-        log(f"warm start from tuning job {previous['job']}")
+    if t.warm_start and isinstance(previous, SageMakerTuning):
+        warm = WarmStartConfig(WarmStartTypes.IDENTICAL_DATA_AND_ALGORITHM, parents={previous.job})
+        log(f"warm start from tuning job {previous.job}")
     with sme.aws_errors("sagemaker tune"), sme.sdk_output():
         sm_session = sme.session(settings)
         inputs = sme.channels(settings)
@@ -258,12 +256,12 @@ def _resolve_model_data(settings: Settings, sm_session: Any) -> str:
     """settings.deploy.model_data, else the recorded training artifact; local files are uploaded to S3."""
     model_data = settings.deploy.model_data
     if not model_data:
-        training = Workspace(settings.workdir).state().get("training") or {}
-        model_data = training.get("model_data")
-        if not model_data and training.get("backend") == "sagemaker" and training.get("job"):
-            desc = sm_session.sagemaker_client.describe_training_job(TrainingJobName=training["job"])
+        training = Workspace(settings.workdir).state().training
+        model_data = training.model_data if training else None
+        if not model_data and isinstance(training, SageMakerTraining):
+            desc = sm_session.sagemaker_client.describe_training_job(TrainingJobName=training.job)
             if desc["TrainingJobStatus"] != "Completed":
-                raise BincountError(f"training job {training['job']} is {desc['TrainingJobStatus']}: "
+                raise BincountError(f"training job {training.job} is {desc['TrainingJobStatus']}: "
                                     "deploy once it has completed (bincount status)")
             _record_training(Workspace(settings.workdir), desc)
             model_data = _model_data(desc)
@@ -314,9 +312,8 @@ def deploy(settings: Settings) -> EndpointResult:
         desc = sm_session.sagemaker_client.describe_endpoint(EndpointName=name)
     result = EndpointResult(endpoint=name, status=desc["EndpointStatus"], mode=d.mode,
                             config_name=desc.get("EndpointConfigName"), model_name=model.name, model_data=model_data)
-    Workspace(settings.workdir).update_state(endpoint={
-        "backend": "sagemaker", "name": name, "config_name": result.config_name, "model_name": result.model_name,
-        "mode": d.mode, "model_data": model_data})
+    Workspace(settings.workdir).update_state(endpoint=SageMakerEndpoint(
+        name=name, config_name=result.config_name, model_name=result.model_name, mode=d.mode, model_data=model_data))
     return result
 
 
@@ -337,18 +334,18 @@ def undeploy(settings: Settings, yes: bool = False) -> UndeployResult:
     from bincount.aws import client as aws_client
 
     ws = Workspace(settings.workdir)
-    recorded = ws.state().get("endpoint") or {}
-    if recorded.get("backend") != "sagemaker":
-        recorded = {}
-    name = settings.deploy.endpoint_name or recorded.get("name")
+    endpoint = ws.state().endpoint
+    recorded = endpoint if isinstance(endpoint, SageMakerEndpoint) else None
+    name = settings.deploy.endpoint_name or (recorded.name if recorded else None)
     if not name:
         raise BincountError("no SageMaker endpoint recorded in state.json: pass --endpoint-name")
     if not _confirm(f"Delete SageMaker endpoint {name}, its endpoint config and model?", yes):
         log("kept the endpoint")
         return UndeployResult(endpoint=name, kept=True)
     sm = aws_client("sagemaker", region=settings.sagemaker.region)
-    config_name = recorded.get("config_name") if recorded.get("name") == name else None
-    models = [recorded["model_name"]] if recorded.get("name") == name and recorded.get("model_name") else []
+    ours = recorded is not None and recorded.name == name
+    config_name = recorded.config_name if ours else None
+    models = [recorded.model_name] if ours and recorded.model_name else []
     deleted: list[str] = []
     with sme.aws_errors("sagemaker undeploy"):
         try:
@@ -375,7 +372,7 @@ def undeploy(settings: Settings, yes: bool = False) -> UndeployResult:
             except ClientError as exc:
                 if not _missing(exc):
                     raise
-    if recorded.get("name") == name:
+    if ours:
         ws.update_state(endpoint=None)
     return UndeployResult(endpoint=name, deleted=deleted)
 

@@ -136,8 +136,8 @@ def channels(settings: Settings) -> dict[str, Any]:
     """TrainingInputs from state["channels"] (written by `bincount upload`)."""
     from sagemaker.inputs import TrainingInput
 
-    recorded = Workspace(settings.workdir).state().get("channels") or {}
-    uris = {name: uri for name, uri in recorded.items() if isinstance(uri, str) and uri.startswith("s3://")}
+    recorded = Workspace(settings.workdir).state().channels
+    uris = {name: uri for name, uri in recorded.items() if uri.startswith("s3://")}
     missing = [name for name in ("train", "val") if name not in uris]
     if missing:
         raise BincountError(f"no S3 {' and '.join(missing)} channel in state.json: run bincount upload first")

@@ -8,6 +8,7 @@ from typing import Any
 from bincount.config import Settings, TrainSettings
 from bincount.errors import BincountError
 from bincount.results import Result
+from bincount.state import LocalTuning, SageMakerTuning
 from bincount.workspace import Workspace
 
 TUNED = ("lr", "weight_decay", "batch_size")
@@ -83,23 +84,19 @@ def best_train_settings(settings: Settings) -> TrainSettings:
     """settings.train, with the best hyperparameters from state.json when train.use_best is set."""
     if not settings.train.use_best:
         return settings.train
-    tuning = Workspace(settings.workdir).state().get("tuning") or {}
-    best = tuning.get("best_hyperparameters")
+    tuning = Workspace(settings.workdir).state().tuning
+    best = tuning.best_hyperparameters if tuning else None
     if not best:
-        job = tuning.get("job")
-        hint = f"tuning job {job} has no best trial recorded yet (see bincount status)" if job else "run `bincount tune` first"
+        hint = (f"tuning job {tuning.job} has no best trial recorded yet (see bincount status)" if tuning
+                else "run `bincount tune` first")
         raise BincountError(f"--use-best: no best hyperparameters in state.json; {hint}")
     merged = {**settings.train.model_dump(), **coerce_hyperparameters(best)}
     return TrainSettings.model_validate(merged)
 
 
 def record(settings: Settings, result: TuneResult) -> None:
-    """state.json "tuning": backend, job, objective, best_hyperparameters, best_value (and status)."""
-    Workspace(settings.workdir).update_state(tuning={
-        "backend": result.backend,
-        "job": result.job,
-        "objective": result.objective,
-        "status": result.status,
-        "best_hyperparameters": result.best_hyperparameters or None,
-        "best_value": result.best_value,
-    })
+    """state.json "tuning": backend, job, objective, status, best_hyperparameters, best_value."""
+    kind = SageMakerTuning if result.backend == "sagemaker" else LocalTuning
+    Workspace(settings.workdir).update_state(tuning=kind(
+        job=result.job, objective=result.objective, status=result.status,
+        best_hyperparameters=result.best_hyperparameters or None, best_value=result.best_value))

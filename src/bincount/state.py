@@ -1,0 +1,137 @@
+"""state.json, typed: what each stage records for the later ones.
+
+`bincount upload` records the S3 channels, `tune` the best hyperparameters, `train` the model and
+`deploy` the endpoint. The training, tuning and endpoint records are one class per backend, told apart
+by their `backend` field ("local" or "sagemaker"). Read with Workspace.state(), written with
+Workspace.update_state() (atomically); nothing else opens state.json.
+
+Every version so far wrote these same shapes, so older work dirs load as they are. Keys this version
+does not know (left by another version, or added by hand) are dropped on read rather than failing a
+user's work dir; a missing or bad value of a known key is a BincountError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bincount.errors import BincountError
+
+
+class Record(BaseModel):
+    # A typo in code that writes a record fails loudly; unknown keys in a file are dropped by State.load.
+    model_config = ConfigDict(extra="forbid")
+
+
+class PendingTraining(Record):
+    """A local run that has not finished: `bincount train` resumes it when the hyperparameters match."""
+
+    run_dir: str
+    hyperparameters: dict[str, Any]
+
+
+class LocalTraining(Record):
+    backend: Literal["local"] = "local"
+    job: str  # the run dir's name under models/
+    model_data: str  # its model.tar.gz
+    model_dir: str  # the unpacked model dir beside it
+    metrics: dict[str, float] = {}
+
+
+class SageMakerTraining(Record):
+    backend: Literal["sagemaker"] = "sagemaker"
+    job: str  # the training job name
+    status: str  # TrainingJobStatus when last seen
+    model_data: str | None = None  # s3://.../model.tar.gz once Completed
+    metrics: dict[str, float] = {}
+
+
+class _Tuning(Record):
+    job: str
+    objective: str  # val_acc or val_rmse
+    status: str  # Completed, or the tuning job's status when last seen
+    best_hyperparameters: dict[str, Any] | None = None
+    best_value: float | None = None
+
+
+class LocalTuning(_Tuning):
+    backend: Literal["local"] = "local"
+
+
+class SageMakerTuning(_Tuning):
+    backend: Literal["sagemaker"] = "sagemaker"
+
+
+class LocalEndpoint(Record):
+    backend: Literal["local"] = "local"
+    url: str
+    pid: int  # the background `bincount serve` process (group leader)
+    model_dir: str
+
+
+class SageMakerEndpoint(Record):
+    backend: Literal["sagemaker"] = "sagemaker"
+    name: str
+    mode: str  # realtime or serverless
+    model_data: str
+    config_name: str | None = None
+    model_name: str | None = None
+
+
+Training = Annotated[LocalTraining | SageMakerTraining, Field(discriminator="backend")]
+Tuning = Annotated[LocalTuning | SageMakerTuning, Field(discriminator="backend")]
+Endpoint = Annotated[LocalEndpoint | SageMakerEndpoint, Field(discriminator="backend")]
+
+_KINDS: dict[str, dict[str, type[Record]]] = {
+    "training": {"local": LocalTraining, "sagemaker": SageMakerTraining},
+    "tuning": {"local": LocalTuning, "sagemaker": SageMakerTuning},
+    "endpoint": {"local": LocalEndpoint, "sagemaker": SageMakerEndpoint},
+}
+
+
+class State(Record):
+    """The whole of state.json. A section that is None is absent from the file."""
+
+    channels: dict[str, str] = {}  # split -> s3:// URI
+    training_pending: PendingTraining | None = None
+    training: Training | None = None
+    tuning: Tuning | None = None
+    endpoint: Endpoint | None = None
+
+    @classmethod
+    def load(cls, raw: Any, path: Path | str = "state.json") -> State:
+        """Validate what was read from `path`, migrating older shapes (see the module docstring)."""
+        if not isinstance(raw, dict):
+            raise BincountError(f"{path} is not a JSON object; fix or delete it")
+        data: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in cls.model_fields or value is None:
+                continue
+            if key in _KINDS and isinstance(value, dict):
+                value = _known_keys(key, value)
+            elif key == "training_pending" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k in PendingTraining.model_fields}
+            data[key] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise BincountError(f"{path}: {where}: {first['msg']}; fix or delete it") from None
+
+    def dump(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not data["channels"]:
+            del data["channels"]  # not uploaded yet
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _known_keys(section: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A record as read from a file, less the keys its class does not know."""
+    kind = _KINDS[section].get(record.get("backend"))  # type: ignore[arg-type]
+    if kind is None:
+        return record  # no or an unknown backend: validation names it
+    return {k: v for k, v in record.items() if k in kind.model_fields}
