@@ -44,3 +44,14 @@ def test_error_with_brackets_is_printed_verbatim(cli, tmp_path):
     res = cli("config", "--config", tmp_path / "[bold]x.yaml")
     assert res.exit_code == 1
     assert "[bold]x.yaml not found" in res.stderr
+
+
+def test_every_command_runs_one_stage_from_the_table():
+    from bincount.cli import STAGES, app, stage
+
+    commands = {info.name or info.callback.__name__ for info in app.registered_commands}
+    assert commands == set(STAGES)
+    for command in STAGES:
+        for backend in ("local", "sagemaker"):
+            assert callable(stage(command, backend))
+    assert stage("train", "sagemaker").__module__ == "bincount.backends.sagemaker"

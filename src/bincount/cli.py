@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -26,16 +27,44 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", "-b", help="local (default) or sagemaker.")]
 
 
-def _call(target: str, config: Path | None, options: dict[str, Any], sets: list[str] | None, json_out: bool, **kwargs: Any) -> Any:
-    """Load settings (defaults < --config < env < --set < flags), run `module:function`, print its result."""
+# Every command and the stage it runs, as "module:function". A stage is imported only when its command
+# runs, so --help stays instant. {backend} is settings.backend: bincount.backends.local or .sagemaker,
+# each a bincount.backends.Backend.
+STAGES: dict[str, str] = {
+    "synth": "bincount.data.synth:synth",
+    "fetch": "bincount.data.fetch:fetch",
+    "split": "bincount.data.split:split",
+    "upload": "bincount.data.upload:upload",
+    "tune": "bincount.backends.{backend}:tune",
+    "train": "bincount.backends.{backend}:train",
+    "evaluate": "bincount.evaluate:evaluate",
+    "deploy": "bincount.backends.{backend}:deploy",
+    "predict": "bincount.predict:predict",
+    "audit": "bincount.audit:audit",
+    "undeploy": "bincount.backends.{backend}:undeploy",
+    "serve": "bincount.serve:serve_forever",
+    "status": "bincount.backends.{backend}:status",
+    "demo": "bincount.demo:demo",
+    "config": "bincount.config:show",
+}
+
+
+def stage(command: str, backend: str = "local") -> Callable[..., Any]:
+    """The function `command` runs (with settings.backend = `backend`)."""
+    module, _, function = STAGES[command].format(backend=backend).partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _call(command: str, config: Path | None, options: dict[str, Any], sets: list[str] | None, json_out: bool,
+          **kwargs: Any) -> Any:
+    """Load settings (defaults < --config < env < --set < flags), run the command's stage, print its result."""
     from bincount.config import load_settings, parse_set_option
 
     try:
         overrides = parse_set_option(sets or [])
         overrides.update({k: v for k, v in options.items() if v is not None})
         settings = load_settings(config, overrides)
-        module, _, function = target.partition(":")
-        result = getattr(importlib.import_module(f"bincount.{module}"), function)(settings, **kwargs)
+        result = stage(command, settings.backend)(settings, **kwargs)
     except BincountError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -79,7 +108,7 @@ def synth(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Make synthetic bin photos in the ABID layout. No network needed: for tests and demos."""
-    _call("data.synth:synth", config, {"workdir": workdir, "data.max_count": max_count}, set, json,
+    _call("synth", config, {"workdir": workdir, "data.max_count": max_count}, set, json,
           out=out, n=n, image_size=image_size, min_count=min_count, seed=seed, start_id=start_id)
 
 
@@ -97,7 +126,7 @@ def fetch(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Download bin images and labels, write manifest.jsonl. Concurrent and resumable."""
-    _call("data.fetch:fetch", config, {
+    _call("fetch", config, {
         "workdir": workdir, "data.source": source, "data.endpoint_url": endpoint_url, "data.limit": limit,
         "data.ids": ids, "data.id_file": id_file, "data.counts": counts, "data.balanced": balanced,
         "data.workers": workers, "data.max_count": max_count}, set, json)
@@ -112,7 +141,7 @@ def split(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Split the manifest into train/val/test. Stratified by count and seeded."""
-    _call("data.split:split", config, {"workdir": workdir, "split.train": train, "split.val": val,
+    _call("split", config, {"workdir": workdir, "split.train": train, "split.val": val,
                                        "split.test": test, "split.seed": seed}, set, json)
 
 
@@ -125,7 +154,7 @@ def upload(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Sync the splits to S3 as training channels. Unchanged files are skipped."""
-    _call("data.upload:upload", config, {"workdir": workdir, "s3.bucket": bucket, "s3.prefix": prefix,
+    _call("upload", config, {"workdir": workdir, "s3.bucket": bucket, "s3.prefix": prefix,
                                          "s3.endpoint_url": endpoint_url, "s3.workers": workers}, set, json)
 
 
@@ -140,7 +169,7 @@ def tune(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Search hyperparameters and record the best. SageMaker HyperparameterTuner, or Optuna locally."""
-    _call("backends:tune", config, {"workdir": workdir, "backend": backend, "tune.max_jobs": max_jobs,
+    _call("tune", config, {"workdir": workdir, "backend": backend, "tune.max_jobs": max_jobs,
                                      "tune.max_parallel_jobs": max_parallel_jobs, "tune.objective": objective,
                                      "tune.epochs": epochs, "tune.wait": wait}, set, json)
 
@@ -159,7 +188,7 @@ def train(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Train the counting model. Runs container/train.py and packages model.tar.gz."""
-    _call("backends:train", config, {"workdir": workdir, "backend": backend, "train.epochs": epochs,
+    _call("train", config, {"workdir": workdir, "backend": backend, "train.epochs": epochs,
                                       "train.arch": arch, "train.batch_size": batch_size, "train.lr": lr,
                                       "train.image_size": image_size, "train.pretrained": pretrained,
                                       "train.use_best": use_best, "train.wait": wait}, set, json)
@@ -174,7 +203,7 @@ def evaluate(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Score a model on the test split. Accuracy, RMSE, MAE, within-one, per-count table, plots."""
-    _call("evaluate:evaluate", config, {"workdir": workdir}, set, json, manifest=manifest, model=model, tta=tta)
+    _call("evaluate", config, {"workdir": workdir}, set, json, manifest=manifest, model=model, tta=tta)
 
 
 @app.command()
@@ -187,7 +216,7 @@ def deploy(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Start an endpoint for the model. The local server, or a SageMaker endpoint."""
-    _call("backends:deploy", config, {"workdir": workdir, "backend": backend, "deploy.mode": mode,
+    _call("deploy", config, {"workdir": workdir, "backend": backend, "deploy.mode": mode,
                                        "deploy.model_data": model_data, "deploy.endpoint_name": endpoint_name,
                                        "deploy.port": port}, set, json)
 
@@ -203,7 +232,7 @@ def predict(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Count the objects in bin images. Uses the deployed endpoint or a model file."""
-    _call("predict:predict", config, {"workdir": workdir, "backend": backend, "deploy.workers": workers}, set, json,
+    _call("predict", config, {"workdir": workdir, "backend": backend, "deploy.workers": workers}, set, json,
           images=images, endpoint=endpoint, model=model, output_format="json" if json else format)
 
 
@@ -219,7 +248,7 @@ def audit(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """List bins whose count disagrees with the record. Ranked, with a recount threshold."""
-    _call("audit:audit", config, {"workdir": workdir, "backend": backend}, set, json,
+    _call("audit", config, {"workdir": workdir, "backend": backend}, set, json,
           manifest=manifest, threshold=threshold, endpoint=endpoint, model=model, out=out, top=top)
 
 
@@ -231,7 +260,7 @@ def undeploy(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Stop the endpoint. On SageMaker: delete endpoint, endpoint config and model."""
-    _call("backends:undeploy", config, {"workdir": workdir, "backend": backend,
+    _call("undeploy", config, {"workdir": workdir, "backend": backend,
                                          "deploy.endpoint_name": endpoint_name}, set, json, yes=yes)
 
 
@@ -243,7 +272,7 @@ def serve(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, set: SetOpt = None,
 ) -> None:
     """Run the local endpoint in the foreground. SageMaker contract: GET /ping, POST /invocations."""
-    _call("serve:serve_forever", config, {"workdir": workdir, "deploy.host": host, "deploy.port": port}, set, False,
+    _call("serve", config, {"workdir": workdir, "deploy.host": host, "deploy.port": port}, set, False,
           model=model)
 
 
@@ -253,7 +282,7 @@ def status(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Show where the recorded data, jobs, model and endpoint stand."""
-    _call("backends:status", config, {"workdir": workdir, "backend": backend}, set, json)
+    _call("status", config, {"workdir": workdir, "backend": backend}, set, json)
 
 
 @app.command()
@@ -263,7 +292,7 @@ def demo(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Run the whole pipeline offline on synthetic bins. Local S3 server, train, serve, audit."""
-    _call("demo:demo", config, {"workdir": workdir}, set, json, images=images, image_size=image_size)
+    _call("demo", config, {"workdir": workdir}, set, json, images=images, image_size=image_size)
 
 
 @app.command("config")
@@ -271,8 +300,4 @@ def show_config(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Print the effective settings. Defaults < --config < BINCOUNT_* env < --set and flags."""
-    _call("config:show", config, {"workdir": workdir}, set, json)
-
-
-def main() -> None:  # pragma: no cover - console entry point alias
-    app()
+    _call("config", config, {"workdir": workdir}, set, json)

@@ -69,18 +69,21 @@ def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_three_trial_search_records_the_best(tmp_path, synth_source, cli):
-    from bincount.backends.local_tune import read_objective, tune
+    """`bincount tune` through the CLI (the STAGES entry to the local backend), then its record."""
+    from bincount.backends.local_tune import read_objective
+    from bincount.backends.tuning import TuneResult
     from bincount.data.fetch import fetch
     from bincount.data.split import split
     from bincount.workspace import Workspace
 
-    settings = load_settings(overrides={
-        "workdir": tmp_path, "data.source": str(synth_source), "data.limit": 40, "train.image_size": 32,
-        "train.arch": "mobilenet_v3_small", "train.num_workers": 0, "train.epochs": 5, "tune.epochs": 1,
-        "tune.max_jobs": 3, "tune.batch_size": [8, 16, 512]}, environ={})
-    fetch(settings)
-    split(settings)
-    result = tune(settings)
+    fetch(load_settings(overrides={"workdir": tmp_path, "data.source": str(synth_source), "data.limit": 40},
+                        environ={}))
+    split(load_settings(overrides={"workdir": tmp_path}, environ={}))
+    out = cli("tune", "--workdir", tmp_path, "--max-jobs", 3, "--epochs", 1, "--json",
+              "--set", "train.image_size=32", "--set", "train.arch=mobilenet_v3_small", "--set", "train.num_workers=0",
+              "--set", "train.epochs=5", "--set", "tune.batch_size=[8, 16, 512]")
+    assert out.exit_code == 0, out.stderr
+    result = TuneResult.model_validate_json(out.stdout)
 
     assert result.backend == "local" and len(result.trials) == 3
     assert all(t["status"] == "Complete" for t in result.trials)

@@ -1,40 +1,34 @@
 """Backends run the same stages on this machine (`local`) or on AWS SageMaker (`sagemaker`).
 
-Each backend module offers: train, tune, deploy, undeploy, status (settings in, Result out).
+Each backend is a module, bincount.backends.<name>, whose functions make it a `Backend`;
+bincount.cli.STAGES sends `train`, `tune`, `deploy`, `undeploy` and `status` to the one that
+settings.backend names.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from bincount.config import Settings
-
-
-def backend(settings: Settings) -> Any:
-    return importlib.import_module(f"bincount.backends.{settings.backend}")
+if TYPE_CHECKING:
+    from bincount.config import Settings
+    from bincount.results import Result
 
 
-def train(settings: Settings) -> Any:
-    """Train with container/train.py on the configured backend."""
-    return backend(settings).train(settings)
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend module offers: settings in, a Result out (each records what it did in state.json)."""
 
+    def train(self, settings: Settings) -> Result:
+        """Train with container/train.py; record the model."""
 
-def tune(settings: Settings) -> Any:
-    """Search hyperparameters on the configured backend and record the best in state.json."""
-    return backend(settings).tune(settings)
+    def tune(self, settings: Settings) -> Result:
+        """Search hyperparameters; record the best."""
 
+    def deploy(self, settings: Settings) -> Result:
+        """Start an endpoint for the recorded (or given) model; record it."""
 
-def deploy(settings: Settings) -> Any:
-    """Start an endpoint for the recorded (or given) model."""
-    return backend(settings).deploy(settings)
+    def undeploy(self, settings: Settings, yes: bool = False) -> Result:
+        """Stop the recorded endpoint (`yes` skips a confirmation); forget it."""
 
-
-def undeploy(settings: Settings, yes: bool = False) -> Any:
-    """Stop the recorded endpoint."""
-    return backend(settings).undeploy(settings, yes=yes)
-
-
-def status(settings: Settings) -> Any:
-    """Where the recorded jobs and endpoint stand."""
-    return backend(settings).status(settings)
+    def status(self, settings: Settings) -> Result:
+        """Where the recorded data, jobs and endpoint stand."""
