@@ -59,10 +59,39 @@ def test_missing_config_file(tmp_path: Path):
         load_settings(tmp_path / "nope.yaml", environ={})
 
 
-def test_shipped_configs_are_valid():
-    root = Path(__file__).parents[1] / "configs"
-    for path in root.glob("*.yaml"):
-        load_settings(path, environ={})
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_shipped_configs_load_with_their_values():
+    import yaml
+
+    paths = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {"default.yaml", "demo.yaml"} <= {p.name for p in paths}
+    for path in paths:
+        written = _leaves(yaml.safe_load(path.read_text()))
+        loaded = _leaves(load_settings(path, environ={}).model_dump(mode="json"))
+        assert written, path.name
+        for key, value in written.items():  # YAML reads 1e-06 as a string; Settings makes it the float
+            assert loaded[key] == (float(value) if isinstance(loaded[key], float) else value), f"{path.name}: {key}"
+    demo = load_settings(paths[[p.name for p in paths].index("demo.yaml")], environ={})
+    assert demo.train.image_size == 96 and demo.data.source == "s3://demo-bins"  # not the defaults
+
+
+def test_a_weights_file_reaches_train_py_as_an_absolute_path(tmp_path, monkeypatch):
+    from bincount.config import TrainSettings
+
+    monkeypatch.chdir(tmp_path)
+    assert TrainSettings(pretrained="w.pth").hyperparameters(5)["pretrained"] == str(tmp_path / "w.pth")
+    for name in ("imagenet", "none"):
+        assert TrainSettings(pretrained=name).weights_file is None
+        assert TrainSettings(pretrained=name).hyperparameters(5)["pretrained"] == name
 
 
 def test_parse_int_set():

@@ -1,7 +1,9 @@
 """`bincount demo`: the whole offline chain, small, through the CLI."""
 
+import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +16,25 @@ def test_demo_runs_the_whole_chain_and_leaves_nothing_running(cli, tmp_path):
               "--set", "deploy.port=0", "--set", "data.source=s3://demo-bins")
     assert res.exit_code == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)
-    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["rmse"] >= 0
-    assert len(summary["predictions"]) == 4
     for path in summary["reports"].values():
         assert os.path.exists(path), path
+    # The summary is what the stages reported: evaluate's metrics on the whole test split, and the audit
+    # of that split through the endpoint, whose answers for the four predicted bins are the same.
+    tests = (work / "splits" / "test.jsonl").read_text().splitlines()
+    metrics = json.loads(Path(summary["reports"]["metrics"]).read_text())
+    assert metrics["n"] == len(tests) and sum(map(sum, metrics["confusion"])) == len(tests)
+    assert summary["accuracy"] == metrics["accuracy"] and summary["rmse"] == metrics["rmse"]
+    with open(summary["reports"]["audit"], newline="") as fh:
+        audited = {row["image"]: row for row in csv.DictReader(fh)}
+    assert len(audited) == len(tests) and all(row["action"] != "error" for row in audited.values())
+    agree = sum(row["agree"] == "1" for row in audited.values())
+    assert summary["agreement"] == pytest.approx(agree / len(tests), abs=1e-6)
+    assert summary["to_recount"] == sum(float(row["confidence"]) < 0.6 for row in audited.values())
+    assert len(summary["predictions"]) == 4
+    for prediction in summary["predictions"]:
+        row = audited[str(Path(prediction["image"]).relative_to(work))]
+        assert prediction["count"] == int(row["predicted"])
+        assert prediction["confidence"] == pytest.approx(float(row["confidence"]), abs=1e-6)
     state = json.loads((work / "state.json").read_text())
     assert "endpoint" not in state  # undeployed
     assert state["training"]["model_data"].endswith("model.tar.gz")

@@ -11,7 +11,7 @@ import pytest
 from bincount.artifacts import write_model_dir
 from bincount.config import load_settings
 from bincount.errors import BincountError
-from bincount.evaluate import compute_metrics, evaluate
+from bincount.evaluate import compute_metrics, evaluate, predict_counts
 from bincount.state import LocalTraining
 from bincount.workspace import Workspace, write_jsonl
 
@@ -57,7 +57,12 @@ def test_evaluate_writes_metrics_and_plots(synth_source, tmp_path):
     tar = package_model(_model_dir(tmp_path / "m"), tmp_path / "model.tar.gz")
     result = evaluate(settings, model=tar)
     assert result.n == 20 and result.skipped == 1
-    assert 0 <= result.accuracy <= 1 and result.rmse >= 0 and result.within_one >= result.accuracy
+    # The metrics are those of the model's own per-image predictions, and the confusion matrix adds up to them.
+    predicted, _ = predict_counts(tmp_path / "m", [Path(r["image"]) for r in rows])
+    expected = compute_metrics([r["count"] for r in rows], predicted, list(range(6)))
+    assert {key: getattr(result, key) for key in expected} == expected
+    assert sum(map(sum, result.confusion)) == sum(r["n"] for r in result.per_count) == result.n
+    assert result.accuracy == sum(result.confusion[i][i] for i in range(6)) / result.n
     saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert saved["accuracy"] == result.accuracy and saved["baseline"] == {"accuracy": 0.5567, "rmse": 0.93}
     for name in ("confusion-matrix.png", "training-curve.png"):

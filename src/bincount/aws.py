@@ -40,3 +40,19 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise BincountError(f"not an S3 URI: {uri!r} (no bucket)")
     return bucket, key.strip("/")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ClientError ("NoSuchBucket", "ThrottlingException", "404"), else None."""
+    return _error(exc).get("Code") or None
+
+
+def error_message(exc: BaseException) -> str | None:
+    """The message AWS sent with a ClientError, else None."""
+    return _error(exc).get("Message") or None
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    response = getattr(exc, "response", None)
+    error = response.get("Error") if isinstance(response, dict) else None
+    return error if isinstance(error, dict) else {}

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bincount.errors import BincountError
 
 ENV_PREFIX = "BINCOUNT_"
+PRETRAINED_NAMES = ("imagenet", "none")  # any other train.pretrained is a local weights file
 
 
 class Section(BaseModel):
@@ -128,14 +129,22 @@ class TrainSettings(Section):
     @field_validator("pretrained")
     @classmethod
     def _pretrained(cls, value: str) -> str:
-        if value not in {"imagenet", "none"} and not value.endswith((".pth", ".pt")):
+        if value not in PRETRAINED_NAMES and not value.endswith((".pth", ".pt")):
             raise ValueError("must be imagenet, none, or a path to a .pth/.pt weights file")
         return value
 
+    @property
+    def weights_file(self) -> Path | None:
+        """train.pretrained as an absolute path when it names a local weights file; None for imagenet or none."""
+        return None if self.pretrained in PRETRAINED_NAMES else Path(self.pretrained).resolve()
+
     def hyperparameters(self, max_count: int) -> dict[str, Any]:
-        """The arguments train.py takes, as SageMaker passes them."""
+        """The arguments train.py takes, as SageMaker passes them (a weights file as an absolute path:
+        the local backend runs train.py in its run dir)."""
         hp = self.model_dump(exclude={"num_workers", "use_best", "wait"})
         hp["num_classes"] = max_count + 1
+        if self.weights_file:
+            hp["pretrained"] = str(self.weights_file)
         if self.num_workers is not None:
             hp["num_workers"] = self.num_workers
         return hp

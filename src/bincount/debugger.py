@@ -19,7 +19,8 @@ read with smdebug.trials.create_trial, and the run's epoch metrics.
   `patience_validation` epochs after the validation loss last improved by delta, or for more than
   `patience_train` epochs after the training loss last improved by delta.
 
-Each finding: {"rule", "status": IssuesFound | NoIssuesFound | NotRun, "detail", "source"}.
+Each finding is a `Finding`: {"rule", "status": IssuesFound | NoIssuesFound | NotRun, "detail", "source"},
+the shape the SageMaker backend gives its rule evaluations too.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from bincount.workspace import Workspace, atomic_write_text
 
-RULES = {  # setting name -> SageMaker rule name
-    "vanishing_gradient": "VanishingGradient",
-    "poor_weight_initialization": "PoorWeightInitialization",
-    "loss_not_decreasing": "LossNotDecreasing",
-    "overfit": "Overfit",
-    "overtraining": "Overtraining",
+# The built-in Debugger rules, for both backends: settings.sagemaker.rules field (also the SDK's
+# rule_configs function) -> (SageMaker rule name, the tensor collections the rule reads on SageMaker).
+RULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vanishing_gradient": ("VanishingGradient", ("gradients",)),
+    "overfit": ("Overfit", ("losses",)),
+    "overtraining": ("Overtraining", ("losses",)),
+    "poor_weight_initialization": ("PoorWeightInitialization", ("relu_input",)),
+    "loss_not_decreasing": ("LossNotDecreasing", ("losses",)),
 }
 VANISHING_THRESHOLD = 1e-7
 INIT_THRESHOLD = 10.0
@@ -45,7 +48,14 @@ OVERFIT_RATIO, OVERFIT_PATIENCE = 0.1, 1
 OVERTRAIN_PATIENCE_VAL, OVERTRAIN_PATIENCE_TRAIN, OVERTRAIN_DELTA = 10, 5, 0.01
 
 
-def finding(rule: str, issues: bool | None, detail: str, source: str) -> dict[str, Any]:
+class Finding(TypedDict):
+    rule: str  # e.g. LossNotDecreasing
+    status: str  # IssuesFound | NoIssuesFound | NotRun locally; SageMaker's RuleEvaluationStatus there
+    detail: str
+    source: str  # smdebug | epoch log (local) | SageMaker
+
+
+def finding(rule: str, issues: bool | None, detail: str, source: str) -> Finding:
     status = "NotRun" if issues is None else "IssuesFound" if issues else "NoIssuesFound"
     return {"rule": rule, "status": status, "detail": detail, "source": source}
 
@@ -176,7 +186,7 @@ def read_trial(debug_dir: Path, meta: dict) -> dict[str, Any]:
 
 
 def check(debug_dir: Path | None, history: list[dict[str, float]], meta: dict,
-          enabled: dict[str, bool] | None = None) -> list[dict[str, Any]]:
+          enabled: dict[str, bool] | None = None) -> list[Finding]:
     """Run the enabled checks; tensor checks need smdebug and a debug dir, the others use the epoch log."""
     enabled = enabled or dict.fromkeys(RULES, True)
     data: dict[str, Any] | None = None
@@ -188,7 +198,7 @@ def check(debug_dir: Path | None, history: list[dict[str, float]], meta: dict,
             reason = f"smdebug trial unreadable ({type(exc).__name__}: {exc})"
     warmup = int(meta.get("hyperparameters", {}).get("warmup_epochs", 0) or 0)
     out = []
-    for key, rule in RULES.items():
+    for key, (rule, _) in RULES.items():
         if not enabled.get(key, True):
             continue
         if key == "vanishing_gradient":
@@ -207,7 +217,7 @@ def check(debug_dir: Path | None, history: list[dict[str, float]], meta: dict,
     return out
 
 
-def check_run(settings, run_dir: Path, history: list[dict[str, float]] | None = None) -> list[dict[str, Any]]:
+def check_run(settings, run_dir: Path, history: list[dict[str, float]] | None = None) -> list[Finding]:
     """Findings for a local run dir (model/meta.json, debug/); saved to reports/rules.json."""
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "model" / "meta.json").read_text())
@@ -219,7 +229,7 @@ def check_run(settings, run_dir: Path, history: list[dict[str, float]] | None = 
     return findings
 
 
-def rules_table(findings: list[dict[str, Any]]) -> Any:
+def rules_table(findings: list[Finding]) -> Any:
     from rich.table import Table
 
     table = Table(title="Debugger rules (local)", title_justify="left")

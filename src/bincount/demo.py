@@ -113,8 +113,8 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128) -> DemoRe
         endpoint_up = True
         log("[bold]7/8 predict and audit[/]")
         test_rows = read_jsonl(ws.split("test"))[:4]
-        predicted = predict_stage.predict(settings, [str(ws.root / r["image"]) for r in test_rows], None, None, "table")
-        audited = audit_stage.audit(settings, None, 0.6, None, None, None, 10)
+        predicted = predict_stage.predict(settings, [str(ws.root / r["image"]) for r in test_rows])
+        audited = audit_stage.audit(settings, threshold=0.6, top=10)
     finally:
         if endpoint_up:
             log("[bold]8/8 undeploy[/]")

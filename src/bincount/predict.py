@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from bincount.aws import error_code, error_message
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result
@@ -182,10 +183,9 @@ class S3Reader:
 
 
 def _aws_message(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict) and "Error" in response:
-        err = response["Error"]
-        return f"{err.get('Code')}: {err.get('Message') or ''}".strip().rstrip(":")
+    code = error_code(exc)
+    if code:
+        return f"{code}: {error_message(exc) or ''}".strip().rstrip(":")
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bincount.aws import error_message
 from bincount.config import Settings
 from bincount.results import Result, key_value_table
 from bincount.state import LocalEndpoint, Record, SageMakerEndpoint, SageMakerTraining, SageMakerTuning
@@ -100,8 +101,7 @@ class _Live:
                 self._client = client("sagemaker", region=self.settings.sagemaker.region, max_attempts=2)
             return getattr(self._client, method)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - status must show what it can
-            err = getattr(exc, "response", {}).get("Error", {})
-            return f"unknown ({err.get('Message') or type(exc).__name__})"
+            return f"unknown ({error_message(exc) or type(exc).__name__})"
 
     def training(self, job: str) -> dict[str, Any]:
         desc = self._describe("describe_training_job", TrainingJobName=job)

@@ -65,7 +65,7 @@ class Workspace:
             raise BincountError(f"{self.state_path} is not valid JSON ({exc.msg}); fix or delete it") from None
         return State.load(raw, self.state_path)
 
-    def update_state(self, **changes: Record | dict[str, str] | None) -> State:
+    def update_state(self, **changes: Record | dict[str, Any] | None) -> State:
         """Set sections of state.json (None removes one), validate the whole, and write it atomically.
 
         `ws.update_state(training=LocalTraining(...), training_pending=None)`.

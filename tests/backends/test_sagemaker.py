@@ -203,7 +203,8 @@ def test_training_request_has_rules_profiler_metrics_and_hyperparameters(sm, tmp
     assert {"Key": "team", "Value": "vision"} in req["Tags"]
     assert "EnableManagedSpotTraining" not in req and "sagemaker_torch_distributed_enabled" not in hp
 
-    assert {"rule": "LossNotDecreasing", "status": "IssuesFound", "details": "loss flat for 10 steps"} in result.rules
+    assert {"rule": "LossNotDecreasing", "status": "IssuesFound", "detail": "loss flat for 10 steps",
+            "source": "SageMaker"} in result.rules
     assert len(result.rules) == 3 and "LossNotDecreasing: IssuesFound" in out.stderr.replace("rule ", "").replace("[", "")
     report = Path(result.profiler_report) / "ProfilerReport" / "profiler-output" / "profiler-report.html"
     assert report.read_bytes() == b"<html>report</html>" and str(tmp_path / "reports") in str(report)

@@ -243,7 +243,7 @@ def train(settings: Settings) -> TrainResult:
     tar = package_model(out["model_dir"], run_dir / "model.tar.gz")
 
     rules: list[dict[str, Any]] = []
-    if settings.sagemaker.rules and (run_dir / "debug").is_dir():
+    if (run_dir / "debug").is_dir():
         from bincount.debugger import check_run
 
         rules = check_run(settings, run_dir, out["history"])

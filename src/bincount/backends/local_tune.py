@@ -56,8 +56,6 @@ def tune(settings: Settings) -> TuneResult:
     root = ws.root / "tuning" / job
     base = settings.train.hyperparameters(settings.data.max_count)
     base["epochs"] = t.epochs or settings.train.epochs
-    if settings.train.pretrained not in ("imagenet", "none"):
-        base["pretrained"] = str(Path(settings.train.pretrained).resolve())
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bincount.aws import error_code, error_message
 from bincount.backends import sm_estimator as sme
 from bincount.backends.tuning import TUNED, TuneResult, best_train_settings, coerce_hyperparameters, record
 from bincount.config import Settings
@@ -47,11 +48,11 @@ class TrainJobResult(Result):
         parts: list[Any] = [table]
         if self.rules:
             rules = Table(title="Debugger and profiler rules", title_justify="left")
-            for column in ("rule", "status", "details"):
+            for column in ("rule", "status", "detail"):
                 rules.add_column(column)
             for rule in self.rules:
                 style = "red" if rule["status"] in ("IssuesFound", "Error") else None
-                rules.add_row(rule["rule"], rule["status"], rule.get("details", ""), style=style)
+                rules.add_row(rule["rule"], rule["status"], rule["detail"], style=style)
             parts.append(rules)
         return Group(*parts)
 
@@ -83,7 +84,7 @@ class UndeployResult(Result):
 
 def _train_hyperparameters(settings: Settings, epochs: int | None = None) -> dict[str, Any]:
     train = best_train_settings(settings)
-    if train.pretrained not in ("imagenet", "none"):
+    if train.weights_file:
         raise BincountError(f"train.pretrained={train.pretrained!r}: a local weights file cannot reach a SageMaker job; "
                             "use imagenet or none")
     hp = train.hyperparameters(settings.data.max_count)
@@ -118,7 +119,7 @@ def train(settings: Settings) -> TrainJobResult:
             _record_training(ws, description)
         rules = sme.rule_statuses(description)
         for rule in rules:
-            log(f"rule {rule['rule']}: {rule['status']} {rule['details']}".rstrip())
+            log(f"rule {rule['rule']}: {rule['status']} {rule['detail']}".rstrip())
         report = sme.download_profiler_report(settings, sm_session, description)
         if report:
             log(f"profiler report: {report}")
@@ -228,7 +229,7 @@ def tuning_result(settings: Settings, client: Any, job: str) -> TuneResult:
         for page in paginator.paginate(HyperParameterTuningJobName=job):
             summaries.extend(page.get("TrainingJobSummaries", []))
     except Exception as exc:  # noqa: BLE001 - e.g. an API the endpoint does not offer (moto)
-        reason = getattr(exc, "response", {}).get("Error", {}).get("Code") or type(exc).__name__
+        reason = error_code(exc) or type(exc).__name__
         summaries = [best] if best else []
         note = (f"the trial list is unavailable ({reason}); showing the best training job from "
                 "describe_hyper_parameter_tuning_job")
@@ -378,9 +379,8 @@ def undeploy(settings: Settings, yes: bool = False) -> UndeployResult:
 
 
 def _missing(exc: Any) -> bool:
-    err = exc.response.get("Error", {})
-    message = err.get("Message", "").lower()
-    return err.get("Code") == "ResourceNotFound" or "could not find" in message or "does not exist" in message
+    message = (error_message(exc) or "").lower()
+    return error_code(exc) == "ResourceNotFound" or "could not find" in message or "does not exist" in message
 
 
 # -- predict / status --------------------------------------------------------------------------

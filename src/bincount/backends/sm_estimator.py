@@ -10,26 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bincount.aws import error_code, error_message
 from bincount.config import Settings
+from bincount.debugger import Finding
 from bincount.errors import BincountError
 from bincount.workspace import Workspace
 
-# SDK v2 is what we use on purpose (v3 dropped the Estimator and its Debugger rules): no nagging.
-os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
-
 # Tensors the built-in rules read, saved through each rule's `collections_to_save` (one definition
 # per collection, so the hook config the SDK merges from the rules has no conflicting duplicates).
+# The rules themselves: bincount.debugger.RULES.
 COLLECTIONS = {
     "gradients": {"save_interval": "100"},
     "losses": {"save_interval": "20"},
     "relu_input": {"include_regex": ".*relu_input", "save_interval": "200"},
-}
-RULES = {  # settings.sagemaker.rules field -> (rule_configs function, collections it reads)
-    "vanishing_gradient": ("vanishing_gradient", ["gradients"]),
-    "overfit": ("overfit", ["losses"]),
-    "overtraining": ("overtraining", ["losses"]),
-    "poor_weight_initialization": ("poor_weight_initialization", ["relu_input"]),
-    "loss_not_decreasing": ("loss_not_decreasing", ["losses"]),
 }
 
 
@@ -59,8 +52,7 @@ def aws_errors(action: str) -> Iterator[None]:
     except NoCredentialsError:
         raise BincountError(f"{action}: no AWS credentials found (configure a profile or AWS_* variables)") from None
     except ClientError as exc:
-        err = exc.response.get("Error", {})
-        raise BincountError(f"{action}: {err.get('Code', 'error')}: {err.get('Message', exc)}") from None
+        raise BincountError(f"{action}: {error_code(exc) or 'error'}: {error_message(exc) or exc}") from None
     except BotoCoreError as exc:
         raise BincountError(f"{action}: {exc}") from None
     except Exception as exc:  # the SDK raises ValueError/RuntimeError/UnexpectedStatusException
@@ -74,6 +66,8 @@ def load_sdk() -> Any:
     """Import the SageMaker SDK with its stdout log handlers pointed at stderr (stdout is for results)."""
     import logging
 
+    # SDK v2 is what we use on purpose (v3 dropped the Estimator and its Debugger rules): no nagging.
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
     with contextlib.redirect_stdout(sys.stderr):
         import sagemaker
     for name in ("sagemaker.config", "sagemaker"):
@@ -148,14 +142,16 @@ def debugger_rules(settings: Settings) -> list[Any]:
     """The enabled built-in Debugger rules (collections via collections_to_save) and the ProfilerReport rule."""
     from sagemaker.debugger import CollectionConfig, ProfilerRule, Rule, rule_configs
 
+    from bincount.debugger import RULES
+
     switches = settings.sagemaker.rules
     rules: list[Any] = []
-    for field, (function, collections) in RULES.items():
+    for field, (_, collections) in RULES.items():
         if not getattr(switches, field):
             continue
         actions = rule_configs.ActionList(rule_configs.StopTraining()) if switches.stop_training_on_failure else None
         rules.append(Rule.sagemaker(
-            getattr(rule_configs, function)(),
+            getattr(rule_configs, field)(),
             collections_to_save=[CollectionConfig(name=c, parameters=dict(COLLECTIONS[c])) for c in collections],
             actions=actions,
         ))
@@ -217,13 +213,13 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
     )
 
 
-def rule_statuses(description: dict[str, Any]) -> list[dict[str, str]]:
-    """Debugger and profiler rule evaluation statuses from describe_training_job."""
-    rows = []
+def rule_statuses(description: dict[str, Any]) -> list[Finding]:
+    """Debugger and profiler rule evaluation statuses from describe_training_job, as debugger findings."""
+    rows: list[Finding] = []
     for key in ("DebugRuleEvaluationStatuses", "ProfilerRuleEvaluationStatuses"):
         for item in description.get(key) or []:
             rows.append({"rule": item.get("RuleConfigurationName", "?"), "status": item.get("RuleEvaluationStatus", "?"),
-                         "details": item.get("StatusDetails", "")})
+                         "detail": item.get("StatusDetails", ""), "source": "SageMaker"})
     return rows
 
 

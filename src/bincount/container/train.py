@@ -423,8 +423,10 @@ def cpu_bf16() -> bool:
         return False
 
 
-def train_epoch(model, data: Batches, order, optimizer, scheduler, loss_fn, scaler, device, channels_last, amp,
-                generator, dist: Dist, ema: EMA | None = None) -> float:
+def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, scaler, device: torch.device,
+                channels_last: bool, amp: bool, generator: torch.Generator | None, dist: Dist,
+                ema: EMA | None = None) -> float:
+    """One pass over `order`; the mean training loss (all ranks together). generator: augmentation, or None."""
     model.train()
     total, seen = 0.0, 0
     for images, labels in data.iterate(order, drop_last_single=True):
@@ -627,8 +629,9 @@ def run(args: argparse.Namespace) -> dict:
         set_mode(hook, "train")
         lr = optimizer.param_groups[0]["lr"]
         aug = generator if args.augment else None
-        train_loss = train_epoch(ddp, train_data, order, optimizer, scheduler, loss_fn, scaler, device,
-                                 channels_last, amp, aug, dist, ema)
+        train_loss = train_epoch(ddp, train_data, order, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                                 scaler=scaler, device=device, channels_last=channels_last, amp=amp, generator=aug,
+                                 dist=dist, ema=ema)
         set_mode(hook, "eval")
         live = clone_state(model) if ema is not None else None
         if ema is not None:

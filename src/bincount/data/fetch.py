@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bincount.aws import error_code
+from bincount.config import DataSettings, Settings
 from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.errors import BincountError
@@ -87,7 +89,7 @@ class _BadImage(Exception):
 class S3Source:
     """s3://bucket[/prefix] in the ABID layout, anonymous unless data.unsigned is false."""
 
-    def __init__(self, uri: str, data: Any):
+    def __init__(self, uri: str, data: DataSettings):
         from bincount.aws import client, parse_s3_uri
 
         self.uri = uri.rstrip("/")
@@ -105,7 +107,7 @@ class S3Source:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            code = error_code(exc)
             if code in _MISSING_CODES:
                 return None
             if code in _FATAL_CODES:
@@ -168,7 +170,7 @@ class LocalSource:
         return chunks()
 
 
-def open_source(data: Any) -> S3Source | LocalSource:
+def open_source(data: DataSettings) -> S3Source | LocalSource:
     return S3Source(data.source, data) if data.source.startswith("s3://") else LocalSource(data.source)
 
 
@@ -177,7 +179,7 @@ def _transient(exc: BaseException) -> bool:
     from urllib3.exceptions import ProtocolError
 
     if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code", "") in _THROTTLE_CODES
+        return error_code(exc) in _THROTTLE_CODES
     return isinstance(exc, (_ShortBody, ResponseStreamingError, IncompleteReadError, ReadTimeoutError,
                             ConnectionClosedError, ProtocolError, ConnectionError, TimeoutError))
 
@@ -419,7 +421,7 @@ class _Scan:
             n += 1
 
 
-def _candidates(data: Any) -> tuple[list[str] | None, dict[str, int | None]]:
+def _candidates(data: DataSettings) -> tuple[list[str] | None, dict[str, int | None]]:
     """Explicit ids (sorted by number) and count hints, or None for an open-ended scan."""
     from bincount.config import parse_int_set
 
@@ -436,7 +438,7 @@ def _candidates(data: Any) -> tuple[list[str] | None, dict[str, int | None]]:
 
 
 # -- the stage -----------------------------------------------------------------------------------
-def fetch(settings: Any) -> FetchResult:
+def fetch(settings: Settings) -> FetchResult:
     """Fetch the selected items into <workdir>/raw/ and write manifest.jsonl and the reports."""
     started = time.perf_counter()
     data = settings.data
@@ -462,7 +464,7 @@ def fetch(settings: Any) -> FetchResult:
     return _finish(ws, source, outcomes, started)
 
 
-def _plain(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, data: Any) -> list[Outcome]:
+def _plain(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, data: DataSettings) -> list[Outcome]:
     """Label and image per id in one task; with --limit, the first `limit` usable ids in id order."""
     limit = data.limit
     outcomes: dict[str, Outcome] = {}
@@ -484,7 +486,7 @@ def _plain(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, data: Any) 
     return list(outcomes.values())
 
 
-def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: list[int], data: Any) -> list[Outcome]:
+def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: list[int], data: DataSettings) -> list[Outcome]:
     """Read labels first, pick equal numbers per count (seeded), then fetch only those images;
     an image that turns out bad is replaced by a spare of the same count."""
     if scan is not None and data.limit is None:

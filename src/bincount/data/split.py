@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from bincount.config import Settings
 from bincount.data.manifest import allocate, id_key
 from bincount.errors import BincountError
 from bincount.results import Result, per_class_table
@@ -45,7 +46,7 @@ def stratified_split(rows: list[dict], ratios: dict[str, float], seed: int) -> d
     return {name: sorted(part, key=lambda r: id_key(str(r["id"]))) for name, part in out.items()}
 
 
-def split(settings: Any) -> SplitResult:
+def split(settings: Settings) -> SplitResult:
     """Write splits/{train,val,test}.jsonl from manifest.jsonl."""
     ws = Workspace(settings.workdir)
     if not ws.manifest.exists():

@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+from bincount.config import Settings
 from bincount.results import Result
 from bincount.workspace import atomic_write_bytes, atomic_write_text
 
@@ -213,7 +214,7 @@ def synthesize(out: Path, n: int, image_size: int = 128, max_count: int = 5, min
     return dict(sorted(per_count.items()))
 
 
-def synth(settings, out: Path | None = None, n: int = 600, image_size: int = 128, min_count: int = 0,
+def synth(settings: Settings, out: Path | None = None, n: int = 600, image_size: int = 128, min_count: int = 0,
           seed: int = 0, start_id: int = 1) -> SynthResult:
     """CLI stage: synthesise into `out` (default <workdir>/synth)."""
     out = Path(out) if out else Path(settings.workdir) / "synth"

@@ -13,8 +13,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from bincount.aws import error_code
+from bincount.config import Settings
 from bincount.console import progress
 from bincount.errors import BincountError
 from bincount.results import Result
@@ -55,7 +56,7 @@ def _s3_error(exc: Exception, bucket: str, endpoint: str | None) -> Exception:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = error_code(exc)
         if code == "NoSuchBucket":
             return BincountError(f"bucket {bucket} does not exist (create it, or pick another with --bucket)")
         if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
@@ -93,7 +94,7 @@ def _jobs(ws: Workspace, base: str) -> tuple[dict[str, list[_Job]], dict[str, in
     return jobs, items
 
 
-def upload(settings: Any) -> UploadResult:
+def upload(settings: Settings) -> UploadResult:
     """Upload images and split manifests to s3://<bucket>/<prefix>/{train,val,test}/."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
