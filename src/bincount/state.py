@@ -103,7 +103,7 @@ class State(Record):
 
     @classmethod
     def load(cls, raw: Any, path: Path | str = "state.json") -> State:
-        """Validate what was read from `path`, migrating older shapes (see the module docstring)."""
+        """Validate what was read from `path`, less the keys this version does not know (see above)."""
         if not isinstance(raw, dict):
             raise BincountError(f"{path} is not a JSON object; fix or delete it")
         data: dict[str, Any] = {}
