@@ -77,6 +77,10 @@ def test_train_then_evaluate(synth_source, tmp_path, cli):
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["epochs"] == 2 and out["best_epoch"] in (1, 2)
+    # stderr is not a terminal here: one plain line per epoch, as a log file or CI gets it
+    epoch_lines = [line for line in res.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"], res.stderr
+    assert "val_acc" in epoch_lines[0] and "\x1b" not in res.stderr
     assert 0 <= out["metrics"]["val_acc"] <= 1 and 0 <= out["metrics"]["test_acc"] <= 1
     run = workdir / "models" / out["run"]
     assert Path(out["model_data"]) == (run / "model.tar.gz").resolve()

@@ -44,7 +44,7 @@ def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run_script(hp, run_dir, channels, on_epoch=None, extra_env=None):
+    def fake_run_script(hp, run_dir, channels, on_epoch=None, extra_env=None, on_line=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         good = len(calls) < 2
         calls.append(hp)
@@ -54,6 +54,7 @@ def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch):
                            "val_rmse": 1.0, "lr": hp["lr"]}
                 log.write(format_epoch_line(epoch, **metrics) + "\n")
                 log.flush()
+                on_line(format_epoch_line(epoch, **metrics) + "\n")
                 on_epoch({"epoch": epoch, **metrics})
         return {}
 

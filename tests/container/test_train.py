@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bincount.container.epochlog import METRIC_DEFINITIONS, parse_epoch_line
+from bincount.container.epochlog import METRIC_DEFINITIONS, parse_epoch_line, parse_progress_line
 
 from .conftest import SCRIPT, run_train
 
@@ -28,9 +28,16 @@ def test_trains_resumes_and_the_artifact_serves_itself(channels, tmp_path):
     run = tmp_path / "run"
     recipe = ["--class_weighting", "true", "--amp", "false", "--ema_decay", "0.9", "--count_loss", "0.5",
               "--stem", "small", "--tta", "true"]
-    first = run_train(channels, run, "--epochs", "1", *recipe, "--sagemaker_extra", "ignored")
+    first = run_train(channels, run, "--epochs", "1", *recipe, "--sagemaker_extra", "ignored",
+                      env={"TRAIN_PROGRESS_S": "1e-9"})
     assert first.returncode == 0, first.stderr[-2000:]
     assert epochs_in(first.stdout) == [1]
+    # progress inside the epoch (72 images, batch 32: 3 steps), in a form no metric regex matches
+    progress = [parse_progress_line(line) for line in first.stdout.splitlines() if line.startswith("progress ")]
+    assert [(p["epoch"], p["step"], p["steps"]) for p in progress] == [(1, 1, 3), (1, 2, 3)]
+    assert all(p["images_per_s"] > 0 for p in progress)
+    assert not any(re.search(d["Regex"], line) for d in METRIC_DEFINITIONS
+                   for line in first.stdout.splitlines() if line.startswith("progress "))
     assert "ignoring unknown arguments: --sagemaker_extra ignored" in first.stderr
     assert "device cpu (float32)" in first.stderr  # --amp false
     assert (run / "checkpoints" / "checkpoint.pt").is_file()

@@ -9,8 +9,8 @@ Reusable pieces (the local tuner uses them for its trials):
 - ``run_script(hyperparameters, run_dir, channels, on_epoch=None, extra_env=None) -> dict``:
   runs train.py with ``--name value`` arguments and SM_* variables pointing into ``run_dir``
   (model/, output/, checkpoints/; debug/ for the smdebug hook), streams stdout+stderr into
-  ``run_dir/train.log``, calls ``on_epoch(metrics: dict)`` for each epoch line (also appended to
-  ``run_dir/epochs.jsonl``), and returns ``{"metrics": best-epoch metrics, "history": [...],
+  ``run_dir/train.log``, calls ``on_line(line)`` for every line and ``on_epoch(metrics: dict)`` for each
+  epoch line (also appended to ``run_dir/epochs.jsonl``), and returns ``{"metrics": best-epoch metrics, "history": [...],
   "model_dir": Path, "run_dir": Path, "log": Path}``. Rerunning with the same ``run_dir`` resumes
   from its checkpoint. A failed script raises BincountError with its last error line.
 - ``train(settings) -> TrainResult``: the `bincount train` stage for the local backend.
@@ -127,6 +127,7 @@ def script_env(run_dir: Path, channels: dict[str, Path], extra_env: dict[str, st
         "SM_CURRENT_HOST": "algo-1",
         "SM_NUM_GPUS": str(_num_gpus()),
         "PYTHONUNBUFFERED": "1",
+        "TRAIN_PROGRESS_S": "1",  # progress lines inside an epoch for the live view
     })
     for name, folder in channels.items():
         env[f"SM_CHANNEL_{name.upper()}"] = str(folder)
@@ -136,7 +137,8 @@ def script_env(run_dir: Path, channels: dict[str, Path], extra_env: dict[str, st
 
 def run_script(hyperparameters: dict[str, Any], run_dir: Path, channels: dict[str, Path],
                on_epoch: Callable[[dict[str, float]], None] | None = None,
-               extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+               extra_env: dict[str, str] | None = None,
+               on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run train.py once in `run_dir` (see the module docstring); returns metrics, history and model_dir."""
     from bincount.container.epochlog import parse_epoch_line
 
@@ -153,6 +155,8 @@ def run_script(hyperparameters: dict[str, Any], run_dir: Path, channels: dict[st
             for line in proc.stdout:  # type: ignore[union-attr]
                 log.write(line)
                 tail.append(line.rstrip())
+                if on_line is not None:
+                    on_line(line)
                 metrics = parse_epoch_line(line)
                 if metrics is not None:
                     history[int(metrics["epoch"])] = metrics
@@ -187,22 +191,6 @@ def _last_error(lines: deque[str]) -> str:
     return lines_list[-1] if lines_list else "no output"
 
 
-def _live_table(rows: list[dict[str, float]]):
-    from rich.table import Table
-
-    table = Table(title="training (local)", title_justify="left")
-    for name in ("epoch", "train_loss", "val_loss", "val_acc", "val_rmse", "lr"):
-        table.add_column(name, justify="right")
-    best = max(rows, key=lambda r: (r.get("val_acc", 0), -r.get("val_loss", 0)))["epoch"] if rows else None
-    for row in rows:
-        style = "bold green" if row["epoch"] == best else None
-        table.add_row(str(int(row["epoch"])), *(f"{row.get(k, float('nan')):.4f}" if k != "lr" else
-                                                 f"{row.get(k, float('nan')):.6f}"
-                                                 for k in ("train_loss", "val_loss", "val_acc", "val_rmse", "lr")),
-                      style=style)
-    return table
-
-
 def _smdebug_available() -> bool:
     import importlib.util
 
@@ -211,10 +199,9 @@ def _smdebug_available() -> bool:
 
 def train(settings: Settings) -> TrainResult:
     """`bincount train` on this machine: run train.py, package model.tar.gz, record it in state.json."""
-    from rich.live import Live
-
     from bincount.artifacts import package_model
     from bincount.console import err_console
+    from bincount.trainview import TrainingView
 
     ws = Workspace(settings.workdir)
     channels = make_channels(settings)
@@ -231,15 +218,8 @@ def train(settings: Settings) -> TrainResult:
         ws.update_state(training_pending=PendingTraining(run_dir=str(run_dir.resolve()), hyperparameters=hp))
     extra_env = {"DEBUGGER_OUT_DIR": str((run_dir / "debug").resolve())} if _smdebug_available() else {}
 
-    rows: list[dict[str, float]] = []
-    with Live(_live_table(rows), console=err_console(), refresh_per_second=4) as live:
-        def on_epoch(metrics: dict[str, float]) -> None:
-            rows[:] = [r for r in rows if r["epoch"] != metrics["epoch"]] + [metrics]
-            live.update(_live_table(rows))
-
-        out = run_script(hp, run_dir, channels, on_epoch=on_epoch, extra_env=extra_env)
-    if not err_console().is_terminal:
-        err_console().line()  # a piped Live view leaves its last line open
+    with TrainingView(int(hp["epochs"]), title=f"training {run_dir.name} (local)") as view:
+        out = run_script(hp, run_dir, channels, extra_env=extra_env, on_line=view.line)
     tar = package_model(out["model_dir"], run_dir / "model.tar.gz")
 
     rules: list[dict[str, Any]] = []

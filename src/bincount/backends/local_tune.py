@@ -15,6 +15,7 @@ from typing import Any
 from bincount.backends.tuning import TuneResult, record
 from bincount.config import Settings
 from bincount.console import log
+from bincount.trainview import TuningView
 from bincount.errors import BincountError
 from bincount.workspace import Workspace
 
@@ -87,15 +88,24 @@ def tune(settings: Settings) -> TuneResult:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {int(metrics['epoch'])}: {t.objective}={value:.4f}")
 
-        log(f"trial {trial.number}: lr={hp['lr']:.3g} weight_decay={hp['weight_decay']:.3g} batch_size={hp['batch_size']}")
-        run_script(hp, run_dir, channels, on_epoch=on_epoch)
+        view.start(trial.number + 1, {k: hp[k] for k in ("lr", "weight_decay", "batch_size")})
+        try:
+            run_script(hp, run_dir, channels, on_epoch=on_epoch, on_line=view.line)
+        except optuna.TrialPruned:
+            last = trial.intermediate_values
+            view.end(trial.number + 1, last[max(last)] if last else None, "pruned")
+            raise
+        except BaseException:
+            view.end(trial.number + 1, None, "failed")
+            raise
         value = read_objective(run_dir / "train.log", t.objective)
+        view.end(trial.number + 1, value, "done")
         if value is None:
             raise BincountError(f"trial {trial.number}: no {t.objective} in {run_dir / 'train.log'}")
-        log(f"trial {trial.number}: {t.objective}={value:.4f}")
         return value
 
-    study.optimize(trial_fn, n_trials=t.max_jobs, catch=())
+    with TuningView(t.max_jobs, int(base["epochs"]), t.objective, direction == "Maximize") as view:
+        study.optimize(trial_fn, n_trials=t.max_jobs, catch=())
     trials = [_row(tr, t.objective) for tr in study.trials]
     done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
     if not done:

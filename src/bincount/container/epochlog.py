@@ -10,11 +10,18 @@ A run ends with one more line, the kept (best) epoch's metrics:
 
 so a tuner that scores a job by the last value of its objective metric (SageMaker's does, and the
 local Optuna search reads the log the same way) scores the weights that are actually kept.
+
+Inside an epoch, a progress line every few seconds (StepTicker) lets a viewer show where it is:
+
+    progress epoch=3 step=120/500 images_per_s=231.4
+
+It starts with a word no metric regex matches, so SageMaker's metric definitions ignore it.
 """
 
 from __future__ import annotations
 
 import re
+import time
 
 METRICS = ("train_loss", "val_loss", "val_acc", "val_rmse", "lr")
 _NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan)"
@@ -24,6 +31,7 @@ METRIC_DEFINITIONS = [{"Name": name, "Regex": rf"\b{name}={_NUMBER}"} for name i
 OBJECTIVES = {"val_acc": "Maximize", "val_rmse": "Minimize"}
 
 _LINE = re.compile(r"^epoch=(\d+)((?: \w+=\S+)+)\s*$")
+_PROGRESS = re.compile(r"^progress epoch=(\d+) step=(\d+)/(\d+) images_per_s=([0-9.]+)\s*$")
 
 
 def format_epoch_line(epoch: int, **metrics: float) -> str:
@@ -55,3 +63,34 @@ def parse_epoch_line(line: str) -> dict[str, float] | None:
         except ValueError:
             continue
     return values
+
+
+def format_progress_line(epoch: int, step: int, steps: int, images_per_s: float) -> str:
+    return f"progress epoch={epoch} step={step}/{steps} images_per_s={images_per_s:.1f}"
+
+
+def parse_progress_line(line: str) -> dict[str, float] | None:
+    """{"epoch", "step", "steps", "images_per_s"} of a progress line, or None for any other line."""
+    match = _PROGRESS.match(line.strip())
+    if not match:
+        return None
+    epoch, step, steps, rate = match.groups()
+    return {"epoch": int(epoch), "step": int(step), "steps": int(steps), "images_per_s": float(rate)}
+
+
+class StepTicker:
+    """Prints a progress line at most every `interval` seconds of an epoch (0 or less: never)."""
+
+    def __init__(self, epoch: int, steps: int, interval: float, emit=print):
+        self.epoch, self.steps, self.interval, self.emit = epoch, steps, interval, emit
+        self.step_count = self.images = 0
+        self.started = self.last = time.monotonic()
+
+    def tick(self, images: int) -> None:
+        self.step_count += 1
+        self.images += images
+        now = time.monotonic()
+        if self.interval > 0 and now - self.last >= self.interval and self.step_count < self.steps:
+            self.last = now
+            rate = self.images / max(now - self.started, 1e-9)
+            self.emit(format_progress_line(self.epoch, self.step_count, self.steps, rate), flush=True)

@@ -20,7 +20,8 @@ definitions and the tuners parse:
     epoch=3 train_loss=0.9100 val_loss=0.8800 val_acc=0.6100 val_rmse=0.8700 lr=0.000900
 
 val_acc is the share of exact counts, val_rmse the root mean squared count error of the predicted
-class. Other progress lines go to stderr with a "[train]" prefix. A usage error ends with one line
+class. Inside an epoch, a `progress epoch=3 step=120/500 images_per_s=231.4` line every $TRAIN_PROGRESS_S
+seconds (default 30) says where it is. Other progress lines go to stderr with a "[train]" prefix. A usage error ends with one line
 "error: ..." on stderr and exit code 2.
 
 Recipe: the whole image is resized once to image_size (never cropped: a crop could cut objects out and
@@ -57,6 +58,7 @@ except ImportError:  # run as a script: this folder is on sys.path
     import net
 
 CODE_FILES = ("inference.py", "net.py", "epochlog.py")
+PROGRESS_S = float(os.environ.get("TRAIN_PROGRESS_S") or 30)  # seconds between progress lines inside an epoch
 SERVING_REQUIREMENTS = (
     "# Serving needs only torch, torchvision and Pillow, which the SageMaker PyTorch inference container has.\n")
 CHECKPOINT = "checkpoint.pt"
@@ -425,8 +427,9 @@ def cpu_bf16() -> bool:
 
 def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, scaler, device: torch.device,
                 channels_last: bool, amp: bool, generator: torch.Generator | None, dist: Dist,
-                ema: EMA | None = None) -> float:
-    """One pass over `order`; the mean training loss (all ranks together). generator: augmentation, or None."""
+                ema: EMA | None = None, ticker: epochlog.StepTicker | None = None) -> float:
+    """One pass over `order`; the mean training loss (all ranks together). generator: augmentation, or None;
+    ticker: prints progress lines inside the epoch."""
     model.train()
     total, seen = 0.0, 0
     for images, labels in data.iterate(order, drop_last_single=True):
@@ -443,6 +446,8 @@ def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, s
             ema.update(getattr(model, "module", model))
         total += loss.item() * len(y)
         seen += len(y)
+        if ticker is not None:
+            ticker.tick(len(y) * dist.world)
     total, seen = dist.sum([total, seen])
     return total / max(seen, 1)
 
@@ -629,9 +634,10 @@ def run(args: argparse.Namespace) -> dict:
         set_mode(hook, "train")
         lr = optimizer.param_groups[0]["lr"]
         aug = generator if args.augment else None
+        ticker = epochlog.StepTicker(epoch, math.ceil(len(order) / args.batch_size), PROGRESS_S) if dist.main else None
         train_loss = train_epoch(ddp, train_data, order, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                                  scaler=scaler, device=device, channels_last=channels_last, amp=amp, generator=aug,
-                                 dist=dist, ema=ema)
+                                 dist=dist, ema=ema, ticker=ticker)
         set_mode(hook, "eval")
         live = clone_state(model) if ema is not None else None
         if ema is not None:
