@@ -103,3 +103,32 @@ def test_evaluate_can_switch_the_models_tta_for_one_run(synth_source, tmp_path):
     assert evaluate(settings, manifest=tmp_path / "m.jsonl", model=model).tta is True  # as recorded
     off = evaluate(settings, manifest=tmp_path / "m.jsonl", model=model, tta=False)
     assert off.tta is False and json.loads((tmp_path / "reports" / "metrics.json").read_text())["tta"] is False
+
+
+def test_training_curve_separates_scales_marks_the_kept_epoch_and_survives_a_spike():
+    from bincount.evaluate import history_figure
+
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e + (500 if e == 3 else 0),
+                "val_acc": 0.1 * e, "val_rmse": 1 / e, "lr": 1e-3 / e} for e in range(1, 6)]
+    fig = history_figure(history, kept_epoch=4)
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert set(axes) == {"loss", "validation accuracy (exact count)", "validation RMSE (counts)",
+                         "learning rate (at the start of each epoch)"}
+    assert axes["validation accuracy (exact count)"].get_ylim() == (0, 1)  # accuracy is not drawn on the RMSE axis
+    loss = axes["loss"]
+    assert loss.get_yscale() == "log" and loss.get_ylim()[1] < 100  # the spike (500) does not flatten the panel
+    assert any(line.get_label() == "clipped (1)" for line in loss.get_lines())
+    for ax in fig.axes:  # the kept epoch is marked on every panel, ticks are whole epochs
+        assert any(line.get_label() == "kept (epoch 4)" for line in ax.get_lines())
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_confusion_matrix_shows_n_accuracy_and_a_row_normalised_view():
+    from bincount.evaluate import confusion_figure
+
+    fig = confusion_figure([[8, 2], [1, 9]], [0, 1])
+    assert fig._suptitle.get_text() == "confusion matrix: n=20, accuracy 85.0%"
+    counts, rates = [ax for ax in fig.axes if ax.get_title()]
+    assert [t.get_text() for t in counts.texts] == ["8", "2", "1", "9"]
+    assert [t.get_text() for t in rates.texts] == ["0.80", "0.20", "0.10", "0.90"]
+    assert [t.get_text() for t in rates.get_yticklabels()] == ["0 (n=10)", "1 (n=10)"]

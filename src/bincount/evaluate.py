@@ -149,44 +149,92 @@ def load_history(model_dir: Path, meta: dict) -> list[dict[str, float]]:
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[int], path: Path) -> None:
+    _save(confusion_figure(confusion, classes), path)
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[int]) -> Any:
+    """Counts beside the row-normalised matrix (each true count's row sums to 1), with n and accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ax.imshow(confusion, cmap="Blues")
-    peak = max(max(row) for row in confusion) or 1
-    for i, row in enumerate(confusion):
-        for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted count")
-    ax.set_ylabel("true count")
-    ax.set_title("confusion matrix")
-    _save(fig, path)
+    n = sum(map(sum, confusion))
+    correct = sum(confusion[i][i] for i in range(len(classes)))
+    rates = [[value / max(sum(row), 1) for value in row] for row in confusion]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    views = ((axes[0], confusion, "images", lambda v: str(v)), (axes[1], rates, "share of the true count's row",
+                                                                lambda v: f"{v:.2f}" if v else "0"))
+    for ax, matrix, label, fmt in views:
+        peak = max(max(row) for row in matrix) or 1
+        image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=peak)
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, fmt(value), ha="center", va="center", fontsize=8,
+                        color="white" if value > peak / 2 else "black")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_yticks(range(len(classes)), [f"{c} (n={sum(confusion[i])})" for i, c in enumerate(classes)])
+        ax.set_xlabel("predicted count")
+        ax.set_ylabel("true count")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
+    axes[0].set_title("images")
+    axes[1].set_title("row-normalised (recall per count on the diagonal)")
+    fig.suptitle(f"confusion matrix: n={n}, accuracy {correct / max(n, 1):.1%}")
+    return fig
 
 
-def plot_history(history: list[dict[str, float]], path: Path) -> None:
+def plot_history(history: list[dict[str, float]], path: Path, kept_epoch: int | None = None) -> None:
+    _save(history_figure(history, kept_epoch), path)
+
+
+def history_figure(history: list[dict[str, float]], kept_epoch: int | None = None) -> Any:
+    """Four panels on integer epochs: losses (log scale), val accuracy (0..1), val RMSE (counts), learning rate.
+
+    The kept epoch is marked; a loss spike more than 10x the bulk of the curve is clipped (and marked) so it
+    cannot flatten the rest.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    series = lambda key: [h.get(key, math.nan) for h in history]  # noqa: E731
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    (loss_ax, acc_ax), (rmse_ax, lr_ax) = axes
+    losses = [v for key in ("train_loss", "val_loss") for v in series(key) if math.isfinite(v)]
     for key in ("train_loss", "val_loss"):
-        left.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=key)
-    left.set_xlabel("epoch")
-    left.set_title("loss")
-    left.legend()
-    right.plot(epochs, [h.get("val_acc", math.nan) for h in history], marker="o", label="val_acc")
-    right.plot(epochs, [h.get("val_rmse", math.nan) for h in history], marker="o", label="val_rmse")
-    right.set_xlabel("epoch")
-    right.set_title("validation")
-    right.legend()
-    _save(fig, path)
+        loss_ax.plot(epochs, series(key), marker="o", markersize=3, label=key)
+    if losses:  # log scale: the early epochs and the end both stay readable; a spike >10x the bulk is clipped
+        ordered = sorted(losses)
+        top = min(max(losses), 10 * ordered[int(0.75 * (len(ordered) - 1))])
+        low = max(min(losses), 1e-6)
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylim(low / 1.2, top * 1.2)
+        clipped = [e for key in ("train_loss", "val_loss") for e, v in zip(epochs, series(key)) if v > top]
+        if clipped:
+            loss_ax.plot(clipped, [top * 1.1] * len(clipped), "r^", label=f"clipped ({len(clipped)})")
+    loss_ax.set_title("loss")
+    acc_ax.plot(epochs, series("val_acc"), marker="o", markersize=3, color="tab:green")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.set_title("validation accuracy (exact count)")
+    rmse_ax.plot(epochs, series("val_rmse"), marker="o", markersize=3, color="tab:red")
+    rmse_ax.set_ylim(bottom=0)
+    rmse_ax.set_title("validation RMSE (counts)")
+    lr_ax.plot(epochs, series("lr"), marker="o", markersize=3, color="tab:purple")
+    lr_ax.set_title("learning rate (at the start of each epoch)")
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2e}"))
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch, color="gray", linestyle="--", linewidth=1, label=f"kept (epoch {kept_epoch})")
+    for ax in (rmse_ax, lr_ax):
+        ax.set_xlabel("epoch")
+    loss_ax.legend(fontsize=8)
+    acc_ax.legend(fontsize=8)
+    return fig
 
 
 def _save(fig, path: Path) -> None:
@@ -225,7 +273,8 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
     history = load_history(model_dir, meta)
     if history:
         reports["training_curve"] = ws.reports / "training-curve.png"
-        plot_history(history, reports["training_curve"])
+        kept = (meta.get("metrics") or {}).get("epoch")
+        plot_history(history, reports["training_curve"], int(kept) if kept is not None else None)
     out = EvalResult(model=str(model_dir), manifest=str(manifest), skipped=len(rows) - len(pairs), tta=meta["tta"],
                      reports={k: str(v) for k, v in reports.items()}, **result)
     atomic_write_text(reports["metrics"], out.model_dump_json(indent=2) + "\n")
