@@ -8,6 +8,7 @@ The per-count table has the form the public ABID challenge reports its baseline 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,12 @@ def _image_path(ws: Workspace, manifest: Path, image: str) -> Path:
     return ws.root / path
 
 
-def predict_counts(model_dir: Path, paths: list[Path], tta: bool | None = None) -> tuple[list[int | None], dict]:
+def predict_counts(model_dir: Path, paths: list[Path], tta: bool | None = None,
+                   advance: Callable[[int], None] | None = None) -> tuple[list[int | None], dict]:
     """Predicted counts (None for an unreadable image), batched under inference_mode; each image decoded once.
 
     tta: test-time augmentation; None = as the model records it (meta.json), as serving does.
+    advance: called with the number of images after each batch (a progress bar's step).
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +137,8 @@ def predict_counts(model_dir: Path, paths: list[Path], tta: bool | None = None) 
                 batch = net.normalize(torch.stack(good), mean, std)
                 preds = iter(net.predict_proba(model, batch, tta).argmax(1).tolist())
             out += [None if t is None else classes[next(preds)] for t in tensors]
+            if advance is not None:
+                advance(len(tensors))
     return out, {**meta, "tta": tta}
 
 
@@ -263,7 +268,12 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
     from bincount.artifacts import resolve_model
 
     model_dir = resolve_model(settings, model)
-    predicted, meta = predict_counts(model_dir, [_image_path(ws, manifest, r["image"]) for r in rows], tta)
+    from bincount.console import progress
+
+    with progress() as bar:
+        task = bar.add_task("scoring", total=len(rows))
+        predicted, meta = predict_counts(model_dir, [_image_path(ws, manifest, r["image"]) for r in rows], tta,
+                                         advance=lambda k: bar.advance(task, k))
     pairs = [(int(r["count"]), p) for r, p in zip(rows, predicted) if p is not None]
     if not pairs:
         raise BincountError(f"none of the {len(rows)} images in {manifest} could be read")

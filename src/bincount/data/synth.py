@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from bincount.config import Settings
@@ -188,8 +189,11 @@ def _label(units: list[int], rng: random.Random) -> dict:
 
 
 def synthesize(out: Path, n: int, image_size: int = 128, max_count: int = 5, min_count: int = 0,
-               seed: int = 0, start_id: int = 1) -> dict[int, int]:
-    """Write `n` images and labels into `out` (bin-images/, metadata/); counts cycle evenly, shuffled."""
+               seed: int = 0, start_id: int = 1, advance: Callable[[], None] | None = None) -> dict[int, int]:
+    """Write `n` images and labels into `out` (bin-images/, metadata/); counts cycle evenly, shuffled.
+
+    advance: called after each image (a progress bar's step).
+    """
     from bincount.errors import BincountError
 
     if min_count > max_count:
@@ -211,12 +215,19 @@ def synthesize(out: Path, n: int, image_size: int = 128, max_count: int = 5, min
         atomic_write_bytes(out / "bin-images" / f"{ident}.jpg", buf.getvalue())
         atomic_write_text(out / "metadata" / f"{ident}.json", json.dumps(_label(units, item_rng), indent=1))
         per_count[count] = per_count.get(count, 0) + 1
+        if advance is not None:
+            advance()
     return dict(sorted(per_count.items()))
 
 
 def synth(settings: Settings, out: Path | None = None, n: int = 600, image_size: int = 128, min_count: int = 0,
           seed: int = 0, start_id: int = 1) -> SynthResult:
     """CLI stage: synthesise into `out` (default <workdir>/synth)."""
+    from bincount.console import progress
+
     out = Path(out) if out else Path(settings.workdir) / "synth"
-    per_count = synthesize(out, n, image_size, settings.data.max_count, min_count, seed, start_id)
+    with progress() as bar:
+        task = bar.add_task("drawing bins", total=n)
+        per_count = synthesize(out, n, image_size, settings.data.max_count, min_count, seed, start_id,
+                               advance=lambda: bar.advance(task))
     return SynthResult(out=str(out), images=n, per_count=per_count, image_size=image_size, seed=seed)
