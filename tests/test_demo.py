@@ -38,3 +38,6 @@ def test_demo_runs_the_whole_chain_and_leaves_nothing_running(cli, tmp_path):
     state = json.loads((work / "state.json").read_text())
     assert "endpoint" not in state  # undeployed
     assert state["training"]["model_data"].endswith("model.tar.gz")
+    # training was sized by a measurement on this machine, and the demo says what it chose
+    assert "4/8 train sized to about 120 s on this machine: " in res.stderr
+    assert "px (bfloat16) here: 1 epochs of" in res.stderr or "px (float32) here: 1 epochs of" in res.stderr

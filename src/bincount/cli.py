@@ -289,10 +289,11 @@ def status(
 def demo(
     images: Annotated[int, typer.Option(min=60, help="Synthetic bins to make.")] = 900,
     image_size: Annotated[int, typer.Option(min=32, help="Their size in pixels.")] = 128,
+    budget: Annotated[float, typer.Option(min=0, help="Size training to take about this many seconds here (0 = as configured).")] = 120,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Run the whole pipeline offline on synthetic bins. Local S3 server, train, serve, audit."""
-    _call("demo", config, {"workdir": workdir}, set, json, images=images, image_size=image_size)
+    _call("demo", config, {"workdir": workdir}, set, json, images=images, image_size=image_size, budget_s=budget)
 
 
 @app.command("config")

@@ -75,8 +75,25 @@ def _serve_bucket(source: Path, bucket: str) -> tuple[Any, str]:
     return server, url
 
 
-def demo(settings: Settings, images: int = 900, image_size: int = 128) -> DemoResult:
-    """Run the whole pipeline offline on synthetic bins and summarise it."""
+def _calibrate(settings: Settings, ws: Any, budget_s: float) -> str:
+    """Set train.epochs (and, if needed, train.image_size) so training fits budget_s here; say what was chosen."""
+    from bincount.calibrate import plan
+    from bincount.workspace import read_jsonl
+
+    t = settings.train
+    train_images, val_images = len(read_jsonl(ws.split("train"))), len(read_jsonl(ws.split("val")))
+    chosen = plan(t.arch, t.image_size, t.batch_size, settings.data.max_count + 1, t.amp, train_images, val_images,
+                  budget_s, max_epochs=t.epochs)
+    t.epochs, t.image_size = chosen.epochs, chosen.image_size
+    return chosen.describe(train_images)
+
+
+def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s: float = 120) -> DemoResult:
+    """Run the whole pipeline offline on synthetic bins and summarise it.
+
+    budget_s: training is sized to take about this long on this machine (calibrate.plan: epochs, and a
+    smaller input size if needed); 0 trains exactly as configured.
+    """
     import os
 
     from bincount import audit as audit_stage
@@ -104,7 +121,11 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128) -> DemoRe
         fetch.fetch(settings)
         log("[bold]3/8 split[/]")
         split.split(settings)
-        log("[bold]4/8 train[/]")
+        if budget_s > 0:
+            chosen = _calibrate(settings, ws, budget_s)
+            log(f"[bold]4/8 train[/] sized to about {budget_s:.0f} s on this machine: {chosen}")
+        else:
+            log("[bold]4/8 train[/]")
         local_train.train(settings)
         log("[bold]5/8 evaluate[/]")
         metrics = evaluate_stage.evaluate(settings)
