@@ -35,4 +35,4 @@ def progress(transient: bool = False):
 
 
 def log(message: str) -> None:
-    err_console().print(message, highlight=False)
+    err_console().print(message, highlight=False, soft_wrap=True)  # a log line is never wrapped

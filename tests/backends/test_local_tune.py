@@ -104,3 +104,16 @@ def test_three_trial_search_records_the_best(tmp_path, synth_source, cli):
     status = cli("status", "--workdir", tmp_path, "--json")
     assert status.exit_code == 0, status.stderr
     assert json.loads(status.stdout)["tuning"]["best_hyperparameters"] == result.best_hyperparameters
+
+
+def test_use_best_says_which_hyperparameters_it_used(tmp_path, capsys):
+    from bincount.backends.tuning import TuneResult, best_train_settings, record
+
+    settings = load_settings(overrides={"workdir": tmp_path, "train.use_best": True, "train.epochs": 7}, environ={})
+    record(settings, TuneResult(backend="local", job="tune-1", objective="val_acc", direction="Maximize",
+                                best_value=0.8125, best_hyperparameters={"lr": 0.0123, "batch_size": 32,
+                                                                         "weight_decay": 1e-5}))
+    train = best_train_settings(settings)
+    assert (train.lr, train.batch_size, train.epochs) == (0.0123, 32, 7)
+    assert ("--use-best: the best trial of tuning job tune-1, val_acc 0.8125: batch_size=32 lr=0.0123 "
+            "weight_decay=1e-05") in capsys.readouterr().err

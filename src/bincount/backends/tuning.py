@@ -90,8 +90,14 @@ def best_train_settings(settings: Settings) -> TrainSettings:
         hint = (f"tuning job {tuning.job} has no best trial recorded yet (see bincount status)" if tuning
                 else "run `bincount tune` first")
         raise BincountError(f"--use-best: no best hyperparameters in state.json; {hint}")
-    merged = {**settings.train.model_dump(), **coerce_hyperparameters(best)}
-    return TrainSettings.model_validate(merged)
+    chosen = coerce_hyperparameters(best)
+    from bincount.console import log
+
+    value = tuning.get("best_value")
+    score = f", {tuning.get('objective')} {value:.4g}" if isinstance(value, (int, float)) else ""
+    log(f"--use-best: the best trial of tuning job {tuning.get('job')}{score}: "
+        + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(chosen.items())))
+    return TrainSettings.model_validate({**settings.train.model_dump(), **chosen})
 
 
 def record(settings: Settings, result: TuneResult) -> None:
