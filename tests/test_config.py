@@ -105,3 +105,42 @@ def test_counts_beyond_max_count():
     s = load_settings(overrides={"data.counts": "1-7"}, environ={})
     with pytest.raises(BincountError, match="max_count"):
         s.data.count_set()
+
+
+def test_config_discovery_env_var_then_working_dir_then_work_dir(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "run1"
+    work.mkdir()
+    (work / "bincount.yaml").write_text("train:\n  epochs: 3\n")
+    res = cli("config", "--json", "--workdir", work)
+    assert json.loads(res.stdout)["settings"]["train"]["epochs"] == 3  # <workdir>/bincount.yaml
+    assert json.loads(res.stdout)["config_file"] == str(work / "bincount.yaml")
+
+    (tmp_path / "bincount.yaml").write_text("train:\n  epochs: 4\n")
+    res = cli("config", "--json", "--workdir", work)
+    assert json.loads(res.stdout)["settings"]["train"]["epochs"] == 4  # ./bincount.yaml comes first
+
+    (tmp_path / "aws.yaml").write_text("train:\n  epochs: 5\n")
+    monkeypatch.setenv("BINCOUNT_CONFIG", "aws.yaml")  # a path, not a setting called "config"
+    res = cli("config", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["settings"]["train"]["epochs"] == 5
+
+    (tmp_path / "other.yaml").write_text("train:\n  epochs: 6\n")
+    res = cli("config", "--json", "--config", "other.yaml")  # --config wins over everything
+    assert json.loads(res.stdout)["settings"]["train"]["epochs"] == 6
+
+    monkeypatch.setenv("BINCOUNT_CONFIG", "missing.yaml")
+    res = cli("config")
+    assert res.exit_code == 1 and "BINCOUNT_CONFIG=missing.yaml: config file not found" in res.stderr
+
+
+def test_a_bad_value_names_where_it_came_from(cli, tmp_path, monkeypatch):
+    (tmp_path / "c.yaml").write_text("train:\n  epochs: 0\n")
+    res = cli("config", "--config", tmp_path / "c.yaml")
+    assert res.exit_code == 1 and f"invalid setting train.epochs: " in res.stderr and f"(from {tmp_path / 'c.yaml'})" in res.stderr
+    monkeypatch.setenv("BINCOUNT_TRAIN__LR", "-1")
+    res = cli("config")
+    assert res.exit_code == 1 and "invalid setting train.lr: " in res.stderr and "(from BINCOUNT_TRAIN__LR)" in res.stderr
+    res = cli("config", "--set", "train.batch_size=0")
+    assert "(from --set or a flag)" in res.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from bincount.errors import BincountError
 
@@ -262,6 +262,12 @@ class SageMakerSettings(Section):
 class Settings(Section):
     """Everything bincount needs, in one tree."""
 
+    _config_file: Path | None = PrivateAttr(None)  # the YAML file these settings were read from, if any
+
+    @property
+    def config_file(self) -> Path | None:
+        return self._config_file
+
     workdir: Path = Field(Path("bincount-work"), description="the work dir: raw/, manifest.jsonl, splits/, state.json, models/, reports/")
     backend: Literal["local", "sagemaker"] = Field("local", description="local (this machine, default) or sagemaker")
     data: DataSettings = Field(DataSettings(), description="what to fetch and from where")
@@ -297,9 +303,15 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+CONFIG_ENV = "BINCOUNT_CONFIG"  # a config file's path, not a setting
+CONFIG_NAME = "bincount.yaml"  # found in the current dir, else in the work dir
+
+
 def _env_layer(environ: dict[str, str]) -> dict[str, Any]:
     dotted = {}
     for name, raw in environ.items():
+        if name == CONFIG_ENV:
+            continue
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             key = name[len(ENV_PREFIX):].lower().replace("__", ".")
             try:
@@ -342,17 +354,62 @@ def load_settings(
     config: Path | None = None,
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
+    discover: bool = False,
 ) -> Settings:
-    """Build the settings: defaults < YAML file < BINCOUNT_* env vars < `overrides` (dotted keys)."""
-    layers: dict[str, Any] = {}
-    if config is not None:
-        layers = deep_merge(layers, _yaml_layer(config))
-    layers = deep_merge(layers, _env_layer(dict(os.environ if environ is None else environ)))
-    layers = deep_merge(layers, nest(overrides or {}))
+    """Build the settings: defaults < YAML file < BINCOUNT_* env vars < `overrides` (dotted keys).
+
+    discover: without `config`, read $BINCOUNT_CONFIG, else ./bincount.yaml, else <workdir>/bincount.yaml
+    (the CLI does; a library caller passes its config explicitly). `settings.config_file` says which.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    env, flags = _env_layer(environ), nest(overrides or {})
+    if discover:
+        config = find_config(config, environ, deep_merge(env, flags).get("workdir"))
+    file = _yaml_layer(config) if config is not None else {}
+    layers = deep_merge(deep_merge(file, env), flags)
     try:
-        return Settings.model_validate(layers)
+        settings = Settings.model_validate(layers)
     except ValidationError as exc:
-        raise BincountError(describe_validation_error(exc)) from None
+        loc = exc.errors()[0]["loc"]
+        origin = next((where for layer, where in ((flags, "--set or a flag"), (env, _env_name(loc)),
+                                                   (file, str(config))) if _has(layer, loc)), "")
+        raise BincountError(describe_validation_error(exc, f" (from {origin})" if origin else "")) from None
+    settings._config_file = Path(config) if config is not None else None
+    return settings
+
+
+def _has(layer: dict[str, Any], loc: tuple) -> bool:
+    """Whether a layer sets the key at `loc` (or a parent of it that is not a mapping)."""
+    node: Any = layer
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, dict):
+            return True
+    return True
+
+
+def _env_name(loc: tuple) -> str:
+    return ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+
+
+def find_config(config: Path | None, environ: dict[str, str], workdir: Any = None) -> Path | None:
+    """The config file to read: --config, else $BINCOUNT_CONFIG, else ./bincount.yaml, else <workdir>/bincount.yaml.
+
+    The work dir is the one the flags or environment name, else the default.
+    """
+    if config is not None:
+        return Path(config)
+    if environ.get(CONFIG_ENV):
+        path = Path(environ[CONFIG_ENV])
+        if not path.is_file():
+            raise BincountError(f"{CONFIG_ENV}={path}: config file not found")
+        return path
+    for folder in (Path.cwd(), Path(workdir or Settings.model_fields["workdir"].default)):
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
+    return None
 
 
 def parse_set_option(items: list[str]) -> dict[str, Any]:
@@ -374,6 +431,7 @@ def show(settings: Settings) -> Any:
     from bincount.results import Result
 
     class ConfigResult(Result):
+        config_file: str | None
         settings: dict[str, Any]
 
         def rich(self) -> Any:
@@ -381,4 +439,5 @@ def show(settings: Settings) -> Any:
 
             return Syntax(yaml.safe_dump(self.settings, sort_keys=False), "yaml")
 
-    return ConfigResult(settings=settings.model_dump(mode="json"))
+    file = settings.config_file
+    return ConfigResult(config_file=str(file) if file else None, settings=settings.model_dump(mode="json"))
