@@ -44,3 +44,21 @@ def per_class_table(title: str, columns: list[str], rows: list[list[Any]]) -> An
     for row in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
     return table
+
+
+def plain_boxes(renderable: Any) -> Any:
+    """The same output with ASCII table borders, for stdout that is not a terminal (a file, a pipe, CI)."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+
+    if isinstance(renderable, Table):
+        renderable.box = box.ASCII2
+        renderable.safe_box = True
+        for column in renderable.columns:
+            for cell in column._cells:
+                plain_boxes(cell)
+    elif isinstance(renderable, Group):
+        for part in renderable.renderables:
+            plain_boxes(part)
+    return renderable
