@@ -50,8 +50,8 @@ class EvalResult(Result):
             summary.add_row("skipped (unreadable)", str(self.skipped))
         for name, path in self.reports.items():
             summary.add_row(name, path)
-        rows = [[r["count"], r["n"], r["accuracy"], r["rmse"]] for r in self.per_count]
-        rows.append(["all", self.n, self.accuracy, self.rmse])
+        rows = [[r["count"], r["n"], f"{r['accuracy']:.2%}", r["rmse"]] for r in self.per_count]
+        rows.append(["all", self.n, f"{self.accuracy:.2%}", self.rmse])  # accuracy in % everywhere, as above
         table = per_class_table("per count", ["count", "images", "accuracy", "RMSE"], rows)
         table.caption = (f"ABID challenge baseline (counts 0..5): {self.baseline['accuracy']:.2%} accuracy, "
                          f"RMSE {self.baseline['rmse']:.3f}")
