@@ -88,8 +88,8 @@ def test_resolve_model_from_a_dir_an_archive_s3_or_the_state(s3_server, tmp_path
     settings = load_settings(overrides={"workdir": str(ws.root), "s3.endpoint_url": s3_server}, environ={})
     with pytest.raises(BincountError, match="run `bincount train` first"):
         resolve_model(settings)
-    with pytest.raises(BincountError, match="or pass --model-data PATH"):  # deploy's option
-        resolve_model(settings, option="--model-data")
+    with pytest.raises(BincountError, match="or pass --model PATH"):  # deploy.s option
+        resolve_model(settings, option="--model")
     src = model_dir(tmp_path)
     assert resolve_model(settings, src) == src.resolve()
     tar = package_model(src, tmp_path / "model.tar.gz")

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,39 @@ def test_every_command_runs_one_stage_from_the_table():
         for backend in ("local", "sagemaker"):
             assert callable(stage(command, backend))
     assert stage("train", "sagemaker").__module__ == "bincount.backends.sagemaker"
+
+
+def test_version_and_short_help(cli):
+    from importlib.metadata import version
+
+    res = cli("--version")
+    assert res.exit_code == 0 and res.stdout == f"bincount {version('bincount')}\n"
+    res = cli("fetch", "-h")
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].endswith(" fetch [OPTIONS]")
+
+
+def test_every_help_page_has_examples_and_readable_metavars(cli):
+    import typer
+
+    from bincount.cli import app
+
+    group = typer.main.get_command(app)
+    for name in group.list_commands(None):
+        if name in ("--install-completion", "--show-completion"):
+            continue
+        page = cli(name, "--help").stdout
+        assert "Examples:\n    bincount " in page, name
+        assert not re.search(r"-[\w-]+ <", page), (name, page)  # metavars say what to give, not <str> or <list[str]>
+
+
+def test_quiet_silences_progress_but_not_errors(cli, tmp_path):
+    res = cli("-q", "synth", "--workdir", tmp_path, "-n", 2, "--image-size", 32)
+    assert res.exit_code == 0 and res.stderr == ""
+    res = cli("-q", "status", "--workdir", tmp_path / "typo")
+    assert res.exit_code == 1 and "work dir" in res.stderr and "does not exist" in res.stderr
+
+
+def test_tables_are_plain_ascii_when_piped(cli, tmp_path):
+    res = cli("synth", "--workdir", tmp_path, "-n", 2, "--image-size", 32)
+    assert res.exit_code == 0
+    assert "images" in res.stdout and not any(ch in res.stdout for ch in "┏━┃│└─")

@@ -1,5 +1,6 @@
 """The README's references and configs/default.yaml are generated: they must match the code."""
 
+import json
 from pathlib import Path
 
 import yaml
@@ -31,3 +32,12 @@ def test_default_yaml_is_current_and_spells_out_every_key():
 def test_readme_opens_with_install_and_test():
     text = (ROOT / "README.md").read_text()
     assert text.index("make install") < text.index("make test") < text.index("## ")
+
+
+def test_result_schemas_are_current():
+    folder = ROOT / "docs" / "schemas"
+    current = docs.result_schemas()
+    assert {"EvalResult.json", "PredictResult.json", "AuditResult.json", "FetchResult.json"} <= set(current)
+    assert {p.name: p.read_text() for p in folder.glob("*.json")} == current, "docs/schemas is stale: run `make docs`"
+    predict = json.loads(current["PredictResult.json"])
+    assert set(predict["properties"]) == {"target", "predicted", "failed", "items"}  # no internal fields

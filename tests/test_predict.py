@@ -62,6 +62,12 @@ def test_folder_and_files_with_a_model_as_json(cli, model_dir, images, expected,
     assert "notes.txt" not in names and "as.PNG" in names
     assert out["failed"] == 0 and out["target"].startswith("model ")
     _check(out["items"], expected)
+    # one output contract: the documented fields only, ending with a newline; -f json is --json
+    assert set(out) == {"target", "predicted", "failed", "items"} and res.stdout.endswith("}\n")
+    same = cli("predict", images, images / "deeper", "--model", model_dir, "--workdir", tmp_path, "-f", "json")
+    assert json.loads(same.stdout) == out
+    clash = cli("predict", images, "--model", model_dir, "--workdir", tmp_path, "-f", "csv", "--json")
+    assert clash.exit_code == 1 and "--json and --format csv disagree" in clash.stderr and clash.stdout == ""
 
 
 def test_csv_output_through_a_local_endpoint(cli, model_dir, images, expected, tmp_path):
@@ -76,6 +82,7 @@ def test_csv_output_through_a_local_endpoint(cli, model_dir, images, expected, t
     assert len(rows) == 6 and list(rows[0]) == ["image", "count", "confidence", "error"]
     _check([{"image": r["image"], "count": int(r["count"]), "confidence": float(r["confidence"])} for r in rows], expected)
     assert all(len(line) > 0 for line in res.stdout.splitlines())  # long paths are not wrapped
+    assert res.stdout.endswith("\n") and not res.stdout.endswith("\n\n")
 
 
 def test_s3_uris_read_through_the_local_s3_server(cli, s3_server, model_dir, images, expected, tmp_path):

@@ -1,4 +1,10 @@
-"""The `bincount` command line: thin commands that parse options, call one stage, print its result."""
+"""The `bincount` command line: thin commands that parse options, call one stage, print its result.
+
+The output contract: stdout carries the result and nothing else (a table in a terminal, ASCII tables
+when piped, `--json` for the documented JSON of every result, see docs/schemas/); stderr carries what
+is meant for people (progress, logs, the one-line `error: ...`). Exit 0 on success, 1 on an error the
+user can fix (or a partial failure a result reports), 130 on Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +21,48 @@ from bincount.errors import BincountError
 app = typer.Typer(
     help="Count the objects in warehouse bin photos, locally or on AWS SageMaker.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/default.yaml).")]
-WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Work dir holding raw/, splits/, state.json, models/, reports/.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", metavar="FILE",
+    help="YAML config file (default: $BINCOUNT_CONFIG, else ./bincount.yaml, else <workdir>/bincount.yaml).")]
+WorkdirOpt = Annotated[Optional[Path], typer.Option(
+    "--workdir", "-w", metavar="DIR", help="Work dir holding raw/, splits/, state.json, models/, reports/.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress goes to stderr).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any setting: --set train.epochs=3 (repeatable).")]
-BackendOpt = Annotated[Optional[str], typer.Option("--backend", "-b", help="local (default) or sagemaker.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Override any setting: --set train.epochs=3 (repeatable).")]
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", "-b", metavar="local|sagemaker",
+                                                   help="Where to run (default: the backend setting, local).")]
+
+
+def examples(*lines: str) -> str:
+    """A --help epilog of example command lines (kept as written, not rewrapped)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"bincount {version('bincount')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Results and errors only: no progress or logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also the AWS and SageMaker SDKs' own logs.")] = False,
+) -> None:
+    """Count the objects in warehouse bin photos, locally or on AWS SageMaker."""
+    from bincount.console import configure
+
+    configure(quiet=quiet, verbose=verbose)
 
 
 # Every command and the stage it runs, as "module:function". A stage is imported only when its command
@@ -58,12 +96,17 @@ def stage(command: str, backend: str = "local") -> Callable[..., Any]:
 def _call(command: str, config: Path | None, options: dict[str, Any], sets: list[str] | None, json_out: bool,
           **kwargs: Any) -> Any:
     """Load settings (defaults < --config < env < --set < flags), run the command's stage, print its result."""
-    from bincount.config import load_settings, parse_set_option
+    import os
+
+    from bincount.config import find_config, load_settings, parse_set_option
 
     try:
         overrides = parse_set_option(sets or [])
         overrides.update({k: v for k, v in options.items() if v is not None})
+        config = find_config(config, dict(os.environ), overrides.get("workdir") or os.environ.get("BINCOUNT_WORKDIR"))
         settings = load_settings(config, overrides)
+        if command == "config":
+            kwargs["config_file"] = config
         result = stage(command, settings.backend)(settings, **kwargs)
     except BincountError as exc:
         _fail(str(exc))
@@ -76,13 +119,14 @@ def _call(command: str, config: Path | None, options: dict[str, Any], sets: list
 def _fail(message: str, code: int = 1) -> None:
     from rich.markup import escape
 
-    from bincount.console import err_console
+    from bincount.console import error_console
 
-    err_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    error_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _print(result: Any, json_out: bool) -> None:
+    """The result on stdout: JSON, or its view (ASCII tables when stdout is not a terminal)."""
     if result is None:
         return
     if json_out:
@@ -90,39 +134,47 @@ def _print(result: Any, json_out: bool) -> None:
     else:
         from rich.console import Console
 
-        Console().print(result.rich())
+        from bincount.results import plain_boxes
+
+        console = Console(soft_wrap=not sys.stdout.isatty())
+        view = result.rich()
+        console.print(view if console.is_terminal else plain_boxes(view))
+    sys.stdout.flush()
     exit_code = getattr(result, "exit_code", 0)
     if exit_code:
         raise typer.Exit(exit_code)
 
 
-@app.command()
+@app.command(epilog=examples("bincount synth --images 600 --out bins/", "bincount synth -n 60 --counts 1-5 --image-size 64"))
 def synth(
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (bucket layout). Default: <workdir>/synth.")] = None,
-    n: Annotated[int, typer.Option("--n", "-n", min=1, help="How many images.")] = 600,
-    image_size: Annotated[int, typer.Option(min=32, help="Image width and height in pixels.")] = 128,
-    min_count: Annotated[int, typer.Option(min=0, help="Smallest count drawn.")] = 0,
-    max_count: Annotated[Optional[int], typer.Option(min=0, help="Largest count drawn (default data.max_count).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed makes the same files.")] = 0,
-    start_id: Annotated[int, typer.Option(min=1, help="First image id.")] = 1,
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Output folder (bucket layout). Default: <workdir>/synth.")] = None,
+    images: Annotated[int, typer.Option("--images", "-n", metavar="N", min=1, help="How many bins to draw.")] = 600,
+    image_size: Annotated[int, typer.Option(metavar="PX", min=32, help="Image width and height in pixels.")] = 128,
+    counts: Annotated[Optional[str], typer.Option(metavar="RANGE", help="Counts to draw, e.g. 1-5 (default 0..data.max_count).")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Random seed: the same seed makes the same files.")] = 0,
+    start_id: Annotated[int, typer.Option(metavar="ID", min=1, help="First image id.")] = 1,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Make synthetic bin photos in the ABID layout. No network needed: for tests and demos."""
-    _call("synth", config, {"workdir": workdir, "data.max_count": max_count}, set, json,
-          out=out, n=n, image_size=image_size, min_count=min_count, seed=seed, start_id=start_id)
+    _call("synth", config, {"workdir": workdir}, set, json,
+          out=out, n=images, image_size=image_size, counts=counts, seed=seed, start_id=start_id)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "bincount fetch --balanced --limit 3000 --counts 0-5 -w run1",
+    "bincount fetch --id-file capstone_file_list.json --counts 1-5 -w run1",
+    "bincount fetch --ids 1-20000 --limit 5000",
+    "bincount fetch --source s3://my-bucket/abid --endpoint-url http://127.0.0.1:9000"))
 def fetch(
-    source: Annotated[Optional[str], typer.Option(help="s3://bucket[/prefix] or a local folder in the bucket layout.")] = None,
-    endpoint_url: Annotated[Optional[str], typer.Option(help="S3-compatible endpoint, e.g. http://127.0.0.1:9000.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many usable items.")] = None,
-    ids: Annotated[Optional[str], typer.Option(help="Id range or list: 1-5000 or 4,9915,100313.")] = None,
-    id_file: Annotated[Optional[Path], typer.Option(help="File of ids, one a line, or the capstone JSON list.")] = None,
-    counts: Annotated[Optional[str], typer.Option(help="Keep only these counts, e.g. 1-5 (default 0..max_count).")] = None,
+    source: Annotated[Optional[str], typer.Option(metavar="URI|DIR", help="s3://bucket[/prefix] or a local folder in the bucket layout.")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(metavar="URL", help="S3 API endpoint (as the AWS CLI's --endpoint-url), e.g. http://127.0.0.1:9000.")] = None,
+    limit: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="At most this many usable items.")] = None,
+    ids: Annotated[Optional[str], typer.Option(metavar="RANGE", help="Id range or list: 1-5000 or 4,9915,100313.")] = None,
+    id_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="File of ids, one a line, or the capstone JSON list.")] = None,
+    counts: Annotated[Optional[str], typer.Option(metavar="RANGE", help="Keep only these counts, e.g. 1-5 (default 0..max_count).")] = None,
     balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", help="Equal numbers per count.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Concurrent requests.")] = None,
-    max_count: Annotated[Optional[int], typer.Option(min=1, help="Classes are counts 0..max_count.")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Concurrent requests.")] = None,
+    max_count: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Classes are counts 0..N (data.max_count).")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Download bin images and labels, write manifest.jsonl. Concurrent and resumable."""
@@ -132,56 +184,58 @@ def fetch(
         "data.workers": workers, "data.max_count": max_count}, set, json)
 
 
-@app.command()
+@app.command(epilog=examples("bincount split -w run1", "bincount split --train 0.7 --val 0.1 --test 0.2 --seed 1"))
 def split(
-    train: Annotated[Optional[float], typer.Option(help="Train share (default 0.6).")] = None,
-    val: Annotated[Optional[float], typer.Option(help="Validation share (default 0.2).")] = None,
-    test: Annotated[Optional[float], typer.Option(help="Test share (default 0.2).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    train: Annotated[Optional[float], typer.Option(metavar="SHARE", help="Train share (default 0.6).")] = None,
+    val: Annotated[Optional[float], typer.Option(metavar="SHARE", help="Validation share (default 0.2).")] = None,
+    test: Annotated[Optional[float], typer.Option(metavar="SHARE", help="Test share (default 0.2).")] = None,
+    seed: Annotated[Optional[int], typer.Option(metavar="N", help="Random seed.")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Split the manifest into train/val/test. Stratified by count and seeded."""
     _call("split", config, {"workdir": workdir, "split.train": train, "split.val": val,
-                                       "split.test": test, "split.seed": seed}, set, json)
+                            "split.test": test, "split.seed": seed}, set, json)
 
 
-@app.command()
+@app.command(epilog=examples("bincount upload --bucket my-bincount-bucket -w run1", "bincount upload -c aws.yaml"))
 def upload(
-    bucket: Annotated[Optional[str], typer.Option(help="Destination bucket.")] = None,
-    prefix: Annotated[Optional[str], typer.Option(help="Key prefix (default bincount).")] = None,
-    endpoint_url: Annotated[Optional[str], typer.Option(help="S3-compatible endpoint.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Concurrent uploads.")] = None,
+    bucket: Annotated[Optional[str], typer.Option(metavar="NAME", help="Destination bucket.")] = None,
+    prefix: Annotated[Optional[str], typer.Option(metavar="PREFIX", help="Key prefix (default bincount).")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(metavar="URL", help="S3 API endpoint (as the AWS CLI's --endpoint-url).")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Concurrent uploads.")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Sync the splits to S3 as training channels. Unchanged files are skipped."""
     _call("upload", config, {"workdir": workdir, "s3.bucket": bucket, "s3.prefix": prefix,
-                                         "s3.endpoint_url": endpoint_url, "s3.workers": workers}, set, json)
+                             "s3.endpoint_url": endpoint_url, "s3.workers": workers}, set, json)
 
 
-@app.command()
+@app.command(epilog=examples("bincount tune -w run1 --max-jobs 8 --epochs 5",
+                             "bincount tune -c aws.yaml --max-jobs 8 --max-parallel-jobs 2 --no-wait"))
 def tune(
-    max_jobs: Annotated[Optional[int], typer.Option(min=1, help="Trials in total.")] = None,
-    max_parallel_jobs: Annotated[Optional[int], typer.Option(min=1, help="Trials at once.")] = None,
-    objective: Annotated[Optional[str], typer.Option(help="val_acc (maximise) or val_rmse (minimise).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs per trial.")] = None,
+    max_jobs: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Trials in total.")] = None,
+    max_parallel_jobs: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Trials at once.")] = None,
+    objective: Annotated[Optional[str], typer.Option(metavar="val_acc|val_rmse", help="val_acc (maximise) or val_rmse (minimise).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Epochs per trial.")] = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Wait for the tuning job to end.")] = None,
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Search hyperparameters and record the best. SageMaker HyperparameterTuner, or Optuna locally."""
     _call("tune", config, {"workdir": workdir, "backend": backend, "tune.max_jobs": max_jobs,
-                                     "tune.max_parallel_jobs": max_parallel_jobs, "tune.objective": objective,
-                                     "tune.epochs": epochs, "tune.wait": wait}, set, json)
+                           "tune.max_parallel_jobs": max_parallel_jobs, "tune.objective": objective,
+                           "tune.epochs": epochs, "tune.wait": wait}, set, json)
 
 
-@app.command()
+@app.command(epilog=examples("bincount train -w run1 --epochs 30", "bincount train -w run1 --use-best",
+                             "bincount train -c aws.yaml --use-best --no-wait"))
 def train(
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs.")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="resnet18, resnet34, resnet50, mobilenet_v3_small, mobilenet_v3_large.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="imagenet, none, or a local weights file.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Epochs.")] = None,
+    arch: Annotated[Optional[str], typer.Option(metavar="NAME", help="resnet18, resnet34, resnet50, mobilenet_v3_small, mobilenet_v3_large.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(metavar="RATE", help="Peak learning rate.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(metavar="PX", help="Input size in pixels.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(metavar="imagenet|none|FILE", help="ImageNet weights, none, or a local weights file.")] = None,
     use_best: Annotated[Optional[bool], typer.Option("--use-best/--no-use-best", help="Use the best hyperparameters from `bincount tune`.")] = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="SageMaker: stream logs until the job ends.")] = None,
     backend: BackendOpt = None,
@@ -189,15 +243,16 @@ def train(
 ) -> None:
     """Train the counting model. Runs container/train.py and packages model.tar.gz."""
     _call("train", config, {"workdir": workdir, "backend": backend, "train.epochs": epochs,
-                                      "train.arch": arch, "train.batch_size": batch_size, "train.lr": lr,
-                                      "train.image_size": image_size, "train.pretrained": pretrained,
-                                      "train.use_best": use_best, "train.wait": wait}, set, json)
+                            "train.arch": arch, "train.batch_size": batch_size, "train.lr": lr,
+                            "train.image_size": image_size, "train.pretrained": pretrained,
+                            "train.use_best": use_best, "train.wait": wait}, set, json)
 
 
-@app.command()
+@app.command(epilog=examples("bincount evaluate -w run1", "bincount evaluate -w run1 --model model.tar.gz --no-tta",
+                             "bincount evaluate -w run1 --json | jq .accuracy"))
 def evaluate(
-    manifest: Annotated[Optional[Path], typer.Option(help="Manifest to score (default splits/test.jsonl).")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="model.tar.gz or model dir (default: the last trained).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Manifest to score (default splits/test.jsonl).")] = None,
+    model: Annotated[Optional[Path], typer.Option(metavar="PATH", help="model.tar.gz or model dir (default: the last trained).")] = None,
     tta: Annotated[Optional[bool], typer.Option(
         "--tta/--no-tta", help="Test-time augmentation on or off for this run (default: as the model records it).")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
@@ -206,44 +261,53 @@ def evaluate(
     _call("evaluate", config, {"workdir": workdir}, set, json, manifest=manifest, model=model, tta=tta)
 
 
-@app.command()
+@app.command(epilog=examples("bincount deploy -w run1", "bincount deploy -w run1 --port 0",
+                             "bincount deploy -c aws.yaml --mode serverless --endpoint bincount-prod"))
 def deploy(
-    mode: Annotated[Optional[str], typer.Option(help="realtime or serverless (SageMaker).")] = None,
-    model_data: Annotated[Optional[str], typer.Option(help="model.tar.gz path or s3:// URI (default: the last trained).")] = None,
-    endpoint_name: Annotated[Optional[str], typer.Option(help="SageMaker endpoint name.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Local server port (0 = any free port).")] = None,
+    mode: Annotated[Optional[str], typer.Option(metavar="realtime|serverless", help="Endpoint kind (serverless: SageMaker only).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="PATH|URI", help="model.tar.gz path or s3:// URI (default: the last trained).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(metavar="NAME", help="SageMaker endpoint name (default bincount-<timestamp>).")] = None,
+    port: Annotated[Optional[int], typer.Option(metavar="PORT", help="Local server port (0 = any free port).")] = None,
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Start an endpoint for the model. The local server, or a SageMaker endpoint."""
     _call("deploy", config, {"workdir": workdir, "backend": backend, "deploy.mode": mode,
-                                       "deploy.model_data": model_data, "deploy.endpoint_name": endpoint_name,
-                                       "deploy.port": port}, set, json)
+                             "deploy.model_data": model, "deploy.endpoint_name": endpoint,
+                             "deploy.port": port}, set, json)
 
 
-@app.command()
+@app.command(epilog=examples("bincount predict -w run1 bins/ some.jpg s3://aft-vbi-pds/bin-images/00004.jpg",
+                             "bincount predict --model model.tar.gz bins/ -f csv > counts.csv",
+                             "bincount predict --endpoint http://127.0.0.1:8080 bin.jpg --json"))
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders, or s3:// URIs.")],
-    endpoint: Annotated[Optional[str], typer.Option(help="Endpoint URL or SageMaker endpoint name (default: the deployed one).")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Predict with this model.tar.gz or model dir directly, no server.")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")] = "table",
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Concurrent requests.")] = None,
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Image files, folders, or s3:// URIs.")],
+    endpoint: Annotated[Optional[str], typer.Option(metavar="URL|NAME", help="Endpoint URL or SageMaker endpoint name (default: the deployed one).")] = None,
+    model: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Predict with this model.tar.gz or model dir directly, no server.")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", metavar="table|json|csv", help="Output format (default table; --json is -f json).")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Concurrent requests.")] = None,
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Count the objects in bin images. Uses the deployed endpoint or a model file."""
-    _call("predict", config, {"workdir": workdir, "backend": backend, "deploy.workers": workers}, set, json,
-          images=images, endpoint=endpoint, model=model, output_format="json" if json else format)
+    if json and format not in (None, "json"):
+        _fail(f"--json and --format {format} disagree: give one of them")
+    if format not in (None, "table", "json", "csv"):
+        _fail(f"--format {format}: expected table, json or csv")
+    output = "json" if json else format or "table"
+    _call("predict", config, {"workdir": workdir, "backend": backend, "deploy.workers": workers}, set, False,
+          images=images, endpoint=endpoint, model=model, output_format=output)
 
 
-@app.command()
+@app.command(epilog=examples("bincount audit -w run1 --threshold 0.6", "bincount audit -w run1 --manifest tonight.jsonl --out audit.csv",
+                             "bincount audit --model model.tar.gz --manifest bins.jsonl --json"))
 def audit(
-    manifest: Annotated[Optional[Path], typer.Option(help="Bins with expected quantities (default splits/test.jsonl).")] = None,
-    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Below this confidence a bin goes to a person for a recount.")] = 0.6,
-    endpoint: Annotated[Optional[str], typer.Option(help="Endpoint URL or SageMaker endpoint name.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Use this model.tar.gz or model dir directly.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="CSV report (default reports/audit.csv).")] = None,
-    top: Annotated[int, typer.Option(min=0, help="Rows of the list to print.")] = 15,
+    manifest: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Bins with expected quantities (default splits/test.jsonl).")] = None,
+    threshold: Annotated[float, typer.Option(metavar="P", min=0.0, max=1.0, help="Below this confidence a bin goes to a person for a recount.")] = 0.6,
+    endpoint: Annotated[Optional[str], typer.Option(metavar="URL|NAME", help="Endpoint URL or SageMaker endpoint name.")] = None,
+    model: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Use this model.tar.gz or model dir directly.")] = None,
+    out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="CSV report (default reports/audit.csv).")] = None,
+    top: Annotated[int, typer.Option(metavar="N", min=0, help="Rows of the list to print.")] = 15,
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
@@ -252,23 +316,23 @@ def audit(
           manifest=manifest, threshold=threshold, endpoint=endpoint, model=model, out=out, top=top)
 
 
-@app.command()
+@app.command(epilog=examples("bincount undeploy -w run1", "bincount undeploy -c aws.yaml --yes"))
 def undeploy(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    endpoint_name: Annotated[Optional[str], typer.Option(help="Endpoint to delete (default: the recorded one).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(metavar="NAME", help="SageMaker endpoint to delete (default: the recorded one).")] = None,
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Stop the endpoint. On SageMaker: delete endpoint, endpoint config and model."""
     _call("undeploy", config, {"workdir": workdir, "backend": backend,
-                                         "deploy.endpoint_name": endpoint_name}, set, json, yes=yes)
+                               "deploy.endpoint_name": endpoint}, set, json, yes=yes)
 
 
-@app.command()
+@app.command(epilog=examples("bincount serve -w run1", "bincount serve --model model.tar.gz --port 0"))
 def serve(
-    model: Annotated[Optional[Path], typer.Option(help="model.tar.gz or model dir (default: the last trained).")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8080; 0 = any free port).")] = None,
+    model: Annotated[Optional[Path], typer.Option(metavar="PATH", help="model.tar.gz or model dir (default: the last trained).")] = None,
+    host: Annotated[Optional[str], typer.Option(metavar="ADDR", help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(metavar="PORT", help="Port (default 8080; 0 = any free port).")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, set: SetOpt = None,
 ) -> None:
     """Run the local endpoint in the foreground. SageMaker contract: GET /ping, POST /invocations."""
@@ -276,7 +340,7 @@ def serve(
           model=model)
 
 
-@app.command()
+@app.command(epilog=examples("bincount status -w run1", "bincount status -c aws.yaml --json"))
 def status(
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
@@ -285,20 +349,20 @@ def status(
     _call("status", config, {"workdir": workdir, "backend": backend}, set, json)
 
 
-@app.command()
+@app.command(epilog=examples("bincount demo --config configs/demo.yaml", "bincount demo --images 300 --budget 60"))
 def demo(
-    images: Annotated[int, typer.Option(min=60, help="Synthetic bins to make.")] = 900,
-    image_size: Annotated[int, typer.Option(min=32, help="Their size in pixels.")] = 128,
-    budget: Annotated[float, typer.Option(min=0, help="Size training to take about this many seconds here (0 = as configured).")] = 120,
+    images: Annotated[int, typer.Option("--images", "-n", metavar="N", min=60, help="Synthetic bins to make.")] = 900,
+    image_size: Annotated[int, typer.Option(metavar="PX", min=32, help="Their size in pixels.")] = 128,
+    budget: Annotated[float, typer.Option(metavar="SECONDS", min=0, help="Size training to take about this long here (0 = as configured).")] = 120,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Run the whole pipeline offline on synthetic bins. Local S3 server, train, serve, audit."""
     _call("demo", config, {"workdir": workdir}, set, json, images=images, image_size=image_size, budget_s=budget)
 
 
-@app.command("config")
+@app.command("config", epilog=examples("bincount config", "BINCOUNT_CONFIG=aws.yaml bincount config --json"))
 def show_config(
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
-    """Print the effective settings. Defaults < --config < BINCOUNT_* env < --set and flags."""
+    """Print the effective settings. Defaults < config file < BINCOUNT_* env < --set and flags."""
     _call("config", config, {"workdir": workdir}, set, json)

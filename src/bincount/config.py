@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bincount.errors import BincountError
+from bincount.results import Result
 
 ENV_PREFIX = "BINCOUNT_"
 PRETRAINED_NAMES = ("imagenet", "none")  # any other train.pretrained is a local weights file
@@ -262,11 +263,6 @@ class SageMakerSettings(Section):
 class Settings(Section):
     """Everything bincount needs, in one tree."""
 
-    _config_file: Path | None = PrivateAttr(None)  # the YAML file these settings were read from, if any
-
-    @property
-    def config_file(self) -> Path | None:
-        return self._config_file
 
     workdir: Path = Field(Path("bincount-work"), description="the work dir: raw/, manifest.jsonl, splits/, state.json, models/, reports/")
     backend: Literal["local", "sagemaker"] = Field("local", description="local (this machine, default) or sagemaker")
@@ -354,27 +350,22 @@ def load_settings(
     config: Path | None = None,
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
-    discover: bool = False,
 ) -> Settings:
     """Build the settings: defaults < YAML file < BINCOUNT_* env vars < `overrides` (dotted keys).
 
-    discover: without `config`, read $BINCOUNT_CONFIG, else ./bincount.yaml, else <workdir>/bincount.yaml
-    (the CLI does; a library caller passes its config explicitly). `settings.config_file` says which.
+    The CLI finds `config` with find_config; a library caller passes its own.
     """
     environ = dict(os.environ if environ is None else environ)
     env, flags = _env_layer(environ), nest(overrides or {})
-    if discover:
-        config = find_config(config, environ, deep_merge(env, flags).get("workdir"))
     file = _yaml_layer(config) if config is not None else {}
     layers = deep_merge(deep_merge(file, env), flags)
     try:
-        settings = Settings.model_validate(layers)
+        return Settings.model_validate(layers)
     except ValidationError as exc:
         loc = exc.errors()[0]["loc"]
         origin = next((where for layer, where in ((flags, "--set or a flag"), (env, _env_name(loc)),
                                                    (file, str(config))) if _has(layer, loc)), "")
         raise BincountError(describe_validation_error(exc, f" (from {origin})" if origin else "")) from None
-    settings._config_file = Path(config) if config is not None else None
     return settings
 
 
@@ -426,18 +417,18 @@ def parse_set_option(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def show(settings: Settings) -> Any:
+class ConfigResult(Result):
+    """`bincount config`: the file the settings were read from (if any) and the effective settings."""
+
+    config_file: str | None
+    settings: dict[str, Any]
+
+    def rich(self) -> Any:
+        from rich.syntax import Syntax
+
+        return Syntax(yaml.safe_dump(self.settings, sort_keys=False), "yaml")
+
+
+def show(settings: Settings, config_file: Path | None = None) -> ConfigResult:
     """The effective settings as a result (YAML in the terminal, JSON with --json)."""
-    from bincount.results import Result
-
-    class ConfigResult(Result):
-        config_file: str | None
-        settings: dict[str, Any]
-
-        def rich(self) -> Any:
-            from rich.syntax import Syntax
-
-            return Syntax(yaml.safe_dump(self.settings, sort_keys=False), "yaml")
-
-    file = settings.config_file
-    return ConfigResult(config_file=str(file) if file else None, settings=settings.model_dump(mode="json"))
+    return ConfigResult(config_file=str(config_file) if config_file else None, settings=settings.model_dump(mode="json"))

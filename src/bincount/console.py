@@ -1,7 +1,12 @@
-"""Where output goes: results on stdout, progress and logs on stderr (so --json output can be piped)."""
+"""Where output goes: results on stdout, progress and logs on stderr (so --json output can be piped).
+
+`bincount -q` silences stderr's progress and logs (errors still print); `bincount -v` adds the AWS and
+SageMaker SDKs' own INFO logs, which are otherwise kept quiet.
+"""
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 
 
@@ -10,6 +15,24 @@ def err_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+@cache
+def error_console():
+    """stderr for the one-line errors: never silenced by --quiet."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    """Apply -q / -v for this run."""
+    err_console().quiet = quiet
+    level = logging.INFO if verbose and not quiet else logging.WARNING
+    for name in ("sagemaker", "sagemaker.config", "botocore", "boto3"):
+        logging.getLogger(name).setLevel(level)  # set before the SDK's import: it keeps a level already set
+    if verbose and not quiet and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
 
 def progress(transient: bool = False):

@@ -1,5 +1,6 @@
 """Generated documentation, so it cannot go stale: the CLI reference (from --help), the config
-reference and configs/default.yaml (from the settings' own descriptions).
+reference and configs/default.yaml (from the settings' own descriptions), and docs/schemas/ (the JSON
+Schema of every result `--json` prints).
 
 `make docs` (python -m bincount.docs) rewrites the marked blocks of README.md and configs/default.yaml;
 tests fail when they disagree with the code.
@@ -98,6 +99,28 @@ def _yaml_value(value: Any) -> str:
     return repr(value)
 
 
+def result_schemas() -> dict[str, str]:
+    """docs/schemas/<Result>.json: the JSON Schema of every result a command prints with --json."""
+    import importlib
+    import pkgutil
+
+    import bincount
+    from bincount.results import Result
+
+    for module in pkgutil.walk_packages(bincount.__path__, "bincount."):
+        if not module.name.startswith(("bincount.container", "bincount.__main__")):
+            importlib.import_module(module.name)
+    found: dict[str, type] = {}
+    todo = list(Result.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("bincount."):
+            found[cls.__name__] = cls
+    return {f"{name}.json": json.dumps(cls.model_json_schema(mode="serialization"), indent=2, sort_keys=True) + "\n"
+            for name, cls in sorted(found.items())}
+
+
 BLOCKS = {"cli": cli_reference, "config": config_reference}
 
 
@@ -113,6 +136,13 @@ def main(root: Path) -> None:
     readme = root / "README.md"
     readme.write_text(render_readme(readme.read_text()))
     (root / "configs" / "default.yaml").write_text(default_yaml())
+    schemas = root / "docs" / "schemas"
+    schemas.mkdir(parents=True, exist_ok=True)
+    current = result_schemas()
+    for stale in set(p.name for p in schemas.glob("*.json")) - set(current):
+        (schemas / stale).unlink()
+    for name, text in current.items():
+        (schemas / name).write_text(text)
 
 
 if __name__ == "__main__":

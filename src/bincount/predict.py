@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import Field
+
 from bincount.aws import error_code, error_message
 from bincount.config import Settings
 from bincount.errors import BincountError
@@ -46,8 +48,8 @@ class PredictResult(Result):
     predicted: int
     failed: int
     items: list[PredictItem]
-    output_format: str = "table"
-    exit_code: int = 0
+    output_format: str = Field("table", exclude=True)  # how to print it, not part of the result
+    exit_code: int = Field(0, exclude=True)  # 1 when an image failed: the shell sees it, the JSON need not
 
     def rich(self) -> Any:
         if self.output_format == "json":
@@ -77,7 +79,7 @@ class Raw:
     def __rich_console__(self, console: Any, options: Any) -> Any:
         from rich.segment import Segment
 
-        yield Segment(self.text.rstrip("\n"))
+        yield Segment(self.text if self.text.endswith("\n") else self.text + "\n")
 
 
 def items_csv(items: list[PredictItem]) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from bincount.aws import error_message
 from bincount.config import Settings
+from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 from bincount.state import LocalEndpoint, Record, SageMakerEndpoint, SageMakerTraining, SageMakerTuning
 from bincount.workspace import SPLITS, Workspace
@@ -51,6 +52,8 @@ def _lines(path) -> int | None:
 def status(settings: Settings) -> StatusResult:
     """Show the recorded state, with live job/endpoint status where it can be had."""
     ws = Workspace(settings.workdir)
+    if not ws.root.is_dir():
+        raise BincountError(f"work dir {ws.root} does not exist (give the one you fetched into with --workdir)")
     state = ws.state()
     data = {"manifest": _lines(ws.manifest), **{name: _lines(ws.split(name)) for name in SPLITS}}
     live = _Live(settings)

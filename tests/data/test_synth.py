@@ -9,7 +9,7 @@ from PIL import Image
 
 
 def test_synth_writes_the_bucket_layout_through_the_cli(cli, tmp_path):
-    args = ("synth", "--workdir", tmp_path, "--n", 12, "--image-size", 40, "--min-count", 1, "--max-count", 3,
+    args = ("synth", "--workdir", tmp_path, "--images", 12, "--image-size", 40, "--counts", "1-3",
             "--start-id", 7, "--seed", 5, "--json")
     out = cli(*args)
     assert out.exit_code == 0, out.stderr
@@ -30,3 +30,8 @@ def test_synth_writes_the_bucket_layout_through_the_cli(cli, tmp_path):
     first = {p.name: p.read_bytes() for p in (root / "bin-images").iterdir()}
     assert cli(*args[:-1], "--out", tmp_path / "again").exit_code == 0  # the same seed makes the same files
     assert {p.name: p.read_bytes() for p in (tmp_path / "again" / "bin-images").iterdir()} == first
+
+
+def test_synth_counts_must_be_a_range(cli, tmp_path):
+    res = cli("synth", "--workdir", tmp_path, "-n", 3, "--counts", "1,3")
+    assert res.exit_code == 1 and "synth draws a range of counts, like 1-5" in res.stderr

@@ -267,7 +267,7 @@ def _resolve_model_data(settings: Settings, sm_session: Any) -> str:
             _record_training(Workspace(settings.workdir), desc)
             model_data = _model_data(desc)
     if not model_data:
-        raise BincountError("no model to deploy: run bincount train first or pass --model-data")
+        raise BincountError("no model to deploy: run bincount train first or pass --model")
     if model_data.startswith("s3://"):
         return model_data
     path = Path(model_data)

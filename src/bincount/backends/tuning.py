@@ -93,9 +93,9 @@ def best_train_settings(settings: Settings) -> TrainSettings:
     chosen = coerce_hyperparameters(best)
     from bincount.console import log
 
-    value = tuning.get("best_value")
-    score = f", {tuning.get('objective')} {value:.4g}" if isinstance(value, (int, float)) else ""
-    log(f"--use-best: the best trial of tuning job {tuning.get('job')}{score}: "
+    value = tuning.best_value
+    score = f", {tuning.objective} {value:.4g}" if value is not None else ""
+    log(f"--use-best: the best trial of tuning job {tuning.job}{score}: "
         + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(chosen.items())))
     return TrainSettings.model_validate({**settings.train.model_dump(), **chosen})
 

@@ -220,14 +220,23 @@ def synthesize(out: Path, n: int, image_size: int = 128, max_count: int = 5, min
     return dict(sorted(per_count.items()))
 
 
-def synth(settings: Settings, out: Path | None = None, n: int = 600, image_size: int = 128, min_count: int = 0,
-          seed: int = 0, start_id: int = 1) -> SynthResult:
-    """CLI stage: synthesise into `out` (default <workdir>/synth)."""
+def synth(settings: Settings, out: Path | None = None, n: int = 600, image_size: int = 128,
+          counts: str | None = None, seed: int = 0, start_id: int = 1) -> SynthResult:
+    """CLI stage: synthesise into `out` (default <workdir>/synth); counts: a range like 1-5 (default
+    0..data.max_count)."""
+    from bincount.config import parse_int_set
     from bincount.console import progress
+    from bincount.errors import BincountError
 
+    try:
+        wanted = parse_int_set(counts) if counts else list(range(settings.data.max_count + 1))
+    except ValueError as exc:
+        raise BincountError(f"--counts: {exc}") from None
+    if wanted != list(range(wanted[0], wanted[-1] + 1)):
+        raise BincountError(f"--counts {counts}: synth draws a range of counts, like 1-5")
     out = Path(out) if out else Path(settings.workdir) / "synth"
     with progress() as bar:
         task = bar.add_task("drawing bins", total=n)
-        per_count = synthesize(out, n, image_size, settings.data.max_count, min_count, seed, start_id,
-                               advance=lambda: bar.advance(task))
+        per_count = synthesize(out, n, image_size, max_count=wanted[-1], min_count=wanted[0], seed=seed,
+                               start_id=start_id, advance=lambda: bar.advance(task))
     return SynthResult(out=str(out), images=n, per_count=per_count, image_size=image_size, seed=seed)
