@@ -37,7 +37,7 @@ def test_coerce_best_hyperparameters_from_sagemaker():
         coerce_hyperparameters({"batch_size": "lots"})
 
 
-def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch):
+def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch, capsys):
     """The pruning path, with run_script replaced by one that emits epoch lines (no training needed here)."""
     from bincount.backends import local_train, local_tune
     from bincount.container.epochlog import format_epoch_line
@@ -65,6 +65,8 @@ def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch):
     statuses = [t["status"] for t in result.trials]
     assert statuses.count("Complete") == 2 and statuses.count("Pruned") == 2
     assert result.best_value == pytest.approx(0.8)
+    shown = capsys.readouterr().err  # the tuning view, off a terminal: a line per trial with N/M and the best
+    assert "trial 3 pruned: val_acc=0.0100 · trial 3/4 · best val_acc 0.8000 (trial 1)" in shown
     assert all(hp["epochs"] == 3 for hp in calls)
 
 

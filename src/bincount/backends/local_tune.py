@@ -79,12 +79,14 @@ def tune(settings: Settings) -> TuneResult:
                                                  log=t.weight_decay.scale == "log")
         hp["batch_size"] = trial.suggest_categorical("batch_size", list(t.batch_size))
         run_dir = root / f"trial-{trial.number:03d}"
+        reported: list[float] = []  # the objective per epoch, as reported to the pruner
 
         def on_epoch(metrics: dict[str, float]) -> None:
             value = metrics.get(t.objective)
             if value is None or value != value:
                 return
             trial.report(value, int(metrics["epoch"]))
+            reported.append(value)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {int(metrics['epoch'])}: {t.objective}={value:.4f}")
 
@@ -92,8 +94,7 @@ def tune(settings: Settings) -> TuneResult:
         try:
             run_script(hp, run_dir, channels, on_epoch=on_epoch, on_line=view.line)
         except optuna.TrialPruned:
-            last = trial.intermediate_values
-            view.end(trial.number + 1, last[max(last)] if last else None, "pruned")
+            view.end(trial.number + 1, reported[-1] if reported else None, "pruned")
             raise
         except BaseException:
             view.end(trial.number + 1, None, "failed")
