@@ -1,8 +1,8 @@
-"""`make bench`: run the fetch, train and serve benchmarks and print one table of ratios vs goals.
+"""`make bench`: run the fetch, train, serve and gpu benchmarks and print one table of ratios vs goals.
 
 Each benchmarks/<name>.py has main() -> {"name", "ratio", "goal", ...}; a metric whose goal is a
 floor ("higher is better") passes when ratio >= goal; a goal of None marks a row shown for
-information. Extra rows a benchmark reports go in "rows".
+information, a ratio of None a skipped row (its note says why). Extra rows a benchmark reports go in "rows".
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("fetch", "train", "serve")
+BENCHMARKS = ("fetch", "train", "serve", "gpu")
 
 
 def load(name: str):
@@ -36,6 +36,9 @@ def main(names: list[str]) -> int:
             continue
         for row in result.get("rows", [result]):
             goal = row.get("goal")
+            if row.get("ratio") is None:  # skipped (e.g. gpu.py without a GPU): says why in its note
+                rows.append((row["name"], "-", "-", row.get("note", ""), "skipped"))
+                continue
             ok = None if goal is None else row["ratio"] >= goal  # None: reported for information, no goal
             rows.append((row["name"], f"{row['ratio']:.2f}", "-" if goal is None else f">= {goal}",
                          row.get("note", ""), ok))
@@ -43,7 +46,7 @@ def main(names: list[str]) -> int:
     for column in ("benchmark", "ratio", "goal", "note", "result"):
         table.add_column(column)
     for name, ratio, goal, note, ok in rows:
-        verdict = "info" if ok is None else "[green]pass[/]" if ok else "[red]miss[/]"
+        verdict = "skipped" if ok == "skipped" else "info" if ok is None else "[green]pass[/]" if ok else "[red]miss[/]"
         table.add_row(name, ratio, goal, note, verdict)
     Console().print(table)
     return 0 if all(r[-1] is not False for r in rows) else 1

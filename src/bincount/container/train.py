@@ -31,8 +31,11 @@ plus a count-aware term (|expected count - count| on the softmax, --count_loss),
 (--ema_decay: the EMA model is validated, kept and shipped), optional inverse-frequency class weights,
 channels_last, mixed precision (--amp: float16 on CUDA, bfloat16 on CPUs that run it natively, else
 float32; recorded as meta.json "train_precision"), early stopping on val_acc with `patience`, best-epoch
-weights kept. Images are decoded once and cached as uint8 tensors when they fit in --cache_mb, else
-decoded per item by DataLoader workers (min(cpus, 8)).
+weights kept. Images are decoded once (JPEGs at reduced size when much bigger than image_size) and
+cached as uint8 tensors when they fit in --cache_mb (on the GPU when they fit there), else decoded per
+item by persistent DataLoader workers (on a GPU: all CPUs but one; on the CPU: min(cpus, 8)). On a GPU
+the loop never waits for the host: uint8 batches are copied asynchronously from pinned memory and
+augmented/normalised there, the optimizer is fused, the loss is summed on the device.
 """
 
 from __future__ import annotations
@@ -162,9 +165,13 @@ def manifest_digest(channel: str) -> str:
 
 
 def decode(path: Path, image_size: int) -> torch.Tensor:
+    """An image file -> uint8 [3, S, S]; a JPEG at least twice the size is decoded at 1/2, 1/4 or 1/8 scale
+    (PIL draft mode: the DCT does the first, count-safe downscale, several times faster than a full decode)."""
     from PIL import Image
 
     with Image.open(path) as image:
+        if image.format == "JPEG" and min(image.size) >= 2 * image_size:
+            image.draft("RGB", (image_size, image_size))  # keeps both sides >= image_size
         return net.to_uint8(image, image_size)
 
 
@@ -182,27 +189,72 @@ class Images(torch.utils.data.Dataset):
         return decode(path, self.image_size), count
 
 
+class Order(torch.utils.data.Sampler):
+    """The index order of the next pass: one sampler per loader, so its workers persist across epochs."""
+
+    def __init__(self):
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def loader_workers(device: torch.device) -> int:
+    """DataLoader workers: on a GPU all CPUs this process's share (one kept for the training loop),
+    on the CPU at most 8 (they compete with the training itself)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+    return min(cpus, 8)
+
+
+CACHE_PROCESSES_FROM = 1024  # images: fewer are decoded by threads (no worker start-up)
+
+
 class Batches:
     """Batches of (uint8 images [B,3,S,S], counts [B]) over the given index order.
 
-    Cached: every image decoded once (threads) and kept as one uint8 tensor; batches are slices.
-    Streamed: a DataLoader decodes per item in worker processes.
+    Cached: every image decoded once (worker processes, or threads for a small set) and kept as one
+    uint8 tensor, on the GPU when it fits in half its free memory; batches are index gathers there.
+    Streamed: a DataLoader decodes per item in persistent worker processes (pinned batches on a GPU).
     """
 
     def __init__(self, items, image_size: int, batch_size: int, cache_mb: int, num_workers: int | None,
-                 pin_memory: bool = False):
-        self.items, self.batch_size = items, batch_size
+                 device: torch.device | str = "cpu"):
+        self.items, self.batch_size, self.device = items, batch_size, torch.device(device)
         self.labels = torch.tensor([c for _, c in items])
         size = len(items) * 3 * image_size * image_size
         self.cached = size <= cache_mb * 2**20
-        workers = min(os.cpu_count() or 1, 8)
+        self.num_workers = loader_workers(self.device) if num_workers is None else num_workers
+        self.dataset = Images(items, image_size)
+        cuda = self.device.type == "cuda"
         if self.cached:
-            with ThreadPoolExecutor(workers) as pool:
-                self.images = torch.stack(list(pool.map(lambda it: decode(it[0], image_size), items)))
+            self.images = self._decode_all(image_size)
+            if cuda and size < torch.cuda.mem_get_info(self.device)[0] // 2:
+                self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
         else:
-            self.dataset = Images(items, image_size)
-            self.num_workers = workers if num_workers is None else num_workers
-            self.pin_memory = pin_memory
+            self.order = Order()
+            self.loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=batch_size, sampler=self.order, num_workers=self.num_workers,
+                pin_memory=cuda, persistent_workers=self.num_workers > 0,
+                prefetch_factor=4 if self.num_workers > 0 else None)
+
+    def _decode_all(self, image_size: int) -> torch.Tensor:
+        """All images as one uint8 tensor: decoded by worker processes (all cores, no GIL) when there are many."""
+        workers = max(1, self.num_workers)
+        if len(self.items) < CACHE_PROCESSES_FROM or workers == 1:
+            with ThreadPoolExecutor(workers) as pool:
+                return torch.stack(list(pool.map(lambda it: decode(it[0], image_size), self.items)))
+        images = torch.empty(len(self.items), 3, image_size, image_size, dtype=torch.uint8)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=64, num_workers=workers)  # keeps the order
+        start = 0
+        for batch, _ in loader:
+            images[start:start + len(batch)] = batch
+            start += len(batch)
+        return images
 
     def __len__(self) -> int:
         return len(self.items)
@@ -211,26 +263,31 @@ class Batches:
         if drop_last_single and len(order) % self.batch_size == 1 and len(order) > 1:
             order = order[:-1]  # a batch of one breaks BatchNorm in training
         if self.cached:
+            index = torch.tensor(order).to(self.images.device, non_blocking=True)  # one copy per pass
             for start in range(0, len(order), self.batch_size):
-                index = torch.tensor(order[start:start + self.batch_size])
-                yield self.images[index], self.labels[index]
+                part = index[start:start + self.batch_size]
+                images, labels = self.images[part], self.labels[part]
+                if self.device.type == "cuda" and not images.is_cuda:  # a cache too big for the GPU
+                    images = images.pin_memory()
+                yield images, labels
         else:
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, persistent_workers=False)
-            yield from loader
+            self.order.order = order
+            yield from self.loader
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Count-preserving augmentation of a float batch in [0, 1]: flips, transpose, brightness/contrast."""
     n = images.shape[0]
-    coins = torch.rand(3, n, generator=generator).to(images.device) < 0.5
+    draws = torch.cat([torch.rand(3, n, generator=generator), torch.rand(2, n, generator=generator)])
+    if images.is_cuda:  # the generator is on the CPU: one small asynchronous copy per batch
+        draws = draws.pin_memory().to(images.device, non_blocking=True)
+    coins = draws[:3] < 0.5
     pick = lambda coin, a, b: torch.where(coin.view(-1, 1, 1, 1), a, b)  # noqa: E731
     images = pick(coins[0], images.flip(3), images)
     images = pick(coins[1], images.flip(2), images)
     if images.shape[2] == images.shape[3]:
         images = pick(coins[2], images.transpose(2, 3), images)
-    jitter = (torch.rand(2, n, 1, 1, 1, generator=generator) * 0.3 + 0.85).to(images.device)
+    jitter = (draws[3:] * 0.3 + 0.85).view(2, n, 1, 1, 1)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     images = (images - mean) * jitter[1] + mean * jitter[0]
     return images.clamp_(0, 1)
@@ -336,11 +393,13 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for ema, live in zip(self.state.values(), model.state_dict().values()):
-            if ema.dtype.is_floating_point:
-                ema.lerp_(live, 1 - decay)
-            else:
-                ema.copy_(live)
+        pairs = list(zip(self.state.values(), model.state_dict().values()))
+        floats = [(e, v) for e, v in pairs if e.dtype.is_floating_point]
+        others = [(e, v) for e, v in pairs if not e.dtype.is_floating_point]
+        if floats:  # one multi-tensor kernel, not one launch per tensor
+            torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1 - decay)
+        for ema, live in others:
+            ema.copy_(live)
 
 
 def clone_state(model: nn.Module, device=None) -> dict[str, torch.Tensor]:
@@ -351,9 +410,13 @@ def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # On a GPU the fused kernels: one launch per step, and GradScaler hands them its inf check as a tensor,
+    # so a skipped fp16 step costs no host sync and the optimizer (not the scaler) skips it; the per-step
+    # LR schedule counts it as a step, as it should (no "lr_scheduler.step() before optimizer.step()").
+    fused = all(p.is_cuda for p in model.parameters()) or None
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
-    return torch.optim.AdamW(groups, lr=args.lr)
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -429,9 +492,9 @@ def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, s
                 channels_last: bool, amp: bool, generator: torch.Generator | None, dist: Dist,
                 ema: EMA | None = None, ticker: epochlog.StepTicker | None = None) -> float:
     """One pass over `order`; the mean training loss (all ranks together). generator: augmentation, or None;
-    ticker: prints progress lines inside the epoch."""
+    ticker: prints progress lines inside the epoch. The loss is summed on the device and read once at the end (no host sync per step)."""
     model.train()
-    total, seen = 0.0, 0
+    total, seen = torch.zeros((), device=device), 0
     for images, labels in data.iterate(order, drop_last_single=True):
         x = to_input(images, device, channels_last, generator)
         y = labels.to(device, non_blocking=True)
@@ -444,11 +507,11 @@ def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, s
         scheduler.step()
         if ema is not None:
             ema.update(getattr(model, "module", model))
-        total += loss.item() * len(y)
+        total += loss.detach().float() * len(y)
         seen += len(y)
         if ticker is not None:
             ticker.tick(len(y) * dist.world)
-    total, seen = dist.sum([total, seen])
+    total, seen = dist.sum([total.item(), seen])
     return total / max(seen, 1)
 
 
@@ -459,18 +522,18 @@ def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Di
     tta: counts from net.predict_proba's averaged views (as the shipped model predicts); the loss stays plain.
     """
     model.eval()
-    loss_sum = correct = sq_err = n = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, squared error: read once at the end
+    n = 0
     for images, labels in data.iterate(shard(len(data), dist, None)):
         x = to_input(images, device, channels_last, None)
-        y = labels.to(device)
+        y = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp):
             logits = model(x)
             pred = net.predict_proba(model, x, tta=True).argmax(1) if tta else logits.argmax(1)
-        loss_sum += loss_fn(logits.float(), y).item() * len(y)
-        correct += (pred == y).sum().item()
-        sq_err += ((pred - y).float() ** 2).sum().item()
+        sums += torch.stack([loss_fn(logits.float(), y).double() * len(y), (pred == y).sum().double(),
+                             ((pred - y).double() ** 2).sum()])
         n += len(y)
-    loss_sum, correct, sq_err, n = dist.sum([loss_sum, correct, sq_err, n])
+    loss_sum, correct, sq_err, n = dist.sum([*sums.tolist(), n])
     n = max(n, 1.0)
     return {"loss": loss_sum / n, "acc": correct / n, "rmse": math.sqrt(sq_err / n)}
 
@@ -578,19 +641,21 @@ def run(args: argparse.Namespace) -> dict:
     cuda = device.type == "cuda"
     amp, channels_last = args.amp and (cuda or cpu_bf16()), True  # channels_last: faster convs on CPU and GPU
     precision = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.") if amp else "float32"
+    torch.backends.cudnn.benchmark = cuda  # fixed input size: let cuDNN pick the fastest kernels once
     torch.manual_seed(args.seed)
 
     train_items = read_channel(args.train, "train", args.num_classes)
     val_items = read_channel(args.val, "val", args.num_classes)
     test_items = read_channel(args.test, "test", args.num_classes) if args.test else None
     batches = lambda items: Batches(items, args.image_size, args.batch_size, args.cache_mb, args.num_workers,  # noqa: E731
-                                    pin_memory=cuda)
+                                    device=device)
     train_data, val_data = batches(train_items), batches(val_items)
     if dist.main:
         log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
             f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device} ({precision}), "
             f"world {dist.world}, "
-            f"host {os.environ.get('SM_CURRENT_HOST', 'local')} ({os.environ.get('SM_NUM_GPUS', '?')} GPUs)")
+            f"host {os.environ.get('SM_CURRENT_HOST', 'local')} "
+            f"({os.environ.get('SM_NUM_GPUS') or torch.cuda.device_count()} GPUs)")
 
     model = net.build_model(args.arch, args.num_classes, args.pretrained, args.stem).to(device)
     if channels_last:
