@@ -226,4 +226,5 @@ def test_benchmark_script_runs_small():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = module.main(["--items", "12", "--small", "6", "--latency-ms", "1", "--repeat", "1", "--image-size", "64"])
-    assert out["name"] == "fetch" and out["goal"] == 8.0 and out["ratio"] > 0
+    assert out["name"] == "fetch" and out["goal"] == 0.8 and out["ratio"] > 0 and out["s5cmd_s"] > 0
+    assert out["peak_mib"]["fetch_large"] > 0 and out["rows"][0]["name"] == "fetch: bincount / s5cmd throughput"

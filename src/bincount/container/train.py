@@ -240,7 +240,7 @@ class Batches:
             self.loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=batch_size, sampler=self.order, num_workers=self.num_workers,
                 pin_memory=cuda, persistent_workers=self.num_workers > 0,
-                prefetch_factor=4 if self.num_workers > 0 else None)
+                prefetch_factor=2 if self.num_workers > 0 else None)  # x workers: dozens in flight
 
     def _decode_all(self, image_size: int) -> torch.Tensor:
         """All images as one uint8 tensor: decoded by worker processes (all cores, no GIL) when there are many."""
