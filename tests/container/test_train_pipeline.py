@@ -28,7 +28,10 @@ def test_cached_by_processes_threads_and_streamed_batches_agree(synth_source, mo
     streamed = train.Batches(items, 24, 4, cache_mb=0, num_workers=1)
     assert threads.cached and processes.cached and not streamed.cached
     assert torch.equal(threads.images, processes.images)
-    assert threads.images.dtype == torch.uint8 and threads.images.shape == (10, 3, 24, 24)
+    assert threads.images.dtype == torch.uint8 and threads.images.shape == (10, 24, 24, 3)
+    assert torch.equal(next(threads.iterate([4]))[0][0], train.decode(items[4][0], 24))  # [3, S, S] as decoded
+    images, _ = next(streamed.iterate([0, 1]))
+    assert images.shape == (2, 3, 24, 24) and images.is_contiguous(memory_format=torch.channels_last)
     for order in ([9, 3, 0, 5, 1, 2, 7], [1, 0, 4, 8, 6, 2, 3]):  # one loader, two passes: workers persist
         got = [torch.cat(parts) for parts in zip(*streamed.iterate(order))]
         want = [torch.cat(parts) for parts in zip(*threads.iterate(order))]

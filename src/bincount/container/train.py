@@ -176,7 +176,11 @@ def decode(path: Path, image_size: int) -> torch.Tensor:
 
 
 class Images(torch.utils.data.Dataset):
-    """Decoded on demand (in DataLoader workers): one decode and one resize per item per epoch."""
+    """Decoded on demand (in DataLoader workers): one decode and one resize per item per epoch.
+
+    Items are height x width x channel uint8 tensors, PIL's own layout (no transposing copy); a batch of
+    them viewed as [B, 3, S, S] is already channels_last, the layout the model runs in.
+    """
 
     def __init__(self, items: list[tuple[Path, int]], image_size: int):
         self.items, self.image_size = items, image_size
@@ -186,7 +190,7 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, count = self.items[i]
-        return decode(path, self.image_size), count
+        return decode(path, self.image_size).permute(1, 2, 0), count
 
 
 class Order(torch.utils.data.Sampler):
@@ -220,6 +224,7 @@ class Batches:
     Cached: every image decoded once (worker processes, or threads for a small set) and kept as one
     uint8 tensor, on the GPU when it fits in half its free memory; batches are index gathers there.
     Streamed: a DataLoader decodes per item in persistent worker processes (pinned batches on a GPU).
+    Both keep images as [N, S, S, 3] and hand out channels_last views [B, 3, S, S] of them.
     """
 
     def __init__(self, items, image_size: int, batch_size: int, cache_mb: int, num_workers: int | None,
@@ -247,8 +252,8 @@ class Batches:
         workers = max(1, self.num_workers)
         if len(self.items) < CACHE_PROCESSES_FROM or workers == 1:
             with ThreadPoolExecutor(workers) as pool:
-                return torch.stack(list(pool.map(lambda it: decode(it[0], image_size), self.items)))
-        images = torch.empty(len(self.items), 3, image_size, image_size, dtype=torch.uint8)
+                return torch.stack(list(pool.map(lambda i: self.dataset[i][0], range(len(self.items)))))
+        images = torch.empty(len(self.items), image_size, image_size, 3, dtype=torch.uint8)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=64, num_workers=workers)  # keeps the order
         start = 0
         for batch, _ in loader:
@@ -269,10 +274,11 @@ class Batches:
                 images, labels = self.images[part], self.labels[part]
                 if self.device.type == "cuda" and not images.is_cuda:  # a cache too big for the GPU
                     images = images.pin_memory()
-                yield images, labels
+                yield images.permute(0, 3, 1, 2), labels
         else:
             self.order.order = order
-            yield from self.loader
+            for images, labels in self.loader:
+                yield images.permute(0, 3, 1, 2), labels
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
