@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     if aws_s:
         rows.append({"name": "fetch: bincount / aws s3 cp throughput", "ratio": aws_s / fetch_s, "goal": None,
                      "note": f"aws s3 cp --recursive {rate(aws_s):.0f} objects/s"})
-    return {"name": "fetch", "rows": rows, **rows[0], "items": args.items, "latency_ms": args.latency_ms,
+    return {**rows[0], "name": "fetch", "rows": rows, "items": args.items, "latency_ms": args.latency_ms,
             "workers": args.workers, "fetch_s": fetch_s, "fetch_runs_s": fetch_runs, "s5cmd_s": s5_s,
             "s5cmd_runs_s": s5_runs, "s5cmd_same_workers_s": s5_same_s, "aws_s": aws_s, "server_cpu_s": server.cpu_s,
             "peak_mib": {"fetch_small": peak_small, "fetch_large": peak_large}, "machine": machine()}

@@ -61,6 +61,7 @@ class Ready:
 
         self.n, self.batch_size = n, batch_size
         self.images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
+        self.images = self.images.contiguous(memory_format=torch.channels_last)  # the layout Batches hands out
         self.labels = torch.randint(0, 6, (batch_size,), device=device)
 
     def __len__(self) -> int:
