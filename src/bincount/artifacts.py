@@ -159,7 +159,7 @@ def _download(settings: Settings, uri: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
     try:
-        client("s3", region=settings.s3.region, endpoint_url=settings.s3.endpoint_url).download_file(bucket, key, str(tmp))
+        client("s3", region=settings.s3.region or settings.sagemaker.region, endpoint_url=settings.s3.endpoint_url).download_file(bucket, key, str(tmp))
     except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
         tmp.unlink(missing_ok=True)
         raise BincountError(f"cannot download {uri}: {exc}") from None

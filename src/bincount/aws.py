@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+DEFAULT_REGION = "us-east-1"
+
+
+def resolve_region(explicit: str | None = None) -> str:
+    """The region: an explicit setting > AWS_REGION > AWS_DEFAULT_REGION > the profile's region > us-east-1."""
+    if explicit:
+        return explicit
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if os.environ.get(name):
+            return os.environ[name]
+    import boto3
+    import botocore.exceptions
+
+    try:
+        return boto3.session.Session().region_name or DEFAULT_REGION
+    except botocore.exceptions.BotoCoreError:  # e.g. AWS_PROFILE names a profile that does not exist
+        return DEFAULT_REGION
 
 
 def client(
@@ -14,13 +33,13 @@ def client(
     max_pool_connections: int = 10,
     max_attempts: int = 8,
 ) -> Any:
-    """A boto3 client with adaptive retries (backoff on throttling and connection errors)."""
+    """A boto3 client with adaptive retries (backoff on throttling and connection errors); region per resolve_region."""
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
 
     config = Config(
-        region_name=region or "us-east-1",
+        region_name=resolve_region(region),
         retries={"mode": "adaptive", "max_attempts": max_attempts},
         max_pool_connections=max_pool_connections,
         connect_timeout=10,

@@ -110,8 +110,8 @@ def _call(command: str, config: Path | None, options: dict[str, Any], sets: list
         result = stage(command, settings.backend)(settings, **kwargs)
     except BincountError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted (work done so far is kept; run the command again to resume)", code=130)
+    except KeyboardInterrupt as exc:  # a stage may say what its interruption left behind (a running job)
+        _fail(str(exc) or "interrupted (work done so far is kept; run the command again to resume)", code=130)
     _print(result, json_out)
     return result
 
@@ -326,6 +326,33 @@ def undeploy(
     """Stop the endpoint. On SageMaker: delete endpoint, endpoint config and model."""
     _call("undeploy", config, {"workdir": workdir, "backend": backend,
                                "deploy.endpoint_name": endpoint}, set, json, yes=yes)
+
+
+@app.command(epilog=examples("bincount doctor -c aws.yaml", "bincount doctor -c aws.yaml --json"))
+def doctor(
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
+) -> None:
+    """Check the AWS setup before spending money. Credentials, region, role, bucket, instances, weights, quota."""
+    _call("doctor", config, {"workdir": workdir}, set, json)
+
+
+@app.command(epilog=examples("bincount stop -c aws.yaml", "bincount stop --job bincount-2026-01-01-00-00-00-000 --yes"))
+def stop(
+    job: Annotated[Optional[str], typer.Option(metavar="NAME", help="Training or tuning job name (default: the recorded ones still running).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
+) -> None:
+    """Stop a SageMaker training or tuning job (one started with --no-wait, or any by name)."""
+    _call("stop", config, {"workdir": workdir}, set, json, job=job, yes=yes)
+
+
+@app.command(epilog=examples("bincount cleanup -c aws.yaml", "bincount cleanup -c aws.yaml --yes"))
+def cleanup(
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
+) -> None:
+    """Delete what bincount made on AWS. Stops jobs; deletes endpoints, configs, models and its S3 data."""
+    _call("cleanup", config, {"workdir": workdir}, set, json, yes=yes)
 
 
 @app.command(epilog=examples("bincount serve -w run1", "bincount serve --model model.tar.gz --port 0"))

@@ -96,7 +96,8 @@ class S3Settings(Section):
     bucket: str | None = Field(None, description="required by upload and the sagemaker backend")
     prefix: str = Field("bincount", description="key prefix: channels go to s3://<bucket>/<prefix>/{train,val,test}/")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint for upload (e.g. a local S3 server)")
-    region: str = Field("us-east-1", description="AWS region of the bucket")
+    region: str | None = Field(None, description="AWS region of the bucket; default the jobs' region (sagemaker.region), "
+                               "which the sagemaker backend requires")
     workers: int = Field(16, ge=1, le=256, description="concurrent uploads")
 
 
@@ -198,8 +199,10 @@ class DeploySettings(Section):
     instance_count: int = Field(1, ge=1, description="realtime endpoint instance count")
     memory_size_mb: int = Field(4096, ge=1024, le=6144, description="serverless: 1024..6144 in steps of 1024")
     max_concurrency: int = Field(5, ge=1, le=200, description="serverless")
-    framework_version: str = Field("2.6.0", description="SageMaker PyTorch inference container")
+    framework_version: str = Field("2.6.0", description="SageMaker PyTorch inference container (the newest SDK 2.257 knows)")
     py_version: str = Field("py312", description="Python version of the inference container")
+    image_uri: str | None = Field(None, description="an ECR inference image in the endpoint's region; overrides "
+                                  "framework_version/py_version (see README: choosing a newer image)")
     host: str = Field("127.0.0.1", description="local server")
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
     model_data: str | None = Field(None, description="model.tar.gz (path or s3:// URI); default: the one in state.json")
@@ -223,19 +226,24 @@ class RuleSettings(Section):
     loss_not_decreasing: bool = Field(True, description="LossNotDecreasing rule")
     profiler_report: bool = Field(True, description="ProfilerReport rule (system and dataloader bottlenecks)")
     stop_training_on_failure: bool = Field(False, description="rule action: stop the job when a rule fires")
+    wait_s: int = Field(1800, ge=0, description="after a waited training job ends: wait this long for the rule "
+                        "evaluations to finish (0 = do not wait; bincount status shows them later)")
 
 
 class SageMakerSettings(Section):
     """The SageMaker backend: training jobs, tuning jobs, endpoints."""
 
     role: str | None = Field(None, description="an IAM role ARN SageMaker can assume")
-    region: str = Field("us-east-1", description="AWS region for SageMaker jobs and endpoints")
+    region: str | None = Field(None, description="AWS region for SageMaker jobs and endpoints; default AWS_REGION, "
+                               "AWS_DEFAULT_REGION, the profile's region, else us-east-1")
     instance_type: str = Field("ml.g4dn.xlarge", description="training instance type")
     instance_count: int = Field(1, ge=1, description=">1 runs torch_distributed (DDP)")
     volume_size_gb: int = Field(30, ge=1, description="training volume size")
     max_run_s: int = Field(24 * 3600, ge=60, description="training time limit in seconds")
-    framework_version: str = Field("2.8.0", description="SageMaker PyTorch training container")
+    framework_version: str = Field("2.8.0", description="SageMaker PyTorch training container (the newest SDK 2.257 knows)")
     py_version: str = Field("py312", description="Python version of the training container")
+    image_uri: str | None = Field(None, description="an ECR training image in the job's region; overrides "
+                                  "framework_version/py_version (see README: choosing a newer image)")
     output_path: str | None = Field(None, description="default s3://<s3.bucket>/<s3.prefix>/output")
     base_job_name: str = Field("bincount", description="prefix of training and tuning job names")
     tags: dict[str, str] = Field({}, description="tags on jobs, models and endpoints")

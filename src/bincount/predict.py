@@ -148,7 +148,7 @@ class S3Reader:
                                                 unsigned=data.unsigned, max_pool_connections=pool, max_attempts=4)
                 else:
                     s3 = self.settings.s3
-                    self._clients[key] = client("s3", region=s3.region, endpoint_url=s3.endpoint_url,
+                    self._clients[key] = client("s3", region=s3.region or self.settings.sagemaker.region, endpoint_url=s3.endpoint_url,
                                                 max_pool_connections=pool, max_attempts=4)
             return self._clients[key]
 

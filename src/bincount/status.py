@@ -116,7 +116,31 @@ class _Live:
             out["model_data"] = (desc.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
         if desc.get("FailureReason"):
             out["failure"] = desc["FailureReason"]
+        from bincount.backends.sm_estimator import rule_statuses
+
+        rules = rule_statuses(desc)
+        if rules:  # the Debugger and profiler rule verdicts, which come minutes after the job ends
+            out["rules"] = {r["rule"]: r["status"] for r in rules}
+            out["profiler_report"] = self.profiler_report(desc)
         return out
+
+    def profiler_report(self, desc: dict[str, Any]) -> str | None:
+        """The local copy of the job's profiler report, fetched once the ProfilerReport rule has written it."""
+        ws = Workspace(self.settings.workdir)
+        recorded = ws.state().training
+        if isinstance(recorded, SageMakerTraining) and recorded.profiler_report:
+            return recorded.profiler_report
+        try:
+            from bincount.aws import client
+            from bincount.backends.sm_estimator import download_profiler_report, region
+
+            s3 = client("s3", region=region(self.settings), max_attempts=2)
+            report = download_profiler_report(self.settings, s3, desc)
+        except Exception as exc:  # noqa: BLE001 - status must show what it can
+            return f"unknown ({error_message(exc) or type(exc).__name__})"
+        if report and isinstance(recorded, SageMakerTraining) and recorded.job == desc["TrainingJobName"]:
+            ws.update_state(training=recorded.model_copy(update={"profiler_report": report}))
+        return report
 
     def tuning(self, job: str) -> dict[str, Any]:
         desc = self._describe("describe_hyper_parameter_tuning_job", HyperParameterTuningJobName=job)

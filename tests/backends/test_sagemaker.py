@@ -406,3 +406,429 @@ def test_invoke_endpoint_rejects_non_json(sm, tmp_path):
                   json={"results": [{"Body": "<html>oops</html>", "ContentType": "text/html"}]}, timeout=5)
     with pytest.raises(BincountError, match="not JSON"):
         backend.invoke_endpoint(make_settings(tmp_path), "ep", base64.b64decode("/9j/"), "image/jpeg")
+
+
+# -- the control side of issue 14: requests SageMaker would reject, waits, stops, tags, regions -------------
+
+def test_gpu_instance_families():
+    from bincount.backends.sm_estimator import is_gpu_instance
+
+    gpu = ["ml.g4dn.xlarge", "ml.g5.12xlarge", "ml.g6e.2xlarge", "ml.p3.2xlarge", "ml.p4d.24xlarge", "ml.p5.48xlarge"]
+    other = ["ml.m5.xlarge", "ml.c5.2xlarge", "ml.trn1.32xlarge", "ml.inf2.xlarge", "ml.r5.large", "ml.t3.medium"]
+    assert all(is_gpu_instance(t) for t in gpu) and not any(is_gpu_instance(t) for t in other)
+
+
+def test_ddp_on_a_cpu_instance_is_refused_before_any_request(sm, tmp_path, cli):
+    settings = make_settings(tmp_path)
+    record_channels(settings)
+    # ml.trn1 passes the SDK's own torch_distributed check (Neuron), but train.py uses CUDA or the CPU
+    for instance_type in ("ml.m5.xlarge", "ml.trn1.32xlarge"):
+        out = cli("train", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
+                  "--set", f"sagemaker.role={ROLE}", "--set", "sagemaker.instance_count=2",
+                  "--set", f"sagemaker.instance_type={instance_type}")
+        assert out.exit_code == 1 and "Traceback" not in out.stderr
+        assert f"sagemaker.instance_count=2 runs torch_distributed" in out.stderr and instance_type in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+    assert sm.calls("CreateTrainingJob") == []
+
+
+def test_hyperband_request_and_grid_refused(sm, tmp_path):
+    from bincount.backends import sagemaker as backend
+
+    settings = make_settings(tmp_path, **{"tune.strategy": "Hyperband", "tune.epochs": 12, "train.warmup_epochs": 2,
+                                          "tune.wait": False, "sagemaker.tags": {"team": "vision"}})
+    record_channels(settings)
+    first = backend.tune(settings)
+    second = backend.tune(settings)  # a Hyperband job takes no warm start
+    req = sm.last("CreateHyperParameterTuningJob")
+    config = req["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Hyperband" and config["TrainingJobEarlyStoppingType"] == "Off"
+    assert config["StrategyConfig"] == {"HyperbandStrategyConfig": {"MinResource": 3, "MaxResource": 12}}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2}
+    assert req["TrainingJobDefinition"]["StaticHyperParameters"]["epochs"] == "12"
+    assert "WarmStartConfig" not in req and first.job != second.job
+    assert {"Key": "team", "Value": "vision"} in req["Tags"]
+
+    for strategy in ("Bayesian", "Random"):  # no StrategyConfig outside Hyperband
+        backend.tune(make_settings(tmp_path, **{"tune.strategy": strategy, "tune.warm_start": False, "tune.wait": False}))
+        config = sm.last("CreateHyperParameterTuningJob")["HyperParameterTuningJobConfig"]
+        assert config["Strategy"] == strategy and "StrategyConfig" not in config
+        assert config["TrainingJobEarlyStoppingType"] == "Auto"
+    count = len(sm.calls("CreateHyperParameterTuningJob"))
+    with pytest.raises(BincountError, match="Grid.*categorical"):
+        backend.tune(make_settings(tmp_path, **{"tune.strategy": "Grid"}))
+    assert len(sm.calls("CreateHyperParameterTuningJob")) == count
+
+
+def test_warm_start_only_from_an_ended_parent(sm, tmp_path, monkeypatch):
+    from moto.sagemaker import models as sm_models
+
+    from bincount.backends import sagemaker as backend
+
+    settings = make_settings(tmp_path, **{"tune.wait": False})
+    record_channels(settings)
+    status = {"value": "InProgress"}
+    real_init = sm_models.HyperParameterTuningJob.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.hyper_parameter_tuning_job_status = status["value"]
+
+    monkeypatch.setattr(sm_models.HyperParameterTuningJob, "__init__", init)
+    first = backend.tune(settings)
+    backend.tune(settings)  # the first still runs: no parent
+    assert "WarmStartConfig" not in sm.last("CreateHyperParameterTuningJob")
+
+    status["value"] = "Stopped"
+    parent = backend.tune(settings)
+    assert parent.job != first.job
+    backend.tune(settings)  # the recorded one (parent) has stopped: it is the parent
+    warm = sm.last("CreateHyperParameterTuningJob")["WarmStartConfig"]
+    assert warm["ParentHyperParameterTuningJobs"] == [{"HyperParameterTuningJobName": parent.job}]
+
+
+def _rules_finish_later(monkeypatch, polls_needed: int):
+    """moto's jobs end at once; here their rule evaluations run on for `polls_needed` polls, then write the report."""
+    import boto3
+    from moto.sagemaker import models as sm_models
+
+    from bincount.backends import sm_estimator
+
+    jobs = []
+    real_init = sm_models.FakeTrainingJob.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.debug_rule_evaluation_statuses = [{"RuleConfigurationName": "Overfit", "RuleEvaluationStatus": "InProgress"}]
+        self.profiler_rule_evaluation_statuses = [
+            {"RuleConfigurationName": "ProfilerReport", "RuleEvaluationStatus": "InProgress"}]
+        jobs.append(self)
+
+    def finish(job):
+        job.debug_rule_evaluation_statuses = [{"RuleConfigurationName": "Overfit", "RuleEvaluationStatus": "IssuesFound",
+                                               "StatusDetails": "val loss rising"}]
+        job.profiler_rule_evaluation_statuses = [
+            {"RuleConfigurationName": "ProfilerReport", "RuleEvaluationStatus": "NoIssuesFound"}]
+        key = f"bincount/output/{job.training_job_name}/rule-output/ProfilerReport/profiler-output/profiler-report.html"
+        boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key=key, Body=b"<html>late</html>")
+
+    sleeps = []
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds):
+            sleeps.append(seconds)
+            if len(sleeps) == polls_needed:
+                finish(jobs[-1])
+
+    monkeypatch.setattr(sm_models.FakeTrainingJob, "__init__", init)
+    monkeypatch.setattr(sm_estimator, "time", Clock())
+    return jobs, finish, sleeps
+
+
+def test_rule_evaluations_are_waited_for_then_the_report_fetched(sm, tmp_path, monkeypatch):
+    from bincount.backends import sagemaker as backend
+    from bincount.workspace import Workspace
+
+    settings = make_settings(tmp_path)
+    record_channels(settings)
+    _, _, sleeps = _rules_finish_later(monkeypatch, polls_needed=2)
+    result = backend.train(settings)
+    assert len(sleeps) == 2  # polled until the rules ended
+    assert {"rule": "Overfit", "status": "IssuesFound", "detail": "val loss rising", "source": "SageMaker"} in result.rules
+    report = Path(result.profiler_report) / "ProfilerReport" / "profiler-output" / "profiler-report.html"
+    assert report.read_bytes() == b"<html>late</html>"
+    recorded = Workspace(tmp_path).state().training
+    assert recorded.rules == {"Overfit": "IssuesFound", "ProfilerReport": "NoIssuesFound"}
+    assert recorded.profiler_report == result.profiler_report
+
+
+def test_rules_unfinished_after_the_bound_show_in_status_later(sm, tmp_path, monkeypatch, cli):
+    from bincount.backends import sagemaker as backend
+
+    settings = make_settings(tmp_path, **{"sagemaker.rules.wait_s": 0})
+    record_channels(settings)
+    jobs, finish, sleeps = _rules_finish_later(monkeypatch, polls_needed=10**6)
+    result = backend.train(settings)
+    assert sleeps == [] and result.profiler_report is None
+    assert {r["status"] for r in result.rules} == {"InProgress"}
+
+    finish(jobs[-1])  # the evaluations end after bincount train returned
+    out = cli("status", "--backend", "sagemaker", "--workdir", tmp_path, "--json")
+    training = json.loads(out.stdout)["training"]
+    assert training["rules"] == {"Overfit": "IssuesFound", "ProfilerReport": "NoIssuesFound"}
+    report = Path(training["profiler_report"]) / "ProfilerReport" / "profiler-output" / "profiler-report.html"
+    assert report.read_bytes() == b"<html>late</html>" and str(tmp_path / "reports" / "profiler") in str(report)
+
+
+def _stop_requests(monkeypatch, sm_box):
+    """moto has no StopTrainingJob / StopHyperParameterTuningJob: answer them as SageMaker does (an empty
+    response), record the request, and mark the moto job Stopping."""
+    from moto.sagemaker import models as sm_models
+
+    stops = []
+
+    def handler(model, params, **_):
+        params = json.loads(params["body"])  # the serialized request
+        stops.append((model.name, params))
+        for backend in sm_models.sagemaker_backends.values():
+            for region in backend.values():
+                for job in region.training_jobs.values():
+                    if job.training_job_name == params.get("TrainingJobName"):
+                        job.training_job_status = "Stopping"
+        from botocore.awsrequest import AWSResponse
+
+        return AWSResponse("https://api.sagemaker", 200, {}, None), {"ResponseMetadata": {"HTTPStatusCode": 200}}
+
+    import botocore.session
+
+    real_create = botocore.session.Session.create_client
+
+    def create_client(self, *args, **kwargs):
+        client = real_create(self, *args, **kwargs)
+        if client.meta.service_model.service_name == "sagemaker":
+            for op in ("StopTrainingJob", "StopHyperParameterTuningJob"):
+                client.meta.events.register(f"before-call.sagemaker.{op}", handler)
+        return client
+
+    monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
+    return stops
+
+
+def _training_running(monkeypatch):
+    from moto.sagemaker import models as sm_models
+
+    real_init = sm_models.FakeTrainingJob.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.training_job_status = "InProgress"
+
+    monkeypatch.setattr(sm_models.FakeTrainingJob, "__init__", init)
+
+
+def test_ctrl_c_during_a_waited_train_offers_to_stop_the_job(sm, tmp_path, monkeypatch, cli):
+    import sagemaker.estimator
+    import typer
+
+    from bincount.backends import sagemaker as backend
+
+    settings = make_settings(tmp_path)
+    record_channels(settings)
+    _training_running(monkeypatch)
+    stops = _stop_requests(monkeypatch, sm)
+
+    def interrupted(self, logs="All"):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sagemaker.estimator._TrainingJob, "wait", interrupted)
+    # no terminal: nothing is stopped, and the message says exactly how to stop the job
+    out = cli("train", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
+              "--set", f"sagemaker.role={ROLE}")
+    job = sm.last("CreateTrainingJob")["TrainingJobName"]
+    assert out.exit_code == 130 and stops == []
+    assert f"bincount stop --job {job}" in out.stderr and "billing" in out.stderr and "resume" not in out.stderr
+
+    # at a terminal: asked, and a yes stops it
+    monkeypatch.setattr(backend.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(backend.sys.stderr, "isatty", lambda: True, raising=False)
+    asked = []
+    monkeypatch.setattr(typer, "confirm", lambda question, **kw: asked.append(question) or True)
+    with pytest.raises(KeyboardInterrupt, match="stopping training job"):
+        backend.train(settings)
+    job = sm.last("CreateTrainingJob")["TrainingJobName"]
+    assert stops == [("StopTrainingJob", {"TrainingJobName": job})] and job in asked[0]
+
+
+def test_stop_command_stops_a_no_wait_job(sm, tmp_path, monkeypatch, cli):
+    from bincount.backends import sagemaker as backend
+
+    settings = make_settings(tmp_path, **{"train.wait": False})
+    record_channels(settings)
+    _training_running(monkeypatch)
+    stops = _stop_requests(monkeypatch, sm)
+    job = backend.train(settings).job
+
+    base = ("--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}")
+    out = cli("stop", *base)  # not a terminal and no --yes: refuses, stops nothing
+    assert out.exit_code == 1 and "--yes" in out.stderr and stops == []
+    out = cli("stop", *base, "--yes", "--json")
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.stdout)["stopped"] == [f"training job {job}"]
+    assert stops == [("StopTrainingJob", {"TrainingJobName": job})]
+    out = cli("stop", *base, "--yes", "--json")  # now Stopping: nothing more to stop
+    assert json.loads(out.stdout)["stopped"] == [] and len(stops) == 1
+    out = cli("stop", *base, "--job", "no-such-job", "--yes")
+    assert out.exit_code == 1 and "no SageMaker training or tuning job named no-such-job" in out.stderr
+
+
+def test_tags_and_images_reach_model_endpoint_config_and_endpoint(sm, tmp_path):
+    import io
+    import tarfile
+
+    import boto3
+
+    from bincount.backends import sagemaker as backend
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("meta.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key="m/model.tar.gz", Body=buf.getvalue())
+    image = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.7.1-cpu-py312-ubuntu22.04-sagemaker"
+    settings = make_settings(tmp_path, **{"sagemaker.tags": {"team": "vision", "cost": "bins"},
+                                          "deploy.model_data": f"s3://{BUCKET}/m/model.tar.gz", "deploy.image_uri": image})
+    backend.deploy(settings)
+    tags = [{"Key": "team", "Value": "vision"}, {"Key": "cost", "Value": "bins"}]
+    for operation in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint"):
+        assert all(t in sm.last(operation).get("Tags", []) for t in tags), operation
+    model = sm.last("CreateModel")
+    assert (model.get("PrimaryContainer") or model["Containers"][0])["Image"] == image
+
+    for bad, message in (("pytorch-inference:2.7.1", "not an ECR image"),
+                         (image.replace("us-east-1", "eu-west-1"), "in eu-west-1 but")):
+        with pytest.raises(BincountError, match=message):
+            backend.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/m/model.tar.gz",
+                                                      "deploy.image_uri": bad}))
+
+
+def test_training_image_uri_overrides_the_framework_version(sm, tmp_path):
+    from bincount.backends import sagemaker as backend
+
+    image = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker"
+    settings = make_settings(tmp_path, **{"sagemaker.image_uri": image, "train.wait": False})
+    record_channels(settings)
+    backend.train(settings)
+    assert sm.last("CreateTrainingJob")["AlgorithmSpecification"]["TrainingImage"] == image
+
+
+def test_activation_inputs_regex_matches_each_architectures_activations():
+    import re
+
+    import torch.nn as nn
+
+    from bincount.backends.sm_estimator import activation_inputs_regex
+    from bincount.config import TrainSettings
+    from bincount.container.net import build_model
+
+    for arch in TrainSettings.model_fields["arch"].annotation.__args__:
+        regex = activation_inputs_regex(arch)
+        model = build_model(arch, 6)
+        # smdebug names a module's inputs "<name from named_modules()>_input_<i>" (the model train.py registers)
+        matched = {name for name, _ in model.named_modules() if name and re.search(regex, f"{name}_input_0")}
+        activations = {name for name, m in model.named_modules() if isinstance(m, (nn.ReLU, nn.Hardswish))}
+        assert matched and matched <= activations, arch
+        main = {n for n in activations if not n.endswith(".activation")}  # all but the squeeze-excite gates' ReLU
+        assert main <= matched, (arch, main - matched)
+        assert not re.search(regex, "features.1.block.0.0_input_0") and not re.search(regex, "fc_input_0")
+
+
+def test_poor_weight_initialization_reads_the_mobilenet_activations(sm, tmp_path):
+    from bincount.backends import sagemaker as backend
+    from bincount.backends.sm_estimator import activation_inputs_regex
+
+    settings = make_settings(tmp_path, **{"train.arch": "mobilenet_v3_small", "train.wait": False})
+    record_channels(settings)
+    backend.train(settings)
+    req = sm.last("CreateTrainingJob")
+    regex = activation_inputs_regex("mobilenet_v3_small")
+    collections = {c["CollectionName"]: c["CollectionParameters"] for c in req["DebugHookConfig"]["CollectionConfigurations"]}
+    assert collections["relu_input"]["include_regex"] == regex
+    rule = next(r for r in req["DebugRuleConfigurations"] if r["RuleConfigurationName"] == "PoorWeightInitialization")
+    assert rule["RuleParameters"]["activation_inputs_regex"] == regex
+
+
+def test_region_precedence(monkeypatch, tmp_path):
+    from bincount.aws import resolve_region
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = ap-south-1\n[profile other]\nregion = sa-east-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    assert resolve_region() == "ap-south-1"
+    monkeypatch.setenv("AWS_PROFILE", "other")
+    assert resolve_region() == "sa-east-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-2")
+    assert resolve_region() == "eu-west-2"
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")
+    assert resolve_region() == "eu-central-1"
+    assert resolve_region("us-west-2") == "us-west-2"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name)
+    assert resolve_region() == "us-east-1"
+    # the settings no longer pin a region over the environment
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")
+    from bincount.backends.sm_estimator import region
+
+    assert region(load_settings(environ={})) == "eu-central-1"
+    assert region(load_settings(overrides={"sagemaker.region": "us-west-2"}, environ={})) == "us-west-2"
+
+
+def test_bucket_and_job_regions_must_agree(sm, tmp_path):
+    import boto3
+
+    from bincount.backends import sagemaker as backend
+
+    settings = make_settings(tmp_path)
+    record_channels(settings)
+    with pytest.raises(BincountError, match="s3.region=eu-west-1 but the SageMaker jobs run in us-east-1"):
+        backend.train(make_settings(tmp_path, **{"s3.region": "eu-west-1"}))
+    boto3.client("s3", region_name="eu-west-1").create_bucket(
+        Bucket="bincount-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    with pytest.raises(BincountError, match="bucket bincount-eu is in eu-west-1 but the SageMaker jobs run in us-east-1"):
+        backend.train(make_settings(tmp_path, **{"s3.bucket": "bincount-eu"}))
+    assert sm.calls("CreateTrainingJob") == []
+
+
+def test_cleanup_deletes_what_bincount_made_after_one_confirmation(sm, tmp_path, cli):
+    import io
+    import tarfile
+
+    import boto3
+
+    from bincount.backends import sagemaker as backend
+    from bincount.workspace import Workspace
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("meta.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    s3.put_object(Bucket=BUCKET, Key="bincount/models/model.tar.gz", Body=buf.getvalue())
+    s3.put_object(Bucket=BUCKET, Key="someone-else/keep.txt", Body=b"not ours")
+    settings = make_settings(tmp_path, **{"train.wait": False, "deploy.model_data": f"s3://{BUCKET}/bincount/models/model.tar.gz"})
+    record_channels(settings)
+    backend.train(settings)
+    first = backend.deploy(settings)
+    second = backend.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/bincount/models/model.tar.gz",
+                                                       "deploy.endpoint_name": "bincount-second"}))
+    client = boto3.client("sagemaker", region_name="us-east-1")
+    client.create_model(ModelName="other-model", ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "x"})
+    assert len(client.list_endpoints()["Endpoints"]) == 2
+
+    base = ("--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}")
+    out = cli("cleanup", *base)  # no terminal and no --yes: nothing deleted
+    assert out.exit_code == 1 and "--yes" in out.stderr and first.endpoint in out.stderr
+    assert len(client.list_endpoints()["Endpoints"]) == 2
+
+    out = cli("cleanup", *base, "--yes", "--json")
+    assert out.exit_code == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {f"endpoint {first.endpoint}", f"endpoint {second.endpoint}", f"model {first.model_name}",
+            f"endpoint config {first.config_name}"} <= set(result["deleted"])
+    assert client.list_endpoints()["Endpoints"] == [] and client.list_endpoint_configs()["EndpointConfigs"] == []
+    assert [m["ModelName"] for m in client.list_models()["Models"]] == ["other-model"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert keys == ["someone-else/keep.txt"] and result["s3_objects"] > 5
+    state = Workspace(tmp_path).state()
+    assert state.endpoint is None and state.channels == {} and state.training is None
+
+    out = cli("cleanup", *base, "--yes", "--json")  # again: nothing left to do
+    assert out.exit_code == 0 and json.loads(out.stdout)["deleted"] == []

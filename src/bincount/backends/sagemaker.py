@@ -106,23 +106,29 @@ def train(settings: Settings) -> TrainJobResult:
         hp = _train_hyperparameters(settings)
         inputs = sme.channels(settings)
         est = sme.estimator(settings, sm_session, hp)
+        sme.check_bucket_region(settings, sm_session.boto_session.client("s3"))
         job = name_from_base(settings.sagemaker.base_job_name)
         est.fit(inputs=inputs, job_name=job, wait=False, logs="None")
         ws.update_state(training=SageMakerTraining(job=job, status="InProgress"))
-        log(f"training job [bold]{job}[/] started in {settings.sagemaker.region}")
+        log(f"training job [bold]{job}[/] started in {sm_session.boto_region_name}")
         if not settings.train.wait:
             return TrainJobResult(job=job, status="InProgress", hyperparameters=hp)
+        client = sm_session.sagemaker_client
         try:
             est.latest_training_job.wait(logs="All")
+        except KeyboardInterrupt:
+            _interrupted("training", job, lambda: client.stop_training_job(TrainingJobName=job))
         finally:
-            description = sm_session.sagemaker_client.describe_training_job(TrainingJobName=job)
+            description = client.describe_training_job(TrainingJobName=job)
             _record_training(ws, description)
+        description = sme.wait_for_rules(client, description, settings.sagemaker.rules.wait_s)
         rules = sme.rule_statuses(description)
         for rule in rules:
             log(f"rule {rule['rule']}: {rule['status']} {rule['detail']}".rstrip())
-        report = sme.download_profiler_report(settings, sm_session, description)
+        report = sme.download_profiler_report(settings, sm_session.boto_session.client("s3"), description)
         if report:
             log(f"profiler report: {report}")
+        _record_training(ws, description, report)
     return TrainJobResult(job=job, status=description["TrainingJobStatus"], model_data=_model_data(description),
                           metrics=_final_metrics(description), rules=rules, profiler_report=report, hyperparameters=hp)
 
@@ -144,11 +150,30 @@ def _final_metrics(description: dict[str, Any]) -> dict[str, float]:
     return {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList") or []}
 
 
-def _record_training(ws: Workspace, description: dict[str, Any]) -> None:
+def _record_training(ws: Workspace, description: dict[str, Any], profiler_report: str | None = None) -> None:
     status = description["TrainingJobStatus"]
     ws.update_state(training=SageMakerTraining(
         job=description["TrainingJobName"], status=status, metrics=_final_metrics(description),
-        model_data=_model_data(description) if status == "Completed" else None))
+        model_data=_model_data(description) if status == "Completed" else None,
+        rules={r["rule"]: r["status"] for r in sme.rule_statuses(description)}, profiler_report=profiler_report))
+
+
+def _interrupted(kind: str, job: str, stop: Any) -> None:
+    """Ctrl-C while waiting: the job runs on (and bills) unless stopped; ask where a person can answer."""
+    import typer
+
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        try:
+            answer = typer.confirm(f"\nStop {kind} job {job}? Otherwise it keeps running (and billing)",
+                                   default=True, err=True)
+        except (KeyboardInterrupt, EOFError, typer.Abort):
+            answer = False
+        if answer:
+            with sme.aws_errors(f"stop {kind} job {job}"):
+                stop()
+            raise KeyboardInterrupt(f"interrupted: stopping {kind} job {job} (bincount status shows when it has stopped)")
+    raise KeyboardInterrupt(f"interrupted: {kind} job {job} keeps running and billing; stop it with "
+                            f"`bincount stop --job {job} --yes`, or follow it with `bincount status`")
 
 
 # -- tune --------------------------------------------------------------------------------------
@@ -156,27 +181,38 @@ def _record_training(ws: Workspace, description: dict[str, Any]) -> None:
 def tune(settings: Settings) -> TuneResult:
     """A HyperparameterTuner over the training estimator; records the best trial in state.json."""
     sme.load_sdk()
-    from sagemaker.tuner import CategoricalParameter, ContinuousParameter, HyperparameterTuner, WarmStartConfig, WarmStartTypes
+    from sagemaker.tuner import CategoricalParameter, ContinuousParameter, HyperparameterTuner
 
     from bincount.container.epochlog import METRIC_DEFINITIONS, OBJECTIVES
 
     t = settings.tune
-    ws = Workspace(settings.workdir)
-    previous = ws.state().tuning
+    if t.strategy == "Grid":
+        raise BincountError("tune.strategy=Grid searches categorical ranges only, and lr and weight_decay are "
+                            "continuous ranges: use Bayesian, Random or Hyperband")
+    epochs = t.epochs or settings.train.epochs
+    early_stopping, strategy_config = t.early_stopping, None
+    if t.strategy == "Hyperband":
+        # Hyperband stops trials itself (TrainingJobEarlyStoppingType must be Off) after each epoch's
+        # objective metric; its resource is epochs: each trial runs at most MaxResource of them.
+        from sagemaker.tuner import HyperbandStrategyConfig, StrategyConfig
+
+        if early_stopping != "Off":
+            log("Hyperband stops trials itself: tune.early_stopping is Off for it")
+        early_stopping = "Off"
+        strategy_config = StrategyConfig(HyperbandStrategyConfig(
+            max_resource=epochs, min_resource=min(epochs, settings.train.warmup_epochs + 1)))
     scale = {"log": "Logarithmic", "linear": "Linear"}
     ranges = {
         "lr": ContinuousParameter(t.lr.min, t.lr.max, scaling_type=scale[t.lr.scale]),
         "weight_decay": ContinuousParameter(t.weight_decay.min, t.weight_decay.max, scaling_type=scale[t.weight_decay.scale]),
         "batch_size": CategoricalParameter([int(b) for b in t.batch_size]),
     }
-    warm = None
-    if t.warm_start and isinstance(previous, SageMakerTuning):
-        warm = WarmStartConfig(WarmStartTypes.IDENTICAL_DATA_AND_ALGORITHM, parents={previous.job})
-        log(f"warm start from tuning job {previous.job}")
     with sme.aws_errors("sagemaker tune"), sme.sdk_output():
         sm_session = sme.session(settings)
         inputs = sme.channels(settings)
-        est = sme.estimator(settings, sm_session, _train_hyperparameters(settings, t.epochs or settings.train.epochs))
+        est = sme.estimator(settings, sm_session, _train_hyperparameters(settings, epochs))
+        sme.check_bucket_region(settings, sm_session.boto_session.client("s3"))
+        warm = _warm_start(settings, sm_session.sagemaker_client)
         tuner = HyperparameterTuner(
             est,
             objective_metric_name=t.objective,
@@ -186,8 +222,10 @@ def tune(settings: Settings) -> TuneResult:
             objective_type=OBJECTIVES[t.objective],
             max_jobs=t.max_jobs,
             max_parallel_jobs=t.max_parallel_jobs,
-            early_stopping_type=t.early_stopping,
+            early_stopping_type=early_stopping,
             warm_start_config=warm,
+            strategy_config=strategy_config,
+            tags=sme.tags(settings),
         )
         job = _tuning_job_name(settings.sagemaker.base_job_name)
         tuner.fit(inputs=inputs, job_name=job, wait=False, include_cls_metadata=False)
@@ -197,10 +235,44 @@ def tune(settings: Settings) -> TuneResult:
         record(settings, result)
         if not t.wait:
             return result
-        tuner.wait()
+        try:
+            tuner.wait()
+        except KeyboardInterrupt:
+            client = sm_session.sagemaker_client
+            _interrupted("tuning", job, lambda: client.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=job))
         result = tuning_result(settings, sm_session.sagemaker_client, job)
     record(settings, result)
     return result
+
+
+def _warm_start(settings: Settings, client: Any) -> Any:
+    """A WarmStartConfig from the recorded tuning job, if it ended (Completed or Stopped); else None, said why.
+
+    Warm start serves the Bayesian and Random strategies; SageMaker takes a parent only once it has ended.
+    """
+    from sagemaker.tuner import WarmStartConfig, WarmStartTypes
+
+    previous = Workspace(settings.workdir).state().tuning
+    if not settings.tune.warm_start or not isinstance(previous, SageMakerTuning):
+        return None
+    parent = previous.job
+    if settings.tune.strategy not in ("Bayesian", "Random"):
+        log(f"no warm start from {parent}: warm start serves the Bayesian and Random strategies")
+        return None
+    from botocore.exceptions import ClientError
+
+    try:
+        status = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=parent)[
+            "HyperParameterTuningJobStatus"]
+    except ClientError as exc:
+        log(f"warning: no warm start: tuning job {parent} cannot be described ({error_message(exc) or exc})")
+        return None
+    if status not in ("Completed", "Stopped"):
+        log(f"warning: no warm start: tuning job {parent} is {status} (a parent must be Completed or Stopped); "
+            "starting without it")
+        return None
+    log(f"warm start from tuning job {parent} ({status})")
+    return WarmStartConfig(WarmStartTypes.IDENTICAL_DATA_AND_ALGORITHM, parents={parent})
 
 
 def _tuning_job_name(base: str) -> str:
@@ -294,6 +366,7 @@ def deploy(settings: Settings) -> EndpointResult:
         sm_session = sme.session(settings)
         role = sme.require_role(settings)
         model_data = _resolve_model_data(settings, sm_session)
+        image = sme.check_image_uri(d.image_uri, sme.region(settings), "deploy.image_uri") if d.image_uri else None
         model = PyTorchModel(
             model_data=model_data,
             role=role,
@@ -301,15 +374,18 @@ def deploy(settings: Settings) -> EndpointResult:
             source_dir=str(sme.serving_code(Path(serving_dir))),
             framework_version=d.framework_version,
             py_version=d.py_version,
+            image_uri=image,
             name=f"{name}-model",
             sagemaker_session=sm_session,
         )
         log(f"deploying {model_data} to endpoint [bold]{name}[/] ({d.mode})")
+        tags = sme.tags(settings)  # on the model, the endpoint config and the endpoint
         if d.mode == "serverless":
-            model.deploy(endpoint_name=name, wait=True, serverless_inference_config=ServerlessInferenceConfig(
+            model.deploy(endpoint_name=name, wait=True, tags=tags, serverless_inference_config=ServerlessInferenceConfig(
                 memory_size_in_mb=d.memory_size_mb, max_concurrency=d.max_concurrency))
         else:
-            model.deploy(endpoint_name=name, wait=True, initial_instance_count=d.instance_count, instance_type=d.instance_type)
+            model.deploy(endpoint_name=name, wait=True, tags=tags, initial_instance_count=d.instance_count,
+                         instance_type=d.instance_type)
         desc = sm_session.sagemaker_client.describe_endpoint(EndpointName=name)
     result = EndpointResult(endpoint=name, status=desc["EndpointStatus"], mode=d.mode,
                             config_name=desc.get("EndpointConfigName"), model_name=model.name, model_data=model_data)
@@ -408,3 +484,70 @@ def status(settings: Settings) -> Any:
     from bincount.status import status as show
 
     return show(settings)
+
+
+# -- stop --------------------------------------------------------------------------------------
+
+class StopResult(Result):
+    backend: str = "sagemaker"
+    stopped: list[str] = []  # "training job NAME" / "tuning job NAME"
+    not_running: list[str] = []  # the same, with the status they were found in
+    kept: bool = False
+
+    def title(self) -> str:
+        return "stop (sagemaker)"
+
+
+def _job_status(client: Any, job: str) -> tuple[str, str] | None:
+    """("training" | "tuning", status) of a job name, or None if SageMaker knows no job by that name."""
+    from botocore.exceptions import ClientError
+
+    for kind, call, key, field in (
+            ("training", client.describe_training_job, "TrainingJobName", "TrainingJobStatus"),
+            ("tuning", client.describe_hyper_parameter_tuning_job, "HyperParameterTuningJobName",
+             "HyperParameterTuningJobStatus")):
+        try:
+            return kind, call(**{key: job})[field]
+        except ClientError as exc:
+            if not _missing(exc) and error_code(exc) != "ValidationException":
+                raise
+    return None
+
+
+def stop(settings: Settings, job: str | None = None, yes: bool = False) -> StopResult:
+    """Stop a running SageMaker training or tuning job: the named one, else the recorded ones still running."""
+    from bincount.aws import client as aws_client
+
+    sm = aws_client("sagemaker", region=sme.region(settings))
+    state = Workspace(settings.workdir).state()
+    if job:
+        names = [job]
+    else:
+        names = [r.job for r in (state.training, state.tuning) if isinstance(r, (SageMakerTraining, SageMakerTuning))]
+        if not names:
+            raise BincountError("no SageMaker training or tuning job recorded in state.json: pass --job NAME")
+    running, not_running = [], []
+    with sme.aws_errors("sagemaker stop"):
+        for name in names:
+            found = _job_status(sm, name)
+            if found is None:
+                raise BincountError(f"no SageMaker training or tuning job named {name} in {sme.region(settings)}")
+            kind, status = found
+            (running if status == "InProgress" else not_running).append((kind, name, status))
+        result = StopResult(not_running=[f"{kind} job {name} ({status})" for kind, name, status in not_running])
+        for line in result.not_running:
+            log(f"not running: {line}")
+        if not running:
+            return result
+        listed = ", ".join(f"{kind} job {name}" for kind, name, _ in running)
+        if not _confirm(f"Stop {listed}?", yes):
+            log("left running")
+            return result.model_copy(update={"kept": True})
+        for kind, name, _ in running:
+            if kind == "training":
+                sm.stop_training_job(TrainingJobName=name)
+            else:
+                sm.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+            result.stopped.append(f"{kind} job {name}")
+            log(f"stopping {kind} job {name} (bincount status shows when it has stopped)")
+    return result

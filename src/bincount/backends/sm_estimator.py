@@ -18,12 +18,46 @@ from bincount.workspace import Workspace
 
 # Tensors the built-in rules read, saved through each rule's `collections_to_save` (one definition
 # per collection, so the hook config the SDK merges from the rules has no conflicting duplicates).
-# The rules themselves: bincount.debugger.RULES.
+# The rules themselves: bincount.debugger.RULES; relu_input's include_regex depends on the architecture
+# (activation_inputs_regex).
 COLLECTIONS = {
     "gradients": {"save_interval": "100"},
     "losses": {"save_interval": "20"},
-    "relu_input": {"include_regex": ".*relu_input", "save_interval": "200"},
+    "relu_input": {"save_interval": "200"},
 }
+# The inputs of each architecture's activation modules, as smdebug names them ("<module name>_input_<i>",
+# the module name from named_modules() of the model train.py registers). torchvision's ResNets call
+# their ReLU modules "relu"; MobileNetV3 has unnamed activations (ReLU or Hardswish) as child 2 of
+# each Conv2dNormActivation ("features.1.block.0.2", "features.12.2") and a Hardswish "classifier.1".
+ACTIVATION_INPUTS = {
+    "resnet": r".*relu_input",
+    "mobilenet_v3": r"^(features\.\d+(\.block\.\d+)?\.2|classifier\.1)_input_\d+$",
+}
+
+
+def activation_inputs_regex(arch: str) -> str:
+    """The regex for the tensors PoorWeightInitialization reads: the activation inputs of `arch`."""
+    family = next((f for f in ACTIVATION_INPUTS if arch.startswith(f)), None)
+    if family is None:
+        raise BincountError(f"train.arch={arch!r}: no activation-input regex for PoorWeightInitialization; "
+                            "switch the rule off with --set sagemaker.rules.poor_weight_initialization=false")
+    return ACTIVATION_INPUTS[family]
+
+
+def is_gpu_instance(instance_type: str) -> bool:
+    """ml.p* and ml.g* instances have NVIDIA GPUs; ml.trn*/ml.inf* (Neuron) and the rest run train.py on CPU."""
+    family = instance_type.removeprefix("ml.").split(".")[0]
+    return family[:1] in ("p", "g")
+
+
+def check_instances(settings: Settings) -> None:
+    """Refuse, before any request, what SageMaker would reject or waste: DDP on CPU instances."""
+    sm = settings.sagemaker
+    if sm.instance_count > 1 and not is_gpu_instance(sm.instance_type):
+        raise BincountError(
+            f"sagemaker.instance_count={sm.instance_count} runs torch_distributed, which SageMaker runs on GPU "
+            f"instances only and {sm.instance_type} has no NVIDIA GPU: use an ml.g*/ml.p* instance type or "
+            "sagemaker.instance_count=1")
 
 
 def container_dir() -> Path:
@@ -99,6 +133,35 @@ def require_bucket(settings: Settings) -> str:
     return settings.s3.bucket
 
 
+def region(settings: Settings) -> str:
+    """The jobs' region (sagemaker.region, else AWS_REGION, AWS_DEFAULT_REGION, the profile's, us-east-1).
+
+    s3.region, where set, must be the same: a job reads its channels and writes its output in its own region.
+    """
+    from bincount.aws import resolve_region
+
+    job_region = resolve_region(settings.sagemaker.region)
+    if settings.s3.region and settings.s3.region != job_region:
+        raise BincountError(f"s3.region={settings.s3.region} but the SageMaker jobs run in {job_region}: "
+                            "the bucket must be in the jobs' region; set sagemaker.region and s3.region to one region")
+    return job_region
+
+
+def bucket_region(s3_client: Any, bucket: str) -> str:
+    """Where a bucket lives (GetBucketLocation answers None for us-east-1 and EU for the oldest eu-west-1)."""
+    location = s3_client.get_bucket_location(Bucket=bucket).get("LocationConstraint") or "us-east-1"
+    return {"EU": "eu-west-1"}.get(location, location)
+
+
+def check_bucket_region(settings: Settings, s3_client: Any) -> None:
+    """Refuse a bucket outside the jobs' region before any job is created."""
+    job_region = region(settings)
+    found = bucket_region(s3_client, require_bucket(settings))
+    if found != job_region:
+        raise BincountError(f"bucket {settings.s3.bucket} is in {found} but the SageMaker jobs run in {job_region}: "
+                            f"use a bucket in {job_region} or --set sagemaker.region={found}")
+
+
 def s3_uri(settings: Settings, *parts: str) -> str:
     prefix = settings.s3.prefix.strip("/")
     return "s3://" + "/".join(p for p in (require_bucket(settings), prefix, *parts) if p)
@@ -109,13 +172,13 @@ def output_path(settings: Settings) -> str:
 
 
 def session(settings: Settings) -> Any:
-    """A sagemaker.Session in settings.sagemaker.region, default bucket s3.bucket, telemetry opted out if asked."""
+    """A sagemaker.Session in the jobs' region, default bucket s3.bucket, telemetry opted out if asked."""
     import boto3
 
     sagemaker = load_sdk()
     from sagemaker.config import load_sagemaker_config
 
-    boto_session = boto3.Session(region_name=settings.sagemaker.region)
+    boto_session = boto3.Session(region_name=region(settings))
     config = None
     if settings.sagemaker.telemetry_opt_out:
         config = load_sagemaker_config() or {}
@@ -150,11 +213,16 @@ def debugger_rules(settings: Settings) -> list[Any]:
         if not getattr(switches, field):
             continue
         actions = rule_configs.ActionList(rule_configs.StopTraining()) if switches.stop_training_on_failure else None
-        rules.append(Rule.sagemaker(
-            getattr(rule_configs, field)(),
-            collections_to_save=[CollectionConfig(name=c, parameters=dict(COLLECTIONS[c])) for c in collections],
-            actions=actions,
-        ))
+        parameters = None
+        configs = []
+        for name in collections:
+            params = dict(COLLECTIONS[name])
+            if name == "relu_input":
+                params["include_regex"] = activation_inputs_regex(settings.train.arch)
+                parameters = {"activation_inputs_regex": params["include_regex"]}
+            configs.append(CollectionConfig(name=name, parameters=params))
+        rules.append(Rule.sagemaker(getattr(rule_configs, field)(), rule_parameters=parameters,
+                                    collections_to_save=configs, actions=actions))
     if switches.profiler_report:
         rules.append(ProfilerRule.sagemaker(rule_configs.ProfilerReport()))
     return rules
@@ -168,6 +236,7 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
     from bincount.container.epochlog import METRIC_DEFINITIONS
 
     sm = settings.sagemaker
+    check_instances(settings)
     role = require_role(settings)
     out = output_path(settings)
     rules = debugger_rules(settings)
@@ -184,6 +253,8 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
         kwargs["distribution"] = {"torch_distributed": {"enabled": True}}
     if not any(isinstance(r, Rule) for r in rules):
         kwargs["debugger_hook_config"] = False  # no debugger rule reads tensors: no hook
+    if sm.image_uri:
+        kwargs["image_uri"] = check_image_uri(sm.image_uri, region(settings), "sagemaker.image_uri")
     return PyTorch(
         entry_point="train.py",
         source_dir=str(container_dir()),
@@ -199,7 +270,7 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
         base_job_name=sm.base_job_name,
         hyperparameters=hyperparameters,
         metric_definitions=[dict(m) for m in METRIC_DEFINITIONS],
-        tags=[{"Key": k, "Value": v} for k, v in sm.tags.items()] or None,
+        tags=tags(settings),
         subnets=sm.subnets,
         security_group_ids=sm.security_group_ids,
         volume_kms_key=sm.volume_kms_key,
@@ -213,6 +284,58 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
     )
 
 
+def tags(settings: Settings) -> list[dict[str, str]] | None:
+    """settings.sagemaker.tags as the API takes them (on jobs, models, endpoint configs and endpoints)."""
+    return [{"Key": k, "Value": v} for k, v in settings.sagemaker.tags.items()] or None
+
+
+def check_image_uri(uri: str, job_region: str, key: str) -> str:
+    """An ECR image URI in the job's region (SageMaker pulls only from ECR in its own region)."""
+    import re
+
+    match = re.fullmatch(r"\d{12}\.dkr\.ecr(-fips)?\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+"
+                         r"(:[\w.-]{1,128}|@sha256:[0-9a-f]{64})", uri)
+    if not match:
+        raise BincountError(f"{key}={uri!r} is not an ECR image URI like "
+                            "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312-cu129-ubuntu22.04-sagemaker")
+    if match.group(2) != job_region:
+        raise BincountError(f"{key}: the image is in {match.group(2)} but the jobs run in {job_region}; "
+                            "use the same image from the job region's registry")
+    return uri
+
+
+RULE_POLL_S = 20.0  # between DescribeTrainingJob calls while rule evaluations run
+
+
+def pending_rules(description: dict[str, Any]) -> list[str]:
+    """The rules whose evaluation is still InProgress."""
+    return [r["rule"] for r in rule_statuses(description) if r["status"] == "InProgress"]
+
+
+def wait_for_rules(client: Any, description: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """After the job ends: describe it until no rule evaluation is InProgress, for at most timeout_s.
+
+    Rule evaluations run in their own processing jobs and finish minutes after the training job.
+    Progress goes to stderr; Ctrl-C stops the waiting only (the job has ended, the rules go on).
+    """
+    from bincount.console import log
+
+    job = description["TrainingJobName"]
+    start = time.monotonic()
+    try:
+        while (pending := pending_rules(description)) and time.monotonic() - start < timeout_s:
+            log(f"waiting for rule evaluations: {', '.join(pending)} ({time.monotonic() - start:.0f} s of at most "
+                f"{timeout_s:.0f} s; Ctrl-C stops waiting)")
+            time.sleep(RULE_POLL_S)
+            description = client.describe_training_job(TrainingJobName=job)
+    except KeyboardInterrupt:
+        log("stopped waiting for the rule evaluations")
+    if pending_rules(description):
+        log(f"rules still evaluating: {', '.join(pending_rules(description))}; `bincount status` shows their "
+            "verdicts and fetches the profiler report later")
+    return description
+
+
 def rule_statuses(description: dict[str, Any]) -> list[Finding]:
     """Debugger and profiler rule evaluation statuses from describe_training_job, as debugger findings."""
     rows: list[Finding] = []
@@ -223,14 +346,18 @@ def rule_statuses(description: dict[str, Any]) -> list[Finding]:
     return rows
 
 
-def download_profiler_report(settings: Settings, sm_session: Any, description: dict[str, Any]) -> str | None:
-    """Copy <output>/<job>/rule-output/ProfilerReport*/ to <workdir>/reports/profiler/<job>/; the folder or None."""
+def download_profiler_report(settings: Settings, s3: Any, description: dict[str, Any]) -> str | None:
+    """Copy <output>/<job>/rule-output/ProfilerReport*/ to <workdir>/reports/profiler/<job>/; the folder or None.
+
+    None while the ProfilerReport rule is still evaluating (its report is written when it ends).
+    """
     from bincount.aws import parse_s3_uri
 
+    if "ProfilerReport" in " ".join(pending_rules(description)):
+        return None
     job = description["TrainingJobName"]
     base = (description.get("OutputDataConfig") or {}).get("S3OutputPath") or output_path(settings)
     bucket, prefix = parse_s3_uri(base.rstrip("/") + f"/{job}/rule-output/")
-    s3 = sm_session.boto_session.client("s3")
     target = Workspace(settings.workdir).reports / "profiler" / job
     found = False
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):

@@ -108,7 +108,7 @@ def upload(settings: Settings) -> UploadResult:
     prefix = s3.prefix.strip("/")
     base = f"{prefix}/" if prefix else ""
     jobs, items = _jobs(ws, base)
-    client = make_client("s3", region=s3.region, endpoint_url=s3.endpoint_url, max_pool_connections=s3.workers)
+    client = make_client("s3", region=s3.region or settings.sagemaker.region, endpoint_url=s3.endpoint_url, max_pool_connections=s3.workers)
 
     existing: dict[str, int] = {}
     try:
