@@ -47,9 +47,10 @@ class DoctorResult(Result):
 
 
 def _reason(exc: Exception) -> str:
-    err = getattr(exc, "response", {}).get("Error", {})
-    if err:
-        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")
+    from bincount.aws import error_code, error_message
+
+    if error_code(exc):
+        return f"{error_code(exc)}: {error_message(exc) or ''}".rstrip(": ")
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -149,8 +150,9 @@ class _Doctor:
         try:
             role = self.client("iam").get_role(RoleName=name)["Role"]
         except Exception as exc:  # noqa: BLE001
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-            status: Status = "fail" if code == "NoSuchEntity" else "unknown"
+            from bincount.aws import error_code
+
+            status: Status = "fail" if error_code(exc) == "NoSuchEntity" else "unknown"
             self.add("role", status, f"{arn}: {_reason(exc)}")
             return
         if role["Arn"] != arn:

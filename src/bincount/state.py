@@ -47,7 +47,7 @@ class SageMakerTraining(Record):
     status: str  # TrainingJobStatus when last seen
     model_data: str | None = None  # s3://.../model.tar.gz once Completed
     metrics: dict[str, float] = {}
-    rules: dict[str, str] = {}  # Debugger/profiler rule -> RuleEvaluationStatus when last seen
+    rules: dict[str, str] | None = None  # Debugger/profiler rule -> RuleEvaluationStatus when last seen
     profiler_report: str | None = None  # the local copy under reports/profiler/<job>/, once fetched
 
 

@@ -155,7 +155,8 @@ def _record_training(ws: Workspace, description: dict[str, Any], profiler_report
     ws.update_state(training=SageMakerTraining(
         job=description["TrainingJobName"], status=status, metrics=_final_metrics(description),
         model_data=_model_data(description) if status == "Completed" else None,
-        rules={r["rule"]: r["status"] for r in sme.rule_statuses(description)}, profiler_report=profiler_report))
+        rules={r["rule"]: r["status"] for r in sme.rule_statuses(description)} or None,
+        profiler_report=profiler_report))
 
 
 def _interrupted(kind: str, job: str, stop: Any) -> None:

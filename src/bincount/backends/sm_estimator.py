@@ -155,8 +155,19 @@ def bucket_region(s3_client: Any, bucket: str) -> str:
 
 def check_bucket_region(settings: Settings, s3_client: Any) -> None:
     """Refuse a bucket outside the jobs' region before any job is created."""
+    from botocore.exceptions import ClientError
+
+    from bincount.console import log
+
     job_region = region(settings)
-    found = bucket_region(s3_client, require_bucket(settings))
+    try:
+        found = bucket_region(s3_client, require_bucket(settings))
+    except ClientError as exc:
+        if error_code(exc) not in ("AccessDenied", "403"):
+            raise
+        log(f"warning: cannot check the region of bucket {settings.s3.bucket} (no s3:GetBucketLocation); "
+            f"it must be {job_region}")
+        return
     if found != job_region:
         raise BincountError(f"bucket {settings.s3.bucket} is in {found} but the SageMaker jobs run in {job_region}: "
                             f"use a bucket in {job_region} or --set sagemaker.region={found}")
