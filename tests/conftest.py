@@ -61,3 +61,21 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture
+def one_line_error():
+    """check(res, *fragments): the CLI failed (exit 1) with exactly one `error: ...` line holding every
+    fragment, as the last line of stderr (progress bars may come before it), and no traceback."""
+
+    def check(res, *fragments: str, code: int = 1) -> str:
+        assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert "Traceback" not in res.stderr and lines, res.stderr
+        errors = [line for line in lines if line.startswith("error:")]
+        assert errors == [lines[-1]], res.stderr
+        for fragment in fragments:
+            assert fragment in errors[0], (fragment, errors[0])
+        return errors[0]
+
+    return check

@@ -92,3 +92,22 @@ def test_tables_are_plain_ascii_when_piped(cli, tmp_path):
     res = cli("synth", "--workdir", tmp_path, "-n", 2, "--image-size", 32)
     assert res.exit_code == 0
     assert "images" in res.stdout and not any(ch in res.stdout for ch in "┏━┃│└─")
+
+
+def test_conflicting_set_and_env_are_one_line(cli, one_line_error, monkeypatch):
+    one_line_error(cli("config", "--set", "train=3", "--set", "train.epochs=3"), "conflict")
+    monkeypatch.setenv("BINCOUNT_TRAIN", "3")
+    monkeypatch.setenv("BINCOUNT_TRAIN__EPOCHS", "3")
+    one_line_error(cli("config"), "BINCOUNT_TRAIN", "conflict")
+
+
+def test_non_utf8_config_and_lr_inf_are_one_line(cli, one_line_error, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"train:\n  lr: \xe9\n")
+    one_line_error(cli("config", "--config", cfg), "not UTF-8")
+    one_line_error(cli("config", "--set", "train.lr=inf"), "train.lr", "finite")
+    one_line_error(cli("train", "--workdir", tmp_path, "--lr", "nan"), "train.lr", "finite")
+
+
+def test_a_message_with_a_newline_stays_on_one_line(cli, one_line_error):
+    one_line_error(cli("config", "--set", "train.epochs\nx=3"), "unknown key")

@@ -145,3 +145,58 @@ def test_a_bad_value_names_where_it_came_from(cli, tmp_path, monkeypatch):
     assert res.exit_code == 1 and "invalid setting train.lr: " in res.stderr and "(from BINCOUNT_TRAIN__LR)" in res.stderr
     res = cli("config", "--set", "train.batch_size=0")
     assert "(from --set or a flag)" in res.stderr
+
+
+def test_non_finite_floats_are_refused_everywhere():
+    for key, raw in [("TRAIN__LR", "inf"), ("TRAIN__LR", ".nan"), ("TRAIN__WEIGHT_DECAY", "-.inf"),
+                     ("SPLIT__TRAIN", "nan"), ("TUNE__LR__MAX", "inf"), ("DATA__TIMEOUT", "inf")]:
+        with pytest.raises(BincountError, match="finite"):
+            load_settings(environ={f"BINCOUNT_{key}": raw})
+    with pytest.raises(BincountError, match="train.lr: Input should be a finite number"):
+        load_settings(overrides={"train.lr": float("inf")}, environ={})
+
+
+@pytest.mark.parametrize("content", [
+    b"train:\n  epochs: \xff\xfe\n",  # not UTF-8
+    b"\x00\x01\x02",
+    b"[" * 20000 + b"]" * 20000,  # nested 20,000 deep
+    b"a: " + b"{b: " * 20000 + b"1" + b"}" * 20000,
+])
+def test_undecodable_or_deeply_nested_yaml_is_one_line(tmp_path: Path, content: bytes):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(content)
+    with pytest.raises(BincountError, match=r"^config file .*c\.yaml: ") as info:
+        load_settings(cfg, environ={})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("first, second", [({"train": 3}, {"train.epochs": 3}), ({"train.epochs": 3}, {"train": 3})])
+def test_a_key_set_as_both_value_and_section_is_one_line(first, second):
+    with pytest.raises(BincountError, match="conflict: train cannot be both a value and a section"):
+        load_settings(overrides={**first, **second}, environ={})
+    env = {f"BINCOUNT_{k.upper().replace('.', '__')}": str(v) for k, v in {**first, **second}.items()}
+    with pytest.raises(BincountError, match="BINCOUNT_TRAIN.* conflict"):
+        load_settings(environ=env)
+
+
+def test_endpoint_urls_must_be_urls():
+    for bad in ("notaurl", "ftp://x", "http://", "http://host:99999", "http://a b"):
+        with pytest.raises(BincountError, match="endpoint_url"):
+            load_settings(overrides={"data.endpoint_url": bad}, environ={})
+        with pytest.raises(BincountError, match="endpoint_url"):
+            load_settings(overrides={"s3.endpoint_url": bad}, environ={})
+    assert load_settings(overrides={"s3.endpoint_url": "https://s3.example.com:9000/x"}, environ={}).s3.endpoint_url
+
+
+def test_huge_id_ranges_are_not_materialised():
+    import time
+
+    from bincount.config import IntRanges
+
+    started = time.perf_counter()
+    settings = load_settings(overrides={"data.ids": "1-100000000,5,200000000-200000001"}, environ={})
+    ranges = IntRanges(settings.data.ids)
+    assert len(ranges) == 100_000_002 and ranges.pairs[0] == (1, 100_000_000)
+    assert time.perf_counter() - started < 2
+    with pytest.raises(BincountError, match="data.counts"):
+        load_settings(overrides={"data.counts": "0-100000000000"}, environ={}).data.count_set()

@@ -32,6 +32,8 @@ def client(
     unsigned: bool = False,
     max_pool_connections: int = 10,
     max_attempts: int = 8,
+    connect_timeout: float = 10,
+    read_timeout: float = 60,
 ) -> Any:
     """A boto3 client with adaptive retries (backoff on throttling and connection errors); region per resolve_region."""
     import boto3
@@ -42,8 +44,8 @@ def client(
         region_name=resolve_region(region),
         retries={"mode": "adaptive", "max_attempts": max_attempts},
         max_pool_connections=max_pool_connections,
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         signature_version=UNSIGNED if unsigned else None,
     )
     return boto3.session.Session().client(service, endpoint_url=endpoint_url or None, config=config)

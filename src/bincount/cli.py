@@ -124,6 +124,7 @@ def _fail(message: str, code: int = 1) -> None:
 
     from bincount.console import error_console
 
+    message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever the input held
     error_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

@@ -21,26 +21,83 @@ PRETRAINED_NAMES = ("imagenet", "none")  # any other train.pretrained is a local
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf and nan are refused in every float setting (train.lr=inf trained a NaN model)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-def parse_int_set(spec: str) -> list[int]:
-    """Parse `0-5`, `1,2,4` or `1-3,5` into a sorted list of distinct non-negative integers."""
-    values: set[int] = set()
+def parse_ranges(spec: str) -> list[tuple[int, int]]:
+    """Parse `0-5`, `1,2,4` or `1-3,5` into sorted, merged, inclusive (start, end) ranges of integers >= 0.
+
+    Nothing is materialised: `1-100000000` is one pair (see IntRanges for iterating them).
+    """
+    pairs: list[tuple[int, int]] = []
     for part in str(spec).replace(" ", "").split(","):
         if not part:
             continue
         lo, sep, hi = part.partition("-")
-        try:
-            start, end = (int(lo), int(hi)) if sep else (int(lo), int(lo))
-        except ValueError:
-            raise ValueError(f"{spec!r} is not a list of integers or ranges like 0-5 or 1,2,3") from None
-        if start < 0 or end < start:
+        if not lo.isdigit() or (sep and not hi.isdigit()) or len(lo) > 12 or len(hi) > 12:
+            raise ValueError(f"{spec!r} is not a list of integers or ranges like 0-5 or 1,2,3")
+        start, end = (int(lo), int(hi)) if sep else (int(lo), int(lo))
+        if end < start:
             raise ValueError(f"bad range {part!r} in {spec!r}")
-        values.update(range(start, end + 1))
-    if not values:
+        pairs.append((start, end))
+    if not pairs:
         raise ValueError(f"{spec!r} selects nothing")
-    return sorted(values)
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(pairs):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class IntRanges:
+    """The integers of parse_ranges(spec), in order, with len() and iteration but no list behind them."""
+
+    def __init__(self, spec: str):
+        self.pairs = parse_ranges(spec)
+
+    def __len__(self) -> int:
+        return sum(end - start + 1 for start, end in self.pairs)
+
+    def __iter__(self):
+        for start, end in self.pairs:
+            yield from range(start, end + 1)
+
+    @property
+    def last(self) -> int:
+        return self.pairs[-1][1]
+
+
+def parse_int_set(spec: str, max_size: int = 10_000) -> list[int]:
+    """Parse `0-5`, `1,2,4` or `1-3,5` into a sorted list of distinct non-negative integers (at most max_size)."""
+    ranges = IntRanges(spec)
+    if len(ranges) > max_size:
+        raise ValueError(f"{spec!r} selects {len(ranges):,} values, over the limit of {max_size:,}")
+    return list(ranges)
+
+
+def _check_path(value: Path | None) -> Path | None:
+    if value is not None and "\x00" in str(value):
+        raise ValueError("a path cannot hold a NUL character")
+    return value
+
+
+def _check_url(value: str | None) -> str | None:
+    """An endpoint URL must be http(s)://host[:port][/path]: botocore fails on anything else with a traceback."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an http(s)://host[:port] URL")
+    return value
 
 
 class DataSettings(Section):
@@ -60,26 +117,41 @@ class DataSettings(Section):
     retries: int = Field(8, ge=1, le=50, description="attempts per request, with backoff on throttling/connection errors")
     seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")
 
+    timeout: float = Field(15, gt=0, le=600, description="seconds without an answer before a request is retried; "
+                           "fetch stops with an error once the source has not answered for 3x this long")
+
     @field_validator("counts", "ids")
     @classmethod
     def _int_set(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_int_set(value)
+            parse_ranges(value)
         return value
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        return _check_url(value)
+
+    @field_validator("id_file")
+    @classmethod
+    def _id_file(cls, value: Path | None) -> Path | None:
+        return _check_path(value)
+
     def count_set(self) -> list[int]:
-        counts = parse_int_set(self.counts) if self.counts else list(range(self.max_count + 1))
-        if counts[-1] > self.max_count:
+        if not self.counts:
+            return list(range(self.max_count + 1))
+        ranges = IntRanges(self.counts)
+        if ranges.last > self.max_count:
             raise BincountError(f"data.counts: {self.counts!r} goes beyond data.max_count={self.max_count}")
-        return counts
+        return list(ranges)
 
 
 class SplitSettings(Section):
     """Stratified, seeded train/val/test split."""
 
     train: float = Field(0.6, gt=0, lt=1, description="share of each count that goes to training")
-    val: float = Field(0.2, ge=0, lt=1, description="share for validation (early stopping, tuning objective)")
-    test: float = Field(0.2, ge=0, lt=1, description="share held out for evaluate and audit")
+    val: float = Field(0.2, gt=0, lt=1, description="share for validation (early stopping, tuning objective)")
+    test: float = Field(0.2, gt=0, lt=1, description="share held out for evaluate and audit")
     seed: int = Field(42, description="random seed: the same manifest and seed give the same split")
 
     @model_validator(mode="after")
@@ -99,6 +171,11 @@ class S3Settings(Section):
     region: str | None = Field(None, description="AWS region of the bucket; default the jobs' region (sagemaker.region), "
                                "which the sagemaker backend requires")
     workers: int = Field(16, ge=1, le=256, description="concurrent uploads")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        return _check_url(value)
 
 
 class TrainSettings(Section):
@@ -282,6 +359,11 @@ class Settings(Section):
     deploy: DeploySettings = Field(DeploySettings(), description="endpoints: the local server or SageMaker")
     sagemaker: SageMakerSettings = Field(SageMakerSettings(), description="the SageMaker backend")
 
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: Path) -> Path:
+        return _check_path(value)
+
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -293,17 +375,36 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    """{"train.epochs": 3} -> {"train": {"epochs": 3}}; None values (flags not given) are dropped."""
+def nest(dotted: dict[str, Any], name: Any = lambda key: key) -> dict[str, Any]:
+    """{"train.epochs": 3} -> {"train": {"epochs": 3}}; None values (flags not given) are dropped.
+
+    A key that is both a value and a section (`train=3` and `train.epochs=3`) is a BincountError;
+    `name(key)` says where a key came from (`--set train`, `BINCOUNT_TRAIN`).
+    """
     out: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}  # who set each value or section
+
+    def conflict(key: str, path: tuple[str, ...]) -> BincountError:
+        return BincountError(f"{name(key)} and {origin[path]} conflict: {'.'.join(path)} cannot be both a value "
+                             "and a section of settings")
+
     for key, value in dotted.items():
         if value is None:
             continue
-        node = out
         *parents, leaf = key.split(".")
+        node, path = out, ()
         for part in parents:
-            node = node.setdefault(part, {})
+            path += (part,)
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise conflict(key, path)
+            origin.setdefault(path, name(key))
+            node = child
+        path += (leaf,)
+        if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+            raise conflict(key, path)
         node[leaf] = value
+        origin[path] = name(key)
     return out
 
 
@@ -312,19 +413,20 @@ CONFIG_NAME = "bincount.yaml"  # found in the current dir, else in the work dir
 
 
 def _env_layer(environ: dict[str, str]) -> dict[str, Any]:
-    dotted = {}
+    dotted, names = {}, {}
     for name, raw in environ.items():
         if name == CONFIG_ENV:
             continue
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            names[key] = name
             try:
                 dotted[key] = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError):
                 dotted[key] = raw
             if dotted[key] is None:
                 dotted[key] = raw
-    return nest(dotted)
+    return nest(dotted, lambda key: names[key])
 
 
 def _yaml_layer(path: Path) -> dict[str, Any]:
@@ -332,11 +434,16 @@ def _yaml_layer(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BincountError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}  # bytes: PyYAML reads UTF-8/16 and reports bad bytes
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise BincountError(f"config file {path}: invalid YAML{where}") from None
+        what = "not UTF-8 or UTF-16 text" if isinstance(exc, yaml.reader.ReaderError) else "invalid YAML"
+        raise BincountError(f"config file {path}: {what}{where}") from None
+    except RecursionError:
+        raise BincountError(f"config file {path}: invalid YAML (nested too deeply)") from None
+    except OSError as exc:
+        raise BincountError(f"config file {path}: cannot read it ({exc.strerror})") from None
     if not isinstance(data, dict):
         raise BincountError(f"config file {path}: expected a mapping of sections at the top level")
     return data
@@ -374,6 +481,8 @@ def load_settings(
         origin = next((where for layer, where in ((flags, "--set or a flag"), (env, _env_name(loc)),
                                                    (file, str(config))) if _has(layer, loc)), "")
         raise BincountError(describe_validation_error(exc, f" (from {origin})" if origin else "")) from None
+    except RecursionError:
+        raise BincountError("invalid settings: a value is nested too deeply") from None
     return settings
 
 
@@ -420,7 +529,7 @@ def parse_set_option(items: list[str]) -> dict[str, Any]:
             raise BincountError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             out[key.strip()] = raw
     return out
 

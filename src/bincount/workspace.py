@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -75,20 +76,37 @@ class Workspace:
         return state
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def disk_error(path: Path, exc: BaseException) -> BaseException:
+    """A full disk, quota, read-only or permission error writing `path` as a one-line BincountError
+    (any other exception is returned as is, to be re-raised)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return BincountError(f"cannot write {path}: {exc.strerror or exc} (free some space or fix the permissions, "
+                             "then run the same command again: finished work is kept)")
+    return exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync it, and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = disk_error(path, exc)
+        if error is exc:
+            raise
+        raise error from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -111,14 +129,18 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise BincountError(f"{path} not found")
-    with path.open() as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise BincountError(f"{path}:{number}: not UTF-8 text") from None
             except json.JSONDecodeError as exc:
                 raise BincountError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise BincountError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise BincountError(f"{path}:{number}: expected a JSON object")
             yield row

@@ -228,3 +228,144 @@ def test_benchmark_script_runs_small():
     out = module.main(["--items", "12", "--small", "6", "--latency-ms", "1", "--repeat", "1", "--image-size", "64"])
     assert out["name"] == "fetch" and out["goal"] == 0.8 and out["ratio"] > 0 and out["s5cmd_s"] > 0
     assert out["peak_mib"]["fetch_large"] > 0 and out["rows"][0]["name"] == "fetch: bincount / s5cmd throughput"
+
+
+# -- hostile input and faults: one-line errors, nothing lost --------------------------------------
+def test_huge_id_range_is_not_materialised(cli, make_settings, tmp_path):
+    import time
+
+    started = time.perf_counter()
+    res = cli("config", "--json", "--workdir", tmp_path, "--set", "data.ids=1-100000000")
+    assert res.exit_code == 0, res.stderr
+    assert time.perf_counter() - started < 10  # was over a minute and 2.3 GB
+    with pytest.raises(BincountError, match="100,000,000 ids"):
+        fetch(make_settings(data__ids="1-100000000"))
+    settings = make_settings(data__ids="1-100000000", data__limit=3)  # with --limit it stops once enough
+    assert fetch(settings).items == 3
+
+
+def test_a_label_nested_too_deeply_is_rejected_also_when_cached(make_settings):
+    settings = make_settings(data__ids="1-3")
+    fetch(settings)
+    label = settings.workdir / "raw" / "metadata" / "00002.json"
+    label.write_text("[" * 30000 + "]" * 30000)  # cached: read locally on the rerun, not from the source
+    from bincount.data import manifest as mf
+
+    with pytest.raises(mf.LabelError, match="nested too deeply"):
+        mf.parse_label(label.read_bytes())
+    result = fetch(settings)  # the damaged cache is read again from the source
+    assert result.items == 3
+
+
+def test_an_image_whose_header_claims_absurd_dimensions_is_refused(make_settings, s3_server, abid_bucket):
+    import io
+
+    from PIL import Image
+
+    from .conftest import s3
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # the frame header: height and width, big-endian, after length and precision
+    data[sof + 5:sof + 9] = (12000).to_bytes(2, "big") + (12000).to_bytes(2, "big")
+    client = s3(s3_server)
+    client.put_object(Bucket="abid-test", Key="metadata/00301.json", Body=b'{"EXPECTED_QUANTITY": 1}')
+    client.put_object(Bucket="abid-test", Key="bin-images/00301.jpg", Body=bytes(data))
+    settings = make_settings(data__ids="1,301")
+    result = fetch(settings)
+    assert result.items == 1 and reasons(settings.workdir) == {"00301": "bad_image"}
+    detail = read_jsonl(settings.workdir / "reports" / "fetch-rejects.jsonl")[0]["detail"]
+    assert "12000x12000" in detail and "pixel limit" in detail, detail
+
+
+def test_a_corrupt_image_of_the_right_size_is_not_trusted_on_resume(make_settings, synth_source):
+    settings = make_settings(data__ids="1-4")
+    fetch(settings)
+    image = settings.workdir / "raw" / "bin-images" / "00003.jpg"
+    original = image.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2:len(damaged) // 2 + 64] = bytes(64)  # same size, other bytes (may still decode)
+    image.write_bytes(bytes(damaged))
+    result = fetch(settings)
+    assert result.fetched == 1 and result.present == 3
+    assert image.read_bytes() == original
+    row = {r["id"]: r for r in read_jsonl(settings.workdir / "manifest.jsonl")}["00003"]
+    assert row["sha256"] == hashlib.sha256(original).hexdigest()
+
+
+def test_a_full_disk_stops_fetch_with_one_line_and_keeps_the_manifest(cli, one_line_error, abid_bucket, s3_server,
+                                                                      monkeypatch, tmp_path):
+    import errno
+    import os
+
+    from bincount.data import fetch as fetch_module
+
+    workdir = tmp_path / "work"
+    first = cli("fetch", "--workdir", workdir, "--source", abid_bucket, "--endpoint-url", s3_server, "--limit", "3")
+    assert first.exit_code == 0, first.stderr
+    manifest = (workdir / "manifest.jsonl").read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch_module.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    res = cli("fetch", "--workdir", workdir, "--source", abid_bucket, "--endpoint-url", s3_server, "--limit", "20")
+    one_line_error(res, "No space left on device", "run the same command again")
+    assert (workdir / "manifest.jsonl").read_bytes() == manifest
+    assert not list(workdir.rglob("*.part"))
+
+
+def test_an_unresponsive_endpoint_fails_fast_with_a_hint(cli, one_line_error, tmp_path):
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept_and_say_nothing():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    thread.start()
+    try:
+        started = time.perf_counter()
+        res = cli("fetch", "--workdir", tmp_path, "--source", "s3://abid", "--ids", "1-4", "--workers", "2",
+                  "--endpoint-url", f"http://127.0.0.1:{server.getsockname()[1]}", "--set", "data.timeout=0.5")
+        took = time.perf_counter() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+    one_line_error(res, "has not answered", "data.timeout")
+    assert took < 20
+
+
+def test_bad_endpoint_url_and_non_utf8_id_file_are_one_line(cli, one_line_error, tmp_path):
+    one_line_error(cli("fetch", "--workdir", tmp_path, "--ids", "1-3", "--endpoint-url", "notaurl"), "data.endpoint_url")
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"00001\n\xff\xfe\x00bad\n")
+    one_line_error(cli("fetch", "--workdir", tmp_path, "--id-file", ids, "--source", str(tmp_path)), "not UTF-8")
+    ids.write_text("[" * 30000)
+    one_line_error(cli("fetch", "--workdir", tmp_path, "--id-file", ids, "--source", str(tmp_path)), "nested too deeply")

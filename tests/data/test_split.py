@@ -64,3 +64,13 @@ def test_split_errors(tmp_path, cli):
     assert res.exit_code == 1 and "appears twice" in res.stderr
     res = cli("split", "--workdir", tmp_path, "--train", "0.9")
     assert res.exit_code == 1 and "sum to 1" in res.stderr
+
+
+def test_a_split_with_an_empty_part_is_refused_at_split(tmp_path, cli, one_line_error):
+    from bincount.workspace import write_jsonl
+
+    one_line_error(cli("split", "--workdir", tmp_path, "--train", "0.8", "--val", "0.2", "--test", "0"), "split.test")
+    one_line_error(cli("split", "--workdir", tmp_path, "--train", "0.8", "--val", "0", "--test", "0.2"), "split.val")
+    write_jsonl(tmp_path / "manifest.jsonl", [{"id": f"{i:05d}", "count": i % 3, "image": f"raw/{i}.jpg"} for i in range(3)])
+    one_line_error(cli("split", "--workdir", tmp_path), "would get 0 of the 3 items")
+    assert not (tmp_path / "splits").exists()

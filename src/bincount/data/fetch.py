@@ -39,10 +39,12 @@ from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
-from bincount.workspace import Workspace, read_jsonl, write_jsonl
+from bincount.workspace import Workspace, disk_error, read_jsonl, write_jsonl
 
 CHUNK = 256 * 1024
 MAX_GAP = 1000  # an id scan stops after this many consecutive ids without a label
+MAX_PIXELS = 25_000_000  # an image whose header claims more is refused before decoding (ABID photos are ~0.2 MP)
+MAX_IDS = 2_000_000  # --ids without --limit (every id is tried and reported) selects at most this many
 _FATAL_CODES = {"NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "AllAccessDisabled", "InvalidBucketName", "PermanentRedirect", "301"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -96,7 +98,24 @@ class S3Source:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.endpoint = data.endpoint_url or "AWS S3"
         self.client = client("s3", region=data.region, endpoint_url=data.endpoint_url, unsigned=data.unsigned,
-                             max_pool_connections=data.workers, max_attempts=data.retries)
+                             max_pool_connections=data.workers, max_attempts=data.retries,
+                             connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout)
+        # An endpoint that accepts connections and never answers would otherwise cost retries x timeout per
+        # request: once it has been silent for `stall_s`, the next timeout stops the run.
+        self.stall_s, self.last_answer = 3 * data.timeout, time.monotonic()
+        self.client.meta.events.register_first("needs-retry.s3", self._on_attempt)
+
+    def _on_attempt(self, response: Any = None, caught_exception: Any = None, **_: Any) -> None:
+        """botocore's hook after every attempt: note answers; give up on a silent endpoint (None: no opinion)."""
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+        now = time.monotonic()
+        if response is not None:  # any HTTP answer, even a 503: the endpoint is alive
+            self.last_answer = now
+        elif isinstance(caught_exception, (ReadTimeoutError, ConnectTimeoutError)) and now - self.last_answer > self.stall_s:
+            raise BincountError(f"{self.endpoint} has not answered for {now - self.last_answer:.0f} s ({self.uri}): "
+                                "check --endpoint-url and the network, or raise data.timeout for a slow link")
+        return None
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -243,25 +262,35 @@ class Outcome:
     notes: list[tuple[str, str]] = field(default_factory=list)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def inspect_image(path: Path, sha256: str | None = None) -> dict:
-    """Decode the image once (PIL verify + load); return bytes, sha256, width, height or raise _BadImage."""
+    """Decode the image once (PIL verify + load); return bytes, sha256, width, height or raise _BadImage.
+
+    The size its header claims is checked first, without decoding: over MAX_PIXELS it is refused (a
+    2 KB JPEG can claim 12000x12000 and cost 600 MB to decode).
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise _BadImage(f"the header says {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit")
             img.verify()
         with Image.open(path) as img:
             img.load()
-            width, height = img.size
+    except _BadImage:
+        raise
     except Exception as exc:  # PIL raises many types for broken files
         raise _BadImage(f"{type(exc).__name__}: {exc}") from None
-    if sha256 is None:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-        sha256 = digest.hexdigest()
-    return {"bytes": path.stat().st_size, "sha256": sha256, "width": width, "height": height}
+    return {"bytes": path.stat().st_size, "sha256": sha256 or file_sha256(path), "width": width, "height": height}
 
 
 class Fetcher:
@@ -282,7 +311,12 @@ class Fetcher:
             except mf.LabelError:
                 pass  # perhaps damaged here (a crash before os.sync): read it from the source again
         if label is None:
-            raw = with_retries(lambda: self.source.read_label(ident), self.attempts)
+            try:
+                raw = with_retries(lambda: self.source.read_label(ident), self.attempts)
+            except Exception as exc:
+                if isinstance(exc, BincountError) or not _is_boto_error(exc):
+                    raise
+                return Outcome(ident, "rejected", reason=mf.FETCH_ERROR, detail=str(exc))
             if raw is None:
                 if self.scan:
                     return Outcome(ident, "absent")
@@ -311,8 +345,12 @@ class Fetcher:
         old = self.previous.get(ident)
         if path.is_file():
             size = path.stat().st_size
-            if old and old.get("image") == rel and old.get("bytes") == size and old.get("sha256"):
-                info = {k: old[k] for k in ("bytes", "sha256", "width", "height") if k in old}
+            if old and old.get("image") == rel and old.get("sha256"):
+                # listed by the last manifest: trusted only if its bytes are still the ones listed there
+                if old.get("bytes") == size and file_sha256(path) == old["sha256"]:
+                    info = {k: old[k] for k in ("bytes", "sha256", "width", "height") if k in old}
+                else:
+                    path.unlink()  # changed since it was fetched: fetch it again
             else:
                 try:
                     info = inspect_image(path)
@@ -358,20 +396,25 @@ def write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
     """Stream chunks to a temp file beside `path` and rename it into place; return the sha256.
 
     No fsync per file (it dominated the run time): fetch calls os.sync() once before it writes the
-    manifest, and a file the manifest does not list is decoded again before it is trusted.
+    manifest, and a file the manifest does not list is decoded again before it is trusted. A full
+    disk (or a read-only one) is a BincountError: the run stops, and a rerun resumes.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    digest = hashlib.sha256()
+    digest, tmp = hashlib.sha256(), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 digest.update(chunk)
                 fh.write(chunk)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = disk_error(path, exc)
+        if error is exc:
+            raise
+        raise error from None
     return digest.hexdigest()
 
 
@@ -421,17 +464,34 @@ class _Scan:
             n += 1
 
 
-def _candidates(data: DataSettings) -> tuple[list[str] | None, dict[str, int | None]]:
-    """Explicit ids (sorted by number) and count hints, or None for an open-ended scan."""
-    from bincount.config import parse_int_set
+class _IdRange:
+    """The ids of --ids, lazily (`1-100000000` is not a list of 100 million strings)."""
 
+    def __init__(self, spec: str):
+        from bincount.config import IntRanges
+
+        self.numbers = IntRanges(spec)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __iter__(self) -> Iterator[str]:
+        return (mf.image_id(n) for n in self.numbers)
+
+
+def _candidates(data: DataSettings) -> tuple[Iterable[str] | None, dict[str, int | None]]:
+    """Explicit ids (sorted by number) and count hints, or None for an open-ended scan."""
     if data.ids and data.id_file:
         raise BincountError("give --ids or --id-file, not both")
     if data.id_file:
         hints = mf.parse_id_file(data.id_file)
         return sorted(hints, key=mf.id_key), hints
     if data.ids:
-        return [mf.image_id(n) for n in parse_int_set(data.ids)], {}
+        ids = _IdRange(data.ids)
+        if len(ids) > MAX_IDS and (data.limit is None or data.balanced):
+            raise BincountError(f"--ids {data.ids} selects {len(ids):,} ids, over {MAX_IDS:,} (the bucket holds about "
+                                "536,000 bins): narrow the range, or add --limit to stop once enough are found")
+        return ids, {}
     if data.limit is None:
         raise BincountError("say what to fetch: --limit N, --ids 1-5000 or --id-file FILE")
     return None, {}

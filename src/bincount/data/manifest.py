@@ -91,7 +91,12 @@ def parse_id_file(path: Path) -> dict[str, int | None]:
     path = Path(path)
     if not path.is_file():
         raise BincountError(f"id file {path} not found")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BincountError(f"id file {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise BincountError(f"id file {path}: cannot read it ({exc.strerror})") from None
     if text.lstrip().startswith(("{", "[")):
         return _parse_json_ids(path, text)
     out: dict[str, int | None] = {}
@@ -113,6 +118,8 @@ def _parse_json_ids(path: Path, text: str) -> dict[str, int | None]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BincountError(f"id file {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise BincountError(f"id file {path}: not valid JSON (nested too deeply)") from None
     groups: list[tuple[int | None, object]]
     if isinstance(data, list):
         groups = [(None, data)]
@@ -149,6 +156,8 @@ def parse_label(raw: bytes) -> Label:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LabelError(BAD_LABEL, f"not valid JSON ({exc})") from None
+    except RecursionError:  # a cached label like this must not crash every rerun
+        raise LabelError(BAD_LABEL, "not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise LabelError(BAD_LABEL, f"expected a JSON object, got {type(data).__name__}")
     if "EXPECTED_QUANTITY" not in data:

@@ -64,6 +64,11 @@ def split(settings: Settings) -> SplitResult:
     s = settings.split
     ratios = {"train": s.train, "val": s.val, "test": s.test}
     parts = stratified_split(rows, ratios, s.seed)
+    need = {"train": 2, "val": 1, "test": 1}  # training needs a batch of two and a validation image
+    for name, least in need.items():
+        if len(parts[name]) < least:
+            raise BincountError(f"split: {name} would get {len(parts[name])} of the {len(rows)} items (it needs at least "
+                                f"{least}); fetch more items or change the shares (now {s.train:g}/{s.val:g}/{s.test:g})")
     files = {}
     for name in SPLITS:
         write_jsonl(ws.split(name), parts[name])
