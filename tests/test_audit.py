@@ -96,3 +96,14 @@ def test_missing_manifest_and_bad_rows_are_one_line_errors(cli, tmp_path, sure_o
     write_jsonl(bad, [{"id": "1", "image": "x.jpg"}])
     res = cli("audit", "--workdir", tmp_path, "--model", sure_of_two, "--manifest", bad)
     assert res.exit_code == 1 and 'row 1 needs an integer "count"' in res.stderr
+
+
+def test_ids_and_errors_with_markup_characters_are_printed_as_they_are(cli, work, sure_of_two):
+    rows = [json.loads(line) for line in (work / "splits" / "test.jsonl").read_text().splitlines()]
+    rows[1]["id"] = "[/]odd[bold]"
+    rows[-1]["image"] = "raw/[/]missing.jpg"
+    write_jsonl(work / "splits" / "test.jsonl", rows)
+    res = cli("audit", "--workdir", work, "--model", sure_of_two)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.exit_code == 1  # the missing image is an error row
+    assert "[/]odd[bold]" in "".join(res.stdout.split())

@@ -132,3 +132,40 @@ def test_confusion_matrix_shows_n_accuracy_and_a_row_normalised_view():
     assert [t.get_text() for t in counts.texts] == ["8", "2", "1", "9"]
     assert [t.get_text() for t in rates.texts] == ["0.80", "0.20", "0.10", "0.90"]
     assert [t.get_text() for t in rates.get_yticklabels()] == ["0 (n=10)", "1 (n=10)"]
+
+
+def _claims(width: int, height: int) -> bytes:
+    """A tiny valid JPEG whose frame header claims width x height pixels (a decompression bomb's header)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_decompression_bomb_is_skipped_not_a_crash(synth_source, tmp_path):
+    rows = [{"id": p.stem, "count": 1, "image": str(p)} for p in sorted((synth_source / "bin-images").glob("*.jpg"))[:3]]
+    for name, (w, h) in {"bomb": (20000, 20000), "big": (9000, 9000)}.items():
+        (tmp_path / f"{name}.jpg").write_bytes(_claims(w, h))
+        rows.append({"id": name, "count": 1, "image": str(tmp_path / f"{name}.jpg")})
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    settings = load_settings(overrides={"workdir": str(tmp_path)}, environ={})
+    result = evaluate(settings, manifest=tmp_path / "m.jsonl", model=_model_dir(tmp_path / "m"))
+    assert result.n == 3 and result.skipped == 2
+
+
+def test_meta_classes_that_do_not_match_the_head_are_one_line(tmp_path, cli, one_line_error):
+    model = write_model_dir(tmp_path / "m", "mobilenet_v3_small", classes=[0, 1, 2])
+    write_jsonl(tmp_path / "m.jsonl", [{"id": "1", "count": 1, "image": str(tmp_path / "any.jpg")}])
+    settings = load_settings(overrides={"workdir": str(tmp_path)}, environ={})
+    with pytest.raises(BincountError, match="classes .* do not match num_classes=6"):
+        evaluate(settings, manifest=tmp_path / "m.jsonl", model=model)
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.jpg")
+    one_line_error(cli("predict", "--workdir", tmp_path, "--model", model, tmp_path / "a.jpg"), "do not match")

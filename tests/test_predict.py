@@ -167,3 +167,15 @@ def test_a_broken_model_is_a_one_line_error(cli, model_dir, images, tmp_path):
     (broken / "model.pth").write_bytes(b"not a state dict")
     res = cli("predict", images, "--workdir", tmp_path, "--model", broken)
     assert res.exit_code == 1 and "cannot load the model in" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_paths_with_markup_characters_are_printed_as_they_are(cli, model_dir, images, tmp_path):
+    folder = tmp_path / "odd[bold]["
+    (folder / "]x[").mkdir(parents=True)
+    shutil.copy(next(images.glob("*.jpg")), folder / "]x[" / "].jpg")  # the path holds "[/]" and "[bold]"
+    missing = str(tmp_path / "[/]nope.jpg")
+    res = cli("predict", "--workdir", tmp_path, "--model", model_dir, folder, missing)
+    assert res.exit_code == 1  # the missing one failed; the table is still printed
+    assert "Traceback" not in res.stderr
+    flat = "".join(res.stdout.split())  # the table may fold long paths across lines
+    assert "odd[bold][/]x[/].jpg" in flat and "[/]nope.jpg" in flat and "notfound" in flat

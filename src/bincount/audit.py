@@ -55,6 +55,7 @@ class AuditResult(Result):
     def rich(self) -> Any:
         from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=f"bins to look at (top {self.top}, full list in {self.csv})", title_justify="left")
         for name in ("id", "expected", "predicted", "confidence", "action"):
@@ -63,7 +64,7 @@ class AuditResult(Result):
         for row in [r for r in self.rows if r.action != "ok"][: self.top]:
             table.add_row(row.id, str(row.expected), "" if row.predicted is None else str(row.predicted),
                           "" if row.confidence is None else f"{row.confidence:.3f}",
-                          f"[{style[row.action]}]{row.action}[/]" + (f" ({row.error})" if row.error else ""))
+                          Text(row.action, style=style[row.action]) + (f" ({row.error})" if row.error else ""))
         summary = key_value_table(title="audit")
         pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
         for key, value in (("bins", self.bins), ("agreement", f"{pct(self.agreement)} of {self.scored} scored"),

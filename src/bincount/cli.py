@@ -140,7 +140,9 @@ def _print(result: Any, json_out: bool) -> None:
 
         from bincount.results import plain_boxes
 
-        console = Console(soft_wrap=not sys.stdout.isatty())
+        # markup off: paths, ids and errors in results are printed as they are (`[/]` in a file name is no tag);
+        # a result styles its cells with rich Text, not markup
+        console = Console(soft_wrap=not sys.stdout.isatty(), markup=False)
         view = result.rich()
         console.print(view if console.is_terminal else plain_boxes(view))
     sys.stdout.flush()

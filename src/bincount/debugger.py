@@ -231,11 +231,12 @@ def check_run(settings, run_dir: Path, history: list[dict[str, float]] | None = 
 
 def rules_table(findings: list[Finding]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="Debugger rules (local)", title_justify="left")
     for column in ("rule", "status", "detail"):
         table.add_column(column)
     colours = {"IssuesFound": "yellow", "NoIssuesFound": "green", "NotRun": "dim"}
     for f in findings:
-        table.add_row(f["rule"], f"[{colours[f['status']]}]{f['status']}[/]", f["detail"])
+        table.add_row(f["rule"], Text(f["status"], style=colours[f["status"]]), f["detail"])
     return table

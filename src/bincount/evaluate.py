@@ -120,11 +120,15 @@ def predict_counts(model_dir: Path, paths: list[Path], tta: bool | None = None,
 
         raise load_error(model_dir, exc) from None
 
+    from bincount.container.inference import MAX_PIXELS
+
     def load(path: Path):
         try:
             with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:  # from the header: a decompression bomb is not decoded
+                    return None
                 return net.to_uint8(image, size)
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - unreadable, truncated or a bomb PIL refuses: skipped and counted
             return None
 
     out: list[int | None] = []

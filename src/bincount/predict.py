@@ -57,13 +57,14 @@ class PredictResult(Result):
         if self.output_format == "csv":
             return Raw(items_csv(self.items))
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=f"predictions ({self.target})", title_justify="left")
         for name, justify in (("image", "left"), ("count", "right"), ("confidence", "right"), ("error", "left")):
             table.add_column(name, justify=justify, overflow="fold")
         for item in self.items:
             if item.error:
-                table.add_row(item.image, "", "", f"[red]{item.error}[/]")
+                table.add_row(item.image, "", "", Text(item.error, style="red"))
             else:
                 table.add_row(item.image, str(item.count), f"{item.confidence:.3f}", "")
         table.caption = f"{self.predicted} predicted, {self.failed} failed"

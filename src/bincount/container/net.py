@@ -126,6 +126,9 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     """Load model.pth (weights_only) and meta.json from a model dir; returns (model in eval mode, meta)."""
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / "meta.json").read_text())
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) != meta["num_classes"]:
+        raise ValueError(f"meta.json: classes {str(classes)[:40]} do not match num_classes={meta['num_classes']}")
     model = build_model(meta["arch"], meta["num_classes"], "none", meta.get("stem", "standard"))
     state = torch.load(model_dir / "model.pth", map_location=device, weights_only=True)
     model.load_state_dict(state)
