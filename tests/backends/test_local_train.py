@@ -113,3 +113,75 @@ def test_train_then_evaluate(synth_source, tmp_path, cli):
     res = cli("evaluate", "--workdir", workdir, "--model", out["model_data"])
     assert res.exit_code == 0, res.stderr
     assert "55.67% accuracy, RMSE 0.930" in res.stdout
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_killing_bincount_train_does_not_orphan_train_py(synth_source, tmp_path, signal_name):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = make_workdir(synth_source, tmp_path / "w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BINCOUNT_")}
+    import bincount
+
+    env["PYTHONPATH"] = str(Path(bincount.__file__).resolve().parents[1])  # the tree under test
+    parent = subprocess.Popen([sys.executable, "-m", "bincount", "train", "--workdir", str(workdir), "--epochs", "500",
+                               "--arch", "mobilenet_v3_small", "--image-size", "32"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while child is None and time.monotonic() < deadline and parent.poll() is None:
+            for pid in _children(parent.pid):
+                try:
+                    if "train.py" in Path(f"/proc/{pid}/cmdline").read_text():
+                        child = pid
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.2)
+        assert child is not None, parent.stderr.read() if parent.poll() is not None else "train.py never started"
+        time.sleep(1)
+        parent.send_signal(getattr(signal, signal_name))
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child), f"train.py ({child}) outlived bincount train killed by {signal_name}"
+        if signal_name == "SIGTERM":
+            assert parent.returncode != 0 and "Traceback" not in parent.stderr.read()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_is_one_line_from_the_local_backend(synth_source, tmp_path):
+    from bincount.backends.local_train import make_channels, run_script
+
+    workdir = make_workdir(synth_source, tmp_path / "w")
+    settings = settings_for(workdir, **{"train.epochs": 1, "train.ema_decay": 0})
+    hp = {**settings.train.hyperparameters(5), "lr": 1e20}
+    with pytest.raises(BincountError, match=r"training failed \(exit 2\): the loss is not finite at epoch 1") as err:
+        run_script(hp, tmp_path / "run", make_channels(settings))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "model" / "model.pth").exists()

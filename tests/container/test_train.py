@@ -276,3 +276,28 @@ def test_smdebug_shim_writes_tensors_without_ndarray_tostring():
     proto = writer.make_tensor_proto(nparray_data=array, tag="t")
     assert proto.tensor_content == array.tobytes()
     assert [d.size for d in proto.tensor_shape.dim] == [2, 3]
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_and_ships_nothing(channels, tmp_path):
+    res = run_train(channels, tmp_path / "run", "--epochs", "3", "--lr", "1e20", "--ema_decay", "0", timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the loss is not finite at epoch 1" in errors[0] and "lower the learning rate" in errors[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "model" / "model.pth").exists()
+    assert "epoch=" not in res.stdout  # not even an epoch line with nan for a tuner to read
+    res = run_train(channels, tmp_path / "run", "--epochs", "1", "--lr", "inf", timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: --lr inf is not a finite number"
+
+
+def test_a_truncated_checkpoint_names_the_file_and_how_to_restart(channels, tmp_path):
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    for damaged in (b"PK\x03\x04 truncated zip", b""):
+        checkpoint.write_bytes(damaged)
+        res = run_train(channels, run, "--epochs", "1", timeout=120)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: checkpoint {checkpoint} is unreadable") and f"mv {checkpoint} " in last

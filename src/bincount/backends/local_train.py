@@ -18,6 +18,7 @@ Reusable pieces (the local tuner uses them for its trials):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -150,7 +151,7 @@ def run_script(hyperparameters: dict[str, Any], run_dir: Path, channels: dict[st
     history: dict[int, dict[str, float]] = {}
     with open(run_dir / "train.log", "a") as log, subprocess.Popen(
             command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            bufsize=1) as proc:
+            bufsize=1, preexec_fn=_die_with_parent_fn()) as proc, _sigterm_interrupts():
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
                 log.write(line)
@@ -176,6 +177,40 @@ def run_script(hyperparameters: dict[str, Any], run_dir: Path, channels: dict[st
     meta = json.loads((model_dir / "meta.json").read_text())
     return {"metrics": meta["metrics"], "history": meta.get("history") or list(history.values()),
             "model_dir": model_dir, "run_dir": run_dir, "log": run_dir / "train.log", "meta": meta}
+
+
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """A preexec_fn for Popen: on Linux the child gets SIGTERM when the thread that started it dies, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG), so no orphaned train.py trains on unseen. Resolved in the parent:
+    the child only makes the call (no imports between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl, pr_set_pdeathsig, sigterm = ctypes.CDLL(None).prctl, 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While train.py runs, SIGTERM to bincount interrupts it like Ctrl-C, so run_script stops the child
+    and waits for it (the default SIGTERM would kill bincount at once). Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _last_error(lines: deque[str]) -> str:

@@ -596,8 +596,23 @@ class CheckpointWriter:
 def load_checkpoint(folder: Path | None, dist: Dist) -> dict | None:
     ckpt = None
     if dist.main and folder is not None and (folder / CHECKPOINT).is_file():
-        ckpt = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+        path = folder / CHECKPOINT
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt: a stream-reader error, an EOFError, ...
+            first = (str(exc).strip().splitlines() or [""])[0][:120]
+            raise UsageError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {first}); move it aside "
+                             f"(mv {path} {path}.bad) to train this run again from epoch 1") from None
     return dist.broadcast(ckpt)
+
+
+def check_finite(epoch: int, metrics: dict[str, float], lr: float) -> None:
+    """Stop a run whose loss is no longer finite (nan or inf weights would be shipped otherwise)."""
+    bad = {k: v for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)}
+    if bad:
+        what = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise UsageError(f"the loss is not finite at epoch {epoch} ({what}): training stopped and no model was "
+                         f"written; lower the learning rate (lr {lr:g}) or check the data")
 
 
 def usable_dir(path: str | None) -> Path | None:
@@ -642,6 +657,9 @@ def run(args: argparse.Namespace) -> dict:
     started = time.time()
     if args.num_classes < 2:
         raise UsageError("num_classes must be at least 2")
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} {value} is not a finite number")
     dist = Dist()
     device = dist.device
     cuda = device.type == "cuda"
@@ -716,6 +734,7 @@ def run(args: argparse.Namespace) -> dict:
         val = evaluate(model, val_data, loss_fn, device, channels_last, amp, dist)
         metrics = {"train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                    "val_rmse": val["rmse"], "lr": lr}
+        check_finite(epoch, metrics, args.lr)  # the same on every rank: the losses are summed over all of them
         history.append({"epoch": epoch, **metrics})
         if better(metrics, best_metrics):
             best_metrics = {"epoch": epoch, **metrics}
