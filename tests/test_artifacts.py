@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def test_resolve_model_from_a_dir_an_archive_s3_or_the_state(s3_server, tmp_path
     from bincount.workspace import Workspace
 
     ws = Workspace(tmp_path / "w")
-    settings = load_settings(overrides={"workdir": str(ws.root), "s3.endpoint_url": s3_server}, environ={})
+    settings = load_settings(overrides={"workdir": str(ws.root), "s3.endpoint_url": s3_server,
+                                        "deploy.trust_code": True}, environ={})  # its net.py is not ours
     with pytest.raises(BincountError, match="run `bincount train` first"):
         resolve_model(settings)
     with pytest.raises(BincountError, match="or pass --model PATH"):  # deploy.s option
@@ -122,3 +124,64 @@ def test_the_training_script_writes_the_same_serving_code_as_the_package():
     # container/ cannot import this package, so train.py keeps its own copy of these two.
     assert train.CODE_FILES == artifacts.SERVING_FILES
     assert train.SERVING_REQUIREMENTS == artifacts.SERVING_REQUIREMENTS
+
+
+def _trojan(tmp_path: Path) -> Path:
+    """A model whose code/inference.py is this version's plus one line that leaves a mark when it runs."""
+    from bincount.artifacts import write_model_dir
+
+    model = write_model_dir(tmp_path / "trojan", "mobilenet_v3_small")
+    inference = model / "code" / "inference.py"
+    mark = tmp_path / "it-ran"
+    inference.write_text(inference.read_text() + f"\nopen({str(mark)!r}, 'w').close()\n")
+    return package_model(model, tmp_path / "trojan.tar.gz")
+
+
+def test_an_artifacts_own_code_runs_only_when_identical_or_trusted(cli, one_line_error, tmp_path):
+    from PIL import Image
+
+    from bincount.artifacts import write_model_dir
+
+    tar, image = _trojan(tmp_path), tmp_path / "bin.jpg"
+    Image.new("RGB", (32, 32)).save(image)
+    work, manifest = tmp_path / "w", tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "1", "count": 1, "image": str(image)}) + "\n")
+    one_line_error(cli("predict", "--workdir", work, "--model", tar, image), "inference.py", "deploy.trust_code=true")
+    one_line_error(cli("evaluate", "--workdir", work, "--model", tar, "--manifest", manifest), "inference.py")
+    one_line_error(cli("audit", "--workdir", work, "--model", tar, "--manifest", manifest), "inference.py")
+    one_line_error(cli("serve", "--workdir", work, "--model", tar, "--port", "0"), "inference.py")
+    assert not (tmp_path / "it-ran").exists()
+
+    res = cli("predict", "--workdir", work, "--model", tar, image, "--set", "deploy.trust_code=true", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "it-ran").exists()  # trusted: its code ran, as it would on SageMaker
+
+    ours = write_model_dir(tmp_path / "ours", "mobilenet_v3_small")
+    assert cli("predict", "--workdir", work, "--model", ours, image).exit_code == 0  # byte-identical code: fine
+    (ours / "code" / "sagemaker_inference").mkdir()  # anything else in code/ could shadow an import
+    one_line_error(cli("predict", "--workdir", work, "--model", ours, image), "sagemaker_inference")
+
+
+def test_archive_size_caps_are_checked_before_anything_is_written(tmp_path, monkeypatch):
+    from bincount import artifacts
+
+    def archive(name: str, members: dict[str, int]) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as t:
+            for member, size in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = size
+                t.addfile(info, io.BytesIO(bytes(size)))
+        return path
+
+    monkeypatch.setattr(artifacts, "MAX_TOTAL_BYTES", 3 << 20)
+    monkeypatch.setattr(artifacts, "MAX_MEMBER_BYTES", 2 << 20)
+    cases = {
+        "would expand to 4,194,304 bytes": {"model.pth": 2 << 20, "meta.json": 2 << 20},  # 2 files, 4 MiB in all
+        "over the 2,097,152 byte limit per file": {"model.pth": 3 << 20, "meta.json": 2},
+        "over 64 files": {"model.pth": 1, "meta.json": 2, **{f"code/f{i}.py": 1 for i in range(70)}},
+    }
+    for message, members in cases.items():
+        with pytest.raises(BincountError, match=message):
+            extract_model(archive("big.tar.gz", members), tmp_path / "dest")
+        assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest.*"))

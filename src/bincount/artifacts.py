@@ -29,6 +29,10 @@ CODE_FILES = (*SERVING_FILES, "requirements.txt")
 SERVING_REQUIREMENTS = (
     "# Serving needs only torch, torchvision and Pillow, which the SageMaker PyTorch inference container has.\n")
 REQUIRED = ("model.pth", "meta.json")
+# Extraction caps: a bincount artifact is weights (resnet50: ~100 MB), meta.json and a few code files.
+MAX_MEMBERS = 64
+MAX_MEMBER_BYTES = 512 << 20  # 512 MiB
+MAX_TOTAL_BYTES = 512 << 20  # 512 MiB, all members together
 
 
 def write_serving_code(dest: Path) -> Path:
@@ -89,9 +93,19 @@ def extract_model(tar_path: Path, dest: Path) -> Path:
         raise BincountError(f"{tar_path} not found")
     try:
         with tarfile.open(tar_path, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
+            members = []
+            for member in tar:  # headers only: sizes are checked before a byte is written
+                members.append(member)
+                if len(members) > MAX_MEMBERS:
+                    raise BincountError(f"{tar_path}: over {MAX_MEMBERS} files in the archive; not a bincount model")
                 _check_member(member, tar_path)
+                if member.size > MAX_MEMBER_BYTES:
+                    raise BincountError(f"{tar_path}: {member.name!r} would expand to {member.size:,} bytes, over "
+                                        f"the {MAX_MEMBER_BYTES:,} byte limit per file")
+            total = sum(m.size for m in members)
+            if total > MAX_TOTAL_BYTES:
+                raise BincountError(f"{tar_path}: the archive would expand to {total:,} bytes, over the "
+                                    f"{MAX_TOTAL_BYTES:,} byte limit")
             names = {Path(m.name).as_posix().lstrip("./") for m in members if m.isfile()}
             missing = [n for n in REQUIRED if n not in names]
             if missing:
@@ -110,6 +124,30 @@ def extract_model(tar_path: Path, dest: Path) -> Path:
         reason = "not a tar or tar.gz file" if isinstance(exc, tarfile.ReadError) else " ".join(str(exc).split())
         raise BincountError(f"{tar_path}: cannot read the model archive ({reason})") from None
     return dest
+
+
+def check_code(model_dir: Path, trust: bool = False) -> Path:
+    """The trust rule for code inside model artifacts, used wherever a model is loaded (serve, deploy,
+    predict, evaluate, audit): an artifact's code/ runs in this process only if every file in it is
+    byte-identical to this bincount version's serving code, or the user trusts it (deploy.trust_code).
+    Model weights never run code (torch.load with weights_only=True); meta.json is plain JSON.
+    """
+    code = Path(model_dir) / "code"
+    if trust or not code.is_dir():
+        return model_dir
+    shutil.rmtree(code / "__pycache__", ignore_errors=True)  # bytecode cannot be compared: Python rebuilds it
+    ours = {name: (CONTAINER / name).read_bytes() for name in SERVING_FILES}
+    foreign = []
+    for path in sorted(code.iterdir()):
+        if path.name == "requirements.txt" and path.is_file():
+            continue  # read by SageMaker's container at deploy time, never run here
+        if path.name not in ours or not path.is_file() or path.read_bytes() != ours[path.name]:
+            foreign.append(path.name)
+    if foreign:
+        raise BincountError(f"{model_dir} carries code that is not this bincount version's ({', '.join(foreign[:5])} "
+                            f"in code/): it would run in this process. If you trust its source, pass --set "
+                            "deploy.trust_code=true; else delete its code/ folder to use this version's code")
+    return model_dir
 
 
 def _file_digest(path: Path) -> str:
@@ -171,6 +209,7 @@ def resolve_model(settings: Settings, model: Path | str | None = None, option: s
     """A local model dir for `model`: a model dir, a model.tar.gz, an s3:// URI of one, or None for the
     last trained model in state.json. Archives are downloaded and unpacked safely once, into
     <workdir>/models/cache/, and reused. `option` names the CLI option in the error when there is none.
+    Its code/ must pass check_code (the trust rule).
     """
     from bincount.workspace import Workspace
 
@@ -179,8 +218,10 @@ def resolve_model(settings: Settings, model: Path | str | None = None, option: s
     cache = ws.models / "cache"
     if source.startswith("s3://"):
         name = hashlib.sha256(source.encode()).hexdigest()[:16]
-        return model_dir_from(_download(settings, source, cache / "downloads" / f"{name}.tar.gz"), cache)
-    return model_dir_from(Path(source), cache)
+        model_dir = model_dir_from(_download(settings, source, cache / "downloads" / f"{name}.tar.gz"), cache)
+    else:
+        model_dir = model_dir_from(Path(source), cache)
+    return check_code(model_dir, settings.deploy.trust_code)
 
 
 def write_model_dir(dest: Path, arch: str = "resnet18", image_size: int = 32, *, num_classes: int = 6,

@@ -284,6 +284,8 @@ class DeploySettings(Section):
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
     model_data: str | None = Field(None, description="model.tar.gz (path or s3:// URI); default: the one in state.json")
     workers: int = Field(8, ge=1, le=128, description="concurrent predict requests")
+    trust_code: bool = Field(False, description="run a model artifact's own code/ even when it differs from this "
+                             "version's (serve, predict, evaluate, audit): only for artifacts you trust")
 
     @field_validator("memory_size_mb")
     @classmethod

@@ -370,7 +370,8 @@ def deploy_local(settings: Settings, timeout: float = 120.0) -> LocalEndpointRes
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
     cmd = [sys.executable, "-m", "bincount", "serve", "--model", str(model_dir), "--workdir", str(Path(settings.workdir).resolve()),
-           "--host", settings.deploy.host, "--port", str(settings.deploy.port)]
+           "--host", settings.deploy.host, "--port", str(settings.deploy.port),
+           *(["--set", "deploy.trust_code=true"] if settings.deploy.trust_code else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
