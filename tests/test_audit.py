@@ -95,7 +95,7 @@ def test_missing_manifest_and_bad_rows_are_one_line_errors(cli, tmp_path, sure_o
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, [{"id": "1", "image": "x.jpg"}])
     res = cli("audit", "--workdir", tmp_path, "--model", sure_of_two, "--manifest", bad)
-    assert res.exit_code == 1 and 'row 1 needs an integer "count"' in res.stderr
+    assert res.exit_code == 1 and 'bad.jsonl:1: a row needs an integer "count"' in res.stderr
 
 
 def test_ids_and_errors_with_markup_characters_are_printed_as_they_are(cli, work, sure_of_two):

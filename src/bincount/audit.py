@@ -18,7 +18,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
-from bincount.workspace import Workspace, atomic_write_text, read_jsonl
+from bincount.workspace import Workspace, atomic_write_text, read_manifest
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
 COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
@@ -106,12 +106,9 @@ def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0
         raise BincountError(f"--threshold {threshold}: must be between 0 and 1")
     ws = Workspace(settings.workdir)
     manifest = Path(manifest) if manifest else ws.require(ws.split("test"), "run `bincount split` or pass --manifest")
-    rows = read_jsonl(manifest)
+    rows = read_manifest(manifest)
     if not rows:
         raise BincountError(f"{manifest} has no rows")
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row.get("count"), int) or isinstance(row.get("count"), bool) or not row.get("image"):
-            raise BincountError(f"{manifest}: row {number} needs an integer \"count\" and an \"image\"")
     target = resolve_target(settings, endpoint, model)
     try:
         items = run_predictions(settings, _sources(settings, rows, ws.root), target, description="audit")

@@ -15,7 +15,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
-from bincount.workspace import Workspace, atomic_write_bytes, atomic_write_text, read_jsonl
+from bincount.workspace import Workspace, atomic_write_bytes, atomic_write_text, read_jsonl, read_manifest
 
 ABID_BASELINE = {"accuracy": 0.5567, "rmse": 0.930}  # ABID challenge baseline, moderate task (counts 0..5)
 BATCH = 64
@@ -266,7 +266,7 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
     """
     ws = Workspace(settings.workdir)
     manifest = Path(manifest) if manifest else ws.require(ws.split("test"), "run `bincount split` first")
-    rows = read_jsonl(manifest)
+    rows = read_manifest(manifest)
     if not rows:
         raise BincountError(f"{manifest} is empty")
     from bincount.artifacts import resolve_model

@@ -125,6 +125,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return list(iter_jsonl(path))
 
 
+def read_manifest(path: Path, need: tuple[str, ...] = ("image", "count")) -> list[dict[str, Any]]:
+    """A manifest's rows, each checked for the keys a stage needs: "id" (text or a number), "image" (a path
+    or s3:// URI) and "count" (an integer >= 0). A bad row is a BincountError naming the file and line."""
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, 1):
+        ident, image, count = row.get("id"), row.get("image"), row.get("count")
+        if "id" in need and (isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == ""):
+            raise BincountError(f"{path}:{number}: a row needs an \"id\" (text or a number)")
+        if "image" in need and (not isinstance(image, str) or not image.strip() or "\x00" in image):
+            raise BincountError(f"{path}:{number}: a row needs an \"image\" (a path or s3:// URI)")
+        if "count" in need and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise BincountError(f"{path}:{number}: a row needs an integer \"count\" >= 0")
+    return rows
+
+
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.exists():

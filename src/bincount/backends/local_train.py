@@ -33,7 +33,7 @@ from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 from bincount.state import LocalTraining, PendingTraining
-from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_jsonl
+from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_manifest
 
 CONTAINER = Path(__file__).resolve().parent.parent / "container"
 SCRIPT = CONTAINER / "train.py"
@@ -78,7 +78,7 @@ def make_channels(settings: Settings) -> dict[str, Path]:
                 continue
             raise BincountError(f"{path} not found: run `bincount split` first")
         rows = []
-        for row in read_jsonl(path):
+        for row in read_manifest(path):
             image = Path(row["image"])
             rows.append({**row, "image": str(image if image.is_absolute() else root / image)})
         folder = root / "channels" / split

@@ -14,7 +14,7 @@ from bincount.config import Settings
 from bincount.data.manifest import allocate, id_key
 from bincount.errors import BincountError
 from bincount.results import Result, per_class_table
-from bincount.workspace import SPLITS, Workspace, read_jsonl, write_jsonl
+from bincount.workspace import SPLITS, Workspace, read_manifest, write_jsonl
 
 
 class SplitResult(Result):
@@ -51,13 +51,11 @@ def split(settings: Settings) -> SplitResult:
     ws = Workspace(settings.workdir)
     if not ws.manifest.exists():
         raise BincountError(f"{ws.manifest} not found: run `bincount fetch` first")
-    rows = read_jsonl(ws.manifest)
+    rows = read_manifest(ws.manifest, need=("id", "count"))
     if not rows:
         raise BincountError(f"{ws.manifest} is empty: run `bincount fetch` first")
     seen: set[str] = set()
     for number, row in enumerate(rows, 1):
-        if "id" not in row or not isinstance(row.get("count"), int):
-            raise BincountError(f"{ws.manifest}:{number}: a row needs an id and an integer count")
         if row["id"] in seen:
             raise BincountError(f"{ws.manifest}:{number}: id {row['id']} appears twice")
         seen.add(row["id"])
