@@ -246,3 +246,22 @@ def test_fetch_keeps_good_items_and_rejects_bad_bytes(data: bytes, label: bytes,
         result = json.loads(res.stdout)
         assert result["items"] in (2, 3) and result["present"] == 2
         assert all(p.read_bytes() == blob for p, blob in kept.items())  # nothing fetched before is lost
+
+
+@FEW
+@given(content=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
+       | st.dictionaries(st.sampled_from(["training", "endpoint", "tuning", "channels", "training_pending"]),
+                         json_values, max_size=3).map(lambda d: json.dumps(d).encode())
+       | deep.map(lambda s: s.replace("{a: ", '{"a": ').encode()))
+def test_state_json_of_any_bytes_is_read_or_refused_in_one_line(content: bytes):
+    from bincount.state import State
+    from bincount.workspace import Workspace
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(tmp)
+        ws.state_path.write_bytes(content)
+        try:
+            assert isinstance(ws.state(), State)
+        except BincountError as exc:
+            assert "\n" not in str(exc)
+        assert ws.state_path.read_bytes() == content

@@ -61,9 +61,12 @@ class Workspace:
         if not self.state_path.exists():
             return State()
         try:
-            raw = json.loads(self.state_path.read_text())
+            raw = json.loads(self.state_path.read_bytes().decode("utf-8"))
         except json.JSONDecodeError as exc:
             raise BincountError(f"{self.state_path} is not valid JSON ({exc.msg}); fix or delete it") from None
+        except (UnicodeDecodeError, RecursionError):
+            raise BincountError(f"{self.state_path} is not valid JSON (not UTF-8, or nested too deeply); "
+                                "fix or delete it") from None
         return State.load(raw, self.state_path)
 
     def update_state(self, **changes: Record | dict[str, Any] | None) -> State:
