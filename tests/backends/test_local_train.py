@@ -115,6 +115,12 @@ def test_train_then_evaluate(synth_source, tmp_path, cli):
     assert "55.67% accuracy, RMSE 0.930" in res.stdout
 
 
+def _children_listed() -> bool:
+    import os
+
+    return Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -129,7 +135,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.skipif(not _children_listed(), reason="needs Linux /proc/PID/task/TID/children")
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_killing_bincount_train_does_not_orphan_train_py(synth_source, tmp_path, signal_name):
     import os

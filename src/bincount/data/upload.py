@@ -19,7 +19,7 @@ from bincount.config import Settings
 from bincount.console import progress
 from bincount.errors import BincountError
 from bincount.results import Result
-from bincount.workspace import SPLITS, Workspace, read_jsonl
+from bincount.workspace import SPLITS, Workspace, read_manifest
 
 
 class UploadResult(Result):
@@ -75,7 +75,7 @@ def _jobs(ws: Workspace, base: str) -> tuple[dict[str, list[_Job]], dict[str, in
         path = ws.split(split)
         if not path.exists():
             raise BincountError(f"{path} not found: run `bincount split` first")
-        rows = read_jsonl(path)
+        rows = read_manifest(path, need=("id", "image"))
         jobs[split], channel_rows = [], []
         for number, row in enumerate(rows, 1):
             if "id" not in row or "image" not in row:
