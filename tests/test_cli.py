@@ -111,3 +111,10 @@ def test_non_utf8_config_and_lr_inf_are_one_line(cli, one_line_error, tmp_path):
 
 def test_a_message_with_a_newline_stays_on_one_line(cli, one_line_error):
     one_line_error(cli("config", "--set", "train.epochs\nx=3"), "unknown key")
+
+
+def test_a_log_line_with_a_closing_tag_in_a_path_is_printed_as_it_is(capsys):
+    from bincount.console import log
+
+    log("predicting with the model in /tmp/odd[/]dir")
+    assert "/tmp/odd[/]dir" in capsys.readouterr().err

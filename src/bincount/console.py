@@ -58,4 +58,9 @@ def progress(transient: bool = False):
 
 
 def log(message: str) -> None:
-    err_console().print(message, highlight=False, soft_wrap=True)  # a log line is never wrapped
+    from rich.errors import MarkupError
+
+    try:
+        err_console().print(message, highlight=False, soft_wrap=True)  # a log line is never wrapped
+    except MarkupError:  # a path or id with brackets in it, like "[/]": print it as it is
+        err_console().print(message, highlight=False, soft_wrap=True, markup=False)
