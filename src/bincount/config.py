@@ -117,7 +117,7 @@ class DataSettings(Section):
     retries: int = Field(8, ge=1, le=50, description="attempts per request, with backoff on throttling/connection errors")
     seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")
 
-    timeout: float = Field(15, gt=0, le=600, description="seconds without an answer before a request is retried; "
+    timeout: float = Field(10, gt=0, le=600, description="seconds without an answer before a request is retried; "
                            "fetch stops with an error once the source has not answered for 3x this long")
 
     @field_validator("counts", "ids")
