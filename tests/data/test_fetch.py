@@ -320,7 +320,15 @@ def test_a_full_disk_stops_fetch_with_one_line_and_keeps_the_manifest(cli, one_l
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fetch_module.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    class FullDiskOs:  # fetch.py's `os`, whose files cannot be written to (nothing else is touched)
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def fdopen(fd, *args, **kwargs):
+            return FullDisk(real_fdopen(fd, *args, **kwargs))
+
+    monkeypatch.setattr(fetch_module, "os", FullDiskOs())
     res = cli("fetch", "--workdir", workdir, "--source", abid_bucket, "--endpoint-url", s3_server, "--limit", "20")
     one_line_error(res, "No space left on device", "run the same command again")
     assert (workdir / "manifest.jsonl").read_bytes() == manifest
