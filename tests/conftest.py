@@ -29,8 +29,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API over HTTP on 127.0.0.1 (moto's ThreadedMotoServer); yields its endpoint URL."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log lines in the stderr tests read
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
