@@ -82,3 +82,35 @@ def one_line_error():
         return errors[0]
 
     return check
+
+
+@pytest.fixture
+def sagemaker_requests(monkeypatch):
+    """moto's SageMaker and S3 in-process with the bucket `bincount-test`; yields the list of (operation,
+    params) of every SageMaker request the CLI sends (what reaches the API, after the SDK built it)."""
+    import json
+
+    from bincount.backends import sm_estimator
+
+    sm_estimator.load_sdk()
+    import boto3
+    import sagemaker.telemetry.telemetry_logging as telemetry
+    from moto import mock_aws
+
+    monkeypatch.setattr(telemetry, "_requests_helper", lambda url, timeout: None)  # never leave the machine
+    requests: list[tuple[str, dict]] = []
+    real_session = sm_estimator.session
+
+    def capturing_session(settings):
+        session = real_session(settings)
+
+        def capture(params, model, **_):
+            requests.append((model.name, json.loads(json.dumps(params, default=str))))
+
+        session.sagemaker_client.meta.events.register("provide-client-params.sagemaker", capture)
+        return session
+
+    monkeypatch.setattr(sm_estimator, "session", capturing_session)
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="bincount-test")
+        yield requests

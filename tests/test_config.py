@@ -89,6 +89,7 @@ def test_a_weights_file_reaches_train_py_as_an_absolute_path(tmp_path, monkeypat
     from bincount.config import TrainSettings
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pth").write_bytes(b"w")
     assert TrainSettings(pretrained="w.pth").hyperparameters(5)["pretrained"] == str(tmp_path / "w.pth")
     for name in ("imagenet", "none"):
         assert TrainSettings(pretrained=name).weights_file is None
@@ -200,3 +201,16 @@ def test_huge_id_ranges_are_not_materialised():
     assert time.perf_counter() - started < 2
     with pytest.raises(BincountError, match="data.counts"):
         load_settings(overrides={"data.counts": "0-100000000000"}, environ={}).data.count_set()
+
+
+def test_pretrained_is_resolved_once_imagenet_none_s3_or_an_existing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.pth").write_bytes(b"w")
+    resolved = load_settings(overrides={"train.pretrained": "weights.pth"}, environ={}).train.pretrained
+    assert resolved == str(tmp_path / "weights.pth")  # absolute: train.py runs in its run dir
+    for value in ("imagenet", "none", "s3://bucket/weights/resnet18.pth"):
+        assert load_settings(overrides={"train.pretrained": value}, environ={}).train.pretrained == value
+    for bad, words in (("missing.pth", "not found"), ("weights.bin", "imagenet, none"), ("s3://bucket.pth", "s3://bucket/key")):
+        with pytest.raises(BincountError, match=words) as err:
+            load_settings(overrides={"train.pretrained": bad}, environ={})
+        assert "\n" not in str(err.value) and str(err.value).startswith("invalid setting train.pretrained: ")

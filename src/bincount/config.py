@@ -178,12 +178,34 @@ class S3Settings(Section):
         return _check_url(value)
 
 
+def resolve_pretrained(value: str) -> str:
+    """The one place that reads train.pretrained: imagenet | none | s3://bucket/key.pth | a local file.
+
+    A local file becomes an absolute path here, once (train.py runs in its run dir), and must exist.
+    """
+    value = str(value).strip()
+    if value in PRETRAINED_NAMES:
+        return value
+    if not value.endswith((".pth", ".pt")):
+        raise ValueError("must be imagenet, none, a .pth/.pt weights file or an s3:// URI of one")
+    if value.startswith("s3://"):
+        bucket, _, key = value[5:].partition("/")
+        if not bucket or not key:
+            raise ValueError(f"{value} is not an s3://bucket/key URI")
+        return value
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"weights file {path} not found")
+    return str(path)
+
+
 class TrainSettings(Section):
     """Hyperparameters of container/train.py (passed as --name value, as SageMaker does)."""
 
     arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"] = Field("resnet18", description="torchvision backbone")
     stem: Literal["standard", "small"] = Field("standard", description="small: no stem max-pool (mobilenet: stride-1 first conv), for inputs below ~128 px")
-    pretrained: str = Field("none", description="imagenet | none | path to a local weights file")
+    pretrained: str = Field("none", description="imagenet | none | a local .pth/.pt file (made absolute) | an s3:// URI "
+                            "of one (sagemaker backend: the job's weights channel)")
     epochs: int = Field(20, ge=1, description="maximum epochs (early stopping may end sooner)")
     batch_size: int = Field(64, ge=1, description="images per step (per process under DDP)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up; cosine decay to the end)")
@@ -208,14 +230,14 @@ class TrainSettings(Section):
     @field_validator("pretrained")
     @classmethod
     def _pretrained(cls, value: str) -> str:
-        if value not in PRETRAINED_NAMES and not value.endswith((".pth", ".pt")):
-            raise ValueError("must be imagenet, none, or a path to a .pth/.pt weights file")
-        return value
+        return resolve_pretrained(value)
 
     @property
     def weights_file(self) -> Path | None:
-        """train.pretrained as an absolute path when it names a local weights file; None for imagenet or none."""
-        return None if self.pretrained in PRETRAINED_NAMES else Path(self.pretrained).resolve()
+        """train.pretrained as an absolute path when it names a local weights file; None for imagenet, none or s3://."""
+        if self.pretrained in PRETRAINED_NAMES or self.pretrained.startswith("s3://"):
+            return None
+        return Path(self.pretrained)  # resolve_pretrained made it absolute
 
     def hyperparameters(self, max_count: int) -> dict[str, Any]:
         """The arguments train.py takes, as SageMaker passes them (a weights file as an absolute path:

@@ -301,3 +301,88 @@ def test_a_truncated_checkpoint_names_the_file_and_how_to_restart(channels, tmp_
         assert "Traceback" not in res.stderr
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: checkpoint {checkpoint} is unreadable") and f"mv {checkpoint} " in last
+
+
+@pytest.mark.slow
+def test_jobs_resume_only_their_own_checkpoint_with_the_same_settings(channels, tmp_path):
+    """SageMaker restores a checkpoint prefix into /opt/ml/checkpoints: a job resumes only its own folder
+    (TRAINING_JOB_NAME), and only a checkpoint written for the same hyperparameters and data."""
+    run = tmp_path / "run"
+    job = lambda name: {"TRAINING_JOB_NAME": name}  # noqa: E731 - set by SageMaker in every training container
+    first = run_train(channels, run, "--epochs", "1", env=job("job-a"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (run / "checkpoints" / "job-a" / "checkpoint.pt").is_file()
+
+    other_job = run_train(channels, run, "--epochs", "1", env=job("job-b"))  # a trial sharing the prefix
+    assert other_job.returncode == 0 and "resuming" not in other_job.stderr and epochs_in(other_job.stdout) == [1]
+
+    spot_restart = run_train(channels, run, "--epochs", "2", env=job("job-a"))  # the same job, restarted
+    assert "resuming after epoch 1" in spot_restart.stderr and epochs_in(spot_restart.stdout) == [2]
+
+    new_lr = run_train(channels, run, "--epochs", "1", "--lr", "0.004", env=job("job-b"))
+    assert new_lr.returncode == 0, new_lr.stderr[-2000:]
+    said = [line for line in new_lr.stderr.splitlines() if "not resuming" in line]
+    assert len(said) == 1 and "lr 0.003 -> 0.004" in said[0] and "starting fresh" in said[0]
+    assert epochs_in(new_lr.stdout) == [1]
+    assert json.loads((run / "model" / "meta.json").read_text())["hyperparameters"]["lr"] == 0.004
+
+
+def test_a_checkpoint_of_other_data_or_without_a_fingerprint_is_not_resumed(tmp_path, channels):
+    import torch
+
+    from bincount.container import train
+
+    args = train.parse_args(["--train", str(channels["train"]), "--val", str(channels["val"])])
+    expected = train.fingerprint(args, None)
+    dist = train.Dist()
+    torch.save({"epoch": 1, "fingerprint": expected}, tmp_path / train.CHECKPOINT)
+    assert train.load_checkpoint(tmp_path, dist, expected)["epoch"] == 1
+    other_data = train.fingerprint(train.parse_args(["--train", str(channels["val"]), "--val", str(channels["val"])]), None)
+    assert train.load_checkpoint(tmp_path, dist, other_data) is None
+    assert "train data changed" in train.mismatch(expected, other_data)
+    torch.save({"epoch": 1}, tmp_path / train.CHECKPOINT)  # written before checkpoints recorded what they are
+    assert train.load_checkpoint(tmp_path, dist, expected) is None
+
+
+def _weights_file(path: Path, arch: str) -> Path:
+    import torch
+    import torchvision
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.get_model(arch, weights=None).state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_imagenet_weights_from_the_weights_channel_are_recorded_with_their_sha256(channels, tmp_path):
+    import hashlib
+
+    channel = tmp_path / "weights"
+    weights = _weights_file(channel / "mobilenet_v3_small-047dcff4-0123456789abcdef.pth", "mobilenet_v3_small")
+    env = {"SM_CHANNEL_WEIGHTS": str(channel), "TORCH_HOME": str(tmp_path / "empty-torch-home")}
+    res = run_train(channels, tmp_path / "run", "--epochs", "1", "--pretrained", "imagenet",
+                    "--weights_source", "s3://bucket/bincount/weights/x.pth", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    assert meta["weights"] == {"kind": "imagenet", "from": "s3://bucket/bincount/weights/x.pth", "file": weights.name,
+                               "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert "weights_dir" not in meta["hyperparameters"]
+
+    # A file that does not fit the backbone is a one-line error, not a silently random start.
+    (channel / weights.name).unlink()
+    _weights_file(channel / "resnet18.pth", "resnet18")
+    bad = run_train(channels, tmp_path / "bad", "--epochs", "1", "--pretrained", "channel", env=env, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: pretrained weights file") and "does not fit" in bad.stderr
+
+
+def test_imagenet_weights_from_the_torch_hub_cache_are_recorded(tmp_path, monkeypatch):
+    from bincount.container import net, train
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    cached = _weights_file(net.imagenet_cache_file("mobilenet_v3_small"), "mobilenet_v3_small")
+    args = train.parse_args(["--arch", "mobilenet_v3_small", "--pretrained", "imagenet"])
+    args.weights_dir = None
+    pretrained, record = train.resolve_weights(args)
+    assert pretrained == str(cached) and record["kind"] == "imagenet" and record["from"] == f"torch hub cache {cached}"
+    net.build_model("mobilenet_v3_small", 6, "imagenet")  # loads the cached file, offline

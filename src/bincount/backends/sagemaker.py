@@ -84,9 +84,6 @@ class UndeployResult(Result):
 
 def _train_hyperparameters(settings: Settings, epochs: int | None = None) -> dict[str, Any]:
     train = best_train_settings(settings)
-    if train.weights_file:
-        raise BincountError(f"train.pretrained={train.pretrained!r}: a local weights file cannot reach a SageMaker job; "
-                            "use imagenet or none")
     hp = train.hyperparameters(settings.data.max_count)
     if epochs is not None:
         hp["epochs"] = epochs
@@ -103,11 +100,10 @@ def train(settings: Settings) -> TrainJobResult:
         sm_session = sme.session(settings)
         if settings.train.use_best:
             _refresh_tuning(settings, sm_session.sagemaker_client)
-        hp = _train_hyperparameters(settings)
-        inputs = sme.channels(settings)
-        est = sme.estimator(settings, sm_session, hp)
-        sme.check_bucket_region(settings, sm_session.boto_session.client("s3"))
         job = name_from_base(settings.sagemaker.base_job_name)
+        inputs, hp = sme.job_inputs(settings, sm_session, _train_hyperparameters(settings))
+        est = sme.estimator(settings, sm_session, hp, job)
+        sme.check_bucket_region(settings, sm_session.boto_session.client("s3"))
         est.fit(inputs=inputs, job_name=job, wait=False, logs="None")
         ws.update_state(training=SageMakerTraining(job=job, status="InProgress"))
         log(f"training job [bold]{job}[/] started in {sm_session.boto_region_name}")
@@ -210,8 +206,9 @@ def tune(settings: Settings) -> TuneResult:
     }
     with sme.aws_errors("sagemaker tune"), sme.sdk_output():
         sm_session = sme.session(settings)
-        inputs = sme.channels(settings)
-        est = sme.estimator(settings, sm_session, _train_hyperparameters(settings, epochs))
+        job = _tuning_job_name(settings.sagemaker.base_job_name)
+        inputs, hp = sme.job_inputs(settings, sm_session, _train_hyperparameters(settings, epochs))
+        est = sme.estimator(settings, sm_session, hp, job)
         sme.check_bucket_region(settings, sm_session.boto_session.client("s3"))
         warm = _warm_start(settings, sm_session.sagemaker_client)
         tuner = HyperparameterTuner(
@@ -228,7 +225,6 @@ def tune(settings: Settings) -> TuneResult:
             strategy_config=strategy_config,
             tags=sme.tags(settings),
         )
-        job = _tuning_job_name(settings.sagemaker.base_job_name)
         tuner.fit(inputs=inputs, job_name=job, wait=False, include_cls_metadata=False)
         log(f"tuning job [bold]{job}[/] started ({t.max_jobs} trials, {t.max_parallel_jobs} at a time)")
         result = TuneResult(backend="sagemaker", job=job, objective=t.objective, direction=OBJECTIVES[t.objective],

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bincount.aws import error_code, error_message
 from bincount.config import Settings
+from bincount.console import log
 from bincount.debugger import Finding
 from bincount.errors import BincountError
 from bincount.workspace import Workspace
@@ -65,6 +70,105 @@ def container_dir() -> Path:
     import bincount.container
 
     return Path(bincount.container.__file__).parent
+
+
+# The training job's source_dir: the script, the modules it imports and copies into the model's code/.
+TRAINING_FILES = ("train.py", "net.py", "epochlog.py", "inference.py", "smdebug_compat.py")
+# container/requirements.txt (smdebug and the two pyinstrument packages it imports) reaches a job only when the
+# Debugger hook is on and the job can reach PyPI; this environment makes the toolkit's `pip install -r
+# requirements.txt` install exactly those lines, so the container's torch, numpy and protobuf stay as they are.
+SMDEBUG_ENVIRONMENT = {"PIP_NO_DEPS": "1"}
+
+
+def installs_smdebug(settings: Settings) -> bool:
+    """Does a training job install smdebug: a Debugger rule reads tensors and the job is not network-isolated."""
+    from bincount.debugger import RULES
+
+    switches = settings.sagemaker.rules
+    return any(getattr(switches, field) for field in RULES) and not settings.sagemaker.enable_network_isolation
+
+
+def training_code(dest: Path, install_smdebug: bool) -> Path:
+    """The training source_dir: TRAINING_FILES, plus requirements.txt (smdebug) only when `install_smdebug`.
+
+    Without a requirements.txt the SageMaker training toolkit installs nothing: the job needs no network.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TRAINING_FILES:
+        shutil.copy(container_dir() / name, dest / name)
+    if install_smdebug:
+        shutil.copy(container_dir() / "requirements.txt", dest / "requirements.txt")
+    return dest
+
+
+def checkpoint_uri(settings: Settings, job: str) -> str:
+    """The job's own checkpoint prefix (trailing slash: SageMaker syncs every key that starts with it).
+
+    A tuning job's trials share their tuning job's prefix; train.py keeps each trial in a subfolder named
+    after its training job.
+    """
+    base = settings.sagemaker.checkpoint_s3_uri or s3_uri(settings, "checkpoints")
+    return f"{base.rstrip('/')}/{job}/"
+
+
+def job_inputs(settings: Settings, sm_session: Any, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's channels (data, and `weights` for train.pretrained) and its hyperparameters to match.
+
+    imagenet: the torchvision file cached on this machine goes up once as the weights channel (that works
+    under network isolation too); not cached, the job downloads it, which network isolation refuses.
+    A local file goes up the same way; an s3:// URI is the channel as it is.
+    """
+    from sagemaker.inputs import TrainingInput
+
+    from bincount.container import net
+
+    inputs, hp = channels(settings), dict(hyperparameters)
+    pretrained, arch = settings.train.pretrained, settings.train.arch
+    if pretrained == "none":
+        return inputs, hp
+    if pretrained == "imagenet":
+        cache = net.imagenet_cache_file(arch)
+        if not cache.is_file():
+            if settings.sagemaker.enable_network_isolation:
+                raise BincountError(
+                    f"train.pretrained=imagenet: the {arch} weights are not cached here ({cache}) and a network-isolated "
+                    f"job cannot download them; cache them (python -c \"import torchvision; torchvision.models.{arch}"
+                    "(weights='DEFAULT')\") or pass an s3:// URI of the file as train.pretrained")
+            log(f"ImageNet weights for {arch} are not cached here: the job downloads them (torchvision)")
+            hp.update(pretrained="imagenet", download_weights=True)
+            return inputs, hp
+        uri, hp["pretrained"] = upload_weights(settings, sm_session, cache), "imagenet"
+    elif pretrained.startswith("s3://"):
+        uri, hp["pretrained"] = pretrained, "channel"
+    else:
+        uri, hp["pretrained"] = upload_weights(settings, sm_session, Path(pretrained)), "channel"
+    hp["weights_source"] = uri
+    inputs["weights"] = TrainingInput(uri, distribution="FullyReplicated")
+    return inputs, hp
+
+
+def upload_weights(settings: Settings, sm_session: Any, path: Path) -> str:
+    """Upload a weights file once, to s3://<bucket>/<prefix>/weights/<name>-<sha256 prefix><ext>; its URI."""
+    from botocore.exceptions import ClientError
+
+    from bincount.aws import parse_s3_uri
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    uri = s3_uri(settings, "weights", f"{path.stem}-{digest.hexdigest()[:16]}{path.suffix}")
+    bucket, key = parse_s3_uri(uri)
+    s3 = sm_session.boto_session.client("s3")
+    try:
+        if s3.head_object(Bucket=bucket, Key=key)["ContentLength"] == path.stat().st_size:
+            return uri  # the name carries the digest: the same bytes are there already
+    except ClientError as exc:
+        if error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
+            raise
+    log(f"uploading {path} to {uri}")
+    s3.upload_file(str(path), bucket, key)
+    return uri
 
 
 def serving_code(dest: Path) -> Path:
@@ -239,8 +343,8 @@ def debugger_rules(settings: Settings) -> list[Any]:
     return rules
 
 
-def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, Any]) -> Any:
-    """The PyTorch estimator over container/ that train and tune both use."""
+def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, Any], job: str) -> Any:
+    """The PyTorch estimator over container/ that train and tune both use; `job` names the checkpoint prefix."""
     from sagemaker.debugger import ProfilerConfig, Rule
     from sagemaker.pytorch import PyTorch
 
@@ -256,19 +360,22 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
         max_wait = sm.max_wait_s or sm.max_run_s
         if max_wait < sm.max_run_s:
             raise BincountError(f"sagemaker.max_wait_s ({max_wait}) must be at least sagemaker.max_run_s ({sm.max_run_s})")
-        kwargs.update(use_spot_instances=True, max_wait=max_wait,
-                      checkpoint_s3_uri=sm.checkpoint_s3_uri or s3_uri(settings, "checkpoints"))
+        kwargs.update(use_spot_instances=True, max_wait=max_wait, checkpoint_s3_uri=checkpoint_uri(settings, job))
     elif sm.checkpoint_s3_uri:
-        kwargs["checkpoint_s3_uri"] = sm.checkpoint_s3_uri
+        kwargs["checkpoint_s3_uri"] = checkpoint_uri(settings, job)
     if sm.instance_count > 1:
         kwargs["distribution"] = {"torch_distributed": {"enabled": True}}
     if not any(isinstance(r, Rule) for r in rules):
         kwargs["debugger_hook_config"] = False  # no debugger rule reads tensors: no hook
     if sm.image_uri:
         kwargs["image_uri"] = check_image_uri(sm.image_uri, region(settings), "sagemaker.image_uri")
-    return PyTorch(
+    smdebug = installs_smdebug(settings)
+    if smdebug:
+        kwargs["environment"] = dict(SMDEBUG_ENVIRONMENT)
+    code = training_code(Path(tempfile.mkdtemp(prefix="bincount-code-")), smdebug)
+    est = PyTorch(
         entry_point="train.py",
-        source_dir=str(container_dir()),
+        source_dir=str(code),
         framework_version=sm.framework_version,
         py_version=sm.py_version,
         role=role,
@@ -293,6 +400,8 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
         sagemaker_session=sm_session,
         **kwargs,
     )
+    weakref.finalize(est, shutil.rmtree, code, True)  # the SDK tars source_dir when the job starts
+    return est
 
 
 def tags(settings: Settings) -> list[dict[str, str]] | None:

@@ -23,25 +23,39 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights were asked for but cannot be had (offline and not cached)."""
 
 
-def _imagenet_weights(arch: str):
+def imagenet_url(arch: str) -> str:
     import torchvision.models as models
 
-    weights = models.get_model_weights(arch).DEFAULT
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return models.get_model_weights(arch).DEFAULT.url
+
+
+def imagenet_cache_file(arch: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of `arch` (the torch hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_url(arch))
+
+
+def imagenet_file(arch: str, download: bool = False) -> Path:
+    """The cached ImageNet weights file of `arch`; downloaded by torchvision only when `download` is true."""
+    cache = imagenet_cache_file(arch)
     if not cache.exists():
-        raise WeightsUnavailable(
-            f"ImageNet weights for {arch} are not cached at {cache}; download them once with network access "
-            f"(python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"), "
-            "pass a local weights file as pretrained, or use pretrained=none"
-        )
-    return weights
+        if not download:
+            raise WeightsUnavailable(
+                f"ImageNet weights for {arch} are not cached at {cache}; download them once with network access "
+                f"(python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"), "
+                "pass a local weights file as pretrained, or use pretrained=none")
+        import torchvision.models as models
+
+        models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False, check_hash=True)
+    return cache
 
 
-def build_model(arch: str, num_classes: int, pretrained: str = "none", stem: str = "standard") -> nn.Module:
+def build_model(arch: str, num_classes: int, pretrained: str = "none", stem: str = "standard",
+                download: bool = False) -> nn.Module:
     """A torchvision backbone with a `num_classes` head. pretrained: imagenet | none | path to weights.
 
-    stem="small" keeps 4x more feature-map area for small inputs: resnet drops the stem's max-pool,
-    mobilenet's first convolution gets stride 1 (same weights, so pretrained files still load).
+    A weights file must fit the backbone (its classifier head is dropped; any other missing or unexpected
+    key is an error). stem="small" keeps 4x more feature-map area for small inputs: resnet drops the stem's
+    max-pool, mobilenet's first convolution gets stride 1 (same weights, so pretrained files still load).
     """
     import torchvision.models as models
 
@@ -49,14 +63,24 @@ def build_model(arch: str, num_classes: int, pretrained: str = "none", stem: str
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-    weights = _imagenet_weights(arch) if pretrained == "imagenet" else None
-    model = models.get_model(arch, weights=weights)
-    if pretrained not in ("imagenet", "none", "", None):
+    model = models.get_model(arch, weights=None)
+    if pretrained == "imagenet":
+        pretrained = str(imagenet_file(arch, download))
+    if pretrained not in ("none", "", None):
+        if str(pretrained).startswith("s3://"):
+            raise WeightsUnavailable(f"pretrained={pretrained}: an s3:// URI reaches only SageMaker jobs (as their "
+                                     "weights channel); pass a local .pth/.pt file here")
         if not Path(pretrained).is_file():
             raise WeightsUnavailable(f"pretrained weights file {pretrained} not found; pass an existing .pth/.pt file, imagenet or none")
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
-        model.load_state_dict({k: v for k, v in state.items() if not _is_head(k)}, strict=False)
+        if not isinstance(state, dict):
+            raise WeightsUnavailable(f"pretrained weights file {pretrained} holds no state dict")
+        result = model.load_state_dict({k: v for k, v in state.items() if not _is_head(k)}, strict=False)
+        wrong = [k for k in (*result.missing_keys, *result.unexpected_keys) if not _is_head(k)]
+        if wrong:
+            raise WeightsUnavailable(f"pretrained weights file {pretrained} does not fit {arch}: {len(wrong)} missing or "
+                                     f"unexpected keys (e.g. {wrong[0]})")
     if arch.startswith("resnet"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     else:

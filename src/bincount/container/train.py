@@ -7,7 +7,13 @@ Contract (as SageMaker runs it):
 - output: SM_MODEL_DIR gets model.pth (best-epoch state dict), meta.json and code/ (inference.py, net.py,
   epochlog.py, requirements.txt); SM_OUTPUT_DATA_DIR gets epochs.jsonl; on failure SM_OUTPUT_DIR/failure;
 - checkpoints: --checkpoint_dir, else $SM_CHECKPOINT_DIR, else /opt/ml/checkpoints (SageMaker syncs it
-  with checkpoint_s3_uri); written atomically every epoch; a restarted run continues after the last one;
+  with checkpoint_s3_uri), in a subfolder named $TRAINING_JOB_NAME on SageMaker (tuning trials share one
+  prefix); written atomically every epoch; a restarted run continues after the last one, but only from a
+  checkpoint of the same hyperparameters and data (else it says so in one line and starts fresh);
+- pretrained weights: --pretrained imagenet | none | channel | a file; with a `weights` channel
+  (SM_CHANNEL_WEIGHTS) imagenet and channel load its one file; imagenet without it comes from the torch
+  hub cache, or is downloaded when --download_weights is true; meta.json "weights" records where they
+  came from and their sha256;
 - distributed: under torchrun / SageMaker torch_distributed (WORLD_SIZE > 1) it runs DDP (nccl on GPU,
   gloo on CPU); only rank 0 writes files and prints epoch lines (several SM_HOSTS without it: only the
   first host writes); SM_CURRENT_HOST and SM_NUM_GPUS are logged;
@@ -91,7 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the bin-counting model (SageMaker script mode).")
     p.add_argument("--arch", default="resnet18", choices=net.ARCHS)
     p.add_argument("--stem", default="standard", choices=net.STEMS, help="small: less stem downsampling (small inputs)")
-    p.add_argument("--pretrained", default="none", help="imagenet | none | path to a weights file")
+    p.add_argument("--pretrained", default="none", help="imagenet | none | channel (the weights channel's file) | a file")
+    p.add_argument("--download_weights", type=str2bool, default=False,
+                   help="imagenet without a weights channel: let torchvision download them when not cached")
+    p.add_argument("--weights_source", default=None, help="where the weights channel comes from (recorded in meta.json)")
+    p.add_argument("--weights_dir", default=env("SM_CHANNEL_WEIGHTS"), help="the weights channel (one .pth/.pt file)")
     p.add_argument("--num_classes", type=int, default=6, help="counts 0..num_classes-1")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=64)
@@ -439,6 +449,10 @@ def make_hook(args, dist: Dist, model: nn.Module, loss_fn: nn.Module):
     """The smdebug hook, or None (smdebug missing, broken, or not configured)."""
     if not dist.main:
         return None
+    # smdebug's generated protobuf code is older than protobuf 4: newer protobufs (the DLC has 6.x) read it only
+    # with the pure-Python implementation, which must be chosen before protobuf is first imported.
+    if "google.protobuf" not in sys.modules:
+        os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
     try:
         try:
             from . import smdebug_compat
@@ -593,7 +607,30 @@ class CheckpointWriter:
             self.pool.shutdown()
 
 
-def load_checkpoint(folder: Path | None, dist: Dist) -> dict | None:
+# Arguments that do not change what is trained: a checkpoint written under other values still resumes.
+# epochs is the budget: a run given more epochs continues where it ended.
+RUNTIME_ARGS = ("epochs", "model_dir", "train", "val", "test", "output_data_dir", "checkpoint_dir", "debugger_out_dir",
+                "debugger_interval", "num_workers", "cache_mb", "weights_dir", "weights_source", "download_weights")
+
+
+def fingerprint(args: argparse.Namespace, weights: dict | None) -> dict:
+    """What a checkpoint must match to be resumed: the hyperparameters, the train/val data and the weights."""
+    return {"hyperparameters": {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_ARGS},
+            "train": manifest_digest(args.train), "val": manifest_digest(args.val),
+            "weights": (weights or {}).get("sha256")}
+
+
+def checkpoint_dir(path: str | None) -> Path | None:
+    """The checkpoint folder of this run: on SageMaker a subfolder per training job, so that jobs (and the
+    trials of a tuning job, which share one checkpoint prefix) never resume each other."""
+    if not path:
+        return None
+    job = os.environ.get("TRAINING_JOB_NAME")
+    return Path(path) / job if job else Path(path)
+
+
+def load_checkpoint(folder: Path | None, dist: Dist, expected: dict) -> dict | None:
+    """The checkpoint to resume, or None: one written for other hyperparameters or data is named and ignored."""
     ckpt = None
     if dist.main and folder is not None and (folder / CHECKPOINT).is_file():
         path = folder / CHECKPOINT
@@ -603,7 +640,23 @@ def load_checkpoint(folder: Path | None, dist: Dist) -> dict | None:
             first = (str(exc).strip().splitlines() or [""])[0][:120]
             raise UsageError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {first}); move it aside "
                              f"(mv {path} {path}.bad) to train this run again from epoch 1") from None
+        found = ckpt.get("fingerprint") if isinstance(ckpt, dict) else None
+        if found != expected:
+            log(f"not resuming {folder / CHECKPOINT}: {mismatch(found, expected)}; starting fresh")
+            ckpt = None
     return dist.broadcast(ckpt)
+
+
+def mismatch(found: dict | None, expected: dict) -> str:
+    """One line saying how a checkpoint's fingerprint differs from this run's."""
+    if not isinstance(found, dict):
+        return "it records no hyperparameters or data digest"
+    old, new = found.get("hyperparameters") or {}, expected["hyperparameters"]
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed += [f"{k} data changed" for k in ("train", "val") if found.get(k) != expected[k]]
+    if found.get("weights") != expected["weights"]:
+        changed.append("pretrained weights changed")
+    return "it was written for other settings (" + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") + ")"
 
 
 def check_finite(epoch: int, metrics: dict[str, float], lr: float) -> None:
@@ -615,29 +668,62 @@ def check_finite(epoch: int, metrics: dict[str, float], lr: float) -> None:
                          f"written; lower the learning rate (lr {lr:g}) or check the data")
 
 
-def usable_dir(path: str | None) -> Path | None:
+def usable_dir(path: Path | None) -> Path | None:
     if not path:
         return None
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        return Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     except OSError as exc:
         log(f"warning: no checkpoints ({path}: {exc.strerror})")
         return None
 
 
-def write_model(args, best_state, best_metrics, history, started: float, precision: str) -> None:
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(args: argparse.Namespace) -> tuple[str, dict | None]:
+    """(what net.build_model loads, meta.json's "weights" record: kind, where from, file, sha256) or ("none", None)."""
+    kind = args.pretrained
+    if kind in ("none", "", None):
+        return "none", None
+    channel = Path(args.weights_dir) if args.weights_dir else None
+    if channel is not None and kind in ("imagenet", "channel"):
+        files = sorted(p for p in channel.rglob("*") if p.is_file() and p.suffix in (".pth", ".pt"))
+        if len(files) != 1:
+            raise UsageError(f"the weights channel {channel} must hold exactly one .pth/.pt file, found {len(files)}")
+        source = args.weights_source or f"weights channel ({files[0].name})"
+        return str(files[0]), {"kind": kind, "from": source, "file": files[0].name, "sha256": sha256_file(files[0])}
+    if kind == "channel":
+        raise UsageError("pretrained=channel needs a weights channel (SM_CHANNEL_WEIGHTS or --weights_dir)")
+    if kind == "imagenet":
+        cached = net.imagenet_cache_file(args.arch).exists()
+        path = net.imagenet_file(args.arch, download=args.download_weights)
+        source = f"torch hub cache {path}" if cached else f"downloaded by torchvision from {net.imagenet_url(args.arch)}"
+        return str(path), {"kind": "imagenet", "from": source, "file": path.name, "sha256": sha256_file(path)}
+    path = Path(kind)
+    if not path.is_file():
+        raise UsageError(f"pretrained weights file {path} not found; pass an existing .pth/.pt file, imagenet or none")
+    return str(path), {"kind": "file", "from": f"file {path.resolve()}", "file": path.name, "sha256": sha256_file(path)}
+
+
+def write_model(args, best_state, best_metrics, history, started: float, precision: str, weights: dict | None) -> None:
     model_dir = Path(args.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(best_state, model_dir / "model.pth")
     hyperparameters = {k: v for k, v in vars(args).items()
                        if k not in ("model_dir", "train", "val", "test", "output_data_dir", "checkpoint_dir",
-                                    "debugger_out_dir")}
+                                    "debugger_out_dir", "weights_dir")}
     meta = {
         "arch": args.arch, "stem": args.stem, "num_classes": args.num_classes, "classes": list(range(args.num_classes)),
         "image_size": args.image_size, "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "tta": args.tta,
         "metrics": best_metrics, "hyperparameters": hyperparameters,
-        "manifest_digest": manifest_digest(args.train), "history": history,
+        "manifest_digest": manifest_digest(args.train), "weights": weights, "history": history,
         "train_seconds": round(time.time() - started, 1), "train_precision": precision, "torch": torch.__version__,
     }
     (model_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -681,7 +767,8 @@ def run(args: argparse.Namespace) -> dict:
             f"host {os.environ.get('SM_CURRENT_HOST', 'local')} "
             f"({os.environ.get('SM_NUM_GPUS') or torch.cuda.device_count()} GPUs)")
 
-    model = net.build_model(args.arch, args.num_classes, args.pretrained, args.stem).to(device)
+    pretrained, weights_record = resolve_weights(args)
+    model = net.build_model(args.arch, args.num_classes, pretrained, args.stem).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     weights = class_weights(train_data.labels, args.num_classes).to(device) if args.class_weighting else None
@@ -693,8 +780,9 @@ def run(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp and cuda)  # bfloat16 needs no loss scaling
 
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None  # its weights are validated and shipped
-    ckpt_dir = usable_dir(args.checkpoint_dir) if dist.main else None
-    ckpt = load_checkpoint(ckpt_dir, dist)
+    ckpt_dir = usable_dir(checkpoint_dir(args.checkpoint_dir)) if dist.main else None
+    expected = fingerprint(args, weights_record)
+    ckpt = load_checkpoint(ckpt_dir, dist, expected)
     start, best_state, best_metrics, bad_epochs, history = 1, None, None, 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -752,7 +840,7 @@ def run(args: argparse.Namespace) -> dict:
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_state": best_state,
                     "best_metrics": best_metrics, "bad_epochs": bad_epochs, "history": history, "stopped": stopped,
-                    "ema": ema.state if ema else None, "ema_steps": ema.steps if ema else 0})
+                    "ema": ema.state if ema else None, "ema_steps": ema.steps if ema else 0, "fingerprint": expected})
         if stopped:
             log(f"early stop: no better val_acc for {args.patience} epochs (best epoch {best_metrics['epoch']})")
 
@@ -769,7 +857,7 @@ def run(args: argparse.Namespace) -> dict:
         if dist.main:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
     if dist.main:
-        write_model(args, best_state, best_metrics, history, started, precision)
+        write_model(args, best_state, best_metrics, history, started, precision, weights_record)
     if hook is not None:
         try:
             hook.close()
