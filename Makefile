@@ -1,6 +1,10 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# The PyTorch training image's toolkit, for tests/container/test_toolkits.py: installed apart (--target, no deps)
+# because it needs protobuf>=5 (the image has 6.x) while smdebug in the venv pins protobuf<=3.20.3.
+TOOLKITS := sagemaker-training==5.1.4 sagemaker-pytorch-training==3.0.0 protobuf==6.33.6 inotify_simple==1.2.1 \
+            paramiko==5.1.0 bcrypt==5.0.0 pynacl==1.6.2 invoke==3.0.3 retrying==1.3.7 six==1.17.0
 
 .PHONY: install test demo bench docs clean
 
@@ -8,6 +12,7 @@ install:  ## create .venv (Python 3.11) and install bincount with its test extra
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/toolkits $(TOOLKITS)
 
 test:  ## run the whole test suite (slow tests included)
 	$(BIN)/python -m pytest -q

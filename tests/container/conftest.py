@@ -53,3 +53,187 @@ def run_train(channels: dict[str, Path], run: Path, *args: str, env: dict[str, s
     full_env.update(env or {})
     command = [*(launcher or [sys.executable]), str(SCRIPT), *FAST, *args]
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# -- SageMaker's own container code: the training toolkit and the inference handler chain ---------------------------
+# `make install` puts the training toolkit as the PyTorch training image has it (sagemaker-training with
+# sagemaker-pytorch-training, protobuf 6, no smdebug) in <venv>/toolkits, a --target folder that only the
+# container's process sees: the main venv keeps smdebug's protobuf 3.20.3.
+TOOLKITS = Path(sys.prefix) / "toolkits"
+
+
+def _s3():
+    import boto3
+
+    return boto3.client("s3", region_name="us-east-1")
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def s3_download_prefix(uri: str, dest: Path) -> list[Path]:
+    """Every object under an S3 prefix, at its path relative to the prefix (File mode, S3Prefix); an
+    object's own URI gives that one file under its base name."""
+    bucket, prefix = _split(uri)
+    s3, files = _s3(), []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):].lstrip("/") or Path(obj["Key"]).name
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+            files.append(target)
+    return files
+
+
+class TrainingContainer:
+    """A SageMaker training container's /opt/ml laid out under `root` from a CreateTrainingJob request, run
+    through the real toolkit as the PyTorch DLC starts it.
+
+    What SageMaker does before the image starts is done here from the request: input/config/
+    hyperparameters.json, inputdataconfig.json, resourceconfig.json and debughookconfig.json; every channel
+    copied from S3 as File mode lays it out (input/data/<channel>/); the CheckpointConfig prefix restored
+    into checkpoints/ (sync_checkpoints() uploads it back, as SageMaker does while the job runs). Then the
+    image's entry point: sagemaker_training.cli.train with SAGEMAKER_TRAINING_MODULE=
+    sagemaker_pytorch_container.training:main, which downloads sourcedir.tar.gz, pip-installs its
+    requirements.txt (offline here: PIP_NO_INDEX, and --dry-run so the shared venv never changes) and runs
+    train.py with SM_* variables and --name value arguments.
+
+    Redirected, because /opt/ml cannot be used here: SAGEMAKER_BASE_DIR (the toolkit's supported override),
+    SM_CHECKPOINT_DIR and SMDEBUG_CONFIG_FILE_PATH (the two paths train.py and smdebug read outside the
+    toolkit), the hook's LocalPath, and sagemaker_submit_directory (the toolkit would fetch the archive from
+    S3 itself, which this subprocess cannot reach: the test's S3 is moto in-process). SM_STUDIO_LOCAL_MODE
+    skips the wait for the DNS name algo-1.
+    """
+
+    def __init__(self, request: dict, root: Path):
+        self.request, self.root = request, root
+        self.job = request["TrainingJobName"]
+        self.checkpoints = root / "checkpoints"
+        self.tensors = root / "output" / "tensors"
+        self.model = root / "model"
+
+    def layout(self) -> TrainingContainer:
+        req, root = self.request, self.root
+        config = root / "input" / "config"
+        config.mkdir(parents=True)
+        channels = {c["ChannelName"]: c for c in req.get("InputDataConfig", [])}
+        for name, channel in channels.items():
+            s3_download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], root / "input" / "data" / name)
+        hp = dict(req["HyperParameters"])
+        submit = json.loads(hp["sagemaker_submit_directory"])
+        if submit.startswith("s3://"):
+            local = root / "sourcedir.tar.gz"
+            bucket, key = _split(submit)
+            _s3().download_file(bucket, key, str(local))
+        else:  # network isolation: the SDK sent the archive as the `code` channel
+            local = root / Path(submit).relative_to("/opt/ml")
+        hp["sagemaker_submit_directory"] = json.dumps(str(local))
+        (config / "hyperparameters.json").write_text(json.dumps(hp))
+        mode = req["AlgorithmSpecification"].get("TrainingInputMode", "File")
+        (config / "inputdataconfig.json").write_text(json.dumps({
+            name: {"TrainingInputMode": c.get("InputMode", mode), "RecordWrapperType": c.get("RecordWrapperType", "None"),
+                   "S3DistributionType": c["DataSource"]["S3DataSource"].get("S3DistributionType", "FullyReplicated")}
+            for name, c in channels.items()}))
+        instance = req["ResourceConfig"]["InstanceType"]
+        (config / "resourceconfig.json").write_text(json.dumps({
+            "current_host": "algo-1", "current_instance_type": instance, "current_group_name": "homogeneousCluster",
+            "hosts": ["algo-1"], "network_interface_name": "eth0",
+            "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": instance, "hosts": ["algo-1"]}]}))
+        if "DebugHookConfig" in req:
+            hook = {**req["DebugHookConfig"], "LocalPath": str(self.tensors)}
+            (config / "debughookconfig.json").write_text(json.dumps(hook))
+        self.checkpoints.mkdir()
+        if "CheckpointConfig" in req:
+            s3_download_prefix(req["CheckpointConfig"]["S3Uri"], self.checkpoints)
+        return self
+
+    def run(self, timeout: int = 600) -> subprocess.CompletedProcess:
+        if not (TOOLKITS / "sagemaker_training").is_dir():
+            pytest.fail(f"the SageMaker training toolkit is not in {TOOLKITS}: run make install")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_", "PIP_"))}
+        env.update({
+            "PYTHONPATH": str(TOOLKITS), "SAGEMAKER_BASE_DIR": str(self.root),
+            "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
+            "TRAINING_JOB_NAME": self.job, "TRAINING_JOB_ARN": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{self.job}",
+            "SM_STUDIO_LOCAL_MODE": "true", "SM_CHECKPOINT_DIR": str(self.checkpoints),
+            "SMDEBUG_CONFIG_FILE_PATH": str(self.root / "input" / "config" / "debughookconfig.json"),
+            "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_DRY_RUN": "1", "OMP_NUM_THREADS": "2",
+        })
+        env.update(self.request.get("Environment") or {})
+        command = [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"]
+        return subprocess.run(command, env=env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+
+    def sync_checkpoints(self) -> None:
+        """Upload checkpoints/ to the CheckpointConfig prefix, as SageMaker does during the job."""
+        bucket, prefix = _split(self.request["CheckpointConfig"]["S3Uri"])
+        for path in self.checkpoints.rglob("*"):
+            if path.is_file():
+                _s3().upload_file(str(path), bucket, prefix + path.relative_to(self.checkpoints).as_posix())
+
+
+class ModelServer:
+    """The PyTorch inference image's handler chain over the model a CreateModel request points to.
+
+    SageMaker extracts ModelDataUrl into /opt/ml/model (here a temp dir) and starts TorchServe, a Java model
+    server that cannot run here, whose Python worker calls sagemaker-pytorch-inference's HandlerService
+    (sagemaker-inference's DefaultHandlerService and Transformer over our code/inference.py) with code/ on
+    its PYTHONPATH. This class is that worker: the real HandlerService, the container's environment from
+    the request, and a minimal stand-in for TorchServe's per-request Context (headers in, status and
+    content type out).
+    """
+
+    def __init__(self, create_model_request: dict, root: Path, monkeypatch):
+        import tarfile
+
+        container = create_model_request.get("PrimaryContainer") or create_model_request["Containers"][0]
+        self.model_dir = root / "model"
+        self.model_dir.mkdir(parents=True)
+        tar = root / "model.tar.gz"
+        bucket, key = _split(container["ModelDataUrl"])
+        _s3().download_file(bucket, key, str(tar))
+        with tarfile.open(tar) as archive:
+            archive.extractall(self.model_dir, filter="data")
+        for name, value in (container.get("Environment") or {}).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.syspath_prepend(str(self.model_dir / "code"))
+        for name in ("inference", "net", "epochlog"):  # the artifact's own modules, not a copy imported before
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        from sagemaker_pytorch_serving_container.handler_service import HandlerService
+
+        self.service = HandlerService()
+        self.service.initialize(self.context({}))
+
+    def context(self, headers: dict):
+        model_dir = str(self.model_dir)
+
+        class RequestProcessor:
+            def get_request_properties(self):
+                return headers
+
+        class Context:  # what the toolkit reads from and writes to TorchServe's ts.context.Context
+            model_name, system_properties = "model", {"model_dir": model_dir, "gpu_id": None}
+            request_processor = [RequestProcessor()]
+            status, phrase, content_type = 200, "OK", None
+
+            def set_response_content_type(self, index, value):
+                self.content_type = value
+
+            def set_response_status(self, code=200, phrase="", idx=0):
+                self.status, self.phrase = code, phrase
+
+        return Context()
+
+    def invoke(self, body: bytes, content_type: str, accept: str = "application/json") -> tuple[int, str | None, object]:
+        """(HTTP status, response content type, response body) for one request, as the worker answers it."""
+        context = self.context({"Content-Type": content_type, "Accept": accept})
+        [response] = self.service.handle([{"body": body}], context)
+        return context.status, context.content_type, response
+
+
+@pytest.fixture
+def model_server(tmp_path, monkeypatch):
+    """model_server(create_model_request) -> ModelServer over the exact model.tar.gz the request points to."""
+    return lambda request: ModelServer(request, tmp_path / "inference-container", monkeypatch)
