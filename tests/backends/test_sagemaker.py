@@ -231,7 +231,7 @@ def test_spot_distribution_rule_switches_and_actions(sm, tmp_path):
     req = sm.last("CreateTrainingJob")
     assert req["EnableManagedSpotTraining"] is True
     assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 86400, "MaxWaitTimeInSeconds": 100000}
-    assert req["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/checkpoints"
+    assert req["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/checkpoints/{req['TrainingJobName']}/"
     assert req["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
     assert req["ResourceConfig"]["InstanceCount"] == 2 and req["ResourceConfig"]["VolumeKmsKeyId"] == "key-1"
     assert req["VpcConfig"] == {"Subnets": ["subnet-1"], "SecurityGroupIds": ["sg-1"]}
