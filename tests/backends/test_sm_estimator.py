@@ -84,6 +84,7 @@ def test_each_training_job_and_each_tuning_job_has_its_own_checkpoint_prefix(sag
     tuned = backend.tune(settings)
     definition = [p for op, p in sagemaker_requests if op == "CreateHyperParameterTuningJob"][-1]["TrainingJobDefinition"]
     assert definition["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/checkpoints/{tuned.job}/"
+    assert definition["Environment"]["PIP_NO_DEPS"] == "1"  # trials install smdebug the same way
 
 
 def test_requirements_reach_a_job_only_when_the_debugger_hook_needs_smdebug(sagemaker_requests, tmp_path):

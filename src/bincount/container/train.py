@@ -706,6 +706,9 @@ def resolve_weights(args: argparse.Namespace) -> tuple[str, dict | None]:
         path = net.imagenet_file(args.arch, download=args.download_weights)
         source = f"torch hub cache {path}" if cached else f"downloaded by torchvision from {net.imagenet_url(args.arch)}"
         return str(path), {"kind": "imagenet", "from": source, "file": path.name, "sha256": sha256_file(path)}
+    if kind.startswith("s3://"):
+        raise UsageError(f"pretrained={kind}: an s3:// URI reaches only SageMaker jobs (as their weights channel); "
+                         "pass a local .pth/.pt file here")
     path = Path(kind)
     if not path.is_file():
         raise UsageError(f"pretrained weights file {path} not found; pass an existing .pth/.pt file, imagenet or none")
