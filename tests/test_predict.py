@@ -12,6 +12,7 @@ import pytest
 
 from bincount import serve
 from bincount.artifacts import write_model_dir
+from bincount.handlers import Handlers
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def expected(model_dir, images) -> dict[str, dict]:
     """What the artifact's handlers answer in-process, per file name."""
-    handlers = serve.Handlers(model_dir)
+    handlers = Handlers(model_dir)
     return {p.name: json.loads(handlers.invoke(p.read_bytes(), "image/jpeg"))
             for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".png")}
 
@@ -71,12 +72,8 @@ def test_folder_and_files_with_a_model_as_json(cli, model_dir, images, expected,
 
 
 def test_csv_output_through_a_local_endpoint(cli, model_dir, images, expected, tmp_path):
-    server = serve.start(model_dir)
-    try:
+    with serve.Server(model_dir) as server:
         res = cli("predict", images, "--endpoint", server.url, "--format", "csv", "--workdir", tmp_path)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert res.exit_code == 0, res.stderr
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
     assert len(rows) == 6 and list(rows[0]) == ["image", "count", "confidence", "error"]
@@ -128,15 +125,11 @@ def test_default_targets_come_from_state(cli, model_dir, images, expected, tmp_p
     ws.update_state(training=LocalTraining(job="run", model_dir=str(model_dir), model_data=str(tmp_path / "m.tar.gz")))
     out = json.loads(cli("predict", good, "--workdir", tmp_path, "--json").stdout)
     assert out["target"] == f"model {model_dir.resolve()}"
-    server = serve.start(model_dir)
-    try:
+    with serve.Server(model_dir) as server:
         ws.update_state(endpoint=LocalEndpoint(url=server.url, pid=0, model_dir=str(model_dir)))
         out = json.loads(cli("predict", good, "--workdir", tmp_path, "--json").stdout)
         assert out["target"] == f"endpoint {server.url}"
         _check(out["items"], expected)
-    finally:
-        server.shutdown()
-        server.server_close()
     res = cli("predict", good, "--workdir", tmp_path)
     assert res.exit_code == 1 and "does not answer GET /ping" in res.stderr
 
@@ -145,7 +138,7 @@ def test_an_endpoint_name_goes_to_sagemaker(cli, model_dir, images, expected, tm
     """sagemaker-runtime cannot run here: its invoke is stubbed with the same handlers; the routing is real."""
     import bincount.backends.sagemaker as sm
 
-    handlers = serve.Handlers(model_dir)
+    handlers = Handlers(model_dir)
     calls = []
 
     def fake_invoke(settings, endpoint_name, body, content_type):

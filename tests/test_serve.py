@@ -1,4 +1,8 @@
-"""The local endpoint: a real HTTP server on a free 127.0.0.1 port, and deploy/undeploy through the CLI."""
+"""The local endpoint: the real server (`bincount serve`, gunicorn) in a child process on a free 127.0.0.1 port.
+
+Load (hundreds of connections at once), SIGTERM under load, memory under large images, the error contract
+(every answer JSON: 4xx, 503, never a dropped connection) and deploy/undeploy through the CLI.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import http.client
 import io
 import json
 import os
-import shutil
+import signal
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +22,7 @@ import pytest
 
 from bincount import serve
 from bincount.artifacts import write_model_dir
-from bincount.config import load_settings
+from bincount.handlers import Handlers
 
 
 def jpeg(seed: int, size: int = 64) -> bytes:
@@ -33,9 +40,13 @@ def jpeg(seed: int, size: int = 64) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return write_model_dir(tmp_path_factory.mktemp("model"))
+def flat(fmt: str, width: int, height: int) -> bytes:
+    """A large one-colour image: a few KB on the wire, width x height pixels once decoded."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 60)).save(buf, format=fmt)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +55,21 @@ def small_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    srv = serve.start(model_dir, "127.0.0.1", 0)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+def server(small_model, tmp_path_factory):
+    """One server for the module: a 16.8 megapixel decode budget (one 4096x4096 image at a time), 2 s body timeout."""
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with serve.Server(small_model, "deploy.pixel_budget=16777216", "deploy.read_timeout_s=2", log=log) as srv:
+        yield srv
+    assert "Traceback" not in log.read_text()
+
+
+def connect(url: str, timeout: float = 60) -> http.client.HTTPConnection:
+    host, port = url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=timeout)
 
 
 def request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn = connect(url)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -68,48 +84,30 @@ def invoke(url: str, body: bytes, content_type: str = "image/jpeg"):
     return status, json.loads(data)
 
 
-def test_serves_the_artifacts_own_handlers_and_matches_in_process(server, model_dir):
-    assert Path(server.handlers.module.__file__) == model_dir / "code" / "inference.py"
-    assert request(server.url, "GET", "/ping")[0] == 200
-    local = serve.Handlers(model_dir)
-    answers = set()
-    for seed in range(4):
+def worker_pid(server_pid: int) -> int:
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    assert len(children) == 1, children  # one worker process: one copy of the model
+    return int(children[0])
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_answers_match_the_handlers_in_process(server, small_model):
+    assert request(server.url, "GET", "/ping")[:2] == (200, "application/json")
+    local = Handlers(small_model)
+    for seed in range(3):
         body = jpeg(seed)
         status, out = invoke(server.url, body)
-        assert status == 200
-        assert out == json.loads(local.invoke(body, "image/jpeg"))
-        answers.add(out["confidence"])
+        assert status == 200 and out == json.loads(local.invoke(body, "image/jpeg"))
     batch = json.dumps({"instances": [base64.b64encode(jpeg(s)).decode() for s in range(2)]}).encode()
     status, out = invoke(server.url, batch, "application/json")
     assert status == 200 and isinstance(out, list) and len(out) == 2
-    assert out[0]["count"] == invoke(server.url, jpeg(0))[1]["count"]
-    assert len(answers) > 1  # the images really are told apart
-
-
-def test_ping_is_503_until_the_model_is_loaded(model_dir):
-    srv = serve.EndpointServer("127.0.0.1", 0, quiet=True)
-    import threading
-
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        assert request(srv.url, "GET", "/ping")[0] == 503
-        assert request(srv.url, "POST", "/invocations", jpeg(0), {"Content-Type": "image/jpeg"})[0] == 503
-        srv.load(model_dir)
-        assert request(srv.url, "GET", "/ping")[0] == 200
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-def _bomb() -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    assert out[0] == invoke(server.url, jpeg(0))[1]
 
 
 @pytest.mark.parametrize("body,headers,status,words", [
@@ -118,83 +116,171 @@ def _bomb() -> bytes:
     (jpeg(1, 256)[:400], {"Content-Type": "image/jpeg"}, 400, "truncated"),
     (jpeg(1), {"Content-Type": "text/csv"}, 415, "unsupported content type"),
     (jpeg(1), {"Content-Type": "image/jpeg", "Accept": "text/csv"}, 406, "application/json"),
-    (_bomb(), {"Content-Type": "image/png"}, 413, "too large"),
     (b'{"instances": "x"}', {"Content-Type": "application/json"}, 400, "instances"),
+    (b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"}, 400, "nested too deeply"),
+    (json.dumps({"instances": [[["a"]]]}).encode(), {"Content-Type": "application/json"}, 400, "instances"),
 ])
 def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(server, body, headers, status, words):
     got, ctype, data = request(server.url, "POST", "/invocations", body, headers)
     assert (got, ctype) == (status, "application/json")
-    assert words in json.loads(data)["error"]
+    assert words in json.loads(data)["error"] and json.loads(data)["status"] == status
     assert invoke(server.url, jpeg(2))[0] == 200
 
 
-def test_oversized_and_unsized_bodies_are_refused_before_reading(server):
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+def test_unknown_paths_and_methods_get_json_404_and_405(server):
+    for method, path, status, allow in [("HEAD", "/invocations", 405, "POST"), ("PUT", "/invocations", 405, "POST"),
+                                        ("GET", "/invocations", 405, "POST"), ("POST", "/ping", 405, "GET, HEAD"),
+                                        ("DELETE", "/ping", 405, "GET, HEAD"), ("PUT", "/nowhere", 404, None),
+                                        ("GET", "/", 404, None), ("HEAD", "/ping", 200, None)]:
+        conn = connect(server.url)
+        conn.request(method, path, body=b"x" if method == "PUT" else None)
+        resp = conn.getresponse()
+        data = resp.read()
+        assert (resp.status, resp.getheader("Content-Type"), resp.getheader("Allow")) == (status, "application/json", allow)
+        if method != "HEAD":
+            assert json.loads(data)["status"] == (status if status != 200 else "ok")
+        conn.close()
+    with socket.create_connection(server.address) as raw:  # not HTTP at all
+        raw.sendall(b"GARBAGE\r\n\r\n")
+        reply = raw.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 400") and '"status": 400' in reply and "application/json" in reply
+
+
+def test_a_7_mb_body_gets_a_413_that_http_client_reads_and_the_connection_lives_on(server):
+    conn = connect(server.url)
+    conn.request("POST", "/invocations", body=b"\xff" * (7 * 1024 * 1024), headers={"Content-Type": "image/jpeg"})
+    resp = conn.getresponse()
+    assert (resp.status, resp.getheader("Content-Type")) == (413, "application/json")
+    assert "byte limit" in json.loads(resp.read())["error"]
+    conn.request("POST", "/invocations", body=jpeg(4), headers={"Content-Type": "image/jpeg"})  # same connection
+    assert conn.getresponse().status == 200
+    conn.close()
+    conn = connect(server.url)  # a length far over the limit is refused from the header alone
     conn.putrequest("POST", "/invocations")
-    conn.putheader("Content-Type", "image/jpeg")
-    conn.putheader("Content-Length", str(6 * 1024 * 1024 + 1))
-    conn.endheaders()  # no body is sent: the server must answer from the header alone
+    conn.putheader("Content-Length", str(10 ** 12))
+    conn.endheaders()
     resp = conn.getresponse()
     assert resp.status == 413 and "byte limit" in json.loads(resp.read())["error"]
     conn.close()
-    for extra in ({"Transfer-Encoding": "chunked"}, {}):  # chunked, or no length at all
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        conn.putrequest("POST", "/invocations")
-        conn.putheader("Content-Type", "image/jpeg")
-        for key, value in extra.items():
-            conn.putheader(key, value)
-        conn.endheaders()
-        resp = conn.getresponse()
-        assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
-        conn.close()
-    assert request(server.url, "GET", "/nowhere")[0] == 404
-    assert invoke(server.url, jpeg(3))[0] == 200
 
 
-def test_200_requests_from_8_concurrent_clients(server):
-    bodies = [jpeg(s) for s in range(10)]
-    expected = {i: json.loads(server.handlers.invoke(b, "image/jpeg"))["count"] for i, b in enumerate(bodies)}
-    host, port = server.server_address[:2]
+def test_chunked_bodies_are_read_and_capped(server):
+    conn = connect(server.url)
+    conn.request("POST", "/invocations", body=iter([jpeg(5)[:100], jpeg(5)[100:]]), encode_chunked=True,
+                 headers={"Content-Type": "image/jpeg", "Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["count"] in range(6)
+    conn.request("POST", "/invocations", body=(b"\0" * 1024 * 1024 for _ in range(7)), encode_chunked=True,
+                 headers={"Content-Type": "image/jpeg", "Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 413 and "byte limit" in json.loads(resp.read())["error"]
+    conn.close()
 
-    def client(worker: int) -> list[tuple[int, int]]:
-        conn = http.client.HTTPConnection(host, port, timeout=30)  # one keep-alive connection per client
-        out = []
-        for i in range(25):
-            k = (worker * 25 + i) % len(bodies)
-            conn.request("POST", "/invocations", body=bodies[k], headers={"Content-Type": "image/jpeg"})
+
+def test_a_body_that_stops_arriving_gets_a_408(server):
+    with socket.create_connection(server.address) as raw:
+        raw.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n12345")
+        raw.settimeout(30)
+        t0 = time.monotonic()
+        reply = raw.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and '"status": 408' in reply and time.monotonic() - t0 < 20
+
+
+def test_500_connections_at_once_are_all_answered_with_no_resets(server):
+    body, errors, statuses = jpeg(6, 32), [], []
+    start = threading.Barrier(500)
+
+    def client() -> None:
+        try:
+            conn = connect(server.url, timeout=120)
+            start.wait(60)
+            conn.request("POST", "/invocations", body=body, headers={"Content-Type": "image/jpeg"})
             resp = conn.getresponse()
-            out.append((resp.status, json.loads(resp.read())["count"] == expected[k]))
-        conn.close()
-        return out
+            resp.read()
+            statuses.append(resp.status)
+            conn.close()
+        except Exception as exc:  # noqa: BLE001 - counted: resets, refusals, timeouts
+            errors.append(repr(exc))
 
-    with ThreadPoolExecutor(8) as pool:
-        results = [r for rs in pool.map(client, range(8)) for r in rs]
-    assert len(results) == 200
-    assert all(status == 200 and same for status, same in results)
-
-
-def test_resolve_model_unpacks_archives_once_into_the_workdir(small_model, tmp_path):
-    from bincount.artifacts import package_model
-
-    model_dir = small_model
-    tar = package_model(model_dir, tmp_path / "model.tar.gz")
-    settings = load_settings(overrides={"workdir": str(tmp_path / "w")})
-    first = serve.resolve_model(settings, tar)
-    assert first.parent == (tmp_path / "w" / "models" / "cache").resolve()
-    assert (first / "code" / "inference.py").is_file()
-    assert serve.resolve_model(settings, tar) == first
-    assert serve.resolve_model(settings, model_dir) == model_dir.resolve()
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(500)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert errors == [] and statuses == [200] * 500
+    assert time.monotonic() - t0 < 150
 
 
-def test_artifact_without_code_falls_back_to_the_packaged_handlers(small_model, tmp_path):
-    from bincount.container import inference
+def test_predict_with_128_workers_over_1000_images_loses_nothing(server, cli, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(1000):
+        (folder / f"{i:04d}.jpg").write_bytes(jpeg(i % 50, 32))
+    res = cli("predict", folder, "--endpoint", server.url, "--workers", 128, "--workdir", tmp_path, "--json")
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert (out["predicted"], out["failed"]) == (1000, 0)
 
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("model.pth", "meta.json"):
-        shutil.copy(small_model / name, bare / name)
-    assert serve.load_handlers(bare) is inference
+
+def test_large_images_are_decoded_within_the_pixel_budget(server):
+    """16 megapixel PNGs at once wait for the budget; a 6300x6300 PNG (~130 KB) is refused before it is
+    decoded; a 36 megapixel JPEG is decoded in draft mode (1/4 scale). Peak RSS stays bounded."""
+    worker = worker_pid(server.pid)
+    assert invoke(server.url, jpeg(7))[0] == 200
+    before = peak_rss_mb(worker)
+    png16, png40, jpg36 = flat("PNG", 4000, 4000), flat("PNG", 6300, 6300), flat("JPEG", 6000, 6000)
+    assert len(png40) < 200_000 and len(jpg36) < 6 * 1024 * 1024
+    jobs = [(png16, "image/png")] * 8 + [(png40, "image/png")] * 4 + [(jpg36, "image/jpeg")] * 4
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: invoke(server.url, *job), jobs))
+    assert [s for s, _ in answers] == [200] * 8 + [413] * 4 + [200] * 4
+    assert all("pixel limit" in out["error"] for _, out in answers[8:12])
+    grew = peak_rss_mb(worker) - before
+    assert grew < 400, f"peak RSS grew by {grew:.0f} MB"  # all at once at full size: over 1,500 MB
+
+
+def test_sigterm_under_load_finishes_what_was_taken_and_exits_0(small_model, tmp_path):
+    srv = serve.Server(small_model, log=tmp_path / "serve.log")
+    body, outcomes, stop = jpeg(8, 32), {"ok": 0, "refused": 0}, threading.Event()
+    dropped, lock = [], threading.Lock()
+
+    def client() -> None:
+        while True:
+            try:
+                conn = connect(srv.url, timeout=60)
+                conn.connect()
+            except ConnectionRefusedError:
+                with lock:
+                    outcomes["refused"] += 1  # after the signal: not taken, and the client knows
+                return
+            try:
+                conn.request("POST", "/invocations", body=body, headers={"Content-Type": "image/jpeg"})
+                resp = conn.getresponse()
+                assert resp.status == 200, resp.read()
+                resp.read()
+                with lock:
+                    outcomes["ok"] += 1
+            except Exception as exc:  # noqa: BLE001 - a connection the server took, then dropped
+                with lock:
+                    dropped.append(repr(exc))
+                return
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(48)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    assert outcomes["ok"] > 0
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.proc.wait(60)
+    for t in threads:
+        t.join(60)
+    assert (code, dropped) == (0, [])
+    assert outcomes["refused"] == 48
+    log = (tmp_path / "serve.log").read_text()
+    assert "stopped (SIGTERM)" in log and "Traceback" not in log
 
 
 def test_deploy_and_undeploy_through_the_cli_leave_nothing_running(cli, small_model, tmp_path):
@@ -220,8 +306,6 @@ def test_deploy_and_undeploy_through_the_cli_leave_nothing_running(cli, small_mo
 
 
 def test_deploy_reports_a_server_that_cannot_start(cli, small_model, tmp_path):
-    import socket
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -231,3 +315,63 @@ def test_deploy_reports_a_server_that_cannot_start(cli, small_model, tmp_path):
     assert "the local server exited" in res.stderr and "cannot listen on 127.0.0.1" in res.stderr
     state = tmp_path / "state.json"
     assert not state.exists() or "endpoint" not in json.loads(state.read_text())
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_one_line(small_model, tmp_path):
+    import shutil
+
+    from bincount.errors import BincountError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(small_model, broken)
+    (broken / "model.pth").write_bytes(b"not a state dict")
+    with pytest.raises(BincountError, match="the local server exited with code 1: .*cannot load the model"):
+        serve.Server(broken, log=tmp_path / "serve.log")
+
+
+def _bodies():
+    """Request bodies a client might send, or a fuzzer: bytes, JSON of any shape, damaged images."""
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                               max_leaves=12)
+    images = st.sampled_from([jpeg(0), flat("PNG", 40, 30), flat("GIF", 20, 20), flat("BMP", 16, 16), flat("WEBP", 24, 24)])
+    damaged = st.tuples(images, st.integers(0, 2000), st.binary(max_size=16)).map(
+        lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + len(t[2]):])
+    b64 = st.lists(images | damaged | st.binary(max_size=64), min_size=1, max_size=3).map(
+        lambda xs: [base64.b64encode(x).decode() for x in xs])
+    return st.one_of(
+        st.binary(max_size=3000), images, damaged,
+        json_values.map(lambda v: json.dumps(v).encode()),
+        b64.map(lambda xs: json.dumps({"instances": xs}).encode()), b64.map(lambda xs: json.dumps(xs).encode()),
+    )
+
+
+def _header_text():
+    from hypothesis import strategies as st
+
+    return st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+
+
+def test_generated_requests_always_get_a_json_answer_never_a_500_or_a_dropped_connection(server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    content_types = st.sampled_from(["image/jpeg", "image/png", "application/x-image", "application/octet-stream",
+                                     "application/json", "application/json; charset=utf-8", "IMAGE/JPEG; q=1",
+                                     "text/plain", "", "*/*"]) | _header_text()
+    accepts = st.none() | st.sampled_from(["application/json", "*/*", "text/csv", "application/*, text/html"]) | _header_text()
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=_bodies(), content_type=content_types, accept=accepts,
+           method=st.sampled_from(["POST"] * 6 + ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"]),
+           path=st.sampled_from(["/invocations"] * 6 + ["/ping", "/", "/invocations/x", "/ping?x=1"]))
+    def check(body, content_type, accept, method, path):
+        headers = {"Content-Type": content_type, **({"Accept": accept} if accept is not None else {})}
+        status, ctype, data = request(server.url, method, path, body, headers)
+        assert ctype == "application/json"
+        answer = json.loads(data)
+        assert status == 200 or (400 <= status < 500 and answer["status"] == status and answer["error"]), answer
+
+    check()

@@ -308,6 +308,21 @@ class DeploySettings(Section):
     workers: int = Field(8, ge=1, le=128, description="concurrent predict requests")
     trust_code: bool = Field(False, description="run a model artifact's own code/ even when it differs from this "
                              "version's (serve, predict, evaluate, audit): only for artifacts you trust")
+    threads: int = Field(8, ge=1, le=256, description="local server: requests served at once (threads of its one worker "
+                                                      "process, which holds the one copy of the model)")
+    max_connections: int = Field(1000, ge=1, le=10000, description="local server: connections held at once (served, queued "
+                                                                   "for a thread, or idle keep-alive); more wait in the backlog")
+    backlog: int = Field(2048, ge=16, le=65535, description="local server: connections the kernel queues until the server "
+                                                            "takes them (capped by net.core.somaxconn)")
+    keepalive_s: int = Field(60, ge=0, le=3600, description="local server: an idle keep-alive connection is closed after this")
+    read_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request body must arrive within this (else 408)")
+    graceful_timeout_s: int = Field(30, ge=1, le=3600, description="local server: on SIGTERM, requests already taken get "
+                                                                   "this long to finish")
+    pixel_budget: int = Field(48_000_000, ge=1_000_000, le=2_000_000_000,
+                              description="local server: image pixels decoded at once (4-8 bytes each); "
+                                          "more wait for room, up to queue_timeout_s")
+    queue_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request waits this long for room to "
+                                                                  "decode its images, then gets a 503")
 
     @field_validator("memory_size_mb")
     @classmethod

@@ -99,7 +99,7 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
     from bincount import audit as audit_stage
     from bincount import evaluate as evaluate_stage
     from bincount import predict as predict_stage
-    from bincount import serve
+    from bincount.backends import local_endpoint
     from bincount.backends import local_train
     from bincount.data import fetch, split, synth
     from bincount.workspace import Workspace, read_jsonl
@@ -130,7 +130,7 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
         log("[bold]5/8 evaluate[/]")
         metrics = evaluate_stage.evaluate(settings)
         log("[bold]6/8 deploy[/] the local endpoint")
-        serve.deploy_local(settings)
+        local_endpoint.deploy_local(settings)
         endpoint_up = True
         log("[bold]7/8 predict and audit[/]")
         test_rows = read_jsonl(ws.split("test"))[:4]
@@ -139,7 +139,7 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
     finally:
         if endpoint_up:
             log("[bold]8/8 undeploy[/]")
-            serve.undeploy_local(settings, yes=True)
+            local_endpoint.undeploy_local(settings, yes=True)
         server.stop()
     return DemoResult(
         workdir=str(ws.root), images=images,

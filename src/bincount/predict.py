@@ -229,13 +229,13 @@ class ModelTarget(Target):
     """The artifact's own handlers in this process (no server)."""
 
     def __init__(self, model_dir: Path):
-        from bincount.serve import Handlers
+        from bincount.handlers import Handlers
 
         self.name = f"model {model_dir}"
         self.handlers = Handlers(model_dir)
 
     def predict(self, body: bytes, content_type: str) -> dict:
-        from bincount.serve import client_status
+        from bincount.handlers import client_status
 
         try:
             return json.loads(self.handlers.invoke(body, content_type, "application/json"))

@@ -1,254 +1,223 @@
-"""The local endpoint: SageMaker's serving contract (GET /ping, POST /invocations) over HTTP.
+"""The local endpoint's HTTP server: SageMaker's serving contract (GET /ping, POST /invocations) on gunicorn.
 
-Requests go through the very handlers the artifact ships in `code/inference.py` (model_fn, input_fn,
-predict_fn, output_fn), loaded from the model dir as SageMaker would, so what works here works there.
-Handler errors with a 4xx `status` (inference.RequestError) become 4xx JSON errors; anything else a 500.
-Only serve artifacts you trust: their code/ runs in this process, as it does on SageMaker.
+One gunicorn master and one gthread worker process (one copy of the model) with `deploy.threads`
+threads, at most `deploy.max_connections` connections held, a `deploy.backlog` listen queue, HTTP/1.1
+keep-alive, and graceful SIGTERM: the worker takes what is already queued, stops listening, finishes
+every request it took (up to `deploy.graceful_timeout_s`) and the server exits 0. Every answer is JSON:
+{"error": "...", "status": N} for 400 bad input, 404 unknown path, 405 wrong method, 408 slow body,
+413 too large, 415 content type, 406 Accept, 503 busy, 500 a handler bug.
 
-deploy_local / undeploy_local start and stop `bincount serve` in the background and record it in state.
+Requests go through the artifact's own code/inference.py (bincount.handlers), which also bounds the
+pixels decoded at once (deploy.pixel_budget, deploy.queue_timeout_s).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
-import threading
+import tempfile
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from bincount.config import Settings
+from bincount.config import DeploySettings, Settings
 from bincount.errors import BincountError
-from bincount.results import Result, key_value_table
-from bincount.state import LocalEndpoint, SageMakerEndpoint
-from bincount.workspace import Workspace
+from bincount.handlers import Handlers, client_status, resolve_model
+from bincount.results import Result
 
-MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time invocation limit
-SIBLINGS = ("inference", "net", "epochlog")  # modules an artifact's code/ may import by bare name
-_LOAD_LOCK = threading.Lock()
-
-
-# -- the model: resolve it, load the artifact's own handlers --------------------------------
-def resolve_model(settings: Settings, model: Path | str | None = None, option: str = "--model") -> Path:
-    """The model to serve, as a local dir: `model`, else deploy.model_data, else the last trained model.
-
-    A model dir, model.tar.gz or s3:// URI; see artifacts.resolve_model.
-    """
-    from bincount.artifacts import resolve_model as resolve
-
-    return resolve(settings, model or settings.deploy.model_data, option)
+MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
+DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read and dropped up to this, so the client reads its 413
+ROUTES = {"/ping": ("GET", "HEAD"), "/invocations": ("POST",)}
 
 
-def load_handlers(model_dir: Path | str) -> ModuleType:
-    """The artifact's code/inference.py as a module (code/ on sys.path for its `import net`).
+class HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
-    Falls back to the packaged bincount.container.inference when the artifact has no code/.
-    """
-    code = Path(model_dir) / "code"
-    script = code / "inference.py"
-    if not script.is_file():
-        from bincount.container import inference
 
-        return inference
-    with _LOAD_LOCK:
-        saved = {name: sys.modules.pop(name) for name in SIBLINGS if name in sys.modules}
-        sys.path.insert(0, str(code))
+# -- the WSGI app ---------------------------------------------------------------------------
+class Endpoint:
+    """The WSGI app: GET /ping and POST /invocations over one model's handlers; every answer JSON."""
+
+    def __init__(self, handlers: Handlers, read_timeout: float = 30.0):
+        self.handlers = handlers
+        self.read_timeout = read_timeout
+
+    def __call__(self, environ: dict, start_response: Any) -> list[bytes]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
+        headers = []
         try:
-            name = f"bincount_artifact_{hashlib.sha256(str(script.resolve()).encode()).hexdigest()[:12]}"
-            spec = importlib.util.spec_from_file_location(name, script)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - a broken artifact should say so in one line
-            raise BincountError(f"cannot load {script}: {type(exc).__name__}: {exc}") from None
-        finally:
-            sys.path.remove(str(code))
-            for sibling in SIBLINGS:  # the loaded module keeps its own references
-                sys.modules.pop(sibling, None)
-            sys.modules.update(saved)
-    for fn in ("model_fn", "input_fn", "predict_fn", "output_fn"):
-        if not callable(getattr(module, fn, None)):
-            raise BincountError(f"{script} has no {fn}()")
-    return module
-
-
-class Handlers:
-    """The four handlers over one loaded model: `invoke(body, content_type, accept) -> JSON text`.
-
-    Requests run concurrently: an eval-mode model's forward pass changes no state, so it is thread-safe,
-    and benchmarks/serve.py measures it faster than serialising predict_fn (lock=True) on CPU.
-    """
-
-    def __init__(self, model_dir: Path | str, lock: bool = False):
-        self.model_dir = Path(model_dir)
-        self.module = load_handlers(self.model_dir)
-        try:
-            self.bundle = self.module.model_fn(str(self.model_dir))
-        except Exception as exc:  # noqa: BLE001 - a broken model.pth or meta.json: one line, not a traceback
-            from bincount.artifacts import load_error
-
-            raise load_error(self.model_dir, exc) from None
-        self._lock = threading.Lock() if lock else None
-
-    def invoke(self, body: bytes, content_type: str | None = None, accept: str | None = None) -> str:
-        data = self.module.input_fn(body, content_type or "application/x-image")
-        if self._lock is None:
-            prediction = self.module.predict_fn(data, self.bundle)
-        else:
-            with self._lock:
-                prediction = self.module.predict_fn(data, self.bundle)
-        return self.module.output_fn(prediction, accept or "application/json")
-
-
-def client_status(exc: BaseException) -> int | None:
-    """The 4xx status an exception asks for (inference.RequestError and the like), else None."""
-    status = getattr(exc, "status", None)
-    return status if isinstance(status, int) and 400 <= status < 500 else None
-
-
-# -- the HTTP server -----------------------------------------------------------------------
-class _RequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
-    server_version = "bincount-serve"
-    timeout = 60  # idle keep-alive connections are closed after this many seconds
-    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stalls
-    server: EndpointServer
-
-    def _send(self, status: int, payload: Any, close: bool = False) -> None:
-        body = payload if isinstance(payload, bytes) else (
-            payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _error(self, status: int, message: str, close: bool = False) -> None:
-        self._send(status, {"error": message, "status": status}, close=close)
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        if self.path.split("?")[0] == "/ping":
-            if self.server.handlers is None:
-                self._error(503, "model is loading")
+            allowed = ROUTES.get(path)
+            if allowed is None:
+                raise HttpError(404, f"no such path {path!r}: use GET /ping or POST /invocations")
+            if method not in allowed:
+                headers.append(("Allow", ", ".join(allowed)))
+                raise HttpError(405, f"{method} is not allowed on {path}; use {' or '.join(allowed)}")
+            if path == "/ping":
+                status, body = 200, b'{"status": "ok"}'
             else:
-                self._send(200, {"status": "ok"})
-        else:
-            self._error(404, f"no such path {self.path!r}: use GET /ping or POST /invocations")
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.split("?")[0] != "/invocations":
-            self._error(404, f"no such path {self.path!r}: use GET /ping or POST /invocations", close=True)
-            return
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding") or length is None:
-            self._error(411, "Content-Length is required (chunked bodies are not accepted)", close=True)
-            return
-        try:
-            size = int(length)
-            if size < 0:
-                raise ValueError
-        except ValueError:
-            self._error(400, f"bad Content-Length {length!r}", close=True)
-            return
-        if size > MAX_BODY_BYTES:  # refused before reading a byte of it
-            self._error(413, f"body is {size:,} bytes, over the {MAX_BODY_BYTES:,} byte limit", close=True)
-            return
-        body = self.rfile.read(size)
-        if len(body) < size:
-            self._error(400, "body shorter than its Content-Length", close=True)
-            return
-        handlers = self.server.handlers
-        if handlers is None:
-            self._error(503, "model is loading")
-            return
-        try:
-            answer = handlers.invoke(body, self.headers.get("Content-Type"), self.headers.get("Accept"))
-        except Exception as exc:  # noqa: BLE001 - never let one request take the server down
+                status, body = 200, self.invoke(environ).encode()
+        except HttpError as exc:
+            status, body = exc.status, error_body(exc.status, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one request never takes the server down
             status = client_status(exc)
             if status is None:
                 import traceback
 
                 traceback.print_exc(file=sys.stderr)
-                self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+                status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
             else:
-                self._error(status, str(exc))
-            return
-        self._send(200, answer)
+                message = str(exc)
+            body = error_body(status, message)
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [] if method == "HEAD" else [body]
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        if not self.server.quiet:
-            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {format % args}\n")
+    def invoke(self, environ: dict) -> str:
+        body = self.read_body(environ)
+        return self.handlers.invoke(body, environ.get("CONTENT_TYPE") or None, environ.get("HTTP_ACCEPT") or None)
 
-    def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        if not self.server.quiet and not self.path.startswith("/ping"):  # health checks are not logged
-            took = (time.perf_counter() - self._started) * 1000 if hasattr(self, "_started") else 0.0
-            self.log_message('"%s" %s %.1fms', self.requestline, code, took)
+    def read_body(self, environ: dict) -> bytes:
+        """The request body, at most MAX_BODY_BYTES; a bigger one is drained (so the client reads the 413)."""
+        from gunicorn.http.errors import NoMoreData, ParseException
 
-    def handle_one_request(self) -> None:
-        self._started = time.perf_counter()
-        with self.server.track():
-            super().handle_one_request()
-
-
-class EndpointServer(ThreadingHTTPServer):
-    """A threaded HTTP server for one model; `handlers` is None (ping 503) until `load()`."""
-
-    daemon_threads = True
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, quiet: bool = False):
-        self.handlers: Handlers | None = None
-        self.quiet = quiet
-        self._busy = 0
-        self._idle = threading.Condition()
+        stream, length = environ["wsgi.input"], environ.get("CONTENT_LENGTH")
+        sock = environ.get("gunicorn.socket")
+        if sock is not None:
+            sock.settimeout(self.read_timeout)  # gunicorn makes it blocking again for the next request
+        size = int(length) if length else None  # gunicorn has checked it is a number
+        limit = f"over the {MAX_BODY_BYTES:,} byte limit (SageMaker's real-time payload limit)"
+        if size is not None and size > DRAIN_BYTES:
+            raise HttpError(413, f"body is {size:,} bytes, {limit}")
         try:
-            super().__init__((host, port), _RequestHandler)
-        except OSError as exc:
-            raise BincountError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def load(self, model_dir: Path | str, lock: bool = False) -> EndpointServer:
-        self.handlers = Handlers(model_dir, lock=lock)
-        return self
-
-    def track(self):
-        server = self
-
-        class _Busy:
-            def __enter__(self):
-                with server._idle:
-                    server._busy += 1
-
-            def __exit__(self, *exc):
-                with server._idle:
-                    server._busy -= 1
-                    server._idle.notify_all()
-
-        return _Busy()
-
-    def drain(self, timeout: float = 10.0) -> None:
-        """Wait (up to `timeout`) for requests in progress to finish."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0, timeout)
+            body = stream.read(MAX_BODY_BYTES + 1)
+            if len(body) > MAX_BODY_BYTES:
+                drained = len(body)
+                while drained <= DRAIN_BYTES and (chunk := stream.read(1 << 20)):
+                    drained += len(chunk)
+                raise HttpError(413, f"body is {size or drained:,} bytes, {limit}")
+        except (TimeoutError, socket.timeout):
+            raise HttpError(408, f"the request body did not arrive within {self.read_timeout:g}s") from None
+        except (NoMoreData, ConnectionError):
+            raise HttpError(400, "body shorter than its Content-Length") from None
+        except ParseException as exc:
+            raise HttpError(400, f"malformed body: {exc}") from None
+        return body
 
 
-def start(model_dir: Path | str, host: str = "127.0.0.1", port: int = 0, quiet: bool = True,
-          lock: bool = False) -> EndpointServer:
-    """Load the model and serve it from a background thread (tests, benchmarks); stop with `.shutdown()`."""
-    server = EndpointServer(host, port, quiet=quiet).load(model_dir, lock=lock)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-    return server
+def error_body(status: int, message: str) -> bytes:
+    return json.dumps({"error": message, "status": status}).encode()
+
+
+# -- gunicorn: one gthread worker that answers in JSON and stops gracefully -----------------
+def _gunicorn_classes():
+    """The gunicorn worker, logger and application classes (gunicorn is imported only to serve)."""
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.glogging import Logger
+    from gunicorn.http import errors
+    from gunicorn.workers.gthread import TConn, ThreadWorker
+
+    statuses = {errors.LimitRequestLine: 414, errors.LimitRequestHeaders: 431, errors.ExpectationFailed: 417,
+                errors.UnsupportedTransferCoding: 501, errors.ForbiddenProxyRequest: 403}
+
+    class Worker(ThreadWorker):
+        """gthread, plus: malformed HTTP gets a JSON error; SIGINT stops gracefully like SIGTERM; on stopping,
+        the connections waiting in the listen queue are taken (and served) before the socket stops listening."""
+
+        def init_signals(self) -> None:
+            super().init_signals()
+            signal.signal(signal.SIGINT, self.handle_exit)
+
+        def set_accept_enabled(self, enabled: bool) -> None:
+            super().set_accept_enabled(enabled)
+            if not enabled and not self.alive and self.sockets:
+                for listener in self.sockets:
+                    self._take_queued(listener)
+                    try:
+                        listener.shutdown(socket.SHUT_RD)  # stop listening, in the master's copy too
+                    except OSError:
+                        pass
+                self.sockets = []
+
+        def _take_queued(self, listener: Any) -> None:
+            listener.setblocking(False)
+            while True:
+                try:
+                    client, addr = listener.accept()
+                except OSError:  # EAGAIN: the queue is empty
+                    return
+                self.nr_conns += 1
+                self.enqueue_req(TConn(self.cfg, client, addr, listener.getsockname()))
+
+        def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+            if isinstance(exc, errors.ParseException) and not isinstance(exc, errors.InvalidResponseHeader):
+                status = next((s for cls, s in statuses.items() if isinstance(exc, cls)), 400)
+                message = f"malformed HTTP request: {exc}"
+                self.log.warning("bad request from %s: %s", addr[0] if addr else "?", exc)
+            else:
+                status, message = 500, f"internal error: {type(exc).__name__}"
+                self.log.exception("error handling request")
+            body = error_body(status, message)
+            head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            try:
+                client.sendall(head.encode() + body)
+            except OSError:
+                pass
+
+    class AccessLog(Logger):
+        """gunicorn's logger, minus the health checks in the access log."""
+
+        def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
+            if environ.get("PATH_INFO") != "/ping":
+                super().access(resp, req, environ, request_time)
+
+    class Application(BaseApplication):
+        def __init__(self, options: dict, load: Any):
+            self.options, self.loader = options, load
+            super().__init__()
+
+        def load_config(self) -> None:
+            for key, value in self.options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return self.loader()
+
+    class StopArbiter(Arbiter):
+        """The master: remembers the signal that stopped it; SIGINT is graceful too."""
+
+        stopped_by = "shutdown"
+
+        def handle_term(self) -> None:
+            self.stopped_by = "SIGTERM"
+            super().handle_term()
+
+        def handle_int(self) -> None:
+            self.stopped_by = "SIGINT"
+            super().handle_term()
+
+    return Worker, AccessLog, Application, StopArbiter
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as exc:
+        raise BincountError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class ServeResult(Result):
@@ -258,56 +227,59 @@ class ServeResult(Result):
 
 
 def serve_forever(settings: Settings, model: Path | None = None) -> ServeResult:
-    """Serve the model in the foreground until SIGINT/SIGTERM; /ping says 503 while it loads."""
+    """Serve the model in the foreground until SIGTERM or SIGINT (both finish the requests taken, then exit 0)."""
     from bincount.console import log
 
+    deploy = settings.deploy
     model_dir = resolve_model(settings, model)
-    server = EndpointServer(settings.deploy.host, settings.deploy.port)
-    stop = threading.Event()
-    reason = {"signal": "shutdown"}
+    sock = listen(deploy.host, deploy.port, deploy.backlog)
+    url = url_of(sock)
+    # the decode budget of code/inference.py, read where it is imported (the worker)
+    os.environ.update(INFERENCE_PIXEL_BUDGET=str(deploy.pixel_budget), INFERENCE_QUEUE_TIMEOUT_S=str(deploy.queue_timeout_s))
+    log(f"bincount serve: listening on {url} (loading model {model_dir})")
+    failure = Path(tempfile.mkdtemp(prefix="bincount-serve-")) / "load-error"
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        reason["signal"] = signal.Signals(signum).name
-        stop.set()
+    def load() -> Endpoint:  # runs in the worker process, after the fork
+        try:
+            handlers = Handlers(model_dir)
+        except Exception as exc:  # noqa: BLE001 - one line for the master to raise
+            failure.write_text(str(exc) if isinstance(exc, BincountError) else f"{type(exc).__name__}: {exc}")
+            sys.exit(4)  # gunicorn's APP_LOAD_ERROR: the master stops with it
+        log(f"bincount serve: ready on {url}: GET /ping, POST /invocations")
+        return Endpoint(handlers, deploy.read_timeout_s)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    thread.start()
-    log(f"bincount serve: listening on {server.url} (loading model {model_dir})")
+    Worker, AccessLog, Application, StopArbiter = _gunicorn_classes()
+    arbiter = StopArbiter(Application(gunicorn_options(deploy, sock, Worker, AccessLog), load))
+    master = os.getpid()
     try:
-        server.load(model_dir)
-        log(f"bincount serve: ready on {server.url}: GET /ping, POST /invocations")
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
-        server.drain()
-        server.server_close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log(f"bincount serve: stopped ({reason['signal']})")
-    return ServeResult(url=server.url, model_dir=str(model_dir), stopped_by=reason["signal"])
+        arbiter.run()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        if os.getpid() != master:  # the worker ends here: nothing of the CLI after the fork runs in it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    reason = failure.read_text() if failure.exists() else ""
+    shutil.rmtree(failure.parent, ignore_errors=True)
+    if code:
+        raise BincountError(reason or f"the server stopped with code {code} (see its log above)")
+    log(f"bincount serve: stopped ({arbiter.stopped_by})")
+    return ServeResult(url=url, model_dir=str(model_dir), stopped_by=arbiter.stopped_by)
 
 
-# -- deploy / undeploy: the server as a background process --------------------------------
-class LocalEndpointResult(Result):
-    backend: str = "local"
-    action: str
-    url: str | None = None
-    pid: int | None = None
-    model_dir: str | None = None
-    log: str | None = None
-
-    def title(self) -> str:
-        return "endpoint"
-
-    def rich(self) -> Any:
-        table = key_value_table(title=self.title())
-        for key, value in self.model_dump(exclude_none=True).items():
-            table.add_row(key, str(value))
-        return table
+def gunicorn_options(deploy: DeploySettings, sock: socket.socket, worker: type, logger: type) -> dict:
+    return {
+        "bind": [f"fd://{sock.detach()}"], "workers": 1, "worker_class": worker, "threads": deploy.threads,
+        "worker_connections": deploy.max_connections, "backlog": deploy.backlog, "keepalive": deploy.keepalive_s,
+        "graceful_timeout": deploy.graceful_timeout_s,
+        "timeout": 600,  # the worker's heartbeat; its main loop never blocks on a request, only loading may be slow
+        "accesslog": "-", "errorlog": "-", "logger_class": logger, "proc_name": "bincount-serve",
+        "access_log_format": '%(h)s "%(r)s" %(s)s %(B)s %(M)sms', "control_socket_disable": True,
+    }
 
 
+# -- clients: health check, and a server in a child process for tests and benchmarks --------
 def ping(url: str, timeout: float = 2.0) -> bool:
     import urllib.request
 
@@ -318,68 +290,52 @@ def ping(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _is_our_server(pid: int) -> bool:
-    """True if `pid` is alive and (where /proc tells) is a `bincount serve` process."""
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child (else it lingers as a zombie)
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
+class Server:
+    """`bincount serve` in a child process (tests, benchmarks): `.url`, `.pid`, `.stop()`."""
+
+    def __init__(self, model_dir: Path | str, *overrides: str, timeout: float = 180.0, log: Path | None = None):
+        import subprocess
+
+        self.log_path = Path(log) if log else Path(tempfile.mkstemp(prefix="bincount-serve-", suffix=".log")[1])
+        cmd = [sys.executable, "-m", "bincount", "serve", "--model", str(model_dir), "--port", "0",
+               "--workdir", str(self.log_path.parent)]
+        for item in overrides:
+            cmd += ["--set", item]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.pid, self.url = self.proc.pid, wait_ready(self.proc, self.log_path, 0, timeout)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        return host.strip("[]"), int(port)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then wait for the exit; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return b"bincount" in b" ".join(args) and b"serve" in args
-    return True
+            return self.proc.wait(timeout)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1].strip() if lines else ""
-
-
-def deploy_local(settings: Settings, timeout: float = 120.0) -> LocalEndpointResult:
-    """Start `bincount serve` in the background, wait for /ping, record it in state.json."""
+def wait_ready(proc: Any, log_path: Path, offset: int, timeout: float) -> str:
+    """Wait until the server in `proc` (logging to log_path from offset) answers /ping; its URL."""
     import re
-    import subprocess
 
-    ws = Workspace(settings.workdir)
-    current = ws.state().endpoint
-    if isinstance(current, SageMakerEndpoint):
-        raise BincountError(f"a SageMaker endpoint {current.name!r} is recorded; "
-                            "remove it first with `bincount undeploy --backend sagemaker`")
-    if current and current.pid > 0 and _is_our_server(current.pid) and ping(current.url):
-        return LocalEndpointResult(action="already running", url=current.url, pid=current.pid,
-                                   model_dir=current.model_dir, log=str(ws.reports / "serve.log"))
-    if current:
-        _stop(current.pid)
-        ws.update_state(endpoint=None)
-
-    model_dir = resolve_model(settings, option="--model")  # deploy.model_data, else the last trained
-    log_path = ws.reports / "serve.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    offset = log_path.stat().st_size if log_path.exists() else 0
-    cmd = [sys.executable, "-m", "bincount", "serve", "--model", str(model_dir), "--workdir", str(Path(settings.workdir).resolve()),
-           "--host", settings.deploy.host, "--port", str(settings.deploy.port),
-           *(["--set", "deploy.trust_code=true"] if settings.deploy.trust_code else [])]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
     deadline, url = time.monotonic() + timeout, None
     while True:
         if proc.poll() is not None:
-            raise BincountError(f"the local server exited with code {proc.returncode}: {_last_line(log_path)} "
+            raise BincountError(f"the local server exited with code {proc.returncode}: {last_line(log_path)} "
                                 f"(see {log_path})")
         if url is None:
             with log_path.open("rb") as fh:
@@ -387,51 +343,17 @@ def deploy_local(settings: Settings, timeout: float = 120.0) -> LocalEndpointRes
                 found = re.search(rb"listening on (http://\S+)", fh.read())
             url = found.group(1).decode() if found else None
         if url and ping(url, timeout=1.0):
-            break
+            return url
         if time.monotonic() > deadline:
-            _stop(proc.pid)
+            proc.kill()
             raise BincountError(f"the local server did not become ready within {timeout:.0f}s: "
-                                f"{_last_line(log_path)} (see {log_path})")
+                                f"{last_line(log_path)} (see {log_path})")
         time.sleep(0.2)
-    ws.update_state(endpoint=LocalEndpoint(url=url, pid=proc.pid, model_dir=str(model_dir)))
-    return LocalEndpointResult(action="started", url=url, pid=proc.pid, model_dir=str(model_dir), log=str(log_path))
 
 
-def _stop(pid: int, grace: float = 10.0) -> bool:
-    """SIGTERM the server's process group, wait, then SIGKILL; True if something was stopped."""
-    if pid <= 0 or not _is_our_server(pid):
-        return False
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    return True
-            except ChildProcessError:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return True
-            time.sleep(0.05)
-    return True
-
-
-def undeploy_local(settings: Settings, yes: bool = False) -> LocalEndpointResult:
-    """Stop the recorded local server and clear it from state.json. Idempotent."""
-    ws = Workspace(settings.workdir)
-    current = ws.state().endpoint
-    if not current:
-        return LocalEndpointResult(action="nothing to stop")
-    if not isinstance(current, LocalEndpoint):
-        raise BincountError(f"the recorded endpoint is a {current.backend} one; use --backend {current.backend}")
-    stopped = _stop(current.pid)
-    ws.update_state(endpoint=None)
-    return LocalEndpointResult(action="stopped" if stopped else "was not running (state cleared)",
-                               url=current.url, pid=current.pid, model_dir=current.model_dir)
+def last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""

@@ -111,7 +111,7 @@ def test_in_sagemaker_containers_request_errors_are_toolkit_errors_with_their_st
     import sys
     import textwrap
 
-    from bincount.serve import load_handlers
+    from bincount.handlers import load_handlers
 
     site = tmp_path / "site" / "sagemaker_inference"
     site.mkdir(parents=True)
@@ -156,3 +156,36 @@ def test_a_model_recorded_with_tta_serves_the_averaged_views(tmp_path):
     assert list(got_tta["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
     assert list(got_plain["probabilities"].values()) == pytest.approx(single, abs=1e-5)
     assert max(abs(a - b) for a, b in zip(expected, single)) > 1e-4
+
+
+def test_large_jpegs_decode_in_draft_mode_and_normal_ones_exactly_as_before():
+    from PIL import Image
+
+    big = image_bytes("JPEG", (6000, 4500))
+    (image,) = inference.input_fn(big, "image/jpeg")
+    assert image.size == (1500, 1125) and image.mode == "RGB"  # 1/4 scale, decoded by libjpeg at that size
+    normal = image_bytes("JPEG", (1600, 1200), colour=(30, 120, 200))
+    (image,) = inference.input_fn(normal, "image/jpeg")
+    assert image.tobytes() == Image.open(io.BytesIO(normal)).convert("RGB").tobytes()
+
+
+def test_the_pixel_budget_makes_requests_wait_then_answers_503_and_is_given_back(bundle, monkeypatch):
+    import gc
+
+    budget = inference.PixelBudget(3000, timeout=0.2)
+    monkeypatch.setattr(inference, "PIXEL_BUDGET", budget)
+    body = image_bytes("PNG", (40, 40))  # 1600 pixels: one request fits, two do not
+    held = inference.input_fn(body, "image/png")
+    assert budget.used == 1600
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(body, "image/png")
+    assert err.value.status == 503 and "busy" in str(err.value)
+    inference.predict_fn(held, bundle)  # done with the pixels
+    assert budget.used == 0
+    dropped = inference.input_fn(body, "image/png")
+    del dropped  # never predicted (a failed request): given back when collected
+    gc.collect()
+    assert budget.used == 0
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(image_bytes("PNG", (60, 60)), "image/png")
+    assert err.value.status == 413 and "budget" in str(err.value)

@@ -2,7 +2,7 @@
 
 train runs container/train.py as SageMaker would (see bincount.backends.local_train),
 tune runs Optuna trials of the same script (bincount.backends.local_tune),
-deploy/undeploy start and stop the local endpoint (bincount.serve).
+deploy/undeploy start and stop the local endpoint (bincount.backends.local_endpoint).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ def tune(settings: Settings) -> Any:
 
 
 def deploy(settings: Settings) -> Any:
-    from bincount.serve import deploy_local
+    from bincount.backends.local_endpoint import deploy_local
 
     return deploy_local(settings)
 
 
 def undeploy(settings: Settings, yes: bool = False) -> Any:
-    from bincount.serve import undeploy_local
+    from bincount.backends.local_endpoint import undeploy_local
 
     return undeploy_local(settings, yes=yes)
 

@@ -13,8 +13,13 @@ Bad input raises `RequestError` carrying an HTTP status (400 bad image, 413 too 
 406 unacceptable Accept). `bincount serve` answers it as a 4xx JSON error. In SageMaker's PyTorch
 serving containers RequestError extends sagemaker_inference's BaseInferenceToolkitError, so the
 endpoint answers the same 4xx there; any other handler exception becomes a 500 with its message.
-Limits: 6 MB per request body (SageMaker's real-time limit), 40 megapixels per request (checked from
-the image header before decoding, so decompression bombs are refused cheaply), 64 images per batch.
+Limits, all checked from the image header before decoding (decompression bombs are refused cheaply):
+6 MB per request body (SageMaker's real-time limit); 64 images per batch; a JPEG over 4 megapixels is
+decoded in draft mode, at 1/2, 1/4 or 1/8 scale (libjpeg scales while decoding: less memory, faster);
+at most 16.8 megapixels decoded per image (4096x4096; a bigger PNG is refused with 413) and 40 per
+request; and a budget on the pixels decoded at once in this process (INFERENCE_PIXEL_BUDGET, default
+48 megapixels): a request waits for room, up to INFERENCE_QUEUE_TIMEOUT_S (default 30) seconds, then
+gets a 503. Images up to 4 megapixels decode exactly as before, so their answers do not change.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import base64
 import binascii
 import io
 import json
+import os
+import threading
 import warnings
+import weakref
 
 import torch
 
@@ -33,7 +41,11 @@ except ImportError:  # SageMaker: code/ is on sys.path
     import net
 
 MAX_BODY_BYTES = 6 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # per request, all images together
+MAX_PIXELS = 40_000_000  # decoded pixels per request, all images together
+MAX_IMAGE_PIXELS = 4096 * 4096  # decoded pixels per image: a bigger PNG (no draft mode) is refused
+MAX_SOURCE_PIXELS = 64_000_000  # pixels a JPEG's header may claim (draft mode still reads all of it)
+DRAFT_ABOVE = 2048 * 2048  # JPEGs over this many pixels are decoded at a reduced scale ...
+DRAFT_SIDE = 1024  # ... the smallest of 1/2, 1/4, 1/8 that keeps both sides at least this long
 MAX_BATCH = 64
 FORWARD_BATCH = 32  # images per forward pass (bounds memory for big batches)
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/octet-stream")
@@ -63,11 +75,58 @@ class RequestError(_ErrorBase):
 
 
 class Batch(list):
-    """A list of decoded images (or predictions) that remembers whether the request was a batch."""
+    """A list of decoded images (or predictions) that remembers whether the request was a batch.
+
+    Decoded images hold pixels of the process's PixelBudget until release() (predict_fn calls it), or
+    until the batch is garbage collected.
+    """
 
     def __init__(self, items=(), batch: bool = False):
         super().__init__(items)
         self.batch = batch
+        self._release = None
+
+    def hold(self, budget: PixelBudget, pixels: int) -> None:
+        self._release = weakref.finalize(self, budget.release, pixels)
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+
+
+class PixelBudget:
+    """The pixels decoded at once in this process, bounded: a request waits for room, else a 503."""
+
+    def __init__(self, total: int, timeout: float):
+        self.total, self.timeout, self.used = total, timeout, 0
+        self._room = threading.Condition()
+
+    @classmethod
+    def from_env(cls) -> PixelBudget:
+        try:
+            total = int(os.environ.get("INFERENCE_PIXEL_BUDGET", 48_000_000))
+            timeout = float(os.environ.get("INFERENCE_QUEUE_TIMEOUT_S", 30))
+        except ValueError:
+            total, timeout = 48_000_000, 30.0
+        return cls(max(total, 1), max(timeout, 0.0))
+
+    def acquire(self, pixels: int) -> None:
+        if pixels > self.total:
+            raise RequestError(f"the request holds {pixels:,} pixels, over this server's budget of "
+                               f"{self.total:,} decoded pixels; send fewer or smaller images", 413)
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + pixels <= self.total, self.timeout):
+                raise RequestError(f"server busy: no room to decode {pixels:,} pixels within "
+                                   f"{self.timeout:g}s; retry later", 503)
+            self.used += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._room:
+            self.used -= pixels
+            self._room.notify_all()
+
+
+PIXEL_BUDGET = PixelBudget.from_env()
 
 
 def model_fn(model_dir: str) -> dict:
@@ -79,8 +138,11 @@ def _media_type(content_type) -> str:
     return str(content_type or "application/x-image").split(";")[0].strip().lower()
 
 
-def _decode(data: bytes, what: str = "body"):
-    """Bytes -> a loaded RGB PIL image, or RequestError saying why not."""
+def _open(data: bytes, what: str = "body"):
+    """Bytes -> an opened (not yet decoded) PIL image, set to decode at most MAX_IMAGE_PIXELS.
+
+    Large JPEGs are set to draft mode; returns (image, pixels it will decode to), or RequestError.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -95,14 +157,34 @@ def _decode(data: bytes, what: str = "body"):
             raise RequestError(f"{what} is not an image (expected JPEG, PNG, WEBP, BMP or GIF)") from None
         except Exception as exc:  # noqa: BLE001 - a malformed header can raise many things
             raise RequestError(f"{what}: truncated or corrupt image ({type(exc).__name__}: {exc})") from None
-        width, height = image.size
-        if width < 1 or height < 1 or width * height > MAX_PIXELS:
-            raise RequestError(f"{what}: image is {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit", 413)
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise RequestError(f"{what}: image is {width}x{height} pixels")
+    if image.format == "JPEG" and DRAFT_ABOVE < width * height <= MAX_SOURCE_PIXELS:
         try:
-            image.load()
-            return image.convert("RGB"), width * height
-        except Exception as exc:  # noqa: BLE001 - truncated data raises OSError, SyntaxError, ...
-            raise RequestError(f"{what}: truncated or corrupt image ({exc})") from None
+            image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+        except Exception as exc:  # noqa: BLE001
+            raise RequestError(f"{what}: truncated or corrupt image ({type(exc).__name__}: {exc})") from None
+    pixels = image.size[0] * image.size[1]
+    if pixels > MAX_IMAGE_PIXELS:
+        raise RequestError(f"{what}: image is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
+                           f"per image (JPEGs up to {MAX_SOURCE_PIXELS:,} pixels are decoded at reduced scale)", 413)
+    return image, pixels
+
+
+def _load(image, what: str = "body"):
+    """An opened image -> decoded RGB, or RequestError."""
+    try:
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - truncated data raises OSError, SyntaxError, ...
+        raise RequestError(f"{what}: truncated or corrupt image ({exc})") from None
+
+
+def _decode(data: bytes, what: str = "body"):
+    """Bytes -> (a decoded RGB PIL image, its pixel count), or RequestError saying why not."""
+    image, pixels = _open(data, what)
+    return _load(image, what), pixels
 
 
 def _instances(body: bytes) -> list[str]:
@@ -110,6 +192,8 @@ def _instances(body: bytes) -> list[str]:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RequestError(f"body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError("body is JSON nested too deeply; send {\"instances\": [\"<base64 image>\", ...]}") from None
     items = doc.get("instances") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
         raise RequestError('JSON body must be {"instances": ["<base64 image>", ...]} or a list of base64 strings')
@@ -133,19 +217,29 @@ def input_fn(body, content_type: str = "application/x-image") -> Batch:
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(f"body is {len(body):,} bytes, over the {MAX_BODY_BYTES:,} byte limit", 413)
     if media in IMAGE_TYPES:
-        return Batch([_decode(body)[0]], batch=False)
-    images, pixels = [], 0
-    for i, item in enumerate(_instances(body)):
-        try:
-            data = base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(f"instances[{i}] is not valid base64") from None
-        image, n = _decode(data, f"instances[{i}]")
-        pixels += n
-        if pixels > MAX_PIXELS:
-            raise RequestError(f"the batch holds over {MAX_PIXELS:,} pixels in all; send fewer or smaller images", 413)
-        images.append(image)
-    return Batch(images, batch=True)
+        opened = [_open(body)]
+    else:
+        opened = []
+        for i, item in enumerate(_instances(body)):
+            try:
+                data = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError(f"instances[{i}] is not valid base64") from None
+            opened.append(_open(data, f"instances[{i}]"))
+    pixels = sum(n for _, n in opened)
+    if pixels > MAX_PIXELS:
+        raise RequestError(f"the request holds {pixels:,} pixels in all, over the {MAX_PIXELS:,} pixel limit; "
+                           "send fewer or smaller images", 413)
+    PIXEL_BUDGET.acquire(pixels)
+    images = Batch(batch=media not in IMAGE_TYPES)
+    images.hold(PIXEL_BUDGET, pixels)
+    try:
+        for i, (image, _) in enumerate(opened):
+            images.append(_load(image, f"instances[{i}]" if images.batch else "body"))
+    except BaseException:
+        images.release()
+        raise
+    return images
 
 
 def predict_fn(images: list, bundle: dict) -> Batch:
@@ -153,15 +247,19 @@ def predict_fn(images: list, bundle: dict) -> Batch:
     meta, model = bundle["meta"], bundle["model"]
     classes = meta["classes"]
     out = Batch(batch=getattr(images, "batch", len(images) != 1))
-    with torch.inference_mode():
-        for start in range(0, len(images), FORWARD_BATCH):
-            chunk = images[start:start + FORWARD_BATCH]
-            batch = torch.stack([net.preprocess(im, meta["image_size"], meta["mean"], meta["std"]) for im in chunk])
-            probs = net.predict_proba(model, batch, bool(meta.get("tta")))
-            for row in probs.tolist():
-                best = max(range(len(row)), key=row.__getitem__)
-                out.append({"count": classes[best], "confidence": row[best],
-                            "probabilities": {str(c): p for c, p in zip(classes, row)}})
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), FORWARD_BATCH):
+                chunk = images[start:start + FORWARD_BATCH]
+                batch = torch.stack([net.preprocess(im, meta["image_size"], meta["mean"], meta["std"]) for im in chunk])
+                probs = net.predict_proba(model, batch, bool(meta.get("tta")))
+                for row in probs.tolist():
+                    best = max(range(len(row)), key=row.__getitem__)
+                    out.append({"count": classes[best], "confidence": row[best],
+                                "probabilities": {str(c): p for c, p in zip(classes, row)}})
+    finally:
+        if isinstance(images, Batch):
+            images.release()  # the decoded pixels are done with
     return out
 
 

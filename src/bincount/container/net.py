@@ -106,7 +106,8 @@ def to_uint8(image, image_size: int) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # (convert() to the same mode would copy the whole image)
+        image = image.convert("RGB")
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
     return pil_to_tensor(image)

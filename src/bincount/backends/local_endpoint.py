@@ -1,0 +1,138 @@
+"""The local endpoint as a backend: deploy starts `bincount serve` in the background, undeploy stops it.
+
+The server is recorded in state.json (url, pid, model dir). undeploy sends SIGTERM, which the server
+answers by finishing every request it took and exiting 0; SIGKILL only if it overruns its grace time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bincount.config import Settings
+from bincount.errors import BincountError
+from bincount.handlers import resolve_model
+from bincount.results import Result, key_value_table
+from bincount.serve import ping, wait_ready
+from bincount.state import LocalEndpoint, SageMakerEndpoint
+from bincount.workspace import Workspace
+
+
+class LocalEndpointResult(Result):
+    backend: str = "local"
+    action: str
+    url: str | None = None
+    pid: int | None = None
+    model_dir: str | None = None
+    log: str | None = None
+
+    def title(self) -> str:
+        return "endpoint"
+
+    def rich(self) -> Any:
+        table = key_value_table(title=self.title())
+        for key, value in self.model_dump(exclude_none=True).items():
+            table.add_row(key, str(value))
+        return table
+
+
+def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointResult:
+    """Start `bincount serve` in the background, wait for /ping, record it in state.json."""
+    ws = Workspace(settings.workdir)
+    current = ws.state().endpoint
+    if isinstance(current, SageMakerEndpoint):
+        raise BincountError(f"a SageMaker endpoint {current.name!r} is recorded; "
+                            "remove it first with `bincount undeploy --backend sagemaker`")
+    if current and current.pid > 0 and is_our_server(current.pid) and ping(current.url):
+        return LocalEndpointResult(action="already running", url=current.url, pid=current.pid,
+                                   model_dir=current.model_dir, log=str(ws.reports / "serve.log"))
+    if current:
+        stop(current.pid, settings.deploy.graceful_timeout_s)
+        ws.update_state(endpoint=None)
+
+    model_dir = resolve_model(settings, option="--model-data")  # deploy.model_data, else the last trained
+    log_path = ws.reports / "serve.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    cmd = [sys.executable, "-m", "bincount", "serve", "--model", str(model_dir),
+           "--workdir", str(Path(settings.workdir).resolve()),
+           "--host", settings.deploy.host, "--port", str(settings.deploy.port)]
+    for key in ("threads", "max_connections", "backlog", "keepalive_s", "read_timeout_s", "graceful_timeout_s",
+                "pixel_budget", "queue_timeout_s", "trust_code"):
+        cmd += ["--set", f"deploy.{key}={getattr(settings.deploy, key)}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+    try:
+        url = wait_ready(proc, log_path, offset, timeout)
+    except BincountError:
+        stop(proc.pid, 5)
+        raise
+    ws.update_state(endpoint=LocalEndpoint(url=url, pid=proc.pid, model_dir=str(model_dir)))
+    return LocalEndpointResult(action="started", url=url, pid=proc.pid, model_dir=str(model_dir), log=str(log_path))
+
+
+def undeploy_local(settings: Settings, yes: bool = False) -> LocalEndpointResult:
+    """Stop the recorded local server (SIGTERM: it finishes what it took) and clear it from state.json. Idempotent."""
+    ws = Workspace(settings.workdir)
+    current = ws.state().endpoint
+    if not current:
+        return LocalEndpointResult(action="nothing to stop")
+    if not isinstance(current, LocalEndpoint):
+        raise BincountError(f"the recorded endpoint is a {current.backend} one; use --backend {current.backend}")
+    stopped = stop(current.pid, settings.deploy.graceful_timeout_s)
+    ws.update_state(endpoint=None)
+    return LocalEndpointResult(action="stopped" if stopped else "was not running (state cleared)",
+                               url=current.url, pid=current.pid, model_dir=current.model_dir)
+
+
+def is_our_server(pid: int) -> bool:
+    """True if `pid` is alive and (where /proc tells) is a `bincount serve` process."""
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child (else it lingers as a zombie)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return False
+        return b"bincount" in args and b"serve" in args
+    return True
+
+
+def stop(pid: int, grace: float = 30.0) -> bool:
+    """SIGTERM the server's process group, wait `grace` (+5 s), then SIGKILL; True if something was stopped."""
+    if pid <= 0 or not is_our_server(pid):
+        return False
+    for sig, wait in ((signal.SIGTERM, grace + 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return True
+            except ChildProcessError:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return True
+            time.sleep(0.05)
+    return True
