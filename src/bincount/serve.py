@@ -76,7 +76,7 @@ class Endpoint:
                 message = str(exc)
             body = error_body(status, message)
         headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        start_response(f"{status} {phrase(status)}", headers)
         return [] if method == "HEAD" else [body]
 
     def invoke(self, environ: dict) -> str:
@@ -109,6 +109,13 @@ class Endpoint:
         except ParseException as exc:
             raise HttpError(400, f"malformed body: {exc}") from None
         return body
+
+
+def phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a status an artifact's own handlers made up
+        return "Error"
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -165,7 +172,7 @@ def _gunicorn_classes():
                 status, message = 500, f"internal error: {type(exc).__name__}"
                 self.log.exception("error handling request")
             body = error_body(status, message)
-            head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
+            head = (f"HTTP/1.1 {status} {phrase(status)}\r\nConnection: close\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
             try:
                 client.sendall(head.encode() + body)
