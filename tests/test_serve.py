@@ -84,6 +84,15 @@ def invoke(url: str, body: bytes, content_type: str = "image/jpeg"):
     return status, json.loads(data)
 
 
+def reply_of(raw: socket.socket) -> str:
+    """Everything the server sends on a raw connection until it closes it."""
+    raw.settimeout(30)
+    chunks = []
+    while chunk := raw.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 def worker_pid(server_pid: int) -> int:
     children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
     assert len(children) == 1, children  # one worker process: one copy of the model
@@ -142,7 +151,7 @@ def test_unknown_paths_and_methods_get_json_404_and_405(server):
         conn.close()
     with socket.create_connection(server.address) as raw:  # not HTTP at all
         raw.sendall(b"GARBAGE\r\n\r\n")
-        reply = raw.recv(4096).decode()
+        reply = reply_of(raw)
     assert reply.startswith("HTTP/1.1 400") and '"status": 400' in reply and "application/json" in reply
 
 
@@ -180,9 +189,8 @@ def test_chunked_bodies_are_read_and_capped(server):
 def test_a_body_that_stops_arriving_gets_a_408(server):
     with socket.create_connection(server.address) as raw:
         raw.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n12345")
-        raw.settimeout(30)
         t0 = time.monotonic()
-        reply = raw.recv(4096).decode()
+        reply = reply_of(raw)
     assert reply.startswith("HTTP/1.1 408") and '"status": 408' in reply and time.monotonic() - t0 < 20
 
 

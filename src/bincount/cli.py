@@ -368,7 +368,10 @@ def serve(
     port: Annotated[Optional[int], typer.Option(metavar="PORT", help="Port (default 8080; 0 = any free port).")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, set: SetOpt = None,
 ) -> None:
-    """Run the local endpoint in the foreground. SageMaker contract: GET /ping, POST /invocations."""
+    """Run the local endpoint in the foreground. SageMaker contract: GET /ping, POST /invocations.
+
+    gunicorn, one worker process with deploy.threads threads. SIGTERM or Ctrl-C: finishes the requests it took, exits 0.
+    """
     _call("serve", config, {"workdir": workdir, "deploy.host": host, "deploy.port": port}, set, False,
           model=model)
 
