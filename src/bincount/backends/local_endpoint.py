@@ -55,7 +55,7 @@ def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointRes
         stop(current.pid, settings.deploy.graceful_timeout_s)
         ws.update_state(endpoint=None)
 
-    model_dir = resolve_model(settings, option="--model-data")  # deploy.model_data, else the last trained
+    model_dir = resolve_model(settings, option="--model")  # deploy.model_data, else the last trained
     log_path = ws.reports / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
