@@ -70,8 +70,10 @@ def main(
 # each a bincount.backends.Backend.
 STAGES: dict[str, str] = {
     "synth": "bincount.data.synth:synth",
+    "index": "bincount.data.index:index",
     "fetch": "bincount.data.fetch:fetch",
     "split": "bincount.data.split:split",
+    "shard": "bincount.data.shard:shard",
     "upload": "bincount.data.upload:upload",
     "tune": "bincount.backends.{backend}:tune",
     "train": "bincount.backends.{backend}:train",
@@ -166,6 +168,19 @@ def synth(
           out=out, n=images, image_size=image_size, counts=counts, seed=seed, start_id=start_id)
 
 
+@app.command(epilog=examples("bincount index -w run1 --workers 64",
+                             "bincount index --source s3://my-bucket/abid --endpoint-url http://127.0.0.1:9000"))
+def index(
+    source: Annotated[Optional[str], typer.Option(metavar="URI|DIR", help="s3://bucket[/prefix] or a local folder in the bucket layout.")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(metavar="URL", help="S3 API endpoint (as the AWS CLI's --endpoint-url), e.g. http://127.0.0.1:9000.")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Concurrent requests.")] = None,
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
+) -> None:
+    """Read every label of the bucket once into <workdir>/index.sqlite. Concurrent and resumable."""
+    _call("index", config, {"workdir": workdir, "data.source": source, "data.endpoint_url": endpoint_url,
+                            "data.workers": workers}, set, json)
+
+
 @app.command(epilog=examples(
     "bincount fetch --balanced --limit 3000 --counts 0-5 -w run1",
     "bincount fetch --id-file capstone_file_list.json --counts 1-5 -w run1",
@@ -181,13 +196,15 @@ def fetch(
     balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", help="Equal numbers per count.")] = None,
     workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Concurrent requests.")] = None,
     max_count: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Classes are counts 0..N (data.max_count).")] = None,
+    use_index: Annotated[Optional[bool], typer.Option(
+        "--index/--no-index", help="Select from index.sqlite (default: when complete and from this source).")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Download bin images and labels, write manifest.jsonl. Concurrent and resumable."""
     _call("fetch", config, {
         "workdir": workdir, "data.source": source, "data.endpoint_url": endpoint_url, "data.limit": limit,
         "data.ids": ids, "data.id_file": id_file, "data.counts": counts, "data.balanced": balanced,
-        "data.workers": workers, "data.max_count": max_count}, set, json)
+        "data.workers": workers, "data.max_count": max_count, "data.index": use_index}, set, json)
 
 
 @app.command(epilog=examples("bincount split -w run1", "bincount split --train 0.7 --val 0.1 --test 0.2 --seed 1"))
@@ -196,11 +213,16 @@ def split(
     val: Annotated[Optional[float], typer.Option(metavar="SHARE", help="Validation share (default 0.2).")] = None,
     test: Annotated[Optional[float], typer.Option(metavar="SHARE", help="Test share (default 0.2).")] = None,
     seed: Annotated[Optional[int], typer.Option(metavar="N", help="Random seed.")] = None,
+    from_index: Annotated[bool, typer.Option("--from-index", help="Split the indexed bins (no fetch): for `bincount shard`.")] = False,
+    counts: Annotated[Optional[str], typer.Option(metavar="RANGE", help="--from-index: only these counts, e.g. 1-5.")] = None,
+    limit: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="--from-index: at most this many bins.")] = None,
+    balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", help="--from-index: equal numbers per count.")] = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Split the manifest into train/val/test. Stratified by count and seeded."""
     _call("split", config, {"workdir": workdir, "split.train": train, "split.val": val,
-                            "split.test": test, "split.seed": seed}, set, json)
+                            "split.test": test, "split.seed": seed, "data.counts": counts,
+                            "data.limit": limit, "data.balanced": balanced}, set, json, from_index=from_index)
 
 
 @app.command(epilog=examples("bincount upload --bucket my-bincount-bucket -w run1", "bincount upload -c aws.yaml"))
@@ -214,6 +236,21 @@ def upload(
     """Sync the splits to S3 as training channels. Unchanged files are skipped."""
     _call("upload", config, {"workdir": workdir, "s3.bucket": bucket, "s3.prefix": prefix,
                              "s3.endpoint_url": endpoint_url, "s3.workers": workers}, set, json)
+
+
+@app.command(epilog=examples("bincount shard -w run1 --set shard.max_side=448",
+                             "bincount shard -c aws.yaml --backend sagemaker --no-wait"))
+def shard(
+    items_per_shard: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Items per tar file.")] = None,
+    max_side: Annotated[Optional[int], typer.Option(metavar="PX", min=16, help="Longest image side kept (default 2 x train.image_size).")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Concurrent image reads and encodes.")] = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="SageMaker: wait for the Processing job.")] = None,
+    backend: BackendOpt = None,
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
+) -> None:
+    """Pack the splits into tar shards for streaming. Locally, or bucket to bucket by a Processing job."""
+    _call("shard", config, {"workdir": workdir, "backend": backend, "shard.items_per_shard": items_per_shard,
+                            "shard.max_side": max_side, "shard.workers": workers, "shard.wait": wait}, set, json)
 
 
 @app.command(epilog=examples("bincount tune -w run1 --max-jobs 8 --epochs 5",

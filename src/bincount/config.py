@@ -116,6 +116,8 @@ class DataSettings(Section):
     workers: int = Field(32, ge=1, le=512, description="concurrent requests: sized for network latency, not CPU")
     retries: int = Field(8, ge=1, le=50, description="attempts per request, with backoff on throttling/connection errors")
     seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")
+    index: bool | None = Field(None, description="select from <workdir>/index.sqlite (`bincount index`): true = required, "
+                               "false = never, null = when it is complete and was built from data.source")
 
     timeout: float = Field(10, gt=0, le=600, description="seconds without an answer before a request is retried; "
                            "fetch stops with an error once the source has not answered for 3x this long")
@@ -199,6 +201,24 @@ def resolve_pretrained(value: str) -> str:
     return str(path)
 
 
+class ShardSettings(Section):
+    """Shard channels (`bincount shard`): WebDataset-style tar files that training streams."""
+
+    channels: Literal["auto", "files", "shards"] = Field("auto", description="what upload and local training use: "
+                                                          "auto = the shards when `bincount shard` built them, else the image files")
+    items_per_shard: int = Field(4000, ge=1, description="items per tar file (~200-300 MB at 448 px)")
+    max_side: int | None = Field(None, ge=16, description="longest side of the stored images (resized, never cropped); "
+                                 "default 2 x train.image_size")
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality of re-encoded images")
+    workers: int = Field(32, ge=1, le=512, description="concurrent image reads and encodes")
+    seed: int = Field(0, description="how items are spread over the shards (every shard mixes all counts)")
+    instance_type: str = Field("ml.m5.xlarge", description="sagemaker backend: the Processing job's instance type")
+    instance_count: int = Field(1, ge=1, description="sagemaker backend: instances (shards are spread over them)")
+    volume_size_gb: int = Field(30, ge=1, description="sagemaker backend: the Processing job's volume")
+    max_runtime_s: int = Field(24 * 3600, ge=60, description="sagemaker backend: the Processing job's time limit")
+    wait: bool = Field(True, description="sagemaker backend: wait for the Processing job to end")
+
+
 class TrainSettings(Section):
     """Hyperparameters of container/train.py (passed as --name value, as SageMaker does)."""
 
@@ -223,6 +243,7 @@ class TrainSettings(Section):
     patience: int = Field(5, ge=0, description="early stopping: epochs without a better val metric (0 = never stop)")
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers; default sized to the machine")
     seed: int = Field(0, description="random seed for initialisation, shuffling and augmentation")
+    shuffle_buffer: int = Field(1000, ge=1, description="shard channels: samples in the streaming shuffle buffer")
     amp: bool = Field(True, description="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (else off)")
     use_best: bool = Field(False, description="train with the best hyperparameters recorded by `bincount tune`")
     wait: bool = Field(True, description="sagemaker backend: stream logs until the job ends")
@@ -393,6 +414,7 @@ class Settings(Section):
     data: DataSettings = Field(DataSettings(), description="what to fetch and from where")
     split: SplitSettings = Field(SplitSettings(), description="how to split the manifest")
     s3: S3Settings = Field(S3Settings(), description="where upload puts the training channels")
+    shard: ShardSettings = Field(ShardSettings(), description="shard channels for training at scale")
     train: TrainSettings = Field(TrainSettings(), description="training hyperparameters (container/train.py arguments)")
     tune: TuneSettings = Field(TuneSettings(), description="hyperparameter search")
     deploy: DeploySettings = Field(DeploySettings(), description="endpoints: the local server or SageMaker")

@@ -67,7 +67,13 @@ class TrainResult(Result):
 
 
 def make_channels(settings: Settings) -> dict[str, Path]:
-    """Channel folders for train.py from the splits: absolute image paths, nothing copied."""
+    """Channel folders for train.py: the shards `bincount shard` built (shard.channels), else manifests of
+    the splits with absolute image paths, nothing copied."""
+    from bincount.data.shard import local_shards
+
+    shards = local_shards(settings)
+    if shards is not None:
+        return {split: folder.resolve() for split, folder in shards.items()}
     ws = Workspace(settings.workdir)
     root = ws.root.resolve()
     channels = {}

@@ -313,7 +313,9 @@ def channels(settings: Settings) -> dict[str, Any]:
     missing = [name for name in ("train", "val") if name not in uris]
     if missing:
         raise BincountError(f"no S3 {' and '.join(missing)} channel in state.json: run bincount upload first")
-    return {name: TrainingInput(uri, distribution="FullyReplicated") for name, uri in sorted(uris.items())}
+    # Shards are read once, front to back: FastFile streams them from S3 as they are read (no download first).
+    mode = "FastFile" if Workspace(settings.workdir).state().get("channel_format") == "shards" else None
+    return {name: TrainingInput(uri, distribution="FullyReplicated", input_mode=mode) for name, uri in sorted(uris.items())}
 
 
 def debugger_rules(settings: Settings) -> list[Any]:

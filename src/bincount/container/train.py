@@ -3,7 +3,8 @@
 Contract (as SageMaker runs it):
 - hyperparameters arrive as `--name value` (booleans as true/false); unknown ones are ignored with a note;
 - data: SM_CHANNEL_TRAIN and SM_CHANNEL_VAL (SM_CHANNEL_TEST optional) each hold `manifest.jsonl` whose
-  rows have `count` and `image` (relative to the channel folder, or absolute);
+  rows have `count` and `image` (relative to the channel folder, or absolute), or a shard channel: `*.tar`
+  shards with `.json` sidecars (shards.py), streamed by DataLoader workers over a shuffle buffer;
 - output: SM_MODEL_DIR gets model.pth (best-epoch state dict), meta.json and code/ (inference.py, net.py,
   epochlog.py, requirements.txt); SM_OUTPUT_DATA_DIR gets epochs.jsonl; on failure SM_OUTPUT_DIR/failure;
 - checkpoints: --checkpoint_dir, else $SM_CHECKPOINT_DIR, else /opt/ml/checkpoints (SageMaker syncs it
@@ -61,10 +62,11 @@ import torch
 from torch import nn
 
 try:
-    from . import epochlog, net
+    from . import epochlog, net, shards
 except ImportError:  # run as a script: this folder is on sys.path
     import epochlog
     import net
+    import shards
 
 CODE_FILES = ("inference.py", "net.py", "epochlog.py")
 PROGRESS_S = float(os.environ.get("TRAIN_PROGRESS_S") or 30)  # seconds between progress lines inside an epoch
@@ -119,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers when not cached")
     p.add_argument("--cache_mb", type=int, default=4096, help="cache decoded images when they fit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle_buffer", type=int, default=1000, help="shard channels: samples in the shuffle buffer")
     p.add_argument("--amp", type=str2bool, default=True,
                    help="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (else off)")
     p.add_argument("--augment", type=str2bool, default=True)
@@ -165,13 +168,27 @@ def read_channel(channel: str | None, name: str, num_classes: int) -> list[tuple
 
 
 def manifest_digest(channel: str) -> str:
-    """sha256 over (id, count, sha256) of a channel's rows: the same for local and S3 layouts."""
+    """sha256 over (id, count, sha256) of a channel's rows: the same for local and S3 layouts and shards."""
+    if shards.is_shard_channel(channel):
+        return shards.digest(channel)
     rows = []
     for line in (Path(channel) / "manifest.jsonl").read_text().splitlines():
         if line.strip():
             row = json.loads(line)
             rows.append([str(row.get("id") or Path(row["image"]).stem), int(row["count"]), row.get("sha256")])
     return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+
+
+def channel_batches(channel: str | None, name: str, args: argparse.Namespace, device: torch.device):
+    """A channel's batch source: a shard channel (*.tar, see shards.py) streams, a manifest channel uses Batches."""
+    if channel and shards.is_shard_channel(channel):
+        try:
+            return shards.ShardBatches(channel, args.image_size, args.batch_size, args.num_classes, args.num_workers,
+                                       device.type == "cuda", args.seed, args.shuffle_buffer)
+        except shards.ShardError as exc:
+            raise UsageError(f"{name} channel: {exc}") from None
+    return Batches(read_channel(channel, name, args.num_classes), args.image_size, args.batch_size, args.cache_mb,
+                   args.num_workers, device=device)
 
 
 def decode(path: Path, image_size: int) -> torch.Tensor:
@@ -757,14 +774,10 @@ def run(args: argparse.Namespace) -> dict:
     torch.backends.cudnn.benchmark = cuda  # fixed input size: let cuDNN pick the fastest kernels once
     torch.manual_seed(args.seed)
 
-    train_items = read_channel(args.train, "train", args.num_classes)
-    val_items = read_channel(args.val, "val", args.num_classes)
-    test_items = read_channel(args.test, "test", args.num_classes) if args.test else None
-    batches = lambda items: Batches(items, args.image_size, args.batch_size, args.cache_mb, args.num_workers,  # noqa: E731
-                                    device=device)
-    train_data, val_data = batches(train_items), batches(val_items)
+    train_data = channel_batches(args.train, "train", args, device)
+    val_data = channel_batches(args.val, "val", args, device)
     if dist.main:
-        log(f"{len(train_items)} train / {len(val_items)} val images at {args.image_size}px "
+        log(f"{len(train_data)} train / {len(val_data)} val images at {args.image_size}px "
             f"({'cached' if train_data.cached else 'streamed'}), {args.arch}, device {device} ({precision}), "
             f"world {dist.world}, "
             f"host {os.environ.get('SM_CURRENT_HOST', 'local')} "
@@ -777,7 +790,7 @@ def run(args: argparse.Namespace) -> dict:
     weights = class_weights(train_data.labels, args.num_classes).to(device) if args.class_weighting else None
     loss_fn = CountingLoss(weights, args.label_smoothing, args.count_loss)
     optimizer = make_optimizer(model, args)
-    steps = math.ceil(len(train_items) / dist.world / args.batch_size)
+    steps = math.ceil(len(train_data) / dist.world / args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(args.warmup_epochs * steps, args.epochs * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and cuda)  # bfloat16 needs no loss scaling
@@ -853,9 +866,9 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError("no epoch ran (epochs must be >= 1)")
     if dist.main:  # tuners score a job by the last value of the objective: make it the kept epoch's
         print(epochlog.format_best_line(best_metrics), flush=True)
-    if test_items is not None:
+    if args.test:
         model.load_state_dict(best_state)
-        test = evaluate(model, batches(test_items), loss_fn, device, channels_last, amp, dist, args.tta)
+        test = evaluate(model, channel_batches(args.test, "test", args, device), loss_fn, device, channels_last, amp, dist, args.tta)
         best_metrics.update({"test_loss": test["loss"], "test_acc": test["acc"], "test_rmse": test["rmse"]})
         if dist.main:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")

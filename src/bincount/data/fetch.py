@@ -1,7 +1,10 @@
 """`bincount fetch`: bin images and labels from S3 (or a local folder in the bucket layout) into
 <workdir>/raw/, plus manifest.jsonl of the usable items.
 
-- Selection never lists the bucket: ids come from --ids, --id-file (plain ids or the capstone JSON),
+- With an index (`bincount index`, data.index), ids come from it: the usable bins whose indexed count
+  is selected (and that --ids/--id-file name, if given); --balanced picks from all of them without
+  reading a label first, and --limit takes the lowest ids.
+- Without one, selection never lists the bucket: ids come from --ids, --id-file (plain ids or the capstone JSON),
   or, with only --limit, a scan upward from id 1 that stops once `limit` usable items are found or
   after MAX_GAP consecutive ids without a label (the end of the bucket). --limit always keeps the
   lowest usable ids (in id order), so a run is deterministic; --balanced picks per count with
@@ -497,6 +500,68 @@ def _candidates(data: DataSettings) -> tuple[Iterable[str] | None, dict[str, int
     return None, {}
 
 
+def _index_candidates(index: Any, data: Any, counts: list[int]) -> tuple[list[str], dict[str, int | None], dict[int, list[str]]]:
+    """Ids from the index (usable, count selected, named by --ids/--id-file if given), their hints,
+    and the same ids per indexed count."""
+    from bincount.config import parse_int_set
+
+    try:
+        if data.ids and data.id_file:
+            raise BincountError("give --ids or --id-file, not both")
+        hints: dict[str, int | None] = {}
+        named: set[str] | None = None
+        if data.id_file:
+            hints = mf.parse_id_file(data.id_file)
+            named = set(hints)
+        elif data.ids:
+            named = {mf.image_id(n) for n in parse_int_set(data.ids)}
+        elif data.limit is None and not data.balanced:
+            raise BincountError("say what to fetch: --limit N, --balanced, --ids 1-5000 or --id-file FILE")
+        known: dict[int, list[str]] = {c: [] for c in counts}
+        for ident, count in index.select(counts, named):
+            known[count].append(ident)
+    finally:
+        index.close()
+    ids = sorted((i for group in known.values() for i in group), key=mf.id_key)
+    if named is not None and len(ids) < len(named):
+        log(f"the index leaves out {len(named) - len(ids)} of the {len(named)} named ids "
+            f"(absent, unusable or with a count outside {_ranges(counts)})")
+    if not ids:
+        raise BincountError(f"the index holds no usable bins with count {_ranges(counts)} among the selected ids")
+    return ids, hints, known
+
+
+def _balanced_known(fetcher: Fetcher, known: dict[int, list[str]], counts: list[int], data: Any) -> list[Outcome]:
+    """--balanced over indexed counts: pick (seeded) without reading labels, then fetch label and image of
+    each pick; an item that turns out unusable is replaced by a spare of the same indexed count."""
+    n = mf.balanced_size(known, counts, data.limit)
+    if n == 0:
+        empty = [c for c in counts if not known[c]]
+        raise BincountError(f"--balanced: the index has no usable bins with count {_ranges(empty)} among the candidates")
+    pools = mf.balanced_pools(known, counts, data.seed)
+    count_of = {i: c for c, pool in pools.items() for i in pool[:n]}
+    next_spare = {c: n for c in counts}
+    outcomes: dict[str, Outcome] = {}
+    todo = [i for c in counts for i in pools[c][:n]]
+    with progress() as bar:
+        task = bar.add_task("fetching", total=n * len(counts))
+        while todo:
+            retry: list[str] = []
+            for ident, out in bounded_map(fetcher.item, todo, data.workers):
+                outcomes[ident] = out
+                if out.row is not None:
+                    bar.advance(task)
+                    continue
+                count = count_of[ident]
+                if next_spare[count] < len(pools[count]):
+                    spare = pools[count][next_spare[count]]
+                    next_spare[count] += 1
+                    count_of[spare] = count
+                    retry.append(spare)
+            todo = retry
+    return list(outcomes.values())
+
+
 # -- the stage -----------------------------------------------------------------------------------
 def fetch(settings: Settings) -> FetchResult:
     """Fetch the selected items into <workdir>/raw/ and write manifest.jsonl and the reports."""
@@ -504,7 +569,13 @@ def fetch(settings: Settings) -> FetchResult:
     data = settings.data
     ws = Workspace(settings.workdir)
     counts = data.count_set()
-    candidates, hints = _candidates(data)
+    from bincount.data.index import open_index
+
+    index = open_index(settings)
+    if index is not None:
+        candidates, hints, known = _index_candidates(index, data, counts)
+    else:
+        (candidates, hints), known = _candidates(data), None
     source = open_source(data)
     if clean_parts(ws.raw):
         log("removed temp files left by an interrupted run")
@@ -517,7 +588,9 @@ def fetch(settings: Settings) -> FetchResult:
     scan = _Scan(1) if candidates is None else None
     fetcher = Fetcher(ws, source, counts, data.retries, previous, hints, scan=scan is not None)
     ids: Iterable[str] = scan if scan is not None else candidates
-    if data.balanced:
+    if known is not None and data.balanced:
+        outcomes = _balanced_known(fetcher, known, counts, data)
+    elif data.balanced:
         outcomes = _balanced(fetcher, ids, scan, counts, data)
     else:
         outcomes = _plain(fetcher, ids, scan, data)

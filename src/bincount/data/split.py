@@ -3,6 +3,10 @@
 Within each count the ids are sorted, then shuffled with a generator seeded by (seed, count), and
 cut by largest-remainder shares, so every class is within one item of its ideal share in every
 split, and the same manifest and seed always give the same files (whatever the manifest's order).
+
+--from-index splits the usable bins of <workdir>/index.sqlite instead (data.counts, data.ids or
+data.id_file, data.balanced and data.limit select as in fetch): rows {id, count, skus, bytes}
+with no local image, for `bincount shard` to build shard channels straight from the source bucket.
 """
 
 from __future__ import annotations
@@ -46,12 +50,50 @@ def stratified_split(rows: list[dict], ratios: dict[str, float], seed: int) -> d
     return {name: sorted(part, key=lambda r: id_key(str(r["id"]))) for name, part in out.items()}
 
 
-def split(settings: Settings) -> SplitResult:
-    """Write splits/{train,val,test}.jsonl from manifest.jsonl."""
+def index_rows(settings: Settings) -> list[dict]:
+    """The rows `split --from-index` splits: usable indexed bins, selected like fetch selects."""
+    from bincount.config import parse_int_set
+    from bincount.data.index import open_index
+    from bincount.data.manifest import balanced_pools, balanced_size, image_id, parse_id_file
+
+    data = settings.data
+    counts = data.count_set()
+    if data.ids and data.id_file:
+        raise BincountError("give --ids or --id-file, not both")
+    named = set(parse_id_file(data.id_file)) if data.id_file else (
+        {image_id(n) for n in parse_int_set(data.ids)} if data.ids else None)
+    index = open_index(settings, required=True)
+    assert index is not None
+    try:
+        marks = ",".join("?" * len(counts))
+        rows = [{"id": i, "count": c, "skus": k, "bytes": b} for i, c, k, b in index.db.execute(
+            f"SELECT id, count, skus, image_bytes FROM bins WHERE status = 'ok' AND count IN ({marks}) ORDER BY num, id",
+            counts) if named is None or i in named]
+    finally:
+        index.close()
+    if data.balanced:
+        by_count: dict[int, list[str]] = {}
+        for row in rows:
+            by_count.setdefault(row["count"], []).append(row["id"])
+        n = balanced_size(by_count, counts, data.limit)
+        keep = {i for pool in balanced_pools(by_count, counts, data.seed).values() for i in pool[:n]}
+        rows = [r for r in rows if r["id"] in keep]
+    elif data.limit is not None:
+        rows = rows[: data.limit]
+    return rows
+
+
+def split(settings: Settings, from_index: bool = False) -> SplitResult:
+    """Write splits/{train,val,test}.jsonl from manifest.jsonl (or from the index)."""
     ws = Workspace(settings.workdir)
-    if not ws.manifest.exists():
-        raise BincountError(f"{ws.manifest} not found: run `bincount fetch` first")
-    rows = read_manifest(ws.manifest, need=("id", "count"))
+    if from_index:
+        rows = index_rows(settings)
+        if not rows:
+            raise BincountError("the index holds no usable bins for this selection (check --counts/--ids)")
+    else:
+        if not ws.manifest.exists():
+            raise BincountError(f"{ws.manifest} not found: run `bincount fetch` first (or split --from-index)")
+        rows = read_manifest(ws.manifest, need=("id", "count"))
     if not rows:
         raise BincountError(f"{ws.manifest} is empty: run `bincount fetch` first")
     seen: set[str] = set()

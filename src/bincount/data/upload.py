@@ -5,6 +5,10 @@ s3://<bucket>/<prefix>/<split>/images/<id>.jpg. Idempotent: every object carries
 its metadata (x-amz-meta-sha256); an object whose size and sha256 match the local file is skipped
 (one LIST per split, then a HEAD only for keys whose size matches). Objects under a split that it no
 longer lists are counted as `stale` and left alone. Records the channel URIs in state.json.
+
+With shard channels (shard.channels: auto and `bincount shard` built them, or shards), the shard
+folders go instead: s3://<bucket>/<prefix>/shards/<split>/<split>-NNNNNN.{tar,json}, recorded with
+channel_format "shards" (the sagemaker backend then reads them in FastFile mode).
 """
 
 from __future__ import annotations
@@ -94,6 +98,19 @@ def _jobs(ws: Workspace, base: str) -> tuple[dict[str, list[_Job]], dict[str, in
     return jobs, items
 
 
+def _shard_jobs(folders: dict[str, Path], base: str) -> tuple[dict[str, list[_Job]], dict[str, int]]:
+    from bincount.container.shards import read_sidecars
+
+    jobs: dict[str, list[_Job]] = {}
+    items: dict[str, int] = {}
+    for split, folder in folders.items():
+        sidecars = read_sidecars(folder)
+        jobs[split] = [_Job(f"{base}shards/{split}/{Path(p).name}", path=Path(p))
+                       for meta in sidecars for p in (meta["path"], str(Path(meta["path"]).with_suffix(".json")))]
+        items[split] = sum(meta["items"] for meta in sidecars)
+    return jobs, items
+
+
 def upload(settings: Settings) -> UploadResult:
     """Upload images and split manifests to s3://<bucket>/<prefix>/{train,val,test}/."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -107,13 +124,18 @@ def upload(settings: Settings) -> UploadResult:
     ws = Workspace(settings.workdir)
     prefix = s3.prefix.strip("/")
     base = f"{prefix}/" if prefix else ""
-    jobs, items = _jobs(ws, base)
+    from bincount.data.shard import local_shards
+
+    shard_folders = local_shards(settings)
+    splits = list(shard_folders) if shard_folders else list(SPLITS)
+    channel_base = f"{base}shards/" if shard_folders else base
+    jobs, items = _shard_jobs(shard_folders, base) if shard_folders else _jobs(ws, base)
     client = make_client("s3", region=s3.region or settings.sagemaker.region, endpoint_url=s3.endpoint_url, max_pool_connections=s3.workers)
 
     existing: dict[str, int] = {}
     try:
-        for split in SPLITS:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=f"{base}{split}/"):
+        for split in splits:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=f"{channel_base}{split}/"):
                 existing.update({obj["Key"]: obj["Size"] for obj in page.get("Contents", [])})
     except Exception as exc:
         raise _s3_error(exc, s3.bucket, s3.endpoint_url) from None
@@ -125,7 +147,8 @@ def upload(settings: Settings) -> UploadResult:
             head = with_retries(lambda: client.head_object(Bucket=s3.bucket, Key=job.key), 5)
             if head.get("Metadata", {}).get("sha256") == sha:
                 return None
-        content_type = "image/jpeg" if job.key.endswith(".jpg") else "application/jsonlines"
+        content_type = {".jpg": "image/jpeg", ".tar": "application/x-tar", ".json": "application/json"}.get(
+            Path(job.key).suffix, "application/jsonlines")
 
         def put() -> None:
             if job.data is not None:
@@ -139,7 +162,7 @@ def upload(settings: Settings) -> UploadResult:
         with_retries(put, 5)
         return size
 
-    all_jobs = [job for split in SPLITS for job in jobs[split]]
+    all_jobs = [job for split in splits for job in jobs[split]]
     uploaded = skipped = sent = 0
     with progress() as bar, ThreadPoolExecutor(max_workers=s3.workers, thread_name_prefix="upload") as pool:
         task = bar.add_task("uploading", total=len(all_jobs))
@@ -161,7 +184,7 @@ def upload(settings: Settings) -> UploadResult:
 
     wanted = {job.key for job in all_jobs}
     stale = sum(1 for key in existing if key not in wanted)
-    channels = {split: f"s3://{s3.bucket}/{base}{split}" for split in SPLITS}
-    ws.update_state(channels=channels)
+    channels = {split: f"s3://{s3.bucket}/{channel_base}{split}" for split in splits}
+    ws.update_state(channels=channels, channel_format="shards" if shard_folders else "files")
     return UploadResult(bucket=s3.bucket, prefix=prefix, channels=channels, items=items, uploaded=uploaded,
                         skipped=skipped, bytes_uploaded=sent, stale=stale)

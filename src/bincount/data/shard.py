@@ -1,0 +1,209 @@
+"""`bincount shard`: the splits as shard channels (WebDataset-style tar files; format in container/shards.py).
+
+- local backend: <workdir>/shards/<split>/, built on this machine by container/shards.py's build().
+  Images come from raw/ when fetch put every listed image there, else straight from data.source (a
+  folder or bucket in the ABID layout: splits made by `split --from-index` need no fetch at all).
+  Local training and `upload` then use these shards (shard.channels: auto).
+- sagemaker backend: a SageMaker Processing job runs container/shards.py (standard library, Pillow,
+  boto3 only) on the PyTorch training image; it reads data.source (the public bucket) and writes the
+  shards to s3://<s3.bucket>/<s3.prefix>/shards/<split>/, so no image passes through this machine.
+  The channels are recorded in state.json with their format, and training reads them in FastFile mode.
+
+Images are stored with their longest side at most shard.max_side (default 2 x train.image_size):
+resized, never cropped, so a count never changes. Rebuilding skips shards whose sidecar exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from bincount.console import log
+from bincount.errors import BincountError
+from bincount.results import Result, key_value_table
+from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_jsonl
+
+BUILD_FILE = "_build.json"  # what a shard folder was built from; a change means a rebuild
+
+
+class ShardResult(Result):
+    backend: str
+    channels: dict[str, str]
+    shards: dict[str, int]
+    items: int
+    skipped: int
+    bytes: int
+    max_side: int
+    seconds: float
+    items_per_second: float
+    job: str | None = None
+    status: str | None = None
+
+    def rich(self) -> Any:
+        table = key_value_table(title=f"shards ({self.backend})")
+        if self.job:
+            table.add_row("processing job", f"{self.job} ({self.status})")
+        for split, uri in self.channels.items():
+            table.add_row(split, f"{uri}  ({self.shards.get(split, '?')} shards)")
+        if not self.job:
+            table.add_row("items", f"{self.items} ({self.skipped} skipped, {self.bytes / 1e6:.1f} MB)")
+            table.add_row("rate", f"{self.items_per_second:.0f} items/s in {self.seconds:.1f} s")
+        table.add_row("max side", f"{self.max_side} px")
+        return table
+
+
+def max_side(settings: Any) -> int:
+    return settings.shard.max_side or 2 * settings.train.image_size
+
+
+def shard_dir(ws: Workspace, split: str) -> Path:
+    return ws.root / "shards" / split
+
+
+def local_shards(settings: Any) -> dict[str, Path] | None:
+    """The shard folders `bincount shard` built for train and val (and test), or None (per shard.channels)."""
+    from bincount.container.shards import is_shard_channel
+
+    mode = settings.shard.channels
+    if mode == "files":
+        return None
+    ws = Workspace(settings.workdir)
+    found = {split: shard_dir(ws, split) for split in SPLITS if is_shard_channel(shard_dir(ws, split))}
+    if "train" in found and "val" in found:
+        return found
+    if mode == "shards":
+        raise BincountError(f"shard.channels is shards but {ws.root / 'shards'} has no train and val shards: run `bincount shard`")
+    return None
+
+
+def _split_rows(ws: Workspace) -> dict[str, list[dict]]:
+    rows = {}
+    for split in SPLITS:
+        path = ws.split(split)
+        if not path.is_file():
+            if split == "test":
+                continue
+            raise BincountError(f"{path} not found: run `bincount split` first")
+        rows[split] = read_jsonl(path)
+        if not rows[split] and split != "test":
+            raise BincountError(f"{path} is empty")
+    return rows
+
+
+def _local_source(ws: Workspace, rows: dict[str, list[dict]]) -> bool:
+    """Are all listed images in raw/ (the bucket layout fetch mirrors)?"""
+    return all("image" in r and (ws.raw / "bin-images" / f"{r['id']}.jpg").is_file() for part in rows.values() for r in part)
+
+
+def shard(settings: Any) -> ShardResult:
+    """Build shard channels from the splits (see the module docstring)."""
+    ws = Workspace(settings.workdir)
+    rows = _split_rows(ws)
+    if settings.backend == "sagemaker":
+        return _processing_job(settings, ws, rows)
+    return _local(settings, ws, rows)
+
+
+def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardResult:
+    from bincount.container import shards as sh
+
+    started = time.perf_counter()
+    data, cfg = settings.data, settings.shard
+    side = max_side(settings)
+    if _local_source(ws, rows):
+        source = sh.Store(str(ws.raw))
+    else:
+        log(f"images not all in {ws.raw}: reading them from {data.source}")
+        source = sh.Store(data.source, data.endpoint_url, unsigned=data.unsigned, workers=cfg.workers)
+    total = {"items": 0, "skipped": 0, "bytes": 0}
+    channels, counts = {}, {}
+    for split, items in rows.items():
+        folder = shard_dir(ws, split)
+        recipe = {"items": _items_digest(items), "items_per_shard": cfg.items_per_shard, "max_side": side,
+                  "quality": cfg.quality, "seed": cfg.seed}
+        build_file = folder / BUILD_FILE
+        if folder.exists() and (not build_file.is_file() or json.loads(build_file.read_text()) != recipe):
+            log(f"{folder} was built from other items or settings: rebuilding it")
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(build_file, json.dumps(recipe, sort_keys=True) + "\n")
+        try:
+            stats = sh.build([{"id": r["id"], "count": r["count"]} for r in items], split, source, sh.Store(str(folder)),
+                             items_per_shard=cfg.items_per_shard, max_side=side, quality=cfg.quality,
+                             workers=cfg.workers, seed=cfg.seed, log=log)
+        except sh.ShardError as exc:
+            raise BincountError(f"{ws.split(split)}: {exc}") from None
+        for key in total:
+            total[key] += stats[key]
+        channels[split] = str(folder)
+        counts[split] = len(list(folder.glob("*.tar")))
+    seconds = time.perf_counter() - started
+    return ShardResult(backend="local", channels=channels, shards=counts, max_side=side, seconds=round(seconds, 3),
+                       items_per_second=round(total["items"] / seconds, 1) if seconds > 0 else 0.0, **total)
+
+
+def _items_digest(items: list[dict]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted([str(r["id"]), int(r["count"])] for r in items)).encode()).hexdigest()
+
+
+def _processing_job(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardResult:
+    """Start (and with shard.wait, wait for) a Processing job that builds the shards from data.source in S3."""
+    import tempfile
+
+    from bincount.backends import sm_estimator as sme
+
+    data, cfg, smc = settings.data, settings.shard, settings.sagemaker
+    if not data.source.startswith("s3://"):
+        raise BincountError(f"the sagemaker backend reads the images from S3, and data.source is {data.source}: "
+                            "pass --source s3://bucket (the public one is s3://aft-vbi-pds), or shard locally")
+    role = sme.require_role(settings)
+    dest = sme.s3_uri(settings, "shards")
+    side = max_side(settings)
+    sme.load_sdk()
+    from sagemaker import image_uris
+    from sagemaker.processing import ProcessingInput, ScriptProcessor
+    from sagemaker.utils import name_from_base
+
+    started = time.perf_counter()
+    with sme.aws_errors("sagemaker shard"), sme.sdk_output(), tempfile.TemporaryDirectory() as tmp:
+        items_dir = Path(tmp)
+        for split, items in rows.items():  # only what the job needs: id and count
+            (items_dir / f"{split}.jsonl").write_text("".join(json.dumps({"id": r["id"], "count": r["count"]}) + "\n" for r in items))
+        sm_session = sme.session(settings)
+        image = image_uris.retrieve("pytorch", smc.region, version=smc.framework_version, py_version=smc.py_version,
+                                    instance_type=cfg.instance_type, image_scope="training")
+        processor = ScriptProcessor(
+            role=role, image_uri=image, command=["python3"], instance_type=cfg.instance_type,
+            instance_count=cfg.instance_count, volume_size_in_gb=cfg.volume_size_gb,
+            max_runtime_in_seconds=cfg.max_runtime_s, base_job_name=f"{smc.base_job_name}-shards",
+            sagemaker_session=sm_session, tags=[{"Key": k, "Value": v} for k, v in smc.tags.items()] or None)
+        job = name_from_base(f"{smc.base_job_name}-shards")
+        arguments = ["--items", *(f"/opt/ml/processing/input/items/{split}.jsonl" for split in rows),
+                     "--source", data.source, "--dest", dest, "--items_per_shard", str(cfg.items_per_shard),
+                     "--max_side", str(side), "--quality", str(cfg.quality), "--workers", str(cfg.workers),
+                     "--seed", str(cfg.seed)]
+        if not data.unsigned:
+            arguments.append("--signed_source")
+        processor.run(code=str(sme.container_dir() / "shards.py"), job_name=job, arguments=arguments, wait=False, logs=False,
+                      inputs=[ProcessingInput(source=str(items_dir), destination="/opt/ml/processing/input/items",
+                                              input_name="items")])
+        log(f"processing job [bold]{job}[/] started: shards to {dest}")
+        channels = {split: f"{dest}/{split}" for split in rows}
+        Workspace(settings.workdir).update_state(channels=channels, channel_format="shards")
+        status = "InProgress"
+        if cfg.wait:
+            processor.latest_job.wait(logs=False)
+            status = sm_session.sagemaker_client.describe_processing_job(ProcessingJobName=job)["ProcessingJobStatus"]
+            if status != "Completed":
+                raise BincountError(f"processing job {job} ended {status}: see its CloudWatch logs")
+    seconds = time.perf_counter() - started
+    per_shard = cfg.items_per_shard
+    shards = {split: -(-len(items) // per_shard) for split, items in rows.items()}
+    return ShardResult(backend="sagemaker", channels=channels, shards=shards, items=sum(map(len, rows.values())),
+                       skipped=0, bytes=0, max_side=side, seconds=round(seconds, 3), items_per_second=0.0,
+                       job=job, status=status)
