@@ -832,3 +832,58 @@ def test_cleanup_deletes_what_bincount_made_after_one_confirmation(sm, tmp_path,
 
     out = cli("cleanup", *base, "--yes", "--json")  # again: nothing left to do
     assert out.exit_code == 0 and json.loads(out.stdout)["deleted"] == []
+
+
+def test_shard_processing_job_reads_the_public_bucket_and_training_streams_the_shards(sm, tmp_path, cli):
+    """`bincount shard --backend sagemaker`: a Processing job runs container/shards.py bucket to bucket;
+    the training job then gets the shard channels in FastFile mode."""
+    import boto3
+
+    from bincount.workspace import Workspace, write_jsonl
+
+    ws = Workspace(tmp_path)
+    for split, ids in {"train": range(1, 9), "val": range(9, 12), "test": range(12, 15)}.items():
+        write_jsonl(ws.split(split), [{"id": f"{n:05d}", "count": n % 3, "skus": 1, "bytes": 100} for n in ids])
+    out = cli("shard", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
+              "--set", f"sagemaker.role={ROLE}", "--set", "shard.instance_count=2", "--set", "train.image_size=112",
+              "--json")
+    assert out.exit_code == 0, out.stderr
+    result = json.loads(out.stdout)
+    req = sm.last("CreateProcessingJob")
+    assert result["job"] == req["ProcessingJobName"] and result["status"] == "Completed"
+    app = req["AppSpecification"]
+    assert "pytorch-training:2.8.0-cpu-py312" in app["ImageUri"]  # the training image: boto3, Pillow, python3
+    assert app["ContainerEntrypoint"] == ["python3", "/opt/ml/processing/input/code/shards.py"]
+    args = app["ContainerArguments"]
+    assert args[args.index("--source") + 1] == "s3://aft-vbi-pds"
+    assert args[args.index("--dest") + 1] == f"s3://{BUCKET}/bincount/shards"
+    assert args[args.index("--max_side") + 1] == "224" and "--signed_source" not in args
+    assert [a for a in args if a.endswith(".jsonl")] == [f"/opt/ml/processing/input/items/{s}.jsonl" for s in ("train", "val", "test")]
+    inputs = {i["InputName"]: i["S3Input"] for i in req["ProcessingInputs"]}
+    assert inputs["items"]["LocalPath"] == "/opt/ml/processing/input/items" and inputs["code"]["S3Uri"].endswith("shards.py")
+    assert req["ProcessingResources"]["ClusterConfig"] == {"InstanceCount": 2, "InstanceType": "ml.m5.xlarge", "VolumeSizeInGB": 30}
+    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 86400} and req["RoleArn"] == ROLE
+    # the job gets ids and counts only
+    bucket, key = inputs["items"]["S3Uri"][5:].split("/", 1)
+    body = boto3.client("s3", region_name="us-east-1").get_object(Bucket=bucket, Key=f"{key}/train.jsonl")["Body"].read()
+    assert [json.loads(line) for line in body.decode().splitlines()][0] == {"id": "00001", "count": 1}
+    state = ws.state()
+    assert state["channel_format"] == "shards"
+    assert state["channels"] == {s: f"s3://{BUCKET}/bincount/shards/{s}" for s in ("train", "val", "test")}
+
+    out = cli("train", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
+              "--set", f"sagemaker.role={ROLE}", "--no-wait", "--json")
+    assert out.exit_code == 0, out.stderr
+    channels = {c["ChannelName"]: c for c in sm.last("CreateTrainingJob")["InputDataConfig"]}
+    assert {name: c["InputMode"] for name, c in channels.items()} == {"train": "FastFile", "val": "FastFile", "test": "FastFile"}
+    assert channels["train"]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/bincount/shards/train"
+
+
+def test_shard_processing_job_needs_an_s3_source(sm, tmp_path, cli):
+    from bincount.workspace import Workspace, write_jsonl
+
+    for split in ("train", "val"):
+        write_jsonl(Workspace(tmp_path).split(split), [{"id": "00001", "count": 1}])
+    out = cli("shard", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
+              "--set", f"sagemaker.role={ROLE}", "--set", f"data.source={tmp_path}")
+    assert out.exit_code == 1 and "reads the images from S3" in out.stderr
