@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("fetch", "train", "serve", "gpu")
+BENCHMARKS = ("fetch", "train", "serve", "gpu", "index", "shards")
 
 
 def load(name: str):
