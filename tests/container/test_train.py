@@ -122,10 +122,11 @@ def test_bad_channel_is_one_line_error(channels, tmp_path):
 
 def test_container_imports_only_allowed_modules():
     """stdlib, torch, torchvision, PIL, numpy and siblings anywhere; smdebug and sagemaker_inference (present
-    only in some containers) only where a missing module is survivable: in a function or a try block."""
+    only in some containers) and boto3 (shards.py's Processing script, for s3:// URIs) only where a missing
+    module is survivable: in a function or a try block."""
     required = set(sys.stdlib_module_names) | {"torch", "torchvision", "PIL", "numpy", "__future__",
-                                               "inference", "net", "epochlog", "smdebug_compat"}
-    optional = required | {"smdebug", "sagemaker_inference"}
+                                               "inference", "net", "epochlog", "smdebug_compat", "shards"}
+    optional = required | {"smdebug", "sagemaker_inference", "boto3", "botocore"}
 
     def imported(node) -> list[str]:
         if isinstance(node, ast.Import):
