@@ -98,6 +98,7 @@ class State(Record):
     """The whole of state.json. A section that is None is absent from the file."""
 
     channels: dict[str, str] = {}  # split -> s3:// URI
+    channel_format: Literal["files", "shards"] | None = None  # what the channels hold (None: files, older work dirs)
     training_pending: PendingTraining | None = None
     training: Training | None = None
     tuning: Tuning | None = None

@@ -868,8 +868,8 @@ def test_shard_processing_job_reads_the_public_bucket_and_training_streams_the_s
     body = boto3.client("s3", region_name="us-east-1").get_object(Bucket=bucket, Key=f"{key}/train.jsonl")["Body"].read()
     assert [json.loads(line) for line in body.decode().splitlines()][0] == {"id": "00001", "count": 1}
     state = ws.state()
-    assert state["channel_format"] == "shards"
-    assert state["channels"] == {s: f"s3://{BUCKET}/bincount/shards/{s}" for s in ("train", "val", "test")}
+    assert state.channel_format == "shards"
+    assert state.channels == {s: f"s3://{BUCKET}/bincount/shards/{s}" for s in ("train", "val", "test")}
 
     out = cli("train", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
               "--set", f"sagemaker.role={ROLE}", "--no-wait", "--json")

@@ -74,11 +74,11 @@ def test_upload_sends_the_shards_as_channels_and_records_their_format(fetched, s
     assert all(k.endswith((".tar", ".json")) and "/images/" not in k for k in keys) and len(keys) == 2 * (4 + 2 + 2)
     assert result.items == {"train": 72, "val": 24, "test": 24}
     state = Workspace(tmp_path / "work").state()
-    assert state["channel_format"] == "shards" and state["channels"] == result.channels
+    assert state.channel_format == "shards" and state.channels == result.channels
     assert upload(settings).skipped == len(keys)  # idempotent
     files = upload(fetched(**{"s3.bucket": "shard-channels", "s3.endpoint_url": s3_server, "shard.channels": "files"}))
     assert files.channels["train"] == "s3://shard-channels/bincount/train"
-    assert Workspace(tmp_path / "work").state()["channel_format"] == "files"
+    assert Workspace(tmp_path / "work").state().channel_format == "files"
 
 
 @pytest.mark.slow

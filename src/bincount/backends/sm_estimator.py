@@ -308,13 +308,14 @@ def channels(settings: Settings) -> dict[str, Any]:
     """TrainingInputs from state["channels"] (written by `bincount upload`)."""
     from sagemaker.inputs import TrainingInput
 
-    recorded = Workspace(settings.workdir).state().channels
+    state = Workspace(settings.workdir).state()
+    recorded = state.channels
     uris = {name: uri for name, uri in recorded.items() if uri.startswith("s3://")}
     missing = [name for name in ("train", "val") if name not in uris]
     if missing:
         raise BincountError(f"no S3 {' and '.join(missing)} channel in state.json: run bincount upload first")
     # Shards are read once, front to back: FastFile streams them from S3 as they are read (no download first).
-    mode = "FastFile" if Workspace(settings.workdir).state().get("channel_format") == "shards" else None
+    mode = "FastFile" if state.channel_format == "shards" else None
     return {name: TrainingInput(uri, distribution="FullyReplicated", input_mode=mode) for name, uri in sorted(uris.items())}
 
 

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bincount.config import Settings
 from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.errors import BincountError
@@ -144,7 +145,7 @@ def index_path(workdir: Path | str) -> Path:
     return Workspace(workdir).root / INDEX_FILE
 
 
-def open_index(settings: Any, *, required: bool = False) -> Index | None:
+def open_index(settings: Settings, *, required: bool = False) -> Index | None:
     """The work dir's complete index built from data.source, per data.index (None: auto, if it fits)."""
     data = settings.data
     path = index_path(settings.workdir)
@@ -210,7 +211,7 @@ def _summarize_label(raw: bytes) -> tuple[str, int | None, int | None]:
     return "ok", label.count, len(items) if isinstance(items, dict) else None
 
 
-def index(settings: Any) -> IndexResult:
+def index(settings: Settings) -> IndexResult:
     """Read every label of the source once into <workdir>/index.sqlite (resumable; see the module docstring)."""
     from bincount.data.fetch import bounded_map, open_source, with_retries
 

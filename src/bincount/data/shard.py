@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
@@ -98,7 +99,7 @@ def _local_source(ws: Workspace, rows: dict[str, list[dict]]) -> bool:
     return all("image" in r and (ws.raw / "bin-images" / f"{r['id']}.jpg").is_file() for part in rows.values() for r in part)
 
 
-def shard(settings: Any) -> ShardResult:
+def shard(settings: Settings) -> ShardResult:
     """Build shard channels from the splits (see the module docstring)."""
     ws = Workspace(settings.workdir)
     rows = _split_rows(ws)
