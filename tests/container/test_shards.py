@@ -122,3 +122,12 @@ def test_build_script_rejects_bad_items_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--items", str(items), "--source", str(tmp_path),
                            "--dest", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("error: item 1: needs an id and an integer count")
+
+
+def test_a_reader_slot_without_samples_ends_instead_of_spinning(synth_source, tmp_path):
+    """3 samples over 4 DataLoader workers: one worker has nothing to read; training still gets its steps."""
+    items = [{"id": p.stem, "count": 2} for p in sorted((synth_source / "metadata").glob("*.json"))[:3]]
+    sh.build(items, "train", sh.Store(str(synth_source)), sh.Store(str(tmp_path)), items_per_shard=10,
+             max_side=32, workers=2, log=lambda _: None)
+    batches = sh.ShardBatches(tmp_path, 16, 2, 6, num_workers=4, seed=0, shuffle_buffer=2)
+    assert sum(len(y) for _, y in batches.iterate([0, 1, 2, 3, 4, 5], drop_last_single=True)) == 6

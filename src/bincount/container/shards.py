@@ -338,10 +338,12 @@ def _torch_dataset():
                     random.Random(f"{self.seed}-{passes}").shuffle(paths)  # the same on every slot
                     rng = random.Random(f"{self.seed}-{passes}-{slot}")
                     stream = _shuffled(self._samples(paths, slot, slots), self.buffer, rng)
+                produced = False
                 for _, jpg, count in stream:
+                    produced = True
                     with Image.open(io.BytesIO(jpg)) as image:
                         yield net.to_uint8(image, self.image_size), count
-                if self.seed is None:
+                if self.seed is None or not produced:  # evaluation, or a slot with no samples: end
                     return
                 passes += 1
 
