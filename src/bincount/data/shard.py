@@ -176,7 +176,7 @@ def _processing_job(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -
         for split, items in rows.items():  # only what the job needs: id and count
             (items_dir / f"{split}.jsonl").write_text("".join(json.dumps({"id": r["id"], "count": r["count"]}) + "\n" for r in items))
         sm_session = sme.session(settings)
-        image = image_uris.retrieve("pytorch", smc.region, version=smc.framework_version, py_version=smc.py_version,
+        image = image_uris.retrieve("pytorch", sm_session.boto_region_name, version=smc.framework_version, py_version=smc.py_version,
                                     instance_type=cfg.instance_type, image_scope="training")
         processor = ScriptProcessor(
             role=role, image_uri=image, command=["python3"], instance_type=cfg.instance_type,
