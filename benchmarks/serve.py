@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             burst = connections_at_once(endpoint.url, images[0])
             large = large_images_at_once(endpoint.url, endpoint.pid)
         finally:
-            undeploy_local(settings)
+            undeploy_local(settings, yes=True)
         stop = sigterm_under_load(model_dir, images[0])
 
     print(f"model: {args.arch} at {args.image_size} px (random weights), 256 px JPEG bins, "

@@ -303,7 +303,12 @@ def test_deploy_and_undeploy_through_the_cli_leave_nothing_running(cli, small_mo
     again = cli("deploy", "--workdir", work, "--port", "0", "--set", f"deploy.model_data={model_dir}", "--json")
     assert json.loads(again.stdout)["action"] == "already running"
 
-    res = cli("undeploy", "--workdir", work, "--json")
+    res = cli("undeploy", "--workdir", work)  # no terminal to ask: it says to pass --yes, and stops nothing
+    assert res.exit_code == 1 and "Stop the local endpoint" in res.stderr and "pass --yes" in res.stderr
+    assert invoke(info["url"], jpeg(5))[0] == 200
+    res = cli("undeploy", "--workdir", work, "--json", input="n\n")
+    assert res.exit_code == 1  # CliRunner's stdin is no terminal either: a prompt is never shown to a script
+    res = cli("undeploy", "--workdir", work, "--yes", "--json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["action"] == "stopped"
     assert "endpoint" not in json.loads((work / "state.json").read_text())
@@ -321,6 +326,7 @@ def test_deploy_reports_a_server_that_cannot_start(cli, small_model, tmp_path):
         res = cli("deploy", "--workdir", tmp_path, "--port", port, "--set", f"deploy.model_data={small_model}")
     assert res.exit_code == 1
     assert "the local server exited" in res.stderr and "cannot listen on 127.0.0.1" in res.stderr
+    assert "--port 0 for any free port" in res.stderr  # the hint for a busy port
     state = tmp_path / "state.json"
     assert not state.exists() or "endpoint" not in json.loads(state.read_text())
 
@@ -383,3 +389,19 @@ def test_generated_requests_always_get_a_json_answer_never_a_500_or_a_dropped_co
         assert status == 200 or (400 <= status < 500 and answer["status"] == status and answer["error"]), answer
 
     check()
+
+
+def test_serve_json_prints_the_result_on_stdout_after_a_clean_stop(small_model, tmp_path):
+    import subprocess
+    import sys
+
+    log = tmp_path / "serve.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bincount", "serve", "--model", str(small_model), "--port", "0",
+                                 "--workdir", str(tmp_path), "--json"], stdout=subprocess.PIPE, stderr=err)
+    url = serve.wait_ready(proc, log, 0, 180)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert json.loads(out) == {"url": url, "model_dir": str(small_model.resolve()), "stopped_by": "SIGTERM"}
+    assert "listening on" in log.read_text()  # people's lines go to stderr, stdout is only the result

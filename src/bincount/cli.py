@@ -403,13 +403,14 @@ def serve(
     model: Annotated[Optional[Path], typer.Option(metavar="PATH", help="model.tar.gz or model dir (default: the last trained).")] = None,
     host: Annotated[Optional[str], typer.Option(metavar="ADDR", help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(metavar="PORT", help="Port (default 8080; 0 = any free port).")] = None,
-    config: ConfigOpt = None, workdir: WorkdirOpt = None, set: SetOpt = None,
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
     """Run the local endpoint in the foreground. SageMaker contract: GET /ping, POST /invocations.
 
-    gunicorn, one worker process with deploy.threads threads. SIGTERM or Ctrl-C: finishes the requests it took, exits 0.
+    gunicorn, one worker process with deploy.threads threads. SIGTERM or Ctrl-C: finishes the requests it took,
+    exits 0 (with --json, after printing the URL, model and what stopped it).
     """
-    _call("serve", config, {"workdir": workdir, "deploy.host": host, "deploy.port": port}, set, False,
+    _call("serve", config, {"workdir": workdir, "deploy.host": host, "deploy.port": port}, set, json,
           model=model)
 
 

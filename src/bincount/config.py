@@ -544,7 +544,6 @@ def load_settings(
         raise BincountError(describe_validation_error(exc, f" (from {origin})" if origin else "")) from None
     except RecursionError:
         raise BincountError("invalid settings: a value is nested too deeply") from None
-    return settings
 
 
 def _has(layer: dict[str, Any], loc: tuple) -> bool:

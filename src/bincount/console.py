@@ -57,6 +57,22 @@ def progress(transient: bool = False):
     )
 
 
+def confirm(question: str, yes: bool) -> bool:
+    """True when --yes was given or the person at the terminal says yes; without a terminal, an error
+    that says to pass --yes (a script never hangs on a prompt)."""
+    import sys
+
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        from bincount.errors import BincountError
+
+        raise BincountError(f"{question} No terminal to ask: pass --yes to confirm")
+    import typer
+
+    return typer.confirm(question, default=False, err=True)
+
+
 def log(message: str) -> None:
     from rich.errors import MarkupError
 

@@ -13,6 +13,7 @@ pixels decoded at once (deploy.pixel_budget, deploy.queue_timeout_s).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -219,7 +220,11 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
-        raise BincountError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another server, perhaps an earlier bincount deploy, has it: choose another with --port N, " \
+                   "or --port 0 for any free port)"
+        raise BincountError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
 
 
 def url_of(sock: socket.socket) -> str:

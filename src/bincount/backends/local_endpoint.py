@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bincount.config import Settings
+from bincount.console import confirm
 from bincount.errors import BincountError
 from bincount.handlers import resolve_model
 from bincount.results import Result, key_value_table
@@ -79,13 +80,17 @@ def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointRes
 
 
 def undeploy_local(settings: Settings, yes: bool = False) -> LocalEndpointResult:
-    """Stop the recorded local server (SIGTERM: it finishes what it took) and clear it from state.json. Idempotent."""
+    """Stop the recorded local server (SIGTERM: it finishes what it took) and clear it from state.json, after a
+    confirmation that --yes skips (as on SageMaker). Idempotent."""
     ws = Workspace(settings.workdir)
     current = ws.state().endpoint
     if not current:
         return LocalEndpointResult(action="nothing to stop")
     if not isinstance(current, LocalEndpoint):
         raise BincountError(f"the recorded endpoint is a {current.backend} one; use --backend {current.backend}")
+    if not confirm(f"Stop the local endpoint {current.url} (pid {current.pid})?", yes):
+        return LocalEndpointResult(action="kept (not confirmed)", url=current.url, pid=current.pid,
+                                   model_dir=current.model_dir)
     stopped = stop(current.pid, settings.deploy.graceful_timeout_s)
     ws.update_state(endpoint=None)
     return LocalEndpointResult(action="stopped" if stopped else "was not running (state cleared)",

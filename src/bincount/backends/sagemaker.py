@@ -15,7 +15,7 @@ from bincount.aws import error_code, error_message
 from bincount.backends import sm_estimator as sme
 from bincount.backends.tuning import TUNED, TuneResult, best_train_settings, coerce_hyperparameters, record
 from bincount.config import Settings
-from bincount.console import log
+from bincount.console import confirm, log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 from bincount.state import SageMakerEndpoint, SageMakerTraining, SageMakerTuning
@@ -391,16 +391,6 @@ def deploy(settings: Settings) -> EndpointResult:
     return result
 
 
-def _confirm(question: str, yes: bool) -> bool:
-    if yes:
-        return True
-    if not sys.stdin.isatty():
-        raise BincountError(f"{question} No terminal to ask: pass --yes to confirm")
-    import typer
-
-    return typer.confirm(question, default=False, err=True)
-
-
 def undeploy(settings: Settings, yes: bool = False) -> UndeployResult:
     """Delete the endpoint, its endpoint config and its model (after a confirmation that --yes skips)."""
     from botocore.exceptions import ClientError
@@ -413,7 +403,7 @@ def undeploy(settings: Settings, yes: bool = False) -> UndeployResult:
     name = settings.deploy.endpoint_name or (recorded.name if recorded else None)
     if not name:
         raise BincountError("no SageMaker endpoint recorded in state.json: pass --endpoint-name")
-    if not _confirm(f"Delete SageMaker endpoint {name}, its endpoint config and model?", yes):
+    if not confirm(f"Delete SageMaker endpoint {name}, its endpoint config and model?", yes):
         log("kept the endpoint")
         return UndeployResult(endpoint=name, kept=True)
     sm = aws_client("sagemaker", region=settings.sagemaker.region)
@@ -537,7 +527,7 @@ def stop(settings: Settings, job: str | None = None, yes: bool = False) -> StopR
         if not running:
             return result
         listed = ", ".join(f"{kind} job {name}" for kind, name, _ in running)
-        if not _confirm(f"Stop {listed}?", yes):
+        if not confirm(f"Stop {listed}?", yes):
             log("left running")
             return result.model_copy(update={"kept": True})
         for kind, name, _ in running:

@@ -60,7 +60,8 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
 
     from bincount.aws import client as aws_client
     from bincount.aws import parse_s3_uri
-    from bincount.backends.sagemaker import _confirm, _job_status, _missing
+    from bincount.backends.sagemaker import _job_status, _missing
+    from bincount.console import confirm
 
     region = sme.region(settings)
     bucket = sme.require_bucket(settings)
@@ -124,7 +125,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
         if not plan:
             log(f"nothing of bincount's to clean up in {region} (s3://{bucket}, names {base}-*)")
             return result
-        if not _confirm(f"In {region}: {'; '.join(plan)}. Delete all this?", yes):
+        if not confirm(f"In {region}: {'; '.join(plan)}. Delete all this?", yes):
             log("kept everything")
             return result.model_copy(update={"kept": True})
 
