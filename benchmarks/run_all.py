@@ -1,4 +1,4 @@
-"""`make bench`: run the fetch, train, serve and gpu benchmarks and print one table of ratios vs goals.
+"""`make bench`: run the fetch, train, serve, gpu and audit benchmarks and print one table of ratios vs goals.
 
 Each benchmarks/<name>.py has main() -> {"name", "ratio", "goal", ...}; a metric whose goal is a
 floor ("higher is better") passes when ratio >= goal; a goal of None marks a row shown for
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("fetch", "train", "serve", "gpu", "index", "shards")
+BENCHMARKS = ("fetch", "train", "serve", "gpu", "index", "shards", "audit")
 
 
 def load(name: str):

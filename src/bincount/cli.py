@@ -342,21 +342,28 @@ def predict(
           images=images, endpoint=endpoint, model=model, output_format=output)
 
 
-@app.command(epilog=examples("bincount audit -w run1 --threshold 0.6", "bincount audit -w run1 --manifest tonight.jsonl --out audit.csv",
-                             "bincount audit --model model.tar.gz --manifest bins.jsonl --json"))
+@app.command(epilog=examples("bincount audit -w run1 --threshold 0.6", "bincount audit -w run1 --source tonight.jsonl --out audit.csv",
+                             "bincount audit --model model.tar.gz --source s3://my-bucket/warehouse-7/ --json",
+                             "bincount audit -c aws.yaml --source s3://my-bucket/warehouse-7/ --no-wait"))
 def audit(
-    manifest: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Bins with expected quantities (default splits/test.jsonl).")] = None,
+    source: Annotated[Optional[str], typer.Option(metavar="FILE|DIR|S3URI", help="Bins to audit: a manifest (.jsonl), a folder or an s3:// prefix in the bucket layout (default splits/test.jsonl).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(metavar="FILE", help="A manifest of bins with expected quantities (same as --source FILE).")] = None,
     threshold: Annotated[float, typer.Option(metavar="P", min=0.0, max=1.0, help="Below this confidence a bin goes to a person for a recount.")] = 0.6,
     endpoint: Annotated[Optional[str], typer.Option(metavar="URL|NAME", help="Endpoint URL or SageMaker endpoint name.")] = None,
     model: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Use this model.tar.gz or model dir directly.")] = None,
     out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="CSV report (default reports/audit.csv).")] = None,
-    top: Annotated[int, typer.Option(metavar="N", min=0, help="Rows of the list to print.")] = 15,
+    top: Annotated[Optional[int], typer.Option(metavar="N", min=0, help="Rows of the ranking to print (default audit.top).")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Local scoring workers (default: one per core).")] = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="SageMaker: wait for the Batch Transform job, or return at once.")] = None,
+    collect: Annotated[bool, typer.Option("--collect", help="SageMaker: join the outputs of the recorded Batch Transform job.")] = False,
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
 ) -> None:
-    """List bins whose count disagrees with the record. Ranked, with a recount threshold."""
-    _call("audit", config, {"workdir": workdir, "backend": backend}, set, json,
-          manifest=manifest, threshold=threshold, endpoint=endpoint, model=model, out=out, top=top)
+    """List bins whose count disagrees with the record. Ranked, resumable; Batch Transform on SageMaker."""
+    _call("audit", config, {"workdir": workdir, "backend": backend, "audit.workers": workers,
+                            "transform.wait": wait}, set, json,
+          manifest=manifest, threshold=threshold, endpoint=endpoint, model=model, out=out, top=top, source=source,
+          collect=collect)
 
 
 @app.command(epilog=examples("bincount undeploy -w run1", "bincount undeploy -c aws.yaml --yes"))

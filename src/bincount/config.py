@@ -353,6 +353,47 @@ class DeploySettings(Section):
         return value
 
 
+class AuditSettings(Section):
+    """`bincount audit` on this machine: parallel, streamed to disk, resumable."""
+
+    workers: int | None = Field(None, ge=1, le=256, description="scoring threads (processes with pool: process) for an in-process "
+                                "model; default: one per CPU core. Endpoints use deploy.workers concurrent requests")
+    pool: Literal["thread", "process"] = Field("thread", description="thread (one model, no start-up: measured faster on 2 cores, "
+                                               "see benchmarks/audit.py) or process (a model per worker; no shared GIL)")
+    threads: int | None = Field(None, ge=1, le=256, description="torch threads per worker; default: cores / workers (1 when "
+                                "the workers fill the cores: measured fastest, and far faster on a loaded machine)")
+    chunk: int = Field(8, ge=1, le=64, description="images per task sent to a worker (one forward pass per chunk)")
+    top: int = Field(15, ge=0, description="rows of the ranking printed (and in --json); the CSV has them all")
+
+
+class TransformSettings(Section):
+    """`bincount audit --backend sagemaker`: a SageMaker Batch Transform job (no endpoint kept running)."""
+
+    instance_type: str = Field("ml.m5.xlarge", description="transform instance type")
+    instance_count: int = Field(1, ge=1, le=100, description="transform instances (objects are spread across them)")
+    max_payload_mb: int = Field(6, ge=0, le=100, description="MaxPayloadInMB: the largest request (one image, or a "
+                                "MultiRecord batch) in MB, 0..100 (0: unbounded chunked, not supported by our container)")
+    max_concurrent_transforms: int | None = Field(4, ge=0, description="MaxConcurrentTransforms: parallel requests per "
+                                                  "instance (one per vCPU of the default instance; unset: SageMaker's 1); "
+                                                  "times max_payload_mb at most 100")
+    batch_strategy: Literal["SingleRecord", "MultiRecord"] = Field("SingleRecord", description="BatchStrategy; each image is a "
+                                                                   "whole object (SplitType None), so one image per request either way")
+    wait: bool = Field(True, description="wait for the job and join its outputs (--no-wait returns at once)")
+    poll_s: float = Field(30.0, ge=0, description="seconds between DescribeTransformJob calls while waiting")
+    max_wait_s: int = Field(6 * 3600, ge=1, description="stop waiting (the job keeps running) after this many seconds")
+    invocation_timeout_s: int | None = Field(None, ge=1, le=3600, description="ModelClientConfig InvocationsTimeoutInSeconds "
+                                             "per request, 1..3600 (unset: SageMaker's default, 600)")
+
+    @model_validator(mode="after")
+    def _payload_budget(self) -> TransformSettings:
+        if self.max_payload_mb == 0:
+            raise ValueError("max_payload_mb 0 (chunked transfer) is not supported by the PyTorch serving container; use 1..100")
+        if self.max_concurrent_transforms and self.max_concurrent_transforms * self.max_payload_mb > 100:
+            raise ValueError(f"max_concurrent_transforms x max_payload_mb = {self.max_concurrent_transforms} x "
+                             f"{self.max_payload_mb} MB is over SageMaker's 100 MB")
+        return self
+
+
 class RuleSettings(Section):
     """SageMaker Debugger built-in rules (each can be switched off)."""
 
@@ -418,6 +459,8 @@ class Settings(Section):
     train: TrainSettings = Field(TrainSettings(), description="training hyperparameters (container/train.py arguments)")
     tune: TuneSettings = Field(TuneSettings(), description="hyperparameter search")
     deploy: DeploySettings = Field(DeploySettings(), description="endpoints: the local server or SageMaker")
+    audit: AuditSettings = Field(AuditSettings(), description="the local audit: workers, pool")
+    transform: TransformSettings = Field(TransformSettings(), description="the SageMaker Batch Transform audit")
     sagemaker: SageMakerSettings = Field(SageMakerSettings(), description="the SageMaker backend")
 
     @field_validator("workdir")

@@ -83,6 +83,26 @@ class SageMakerEndpoint(Record):
     model_name: str | None = None
 
 
+class SageMakerTransform(Record):
+    """The last `audit --backend sagemaker`: its Batch Transform job and what joining its outputs needs."""
+
+    backend: Literal["sagemaker"] = "sagemaker"
+    job: str  # the transform job name
+    status: str  # TransformJobStatus when last seen
+    model_name: str  # the SageMaker model it ran (reused by the next audit of the same artifact)
+    model_data: str  # that model's model.tar.gz in S3
+    model_ref: str | None = None  # the artifact before upload: sha256 of a local file, or its S3 URI
+    input_manifest: str  # s3:// URI of the transform's ManifestFile
+    input_prefix: str  # s3://bucket/prefix/ the manifest's entries are relative to
+    input_key_prefix: str  # that prefix's key part
+    output_path: str  # s3://.../transform/<job>/: one <entry>.out per input object
+    bins: int
+    bins_file: str  # local JSON Lines of the bins (ids, images, expected quantities or label paths)
+    source: str  # what was audited, as given
+    source_digest: str  # digest of that input (an unjoined job over the same bins is joined, not rerun)
+    joined: bool = False  # its outputs went into a report
+
+
 Training = Annotated[LocalTraining | SageMakerTraining, Field(discriminator="backend")]
 Tuning = Annotated[LocalTuning | SageMakerTuning, Field(discriminator="backend")]
 Endpoint = Annotated[LocalEndpoint | SageMakerEndpoint, Field(discriminator="backend")]
@@ -91,6 +111,7 @@ _KINDS: dict[str, dict[str, type[Record]]] = {
     "training": {"local": LocalTraining, "sagemaker": SageMakerTraining},
     "tuning": {"local": LocalTuning, "sagemaker": SageMakerTuning},
     "endpoint": {"local": LocalEndpoint, "sagemaker": SageMakerEndpoint},
+    "transform": {"sagemaker": SageMakerTransform},
 }
 
 
@@ -103,6 +124,7 @@ class State(Record):
     training: Training | None = None
     tuning: Tuning | None = None
     endpoint: Endpoint | None = None
+    transform: SageMakerTransform | None = None
 
     @classmethod
     def load(cls, raw: Any, path: Path | str = "state.json") -> State:

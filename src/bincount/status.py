@@ -23,12 +23,13 @@ class StatusResult(Result):
     tuning: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
     endpoint: dict[str, Any] | None = None
+    transform: dict[str, Any] | None = None  # the last audit's SageMaker Batch Transform job
 
     def rich(self) -> Any:
         table = key_value_table(title=f"status of {self.workdir}")
         table.add_row("data", ", ".join(f"{k} {'-' if v is None else v}" for k, v in self.data.items()))
         table.add_row("channels", ", ".join(f"{k} {v}" for k, v in self.channels.items()) or "-")
-        for name in ("tuning", "training", "endpoint"):
+        for name in ("tuning", "training", "endpoint", "transform"):
             item = getattr(self, name)
             table.add_row(name, "-" if not item else "\n".join(f"{k}: {_short(v)}" for k, v in item.items() if v not in (None, {})))
         return table
@@ -63,7 +64,8 @@ def status(settings: Settings) -> StatusResult:
         tuning=_shown(tuning, live.tuning(tuning.job) if isinstance(tuning, SageMakerTuning) else {}),
         training=_shown(training, live.training(training.job) if isinstance(training, SageMakerTraining) else {}),
         endpoint=_shown(endpoint, live.endpoint(endpoint.name) if isinstance(endpoint, SageMakerEndpoint)
-                        else {"status": _ping(endpoint.url)} if isinstance(endpoint, LocalEndpoint) else {}))
+                        else {"status": _ping(endpoint.url)} if isinstance(endpoint, LocalEndpoint) else {}),
+        transform=_shown(state.transform, live.transform(state.transform.job) if state.transform else {}))
 
 
 def _shown(record: Record | None, live: dict[str, Any]) -> dict[str, Any] | None:
@@ -157,6 +159,15 @@ class _Live:
         if isinstance(desc, str):
             return {"status": desc}
         out = {"status": desc.get("EndpointStatus")}
+        if desc.get("FailureReason"):
+            out["failure"] = desc["FailureReason"]
+        return out
+
+    def transform(self, job: str) -> dict[str, Any]:
+        desc = self._describe("describe_transform_job", TransformJobName=job)
+        if isinstance(desc, str):
+            return {"status": desc}
+        out = {"status": desc.get("TransformJobStatus")}
         if desc.get("FailureReason"):
             out["failure"] = desc["FailureReason"]
         return out

@@ -1,0 +1,357 @@
+"""`bincount audit --backend sagemaker`: a SageMaker Batch Transform job over the bins, joined into the audit report.
+
+No endpoint is kept running: the job starts instances, sends each image object to the same
+code/inference.py the endpoints run (one model.tar.gz serves real-time, serverless and batch), writes
+one `<object>.out` per input and stops. The request:
+  model       a PyTorchModel of the trained artifact, as `deploy` builds it (CreateModel), or the model an
+              earlier audit recorded for the same artifact (reused, no CreateModel)
+  input       S3DataType ManifestFile: a manifest object listing exactly the bins' images (so a selection
+              from the public bucket, or images beside label files, transform nothing else), content type
+              image/jpeg, SplitType None (each object is one image, one record)
+  output      s3://<s3.bucket>/<s3.prefix>/transform/<job>/<path under the manifest prefix>.out, JSON
+  resources   transform.instance_type x transform.instance_count; MaxPayloadInMB, MaxConcurrentTransforms,
+              BatchStrategy and the invocation timeout from the transform settings
+Transform jobs read S3 in their own region: the images' bucket must be in sagemaker.region, and the
+execution role must be allowed to read it (the public ABID bucket is in us-east-1).
+
+It waits (DescribeTransformJob every transform.poll_s, at most transform.max_wait_s) and joins the
+outputs with the expected quantities into the local audit's ranked CSV and summary; with --no-wait it
+returns at once, `bincount status` shows the job, and `audit --collect` (or the same audit again) joins
+it once done. A bin without an output, or whose output is not a prediction, is listed as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bincount.audit import AuditResult, Bin, Inputs, Reader, bounded_map, chunks, read_records, report
+from bincount.backends import sm_estimator as sme
+from bincount.config import Settings
+from bincount.console import log
+from bincount.errors import BincountError
+from bincount.results import Result, key_value_table
+from bincount.state import SageMakerTransform
+from bincount.workspace import Workspace
+
+TERMINAL = ("Completed", "Failed", "Stopped")
+CONTENT_TYPE = "image/jpeg"
+JOIN_WORKERS = 16
+
+
+class TransformResult(Result):
+    """A Batch Transform job that has not ended yet (--no-wait, or the wait ran out)."""
+
+    job: str
+    status: str
+    bins: int
+    model_name: str
+    input_manifest: str
+    output_path: str
+    note: str
+
+    def title(self) -> str:
+        return "audit (sagemaker batch transform)"
+
+    def rich(self) -> Any:
+        table = key_value_table(title=f"transform job {self.job}: {self.status}")
+        for key in ("bins", "model_name", "input_manifest", "output_path", "note"):
+            table.add_row(key, str(getattr(self, key)))
+        return table
+
+
+# -- the request -----------------------------------------------------------------------------------
+def job_name(settings: Settings) -> str:
+    """<base>-audit-yyyymmdd-HHMMSS-xxxx: unique, within SageMaker's 63 characters."""
+    import secrets
+
+    return f"{settings.sagemaker.base_job_name[:30].rstrip('-')}-audit-{sme.timestamp()}-{secrets.token_hex(2)}"
+
+
+def s3_client(settings: Settings) -> Any:
+    from bincount.aws import client
+
+    return client("s3", region=settings.s3.region or sme.region(settings), endpoint_url=settings.s3.endpoint_url,
+                  max_pool_connections=JOIN_WORKERS)
+
+
+def _bucket_region(settings: Settings, bucket: str) -> str:
+    from bincount.aws import parse_s3_uri
+
+    data = settings.data
+    if data.source.startswith("s3://") and parse_s3_uri(data.source)[0] == bucket:
+        return data.region
+    return settings.s3.region or sme.region(settings)
+
+
+def common_prefix(prefix: str | None, key: str) -> str:
+    """The longest folder prefix ("" or ending in /) shared by `prefix` (None: none yet) and `key`'s folder."""
+    folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    if prefix is None:
+        return folder
+    while not folder.startswith(prefix):
+        prefix = prefix[:-1].rsplit("/", 1)[0] + "/" if prefix.count("/") > 1 else ""
+    return prefix
+
+
+def write_selection(settings: Settings, inputs: Inputs, folder: Path) -> tuple[str, str, int]:
+    """bins.jsonl (every bin, for the join) in `folder`, and the transform manifest's text; (bucket, prefix, count)."""
+    from bincount.aws import parse_s3_uri
+
+    bucket, prefix, count = None, None, 0
+    with (folder / "bins.jsonl").open("w") as fh:
+        for b in inputs:
+            if not b.path.startswith("s3://"):
+                raise BincountError(f"{inputs.name}: bin {b.id} is not in S3 ({b.image}); a transform job reads S3 only: "
+                                    "pass an s3:// prefix, an s3:// manifest, or a manifest of s3:// images "
+                                    "(`bincount upload` puts the splits in S3)")
+            b_bucket, key = parse_s3_uri(b.path)
+            if bucket is None:
+                bucket = b_bucket
+            elif b_bucket != bucket:
+                raise BincountError(f"{inputs.name}: bins in two buckets ({bucket}, {b_bucket}); one transform job reads "
+                                    "one manifest prefix: audit each bucket separately")
+            prefix = common_prefix(prefix, key)
+            fh.write(json.dumps({"n": b.n, "id": b.id, "image": b.image, "path": b.path, "expected": b.expected,
+                                 "label": b.label}) + "\n")
+            count += 1
+    with (folder / "input.manifest").open("w") as out, (folder / "bins.jsonl").open() as fh:
+        out.write("[" + json.dumps({"prefix": f"s3://{bucket}/{prefix}"}))
+        for line in fh:
+            out.write(",\n" + json.dumps(parse_s3_uri(json.loads(line)["path"])[1][len(prefix):]))
+        out.write("]\n")
+    return bucket, prefix, count
+
+
+def _output_path(settings: Settings, job: str) -> str:
+    return sme.s3_uri(settings, "transform", job) + "/"
+
+
+def _transformer(settings: Settings, sm_session: Any, output_path: str,
+                 recorded: SageMakerTransform | None) -> tuple[Any, str, str]:
+    """A Transformer over the trained model; (transformer, model name, model data). CreateModel only when needed."""
+    from sagemaker.pytorch import PyTorchModel
+    from sagemaker.transformer import Transformer
+
+    from bincount.backends.sagemaker import _resolve_model_data
+
+    t = settings.transform
+    options = dict(instance_count=t.instance_count, instance_type=t.instance_type, strategy=t.batch_strategy,
+                   output_path=output_path, accept="application/json", max_concurrent_transforms=t.max_concurrent_transforms,
+                   max_payload=t.max_payload_mb, tags=[{"Key": k, "Value": v} for k, v in settings.sagemaker.tags.items()] or None)
+    ref = model_ref(settings)
+    if recorded and ref and recorded.model_ref == ref:
+        name = recorded.model_name
+        try:
+            sm_session.sagemaker_client.describe_model(ModelName=name)
+            log(f"reusing SageMaker model {name} (same artifact)")
+            return Transformer(model_name=name, sagemaker_session=sm_session, **options), name, recorded.model_data
+        except Exception:  # noqa: BLE001 - deleted since: create it again
+            pass
+    model_data = _resolve_model_data(settings, sm_session)
+    name = f"{settings.sagemaker.base_job_name[:30].rstrip('-')}-audit-model-{sme.timestamp()}"
+    with tempfile.TemporaryDirectory() as serving_dir:
+        model = PyTorchModel(model_data=model_data, role=sme.require_role(settings), entry_point="inference.py",
+                             source_dir=str(sme.serving_code(Path(serving_dir))),
+                             framework_version=settings.deploy.framework_version, py_version=settings.deploy.py_version,
+                             name=name, sagemaker_session=sm_session)
+        transformer = model.transformer(**options)
+    return transformer, name, model_data
+
+
+def model_ref(settings: Settings) -> str | None:
+    """What identifies the artifact before any upload: a local model.tar.gz's sha256, else its S3 URI."""
+    import hashlib
+
+    training = Workspace(settings.workdir).state().training
+    source = settings.deploy.model_data or (training.model_data if training else None)
+    if not source:
+        return None
+    if source.startswith("s3://"):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
+    """Write and upload the manifest, CreateModel if needed, CreateTransformJob; the transform record (in state.json)."""
+    from bincount.aws import parse_s3_uri
+
+    sme.load_sdk()
+    ws = Workspace(settings.workdir)
+    job = job_name(settings)
+    folder = ws.reports / "transform" / job
+    folder.mkdir(parents=True, exist_ok=True)
+    bucket, prefix, count = write_selection(settings, inputs, folder)
+    region, job_region = _bucket_region(settings, bucket), sme.region(settings)
+    if region != job_region:
+        raise BincountError(f"the bins are in s3://{bucket} ({region}) but transform jobs run in sagemaker.region "
+                            f"{job_region} and read S3 in their own region: use "
+                            f"--set sagemaker.region={region}, or copy the images to a bucket in {job_region}")
+    manifest_uri = sme.s3_uri(settings, "transform", "input", f"{job}.manifest")
+    out_bucket, out_key = parse_s3_uri(manifest_uri)
+    with sme.aws_errors("sagemaker audit"), sme.sdk_output():
+        s3_client(settings).upload_file(str(folder / "input.manifest"), out_bucket, out_key)
+        sm_session = sme.session(settings)
+        recorded = ws.state().transform
+        output_path = _output_path(settings, job)
+        transformer, model_name, model_data = _transformer(settings, sm_session, output_path, recorded)
+        client_config = {"InvocationsMaxRetries": 1}
+        if settings.transform.invocation_timeout_s:
+            client_config["InvocationsTimeoutInSeconds"] = settings.transform.invocation_timeout_s
+        transformer.transform(manifest_uri, data_type="ManifestFile", content_type=CONTENT_TYPE, split_type="None",
+                              job_name=job, model_client_config=client_config, wait=False, logs=False)
+    record = SageMakerTransform(job=job, status="InProgress", model_name=model_name, model_data=model_data,
+                                model_ref=model_ref(settings), input_manifest=manifest_uri,
+                                input_prefix=f"s3://{bucket}/{prefix}", input_key_prefix=prefix, output_path=output_path,
+                                bins=count, bins_file=str(folder / "bins.jsonl"), source=inputs.name,
+                                source_digest=inputs.digest)
+    ws.update_state(transform=record)
+    log(f"transform job [bold]{job}[/] started: {count} bins on {settings.transform.instance_count} x "
+        f"{settings.transform.instance_type}")
+    return record
+
+
+# -- waiting and joining ---------------------------------------------------------------------------
+def describe(settings: Settings, job: str) -> dict[str, Any]:
+    from bincount.aws import client
+
+    with sme.aws_errors(f"describe transform job {job}"):
+        return client("sagemaker", region=sme.region(settings), max_attempts=4).describe_transform_job(
+            TransformJobName=job)
+
+
+def wait(settings: Settings, job: str) -> dict[str, Any]:
+    """Poll DescribeTransformJob until the job ends or transform.max_wait_s passes; the last description."""
+    t = settings.transform
+    started, last = time.monotonic(), None
+    while True:
+        desc = describe(settings, job)
+        status = desc.get("TransformJobStatus", "?")
+        if status != last:
+            log(f"transform job {job}: {status} ({time.monotonic() - started:.0f} s)")
+            last = status
+        if status in TERMINAL or time.monotonic() - started + t.poll_s > t.max_wait_s:
+            return desc
+        time.sleep(t.poll_s)
+
+
+def _read_output(s3: Any, uri: str) -> dict[str, Any]:
+    from bincount.aws import parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read(1 << 20)
+    except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+        if code in ("NoSuchKey", "404"):
+            raise LookupError("no output") from None
+        raise ValueError(f"cannot read {uri}: {code or type(exc).__name__}") from None
+    try:
+        answer = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"output is not JSON: {body[:80]!r}") from None
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    if not isinstance(answer, dict) or "count" not in answer or "confidence" not in answer:
+        message = answer.get("error") or answer.get("message") if isinstance(answer, dict) else None
+        raise ValueError(f"output is not a prediction: {message or str(answer)[:80]}")
+    return answer
+
+
+def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *, threshold: float, out: Path,
+         top: int) -> AuditResult:
+    """Each bin with its <name>.out (read concurrently) and expected quantity, ranked into the audit report."""
+    from bincount.aws import parse_s3_uri
+
+    status = desc.get("TransformJobStatus", "?")
+    why = f"no output (job {status}" + (f": {desc['FailureReason']}" if desc.get("FailureReason") else "") + ")"
+    s3, reader = s3_client(settings), Reader(settings)
+    prefix = record.input_key_prefix
+    output = record.output_path.rstrip("/") + "/"
+
+    def score(bins: list[Bin]) -> list[dict[str, Any]]:
+        rows = []
+        for b in bins:
+            row = {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected, "predicted": None,
+                   "confidence": None, "error": None}
+            try:
+                if b.expected is None:
+                    row["expected"] = reader.expected(b.label)
+                answer = _read_output(s3, output + parse_s3_uri(b.path)[1][len(prefix):] + ".out")
+                row.update(predicted=int(answer["count"]), confidence=float(answer["confidence"]))
+            except LookupError:
+                row["error"] = why
+            except (ValueError, TypeError, KeyError) as exc:
+                row["error"] = str(exc)
+            rows.append(row)
+        return rows
+
+    def bins() -> Any:
+        for line in read_records(Path(record.bins_file)):
+            yield Bin(line["n"], line["id"], line["image"], line["path"], line["expected"], line.get("label"))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bincount.console import progress
+
+    results = Path(record.bins_file).with_name("results.jsonl")
+    with progress(transient=True) as bar, ThreadPoolExecutor(JOIN_WORKERS) as pool, results.open("w") as fh:
+        task = bar.add_task("join outputs", total=record.bins)
+        for rows in bounded_map(lambda c: pool.submit(score, c), chunks(bins(), 16), 2 * JOIN_WORKERS):
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+                bar.advance(task)
+    return report(read_records(results), out, source=record.source,
+                  target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def audit(settings: Settings, source: str | Path | None, *, threshold: float, out: Path, top: int,
+          collect: bool = False) -> AuditResult | TransformResult:
+    """Run (or join) a Batch Transform audit; see the module docstring."""
+    ws = Workspace(settings.workdir)
+    recorded = ws.state().transform
+    if collect:
+        if recorded is None:
+            raise BincountError("no Batch Transform job recorded in state.json: run `bincount audit --backend sagemaker` first")
+        if source is not None and str(source) != recorded.source:
+            raise BincountError(f"--collect joins the recorded job over {recorded.source}, not {source}")
+        record = recorded
+    else:
+        inputs = Inputs(settings, source if source is not None else default_source(settings))
+        if recorded is not None and recorded.source_digest == inputs.digest and not recorded.joined:
+            log(f"joining transform job {recorded.job}, started earlier over the same bins")
+            record = recorded
+        else:
+            record = start(settings, inputs)
+    desc = wait(settings, record.job) if settings.transform.wait else describe(settings, record.job)
+    status = desc.get("TransformJobStatus", "?")
+    record = record.model_copy(update={"status": status})
+    ws.update_state(transform=record)
+    if status not in TERMINAL:
+        note = ("bincount status shows it; run `bincount audit --backend sagemaker --collect` to join its outputs "
+                "once it has ended")
+        return TransformResult(job=record.job, status=status, bins=record.bins, model_name=record.model_name,
+                               input_manifest=record.input_manifest, output_path=record.output_path, note=note)
+    result = join(settings, record, desc, threshold=threshold, out=out, top=top)
+    ws.update_state(transform=record.model_copy(update={"joined": True}))
+    return result
+
+
+def default_source(settings: Settings) -> str:
+    """The uploaded test channel's manifest (its images are beside it in S3)."""
+    channel = Workspace(settings.workdir).state().channels.get("test")
+    if not channel:
+        raise BincountError("say which bins to audit: --source s3://bucket/prefix (bucket layout), an s3:// or local "
+                            "manifest of s3:// images, or run `bincount upload` to audit the test split")
+    return channel.rstrip("/") + "/manifest.jsonl"
