@@ -56,7 +56,7 @@ def realtime(served) -> dict[str, dict]:
         http = HttpTarget(endpoint.url)
         return {p.name: http.predict(p.read_bytes(), "image/jpeg") for p in served["images"]}
     finally:
-        undeploy_local(settings)
+        undeploy_local(settings, yes=True)
 
 
 def _same(a: dict, b: dict) -> None:
