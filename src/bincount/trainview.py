@@ -113,18 +113,14 @@ class EpochTracker:
         return parts
 
 
-class TrainingView:
-    """Feed it train.py's output lines (`line(...)`); it shows them in the terminal or as plain lines."""
+class LiveView:
+    """A rich Live view of the subclass's `_render()` on a terminal (unless quiet); nothing live elsewhere."""
 
-    def __init__(self, epochs: int, title: str = "training", console: Any = None, quiet: bool = False):
-        from bincount.console import err_console
+    console: Any
+    quiet: bool
+    live: Any = None
 
-        self.console = console or err_console()
-        self.title, self.quiet = title, quiet
-        self.tracker = EpochTracker(epochs)
-        self.live: Any = None
-
-    def __enter__(self) -> TrainingView:
+    def __enter__(self):
         if self.console.is_terminal and not self.quiet:
             from rich.live import Live
 
@@ -136,6 +132,18 @@ class TrainingView:
         if self.live is not None:
             self.live.update(self._render())
             self.live.__exit__(*exc)
+
+
+class TrainingView(LiveView):
+    """Feed it train.py's output lines (`line(...)`); it shows them in the terminal or as plain lines."""
+
+    def __init__(self, epochs: int, title: str = "training", console: Any = None, quiet: bool = False):
+        from bincount.console import err_console
+
+        self.console = console or err_console()
+        self.title, self.quiet = title, quiet
+        self.tracker = EpochTracker(epochs)
+        self.live: Any = None
 
     def _keep(self) -> int:
         return max(1, min(8, self.console.height - 9))  # table chrome + summary + bar stay on screen
@@ -166,7 +174,7 @@ class TrainingView:
         return None
 
 
-class TuningView:
+class TuningView(LiveView):
     """Trial N/M, the best trial so far and the search's ETA, above the running trial's training view."""
 
     def __init__(self, trials: int, epochs: int, objective: str, maximize: bool, console: Any = None,
@@ -182,19 +190,6 @@ class TuningView:
         self.tracker = EpochTracker(epochs)
         self.started = time.monotonic()
         self.live: Any = None
-
-    def __enter__(self) -> TuningView:
-        if self.console.is_terminal and not self.quiet:
-            from rich.live import Live
-
-            self.live = Live(self._render(), console=self.console, refresh_per_second=4)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.live is not None:
-            self.live.update(self._render())
-            self.live.__exit__(*exc)
 
     def _say(self, text: str) -> None:
         if self.live is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -91,17 +92,21 @@ def disk_error(path: Path, exc: BaseException) -> BaseException:
     return exc
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, and rename it into place."""
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True) -> str:
+    """Stream `chunks` to a temp file beside `path`, fsync it (unless told not to), rename it into place;
+    return the sha256. Nothing half-written ever stands at `path`; a full disk is a one-line BincountError."""
     path = Path(path)
-    tmp = None
+    digest, tmp = hashlib.sha256(), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            for chunk in chunks:
+                digest.update(chunk)
+                fh.write(chunk)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
@@ -110,6 +115,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if error is exc:
             raise
         raise error from None
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, and rename it into place."""
+    atomic_write_chunks(path, [data])
 
 
 def atomic_write_text(path: Path, text: str) -> None:

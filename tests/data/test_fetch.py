@@ -299,7 +299,7 @@ def test_a_full_disk_stops_fetch_with_one_line_and_keeps_the_manifest(cli, one_l
     import errno
     import os
 
-    from bincount.data import fetch as fetch_module
+    from bincount import workspace as workspace_module
 
     workdir = tmp_path / "work"
     first = cli("fetch", "--workdir", workdir, "--source", abid_bucket, "--endpoint-url", s3_server, "--limit", "3")
@@ -320,7 +320,7 @@ def test_a_full_disk_stops_fetch_with_one_line_and_keeps_the_manifest(cli, one_l
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    class FullDiskOs:  # fetch.py's `os`, whose files cannot be written to (nothing else is touched)
+    class FullDiskOs:  # the atomic writers' `os` (workspace.py), whose files cannot be written to
         def __getattr__(self, name):
             return getattr(os, name)
 
@@ -328,7 +328,7 @@ def test_a_full_disk_stops_fetch_with_one_line_and_keeps_the_manifest(cli, one_l
         def fdopen(fd, *args, **kwargs):
             return FullDisk(real_fdopen(fd, *args, **kwargs))
 
-    monkeypatch.setattr(fetch_module, "os", FullDiskOs())
+    monkeypatch.setattr(workspace_module, "os", FullDiskOs())
     res = cli("fetch", "--workdir", workdir, "--source", abid_bucket, "--endpoint-url", s3_server, "--limit", "20")
     one_line_error(res, "No space left on device", "run the same command again")
     assert (workdir / "manifest.jsonl").read_bytes() == manifest

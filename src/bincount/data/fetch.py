@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +41,7 @@ from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
-from bincount.workspace import Workspace, disk_error, read_jsonl, write_jsonl
+from bincount.workspace import Workspace, atomic_write_chunks, read_jsonl, write_jsonl
 
 CHUNK = 256 * 1024
 MAX_GAP = 1000  # an id scan stops after this many consecutive ids without a label
@@ -402,23 +401,7 @@ def write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
     manifest, and a file the manifest does not list is decoded again before it is trusted. A full
     disk (or a read-only one) is a BincountError: the run stops, and a rerun resumes.
     """
-    digest, tmp = hashlib.sha256(), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                digest.update(chunk)
-                fh.write(chunk)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        error = disk_error(path, exc)
-        if error is exc:
-            raise
-        raise error from None
-    return digest.hexdigest()
+    return atomic_write_chunks(path, chunks, fsync=False)
 
 
 def _is_boto_error(exc: BaseException) -> bool:
