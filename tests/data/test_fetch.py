@@ -272,8 +272,12 @@ def test_an_image_whose_header_claims_absurd_dimensions_is_refused(make_settings
     client = s3(s3_server)
     client.put_object(Bucket="abid-test", Key="metadata/00301.json", Body=b'{"EXPECTED_QUANTITY": 1}')
     client.put_object(Bucket="abid-test", Key="bin-images/00301.jpg", Body=bytes(data))
-    settings = make_settings(data__ids="1,301")
-    result = fetch(settings)
+    try:
+        settings = make_settings(data__ids="1,301")
+        result = fetch(settings)
+    finally:  # the bucket is shared by the session: leave it as the other tests (index: 127 bins) expect it
+        client.delete_objects(Bucket="abid-test", Delete={"Objects": [{"Key": "metadata/00301.json"},
+                                                                     {"Key": "bin-images/00301.jpg"}]})
     assert result.items == 1 and reasons(settings.workdir) == {"00301": "bad_image"}
     detail = read_jsonl(settings.workdir / "reports" / "fetch-rejects.jsonl")[0]["detail"]
     assert "12000x12000" in detail and "pixel limit" in detail, detail
