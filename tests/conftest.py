@@ -85,19 +85,12 @@ def one_line_error():
 
 
 @pytest.fixture
-def sagemaker_requests(monkeypatch):
-    """moto's SageMaker and S3 in-process with the bucket `bincount-test`; yields the list of (operation,
-    params) of every SageMaker request the CLI sends (what reaches the API, after the SDK built it)."""
+def captured_sagemaker_requests(monkeypatch) -> list[tuple[str, dict]]:
+    """A list that fills with (operation, params) of every SageMaker request the SDK sessions send."""
     import json
 
     from bincount.backends import sm_estimator
 
-    sm_estimator.load_sdk()
-    import boto3
-    import sagemaker.telemetry.telemetry_logging as telemetry
-    from moto import mock_aws
-
-    monkeypatch.setattr(telemetry, "_requests_helper", lambda url, timeout: None)  # never leave the machine
     requests: list[tuple[str, dict]] = []
     real_session = sm_estimator.session
 
@@ -111,6 +104,21 @@ def sagemaker_requests(monkeypatch):
         return session
 
     monkeypatch.setattr(sm_estimator, "session", capturing_session)
+    return requests
+
+
+@pytest.fixture
+def sagemaker_requests(monkeypatch, captured_sagemaker_requests):
+    """moto's SageMaker and S3 in-process with the bucket `bincount-test`; yields the list of (operation,
+    params) of every SageMaker request the CLI sends (what reaches the API, after the SDK built it)."""
+    from bincount.backends import sm_estimator
+
+    sm_estimator.load_sdk()
+    import boto3
+    import sagemaker.telemetry.telemetry_logging as telemetry
+    from moto import mock_aws
+
+    monkeypatch.setattr(telemetry, "_requests_helper", lambda url, timeout: None)  # never leave the machine
     with mock_aws():
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="bincount-test")
-        yield requests
+        yield captured_sagemaker_requests

@@ -44,7 +44,7 @@ class _FastTime:
 
 
 @pytest.fixture
-def sm(monkeypatch):
+def sm(monkeypatch, captured_sagemaker_requests):
     """moto's SageMaker/S3 (in-process), a bucket, captured SageMaker requests, no way out to the network."""
     from bincount.backends import sm_estimator
 
@@ -99,19 +99,7 @@ def sm(monkeypatch):
 
     monkeypatch.setattr(sm_models.HyperParameterTuningJob, "__init__", tuning_init)
 
-    requests: list[tuple[str, dict]] = []
-    real_session = sm_estimator.session
-
-    def capturing_session(settings):
-        session = real_session(settings)
-
-        def capture(params, model, **_):
-            requests.append((model.name, json.loads(json.dumps(params, default=str))))
-
-        session.sagemaker_client.meta.events.register("provide-client-params.sagemaker", capture)
-        return session
-
-    monkeypatch.setattr(sm_estimator, "session", capturing_session)
+    requests = captured_sagemaker_requests
 
     with mock_aws():
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
