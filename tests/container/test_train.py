@@ -387,3 +387,34 @@ def test_imagenet_weights_from_the_torch_hub_cache_are_recorded(tmp_path, monkey
     pretrained, record = train.resolve_weights(args)
     assert pretrained == str(cached) and record["kind"] == "imagenet" and record["from"] == f"torch hub cache {cached}"
     net.build_model("mobilenet_v3_small", 6, "imagenet")  # loads the cached file, offline
+
+
+@pytest.mark.parametrize("bf16", ["1", "0"], ids=["bfloat16-autocast", "float32"])
+def test_the_debugger_hook_saves_activations_under_either_cpu_precision(channels, tmp_path, bf16):
+    """SageMaker's hook config with PoorWeightInitialization's relu_input collection, on both sides of the CPU
+    check: with bfloat16 autocast the saved activations are bfloat16, which NumPy cannot hold (every job on a
+    CPU with native bfloat16 failed at its first step with "Got unsupported ScalarType BFloat16")."""
+    from bincount.backends.sm_estimator import activation_inputs_regex
+
+    tensors = tmp_path / "tensors"
+    config = tmp_path / "debughookconfig.json"
+    config.write_text(json.dumps({"LocalPath": str(tensors), "HookParameters": {"save_interval": "1"},
+                                  "CollectionConfigurations": [
+                                      {"CollectionName": "relu_input", "CollectionParameters": {
+                                          "include_regex": activation_inputs_regex("mobilenet_v3_small"),
+                                          "save_interval": "1"}},
+                                      {"CollectionName": "losses", "CollectionParameters": {"save_interval": "1"}}]}))
+    res = run_train(channels, tmp_path / "run", "--epochs", "1", "--amp", "true", timeout=180,
+                    env={"TRAIN_CPU_BF16": bf16, "SMDEBUG_CONFIG_FILE_PATH": str(config)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "smdebug hook disabled" not in res.stderr and "Traceback" not in res.stderr
+    meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    assert meta["train_precision"] == ("bfloat16" if bf16 == "1" else "float32")
+
+    from smdebug.trials import create_trial
+
+    trial = create_trial(str(tensors))
+    names = trial.tensor_names(collection="relu_input")
+    assert names, "no activation inputs saved"
+    value = trial.tensor(names[0]).value(trial.steps()[0])
+    assert value.dtype.name == "float32" and value.size > 0

@@ -518,7 +518,12 @@ def shard(n: int, dist: Dist, generator: torch.Generator | None) -> list[int]:
 
 
 def cpu_bf16() -> bool:
-    """Does this CPU run bfloat16 natively (AVX512-BF16 / AMX)? Emulated bfloat16 would be slower than float32."""
+    """Does this CPU run bfloat16 natively (AVX512-BF16 / AMX)? Emulated bfloat16 would be slower than float32.
+
+    $TRAIN_CPU_BF16=1 or 0 forces the answer, so tests run both sides of it on any CPU."""
+    forced = os.environ.get("TRAIN_CPU_BF16", "")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
