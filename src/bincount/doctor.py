@@ -56,20 +56,6 @@ def _reason(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _region_source(settings: Settings) -> str:
-    if settings.sagemaker.region:
-        return "sagemaker.region"
-    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-        if os.environ.get(name):
-            return name
-    import boto3
-
-    try:
-        return "the profile" if boto3.session.Session().region_name else "the default"
-    except Exception:  # noqa: BLE001 - only a label
-        return "the default"
-
-
 def _trusts_sagemaker(policy: Any) -> bool:
     """Whether a trust policy lets sagemaker.amazonaws.com call sts:AssumeRole."""
     if isinstance(policy, str):
@@ -109,8 +95,10 @@ class _Doctor:
         self.checks.append(Check(check=check, status=status, detail=detail))
 
     def client(self, service: str) -> Any:
-        from bincount.aws import client
+        from bincount.aws import client, s3_client
 
+        if service == "s3":  # the work bucket's client
+            return s3_client(self.settings, max_attempts=2)
         return client(service, region=self.region, max_attempts=2)
 
     def credentials(self) -> None:
@@ -126,18 +114,16 @@ class _Doctor:
         self.add("credentials", "ok", f"account {who['Account']} as {who['Arn']}")
 
     def regions(self) -> None:
-        from bincount.backends.sm_estimator import region
+        from bincount.aws import job_region, region_source, resolve_region
         from bincount.errors import BincountError
 
         try:
-            self.region = region(self.settings)
+            self.region = job_region(self.settings)
         except BincountError as exc:
-            from bincount.aws import resolve_region
-
             self.region = resolve_region(self.settings.sagemaker.region)
             self.add("region", "fail", str(exc))
             return
-        self.add("region", "ok", f"{self.region} (from {_region_source(self.settings)}) for jobs, endpoints and the bucket")
+        self.add("region", "ok", f"{self.region} (from {region_source(self.settings.sagemaker.region)}) for jobs, endpoints and the bucket")
 
     def role(self) -> None:
         arn = self.settings.sagemaker.role
@@ -165,7 +151,7 @@ class _Doctor:
             self.add("role", "ok", f"{name} exists and SageMaker may assume it")
 
     def bucket(self) -> None:
-        from bincount.backends.sm_estimator import bucket_region
+        from bincount.aws import bucket_region
 
         bucket = self.settings.s3.bucket
         if not bucket:
