@@ -310,7 +310,8 @@ def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *
                 fh.write(json.dumps(row) + "\n")
                 bar.advance(task)
     return report(read_records(results), out, source=record.source,
-                  target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top)
+                  target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top,
+                  total=record.bins)
 
 
 # -- the stage ------------------------------------------------------------------------------------
