@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bincount.config import DeploySettings, Settings
+from bincount.endpoint_client import ping
 from bincount.errors import BincountError
 from bincount.handlers import Handlers, client_status, resolve_model
 from bincount.results import Result
@@ -204,16 +205,6 @@ def gunicorn_options(deploy: DeploySettings, sock: socket.socket) -> dict:
 
 
 # -- clients: health check, and a server in a child process for tests and benchmarks --------
-def ping(url: str, timeout: float = 2.0) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/ping", timeout=timeout) as resp:
-            return resp.status == 200
-    except Exception:  # noqa: BLE001 - any failure means not ready
-        return False
-
-
 class Server:
     """`bincount serve` in a child process (tests, benchmarks): `.url`, `.pid`, `.stop()`."""
 
