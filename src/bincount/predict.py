@@ -136,21 +136,13 @@ class S3Reader:
         self._lock = threading.Lock()
 
     def client(self, bucket: str) -> Any:
-        from bincount.aws import client, parse_s3_uri
+        from bincount.aws import is_source_bucket, s3_client
 
-        data = self.settings.data
-        public = data.source.startswith("s3://") and parse_s3_uri(data.source)[0] == bucket
-        key = "data" if public else "s3"
+        key = "data" if is_source_bucket(self.settings, bucket) else "s3"
         with self._lock:
             if key not in self._clients:
                 pool = max(10, self.settings.deploy.workers)
-                if public:
-                    self._clients[key] = client("s3", region=data.region, endpoint_url=data.endpoint_url,
-                                                unsigned=data.unsigned, max_pool_connections=pool, max_attempts=4)
-                else:
-                    s3 = self.settings.s3
-                    self._clients[key] = client("s3", region=s3.region or self.settings.sagemaker.region, endpoint_url=s3.endpoint_url,
-                                                max_pool_connections=pool, max_attempts=4)
+                self._clients[key] = s3_client(self.settings, bucket, max_pool_connections=pool, max_attempts=4)
             return self._clients[key]
 
     def sources(self, uri: str) -> list[Source]:
