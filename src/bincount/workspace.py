@@ -118,6 +118,12 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True)
     return digest.hexdigest()
 
 
+def file_sha256(path: Path | str) -> str:
+    """The sha256 hex digest of a file's bytes (the one file digest: hashlib.file_digest)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync it, and rename it into place."""
     atomic_write_chunks(path, [data])
