@@ -182,7 +182,7 @@ def _trained_model(training: Training | None, option: str) -> str:
 
 
 def _download(settings: Settings, uri: str, dest: Path) -> Path:
-    from bincount.aws import client, parse_s3_uri
+    from bincount.aws import parse_s3_uri, s3_client
 
     bucket, key = parse_s3_uri(uri)
     if dest.exists():
@@ -190,7 +190,7 @@ def _download(settings: Settings, uri: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
     try:
-        client("s3", region=settings.s3.region or settings.sagemaker.region, endpoint_url=settings.s3.endpoint_url).download_file(bucket, key, str(tmp))
+        s3_client(settings, bucket).download_file(bucket, key, str(tmp))
     except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
         tmp.unlink(missing_ok=True)
         raise BincountError(f"cannot download {uri}: {exc}") from None

@@ -534,13 +534,16 @@ def csv_line(row: dict[str, Any]) -> str:
 
 
 def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target: str, threshold: float, top: int,
-           resumed: int = 0, seconds: float | None = None) -> AuditResult:
-    """Rank the result records into the CSV (written atomically) and summarise them; memory stays flat."""
+           resumed: int = 0, seconds: float | None = None, total: int | None = None) -> AuditResult:
+    """Rank the result records into the CSV (written atomically) and summarise them; memory stays flat.
+    With `total`, the records must hold exactly bins 0..total-1, once each, or no report is written."""
     counts = {"bins": 0, "scored": 0, "agree": 0, "trusted": 0, "trusted_agree": 0,
               "investigate": 0, "recount": 0, "errors": 0}
+    seen: set[int] = set()
 
     def rows() -> Iterator[dict[str, Any]]:
         for record in records:
+            seen.add(record.get("n", -1))
             row = row_of(record, threshold)
             counts["bins"] += 1
             if row["action"] == "error":
@@ -560,6 +563,9 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
     head: list[AuditRow] = []
     with tempfile.TemporaryDirectory(prefix=".audit-sort-", dir=out.parent) as tmp:
         runs = _sorted_runs(rows(), Path(tmp))
+        if total is not None and (counts["bins"] != total or len(seen) != total or not seen <= set(range(total))):
+            raise BincountError(f"the audit results cover {len(seen & set(range(total)))} of {total} bins "
+                                f"({counts['bins']} results): not writing {out}; run the audit again to score the rest")
         fd, part = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "w") as fh:
@@ -640,6 +646,6 @@ def audit_local(settings: Settings, source: str | Path | None, *, threshold: flo
     finally:
         target.close()
     result = report(read_records(partial), out, source=inputs.name, target=target.name, threshold=threshold, top=top,
-                    resumed=len(done), seconds=round(time.perf_counter() - started, 3))
+                    resumed=len(done), seconds=round(time.perf_counter() - started, 3), total=inputs.total)
     partial.unlink(missing_ok=True)
     return result

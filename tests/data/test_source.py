@@ -74,7 +74,7 @@ def test_data_retries_is_the_total_number_of_attempts_per_object(make_settings, 
 def test_a_body_that_breaks_off_is_read_again_within_the_same_budget(make_settings, inject, synth_source):
     plan, attempts = inject
     settings = make_settings(data__retries=3)
-    source = open_source(settings.data)
+    source = open_source(settings)
     key = "bin-images/00004.jpg"
     plan[key] = ["503", "short", "real"]  # a botocore retry, then a body re-read: 3 attempts in all
     assert source.read(key, b"".join) == (synth_source / key).read_bytes() and attempts[key] == 3
@@ -93,7 +93,7 @@ def test_a_body_that_breaks_off_is_read_again_within_the_same_budget(make_settin
 
 
 def test_listing_and_reading_are_the_same_for_a_folder_and_a_bucket(make_settings, synth_source):
-    bucket = open_source(make_settings().data)
+    bucket = open_source(make_settings())
     folder = LocalSource(str(synth_source))
     for part in ("000", "001", "0011"):  # the bucket holds odd items 002xx beside the folder's
         in_bucket, calls = bucket.list("bin-images", part)

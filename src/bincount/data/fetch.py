@@ -359,7 +359,7 @@ def fetch(settings: Settings) -> FetchResult:
         candidates, hints, known = _index_candidates(index, data, counts)
     else:
         (candidates, hints), known = _candidates(data), None
-    source = open_source(data)
+    source = open_source(settings)
     if clean_parts(ws.raw):
         log("removed temp files left by an interrupted run")
     previous: dict[str, dict] = {}

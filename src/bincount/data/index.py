@@ -196,7 +196,7 @@ def index(settings: Settings) -> IndexResult:
     data = settings.data
     path = index_path(settings.workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    source = open_source(data)
+    source = open_source(settings)
     source_uri = data.source.rstrip("/")
     idx = Index(path)
     try:

@@ -1,14 +1,14 @@
 """Where bin images and labels come from: a local folder or an S3 bucket in the ABID layout
 (bin-images/<id>.jpg, metadata/<id>.json), shared by fetch, index, shard, audit and predict.
 
-- `open_source(data)`: S3Source for s3://bucket[/prefix] (anonymous unless data.unsigned is false),
+- `open_source(settings)`: S3Source for s3://bucket[/prefix] (anonymous unless data.unsigned is false),
   LocalSource for a folder. Both list keys with their sizes (`list`) and read an object (`read`).
 - Retries are botocore's own (its retry config: backoff on throttling, 5xx and connection errors),
   with data.retries as the total number of attempts for one object: botocore's attempts and any
   re-read of a body that broke off while streaming (which botocore cannot retry) share that budget.
 - `bounded_map`: the thread (or process) pool helper that keeps a bounded number of tasks in flight.
-- `BucketClients`: the S3 client for any s3:// URI (the data source's bucket with the data settings,
-  any other bucket with the s3 settings), for audit and predict.
+- `BucketClients`: S3 reads of any s3:// URI (the data source's bucket with the data settings, any
+  other bucket with the s3 settings: aws.s3_client), for audit and predict.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bincount.aws import error_code, error_message
-from bincount.config import DataSettings, Settings
+from bincount.config import Settings
 from bincount.data import manifest as mf
 from bincount.errors import BincountError
 
@@ -69,16 +69,17 @@ def aws_message(exc: BaseException) -> str:
 class S3Source:
     """s3://bucket[/prefix] in the ABID layout, anonymous unless data.unsigned is false."""
 
-    def __init__(self, uri: str, data: DataSettings):
-        from bincount.aws import client, parse_s3_uri
+    def __init__(self, settings: Settings):
+        from bincount.aws import parse_s3_uri, s3_client
 
-        self.uri = uri.rstrip("/")
-        self.bucket, self.prefix = parse_s3_uri(uri)
+        data = settings.data
+        self.uri = data.source.rstrip("/")
+        self.bucket, self.prefix = parse_s3_uri(data.source)
         self.endpoint = data.endpoint_url or "AWS S3"
         self.attempts = data.retries
-        self.client = client("s3", region=data.region, endpoint_url=data.endpoint_url, unsigned=data.unsigned,
-                             max_pool_connections=data.workers, max_attempts=data.retries - 1,
-                             connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout)
+        # botocore's max_attempts counts the retries after the first attempt: data.retries attempts in all
+        self.client = s3_client(settings, source=True, max_pool_connections=data.workers, max_attempts=data.retries - 1,
+                                connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout)
         # An endpoint that accepts connections and never answers would otherwise cost retries x timeout per
         # request: once it has been silent for `stall_s`, the next timeout stops the run.
         self.stall_s, self.last_answer = 3 * data.timeout, time.monotonic()
@@ -199,8 +200,9 @@ class LocalSource:
 Source = S3Source | LocalSource
 
 
-def open_source(data: DataSettings) -> Source:
-    return S3Source(data.source, data) if data.source.startswith("s3://") else LocalSource(data.source)
+def open_source(settings: Settings) -> Source:
+    """The source data.source names: an s3:// bucket (the data settings) or a local folder."""
+    return S3Source(settings) if settings.data.source.startswith("s3://") else LocalSource(settings.data.source)
 
 
 def read_label(source: Source, ident: str) -> bytes | None:
@@ -249,32 +251,16 @@ def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, st
 
 # -- any s3:// URI (audit, predict) ----------------------------------------------------------------
 class BucketClients:
-    """Thread-safe S3 clients per bucket: the data source's bucket (e.g. the public ABID bucket) with
-    the data settings (data.endpoint_url, data.region, data.unsigned), any other bucket with the s3
-    settings (your credentials, s3.endpoint_url, s3.region)."""
+    """S3 reads of any s3:// URI, each bucket with its own settings (aws.s3_client: the data source's
+    bucket with the data settings, any other bucket with the s3 settings); thread-safe."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
-        self._clients: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        from bincount.aws import Aws
+
+        self.aws, self.pool = Aws(settings), max(10, settings.deploy.workers)
 
     def client(self, bucket: str) -> Any:
-        from bincount.aws import client, parse_s3_uri
-
-        data = self.settings.data
-        public = data.source.startswith("s3://") and parse_s3_uri(data.source)[0] == bucket
-        key = "data" if public else "s3"
-        with self._lock:
-            if key not in self._clients:
-                pool = max(10, self.settings.deploy.workers)
-                if public:
-                    self._clients[key] = client("s3", region=data.region, endpoint_url=data.endpoint_url,
-                                                unsigned=data.unsigned, max_pool_connections=pool, max_attempts=4)
-                else:
-                    s3 = self.settings.s3
-                    self._clients[key] = client("s3", region=s3.region or self.settings.sagemaker.region,
-                                                endpoint_url=s3.endpoint_url, max_pool_connections=pool, max_attempts=4)
-            return self._clients[key]
+        return self.aws.s3(bucket, max_pool_connections=self.pool, max_attempts=4)
 
     def list(self, bucket: str, prefix: str, suffixes: tuple[str, ...]) -> Iterator[dict]:
         """The objects (Key, Size, ETag, ...) under prefix/ whose key ends with one of `suffixes`."""

@@ -111,7 +111,7 @@ def upload(settings: Settings) -> UploadResult:
     """Upload images and split manifests to s3://<bucket>/<prefix>/{train,val,test}/."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from bincount.aws import client as make_client
+    from bincount.aws import s3_client
 
     s3 = settings.s3
     if not s3.bucket:
@@ -125,7 +125,7 @@ def upload(settings: Settings) -> UploadResult:
     splits = list(shard_folders) if shard_folders else list(SPLITS)
     channel_base = f"{base}shards/" if shard_folders else base
     jobs, items = _shard_jobs(shard_folders, base) if shard_folders else _jobs(ws, base)
-    client = make_client("s3", region=s3.region or settings.sagemaker.region, endpoint_url=s3.endpoint_url, max_pool_connections=s3.workers)
+    client = s3_client(settings, max_pool_connections=s3.workers)
 
     existing: dict[str, int] = {}
     try:
