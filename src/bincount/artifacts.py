@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from bincount.errors import BincountError
 from bincount.state import LocalTraining, Training
+from bincount.workspace import file_sha256
 
 if TYPE_CHECKING:
     from bincount.config import Settings
@@ -150,14 +151,6 @@ def check_code(model_dir: Path, trust: bool = False) -> Path:
     return model_dir
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_dir_from(path: Path, cache: Path) -> Path:
     """A model dir from a model dir itself, or a model.tar.gz unpacked safely once into cache/<sha256 prefix>/."""
     path = Path(path).expanduser()
@@ -167,7 +160,7 @@ def model_dir_from(path: Path, cache: Path) -> Path:
         return path.resolve()
     if not path.is_file():
         raise BincountError(f"model {path} not found: pass a model dir, a model.tar.gz or an s3:// URI")
-    dest = Path(cache) / _file_digest(path)[:16]
+    dest = Path(cache) / file_sha256(path)[:16]
     if not (dest / "meta.json").is_file():
         extract_model(path, dest)
     return dest.resolve()

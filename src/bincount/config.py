@@ -114,7 +114,8 @@ class DataSettings(Section):
     id_file: Path | None = Field(None, description="plain ids (one a line) or the capstone JSON {\"1\": [\"data/metadata/100313.json\", ...]}")
     balanced: bool = Field(False, description="equal numbers per count (labels are read first, then images fetched)")
     workers: int = Field(32, ge=1, le=512, description="concurrent requests: sized for network latency, not CPU")
-    retries: int = Field(8, ge=1, le=50, description="attempts per request, with backoff on throttling/connection errors")
+    retries: int = Field(8, ge=1, le=50, description="attempts per object in all (botocore's retries with backoff on throttling "
+                         "and connection errors, and a re-read of a body that broke off)")
     seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")
     index: bool | None = Field(None, description="select from <workdir>/index.sqlite (`bincount index`): true = required, "
                                "false = never, null = when it is complete and was built from data.source")
