@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.audit import AuditResult, Bin, Inputs, Reader, bounded_map, chunks, read_records, report
+from bincount.audit import AuditResult, Bin, Inputs, Reader, chunks, read_records, report
 from bincount.backends import sm_estimator as sme
 from bincount.config import Settings
 from bincount.console import log
@@ -298,14 +298,13 @@ def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *
         for line in read_records(Path(record.bins_file)):
             yield Bin(line["n"], line["id"], line["image"], line["path"], line["expected"], line.get("label"))
 
-    from concurrent.futures import ThreadPoolExecutor
-
     from bincount.console import progress
+    from bincount.data.source import bounded_map
 
     results = Path(record.bins_file).with_name("results.jsonl")
-    with progress(transient=True) as bar, ThreadPoolExecutor(JOIN_WORKERS) as pool, results.open("w") as fh:
+    with progress(transient=True) as bar, results.open("w") as fh:
         task = bar.add_task("join outputs", total=record.bins)
-        for rows in bounded_map(lambda c: pool.submit(score, c), chunks(bins(), 16), 2 * JOIN_WORKERS):
+        for _, rows in bounded_map(score, chunks(bins(), 16), JOIN_WORKERS):
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
                 bar.advance(task)
