@@ -184,7 +184,9 @@ class S3Settings(Section):
 def resolve_pretrained(value: str) -> str:
     """The one place that reads train.pretrained: imagenet | none | s3://bucket/key.pth | a local file.
 
-    A local file becomes an absolute path here, once (train.py runs in its run dir), and must exist.
+    A local file becomes an absolute path here, once (train.py runs in its run dir). Whether it exists is
+    checked where it is used (TrainSettings.weights_file), so a command that does not train (status,
+    config) works from any directory.
     """
     value = str(value).strip()
     if value in PRETRAINED_NAMES:
@@ -196,10 +198,7 @@ def resolve_pretrained(value: str) -> str:
         if not bucket or not key:
             raise ValueError(f"{value} is not an s3://bucket/key URI")
         return value
-    path = Path(value).expanduser().resolve()
-    if not path.is_file():
-        raise ValueError(f"weights file {path} not found")
-    return str(path)
+    return str(Path(value).expanduser().resolve())
 
 
 class ShardSettings(Section):
@@ -256,10 +255,14 @@ class TrainSettings(Section):
 
     @property
     def weights_file(self) -> Path | None:
-        """train.pretrained as an absolute path when it names a local weights file; None for imagenet, none or s3://."""
+        """train.pretrained as an absolute path when it names a local weights file (which must exist: a
+        one-line error here, where it is used); None for imagenet, none or s3://."""
         if self.pretrained in PRETRAINED_NAMES or self.pretrained.startswith("s3://"):
             return None
-        return Path(self.pretrained)  # resolve_pretrained made it absolute
+        path = Path(self.pretrained)  # resolve_pretrained made it absolute
+        if not path.is_file():
+            raise BincountError(f"train.pretrained: weights file {path} not found")
+        return path
 
     def hyperparameters(self, max_count: int) -> dict[str, Any]:
         """The arguments train.py takes, as SageMaker passes them (a weights file as an absolute path:
