@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bincount.config import load_settings, parse_int_set
+from bincount.config import load_settings
 from bincount.errors import BincountError
 
 
@@ -96,13 +96,6 @@ def test_a_weights_file_reaches_train_py_as_an_absolute_path(tmp_path, monkeypat
         assert TrainSettings(pretrained=name).hyperparameters(5)["pretrained"] == name
 
 
-def test_parse_int_set():
-    assert parse_int_set("0-2,5") == [0, 1, 2, 5]
-    assert parse_int_set("3") == [3]
-    with pytest.raises(ValueError):
-        parse_int_set("5-1")
-
-
 def test_counts_beyond_max_count():
     s = load_settings(overrides={"data.counts": "1-7"}, environ={})
     with pytest.raises(BincountError, match="max_count"):
@@ -192,7 +185,7 @@ def test_endpoint_urls_must_be_urls():
 def test_huge_id_ranges_are_not_materialised():
     import time
 
-    from bincount.config import IntRanges
+    from bincount.ranges import IntRanges
 
     started = time.perf_counter()
     settings = load_settings(overrides={"data.ids": "1-100000000,5,200000000-200000001"}, environ={})
