@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from bincount.errors import BincountError
 from bincount.state import LocalTraining, Training
-from bincount.workspace import file_sha256
+from bincount.workspace import file_sha256, new_dir_mode, temp_beside
 
 if TYPE_CHECKING:
     from bincount.config import Settings
@@ -56,7 +56,7 @@ def package_model(model_dir: Path, out_tar: Path) -> Path:
         if not (model_dir / name).is_file():
             raise BincountError(f"{model_dir} has no {name}: not a trained model dir")
     out_tar.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_tar.parent, prefix=f".{out_tar.name}.", suffix=".part")
+    fd, tmp = temp_beside(out_tar)
     os.close(fd)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
@@ -113,6 +113,7 @@ def extract_model(tar_path: Path, dest: Path) -> Path:
                 raise BincountError(f"{tar_path}: not a bincount model archive (missing {', '.join(missing)})")
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+            tmp.chmod(new_dir_mode())  # mkdtemp makes it 0700 whatever the umask
             try:
                 tar.extractall(tmp, members=members, filter="data")
                 if dest.exists():

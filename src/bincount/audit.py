@@ -35,7 +35,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
-from bincount.workspace import Workspace
+from bincount.workspace import Workspace, temp_beside
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
 COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
@@ -566,7 +566,7 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
         if total is not None and (counts["bins"] != total or len(seen) != total or not seen <= set(range(total))):
             raise BincountError(f"the audit results cover {len(seen & set(range(total)))} of {total} bins "
                                 f"({counts['bins']} results): not writing {out}; run the audit again to score the rest")
-        fd, part = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        fd, part = temp_beside(out)
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(",".join(COLUMNS) + "\n")

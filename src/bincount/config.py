@@ -481,10 +481,14 @@ def find_config(config: Path | None, environ: dict[str, str], workdir: Any = Non
         if not path.is_file():
             raise BincountError(f"{CONFIG_ENV}={path}: config file not found")
         return path
-    for folder in (Path.cwd(), Path(workdir or Settings.model_fields["workdir"].default)):
-        if (folder / CONFIG_NAME).is_file():
-            return folder / CONFIG_NAME
-    return None
+    found = [folder / CONFIG_NAME for folder in (Path.cwd(), Path(workdir or Settings.model_fields["workdir"].default))
+             if (folder / CONFIG_NAME).is_file()]
+    if len(found) == 2 and not found[0].samefile(found[1]):
+        from bincount.console import log
+
+        log(f"note: reading settings from ./{CONFIG_NAME}; {found[1]} is not read (./{CONFIG_NAME} comes first; "
+            "--config FILE picks one)")
+    return found[0] if found else None
 
 
 class ConfigResult(Result):
@@ -494,9 +498,13 @@ class ConfigResult(Result):
     settings: dict[str, Any]
 
     def rich(self) -> Any:
+        from rich.console import Group
         from rich.syntax import Syntax
+        from rich.text import Text
 
-        return Syntax(yaml.safe_dump(self.settings, sort_keys=False), "yaml")
+        source = (f"# read from {self.config_file}" if self.config_file else
+                  "# no config file: defaults, BINCOUNT_* variables and flags only")
+        return Group(Text(source, style="dim"), Syntax(yaml.safe_dump(self.settings, sort_keys=False), "yaml"))
 
 
 def show(settings: Settings, config_file: Path | None = None) -> ConfigResult:
