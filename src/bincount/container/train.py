@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 try:
-    from . import epochlog, hparams, net
+    from . import epochlog, hparams, net, shards
     from .batches import channel_batches, manifest_digest
     from .checkpoints import CHECKPOINT, CheckpointWriter, checkpoint_dir, fingerprint, load_checkpoint, usable_dir
     from .debughook import make_hook, set_mode
@@ -79,6 +79,7 @@ except ImportError:  # run as a script: this folder is on sys.path
     import epochlog
     import hparams
     import net
+    import shards
     from batches import channel_batches, manifest_digest
     from checkpoints import CHECKPOINT, CheckpointWriter, checkpoint_dir, fingerprint, load_checkpoint, usable_dir
     from debughook import make_hook, set_mode
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
         return 0
-    except (UsageError, net.WeightsUnavailable) as exc:
+    except (UsageError, net.WeightsUnavailable, shards.ShardError) as exc:  # ShardError: a hostile shard, mid-pass
         message = f"error: {exc}"
         print(message, file=sys.stderr, flush=True)
         failure_dir = os.environ.get("SM_OUTPUT_DIR")
