@@ -2,8 +2,8 @@
 reference and configs/default.yaml (from the settings' own descriptions), and docs/schemas/ (the JSON
 Schema of every result `--json` prints).
 
-`make docs` (python -m bincount.docs) rewrites the marked blocks of README.md and configs/default.yaml;
-tests fail when they disagree with the code.
+`make docs` (python -m bincount.docs) rewrites the marked blocks of README.md and docs/*.md (the references
+live in docs/reference.md) and configs/default.yaml; tests fail when they disagree with the code.
 """
 
 from __future__ import annotations
@@ -132,9 +132,17 @@ def render_readme(text: str) -> str:
     return text
 
 
+def documents(root: Path) -> list[Path]:
+    """The markdown files whose generated blocks `make docs` renders: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
 def main(root: Path) -> None:
-    readme = root / "README.md"
-    readme.write_text(render_readme(readme.read_text()))
+    for document in documents(root):
+        text = document.read_text()
+        rendered = render_readme(text)
+        if rendered != text:
+            document.write_text(rendered)
     (root / "configs" / "default.yaml").write_text(default_yaml())
     schemas = root / "docs" / "schemas"
     schemas.mkdir(parents=True, exist_ok=True)

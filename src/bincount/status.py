@@ -133,10 +133,10 @@ class _Live:
         if isinstance(recorded, SageMakerTraining) and recorded.profiler_report:
             return recorded.profiler_report
         try:
-            from bincount.aws import client
-            from bincount.backends.sm_estimator import download_profiler_report, region
+            from bincount.aws import s3_client
+            from bincount.backends.sm_estimator import download_profiler_report
 
-            s3 = client("s3", region=region(self.settings), max_attempts=2)
+            s3 = s3_client(self.settings, max_attempts=2)
             report = download_profiler_report(self.settings, s3, desc)
         except Exception as exc:  # noqa: BLE001 - status must show what it can
             return f"unknown ({error_message(exc) or type(exc).__name__})"

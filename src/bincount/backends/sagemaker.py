@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bincount.aws import error_code, error_message
+from bincount.aws import error_code, error_message, s3_client
 from bincount.backends import sm_estimator as sme
 from bincount.backends.tuning import TUNED, TuneResult, best_train_settings, coerce_hyperparameters, record
 from bincount.config import Settings
@@ -103,7 +103,7 @@ def train(settings: Settings) -> TrainJobResult:
         job = name_from_base(settings.sagemaker.base_job_name)
         inputs, hp = sme.job_inputs(settings, sm_session, _train_hyperparameters(settings))
         est = sme.estimator(settings, sm_session, hp, job)
-        sme.check_bucket_region(settings, sm_session.boto_session.client("s3"))
+        sme.check_bucket_region(settings, s3_client(settings))
         est.fit(inputs=inputs, job_name=job, wait=False, logs="None")
         ws.update_state(training=SageMakerTraining(job=job, status="InProgress"))
         log(f"training job [bold]{job}[/] started in {sm_session.boto_region_name}")
@@ -121,7 +121,7 @@ def train(settings: Settings) -> TrainJobResult:
         rules = sme.rule_statuses(description)
         for rule in rules:
             log(f"rule {rule['rule']}: {rule['status']} {rule['detail']}".rstrip())
-        report = sme.download_profiler_report(settings, sm_session.boto_session.client("s3"), description)
+        report = sme.download_profiler_report(settings, s3_client(settings), description)
         if report:
             log(f"profiler report: {report}")
         _record_training(ws, description, report)
@@ -209,7 +209,7 @@ def tune(settings: Settings) -> TuneResult:
         job = _tuning_job_name(settings.sagemaker.base_job_name)
         inputs, hp = sme.job_inputs(settings, sm_session, _train_hyperparameters(settings, epochs))
         est = sme.estimator(settings, sm_session, hp, job)
-        sme.check_bucket_region(settings, sm_session.boto_session.client("s3"))
+        sme.check_bucket_region(settings, s3_client(settings))
         warm = _warm_start(settings, sm_session.sagemaker_client)
         tuner = HyperparameterTuner(
             est,

@@ -59,17 +59,17 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
     from botocore.exceptions import ClientError
 
     from bincount.aws import client as aws_client
-    from bincount.aws import parse_s3_uri
+    from bincount.aws import job_region, parse_s3_uri, s3_client
     from bincount.backends.sagemaker import _job_status, _missing
     from bincount.console import confirm
 
-    region = sme.region(settings)
+    region = job_region(settings)
     bucket = sme.require_bucket(settings)
     base = settings.sagemaker.base_job_name
     ws = Workspace(settings.workdir)
     state = ws.state()
     sm = aws_client("sagemaker", region=region)
-    s3 = aws_client("s3", region=region)
+    s3 = s3_client(settings)
     with sme.aws_errors("sagemaker cleanup"):
         # -- what exists ----------------------------------------------------------------------------
         running = []

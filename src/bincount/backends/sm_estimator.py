@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bincount.aws import error_code, error_message
+from bincount.aws import bucket_region, error_code, error_message
+from bincount.aws import job_region as region
 from bincount.config import Settings
 from bincount.console import log
 from bincount.debugger import Finding
@@ -151,7 +152,7 @@ def upload_weights(settings: Settings, sm_session: Any, path: Path) -> str:
     """Upload a weights file once, to s3://<bucket>/<prefix>/weights/<name>-<sha256 prefix><ext>; its URI."""
     from botocore.exceptions import ClientError
 
-    from bincount.aws import parse_s3_uri
+    from bincount.aws import parse_s3_uri, s3_client
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -159,7 +160,7 @@ def upload_weights(settings: Settings, sm_session: Any, path: Path) -> str:
             digest.update(block)
     uri = s3_uri(settings, "weights", f"{path.stem}-{digest.hexdigest()[:16]}{path.suffix}")
     bucket, key = parse_s3_uri(uri)
-    s3 = sm_session.boto_session.client("s3")
+    s3 = s3_client(settings)
     try:
         if s3.head_object(Bucket=bucket, Key=key)["ContentLength"] == path.stat().st_size:
             return uri  # the name carries the digest: the same bytes are there already
@@ -237,44 +238,24 @@ def require_bucket(settings: Settings) -> str:
     return settings.s3.bucket
 
 
-def region(settings: Settings) -> str:
-    """The jobs' region (sagemaker.region, else AWS_REGION, AWS_DEFAULT_REGION, the profile's, us-east-1).
-
-    s3.region, where set, must be the same: a job reads its channels and writes its output in its own region.
-    """
-    from bincount.aws import resolve_region
-
-    job_region = resolve_region(settings.sagemaker.region)
-    if settings.s3.region and settings.s3.region != job_region:
-        raise BincountError(f"s3.region={settings.s3.region} but the SageMaker jobs run in {job_region}: "
-                            "the bucket must be in the jobs' region; set sagemaker.region and s3.region to one region")
-    return job_region
-
-
-def bucket_region(s3_client: Any, bucket: str) -> str:
-    """Where a bucket lives (GetBucketLocation answers None for us-east-1 and EU for the oldest eu-west-1)."""
-    location = s3_client.get_bucket_location(Bucket=bucket).get("LocationConstraint") or "us-east-1"
-    return {"EU": "eu-west-1"}.get(location, location)
-
-
-def check_bucket_region(settings: Settings, s3_client: Any) -> None:
+def check_bucket_region(settings: Settings, s3: Any) -> None:
     """Refuse a bucket outside the jobs' region before any job is created."""
     from botocore.exceptions import ClientError
 
     from bincount.console import log
 
-    job_region = region(settings)
+    jobs_in = region(settings)
     try:
-        found = bucket_region(s3_client, require_bucket(settings))
+        found = bucket_region(s3, require_bucket(settings))
     except ClientError as exc:
         if error_code(exc) not in ("AccessDenied", "403"):
             raise
         log(f"warning: cannot check the region of bucket {settings.s3.bucket} (no s3:GetBucketLocation); "
-            f"it must be {job_region}")
+            f"it must be {jobs_in}")
         return
-    if found != job_region:
-        raise BincountError(f"bucket {settings.s3.bucket} is in {found} but the SageMaker jobs run in {job_region}: "
-                            f"use a bucket in {job_region} or --set sagemaker.region={found}")
+    if found != jobs_in:
+        raise BincountError(f"bucket {settings.s3.bucket} is in {found} but the SageMaker jobs run in {jobs_in}: "
+                            f"use a bucket in {jobs_in} or --set sagemaker.region={found}")
 
 
 def s3_uri(settings: Settings, *parts: str) -> str:

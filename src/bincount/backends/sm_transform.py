@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.audit import AuditResult, Bin, Inputs, Reader, bounded_map, chunks, read_records, report
+from bincount.audit import AuditResult, Bin, Inputs, Reader, chunks, read_records, report
 from bincount.backends import sm_estimator as sme
 from bincount.config import Settings
 from bincount.console import log
@@ -72,19 +72,17 @@ def job_name(settings: Settings) -> str:
 
 
 def s3_client(settings: Settings) -> Any:
-    from bincount.aws import client
+    from bincount.aws import s3_client as make
 
-    return client("s3", region=settings.s3.region or sme.region(settings), endpoint_url=settings.s3.endpoint_url,
-                  max_pool_connections=JOIN_WORKERS)
+    return make(settings, max_pool_connections=JOIN_WORKERS)
 
 
 def _bucket_region(settings: Settings, bucket: str) -> str:
-    from bincount.aws import parse_s3_uri
+    from bincount.aws import is_source_bucket, job_region
 
-    data = settings.data
-    if data.source.startswith("s3://") and parse_s3_uri(data.source)[0] == bucket:
-        return data.region
-    return settings.s3.region or sme.region(settings)
+    if is_source_bucket(settings, bucket):
+        return settings.data.region
+    return settings.s3.region or job_region(settings)
 
 
 def common_prefix(prefix: str | None, key: str) -> str:
@@ -184,7 +182,7 @@ def model_ref(settings: Settings) -> str | None:
 
 def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
     """Write and upload the manifest, CreateModel if needed, CreateTransformJob; the transform record (in state.json)."""
-    from bincount.aws import parse_s3_uri
+    from bincount.aws import job_region, parse_s3_uri
 
     sme.load_sdk()
     ws = Workspace(settings.workdir)
@@ -192,11 +190,11 @@ def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
     folder = ws.reports / "transform" / job
     folder.mkdir(parents=True, exist_ok=True)
     bucket, prefix, count = write_selection(settings, inputs, folder)
-    region, job_region = _bucket_region(settings, bucket), sme.region(settings)
-    if region != job_region:
+    region, jobs_in = _bucket_region(settings, bucket), job_region(settings)
+    if region != jobs_in:
         raise BincountError(f"the bins are in s3://{bucket} ({region}) but transform jobs run in sagemaker.region "
-                            f"{job_region} and read S3 in their own region: use "
-                            f"--set sagemaker.region={region}, or copy the images to a bucket in {job_region}")
+                            f"{jobs_in} and read S3 in their own region: use "
+                            f"--set sagemaker.region={region}, or copy the images to a bucket in {jobs_in}")
     manifest_uri = sme.s3_uri(settings, "transform", "input", f"{job}.manifest")
     out_bucket, out_key = parse_s3_uri(manifest_uri)
     with sme.aws_errors("sagemaker audit"), sme.sdk_output():
@@ -223,10 +221,10 @@ def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
 
 # -- waiting and joining ---------------------------------------------------------------------------
 def describe(settings: Settings, job: str) -> dict[str, Any]:
-    from bincount.aws import client
+    from bincount.aws import client, job_region
 
     with sme.aws_errors(f"describe transform job {job}"):
-        return client("sagemaker", region=sme.region(settings), max_attempts=4).describe_transform_job(
+        return client("sagemaker", region=job_region(settings), max_attempts=4).describe_transform_job(
             TransformJobName=job)
 
 
@@ -300,19 +298,19 @@ def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *
         for line in read_records(Path(record.bins_file)):
             yield Bin(line["n"], line["id"], line["image"], line["path"], line["expected"], line.get("label"))
 
-    from concurrent.futures import ThreadPoolExecutor
-
     from bincount.console import progress
+    from bincount.data.source import bounded_map
 
     results = Path(record.bins_file).with_name("results.jsonl")
-    with progress(transient=True) as bar, ThreadPoolExecutor(JOIN_WORKERS) as pool, results.open("w") as fh:
+    with progress(transient=True) as bar, results.open("w") as fh:
         task = bar.add_task("join outputs", total=record.bins)
-        for rows in bounded_map(lambda c: pool.submit(score, c), chunks(bins(), 16), 2 * JOIN_WORKERS):
+        for _, rows in bounded_map(score, chunks(bins(), 16), JOIN_WORKERS):
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
                 bar.advance(task)
     return report(read_records(results), out, source=record.source,
-                  target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top)
+                  target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top,
+                  total=record.bins)
 
 
 # -- the stage ------------------------------------------------------------------------------------
