@@ -146,12 +146,12 @@ def test_a_non_finite_loss_is_one_line_from_the_local_backend(splits_workdir, tm
 
 
 @pytest.mark.slow
-def test_a_replan_after_the_first_epoch_resumes_the_run_with_the_new_epochs(synth_source, tmp_path):
+def test_a_replan_after_the_first_epoch_resumes_the_run_with_the_new_epochs(splits_workdir, tmp_path):
     """The demo sizes training to a budget: after epoch 1 the measured time may change the plan; the run stops
     there (its checkpoint written) and goes on to the new number of epochs, not from scratch."""
     from bincount.backends.local_train import train
 
-    work = make_workdir(synth_source, tmp_path / "work")
+    work = splits_workdir(tmp_path / "work")
     seen: list[float] = []
 
     def replan(first_epoch_s: float) -> int:
