@@ -26,9 +26,10 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from bincount.artifacts import resolve_model
 from bincount.config import DeploySettings, Settings
 from bincount.errors import BincountError
-from bincount.handlers import Handlers, client_status, resolve_model
+from bincount.handlers import Handlers, client_status
 from bincount.results import Result
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
@@ -243,7 +244,7 @@ def serve_forever(settings: Settings, model: Path | None = None) -> ServeResult:
     from bincount.console import log
 
     deploy = settings.deploy
-    model_dir = resolve_model(settings, model)
+    model_dir = resolve_model(settings, model or settings.deploy.model_data)  # else the last trained
     sock = listen(deploy.host, deploy.port, deploy.backlog)
     url = url_of(sock)
     # the decode budget of code/inference.py, read where it is imported (the worker)

@@ -17,7 +17,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.console import confirm
 from bincount.errors import BincountError
-from bincount.handlers import resolve_model
+from bincount.artifacts import resolve_model
 from bincount.results import Result, key_value_table
 from bincount.serve import ping, wait_ready
 from bincount.state import LocalEndpoint, SageMakerEndpoint
@@ -56,7 +56,7 @@ def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointRes
         stop(current.pid, settings.deploy.graceful_timeout_s)
         ws.update_state(endpoint=None)
 
-    model_dir = resolve_model(settings, option="--model")  # deploy.model_data, else the last trained
+    model_dir = resolve_model(settings, settings.deploy.model_data, option="--model")  # else the last trained
     log_path = ws.reports / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
