@@ -3,6 +3,8 @@
 
 - `open_source(settings)`: S3Source for s3://bucket[/prefix] (anonymous unless data.unsigned is false),
   LocalSource for a folder. Both list keys with their sizes (`list`) and read an object (`read`).
+  S3Source reads anonymously (data.unsigned, no proxy) with the lean client of data/s3get.py (GET and
+  LIST at a fifth of botocore's CPU, the same errors, retries and hooks), else with boto3.
 - Retries are botocore's own (its retry config: backoff on throttling, 5xx and connection errors),
   with data.retries as the total number of attempts for one object: botocore's attempts and any
   re-read of a body that broke off while streaming (which botocore cannot retry) share that budget.
