@@ -300,3 +300,34 @@ def test_report_refuses_duplicate_or_foreign_bins(tmp_path):
     assert not (tmp_path / "r.csv").exists()
     assert audit_mod.report(iter({**record, "n": n} for n in range(3)), tmp_path / "r.csv", source="x", target="t",
                             threshold=0.5, top=3, total=3).bins == 3
+
+
+def test_a_resumed_audit_scores_again_the_images_that_changed(work, random_model, monkeypatch):
+    """Saved results are keyed by the image's sha256 (issue 22.3): an image edited between the interrupted
+    run and the resumed one is scored again; the unchanged ones are kept."""
+    from PIL import Image
+
+    from bincount import audit as audit_mod
+    from bincount.config import load_settings
+
+    settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
+    scored: list[str] = []
+    real_score = audit_mod.ModelScorer.score
+
+    def score(self, bins):
+        if len(scored) == 3 and stop:
+            raise KeyboardInterrupt
+        scored.extend(b.id for b in bins)
+        return real_score(self, bins)
+
+    monkeypatch.setattr(audit_mod.ModelScorer, "score", score)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        audit_mod.audit(settings, model=random_model)
+    first, scored[:] = list(scored), []
+    changed = first[1]
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(work / "raw" / "bin-images" / f"{changed}.jpg")  # same path
+    stop = False
+    resumed = audit_mod.audit(settings, model=random_model)
+    assert resumed.resumed == 2 and resumed.bins == 6
+    assert sorted(scored) == sorted({"00001", "00002", "00003", "00004", "00005", "00006"} - set(first) | {changed})

@@ -41,6 +41,7 @@ ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
 COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SORT_RUN = 5000  # rows sorted in memory at a time when ranking (then merged from disk)
+RESUME_READERS = 8  # threads re-reading the images of kept results on resume
 
 
 class AuditRow(Result):
@@ -233,8 +234,11 @@ class Inputs:
 
 # -- scoring: one chunk of bins -> one result record per bin ------------------------------------
 def _record(b: Bin, expected: int | None = None, **values: Any) -> dict[str, Any]:
+    """A result: the bin, its prediction or error, and what it was scored from (the image's path and sha256,
+    the label's path) so a resumed audit keeps it only while that image is unchanged."""
     return {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected if expected is None else expected,
-            "predicted": values.get("predicted"), "confidence": values.get("confidence"), "error": values.get("error")}
+            "predicted": values.get("predicted"), "confidence": values.get("confidence"), "error": values.get("error"),
+            "path": b.path, "label": b.label, "sha256": values.get("sha256")}
 
 
 class Reader:
@@ -312,7 +316,7 @@ class ModelScorer:
                 body, content_type = self.reader.image(b.path)
                 images.extend(self.module.input_fn(body, content_type))
                 slots.append(len(records))
-                records.append(_record(b, expected))
+                records.append(_record(b, expected, sha256=hashlib.sha256(body).hexdigest()))
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
                 records.append(_record(b, expected, error=_message(exc)))
         if images:
@@ -342,10 +346,12 @@ class TargetScorer:
                 records.append(_record(b, error=_message(exc)))
                 continue
             try:
-                answer = self.target.predict(*self.reader.image(b.path))
+                body, content_type = self.reader.image(b.path)
+                answer = self.target.predict(body, content_type)
                 if isinstance(answer, list):
                     answer = answer[0]
-                records.append(_record(b, expected, predicted=int(answer["count"]), confidence=float(answer["confidence"])))
+                records.append(_record(b, expected, predicted=int(answer["count"]), confidence=float(answer["confidence"]),
+                                       sha256=hashlib.sha256(body).hexdigest()))
             except Exception as exc:  # noqa: BLE001
                 records.append(_record(b, expected, error=_message(exc)))
         return records
@@ -482,19 +488,45 @@ def partial_path(ws: Workspace, key: str) -> Path:
     return ws.reports / "audit-partial" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
 
 
-def resume(path: Path) -> set[int]:
-    """Keep the scored records of an interrupted run (errors are retried; a torn last line is dropped)."""
+def resume(path: Path, settings: Settings) -> set[int]:
+    """Keep the scored records of an interrupted run whose image still has the sha256 it was scored with
+    (an image changed since is scored again; its expected quantity is read again from its label). Errors
+    are retried; a torn last line is dropped."""
+    from concurrent.futures import ThreadPoolExecutor
+
     done: set[int] = set()
     if not path.exists():
         return done
-    tmp = path.with_suffix(".tmp")
-    with path.open() as src, tmp.open("w") as dst:
-        for line in src:
+    reader = Reader(settings)
+
+    def still(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept = []
+        for record in records:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                if hashlib.sha256(reader.image(record["path"])[0]).hexdigest() != record["sha256"]:
+                    continue
+                if record.get("label") and record.get("expected") is not None:
+                    record["expected"] = reader.expected(record["label"])
+            except Exception:  # noqa: BLE001 - gone or unreadable now: scored again (and reported there)
                 continue
-            if isinstance(record, dict) and record.get("error") is None and isinstance(record.get("n"), int):
+            kept.append(record)
+        return kept
+
+    def scored() -> Iterator[dict[str, Any]]:
+        with path.open() as src:
+            for line in src:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (isinstance(record, dict) and record.get("error") is None and isinstance(record.get("n"), int)
+                        and isinstance(record.get("path"), str) and isinstance(record.get("sha256"), str)):
+                    yield record
+
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as dst, ThreadPoolExecutor(RESUME_READERS) as pool:
+        for records in bounded_map(lambda c: pool.submit(still, c), chunks(scored(), 32), 2 * RESUME_READERS):
+            for record in records:
                 done.add(record["n"])
                 dst.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
@@ -654,7 +686,7 @@ def audit_local(settings: Settings, source: str | Path | None, *, threshold: flo
     try:
         partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
         partial.parent.mkdir(parents=True, exist_ok=True)
-        done = resume(partial)
+        done = resume(partial, settings)
         if done:
             from bincount.console import log
 
