@@ -34,7 +34,7 @@ from typing import Any
 
 from bincount.config import Settings
 from bincount.errors import BincountError
-from bincount.results import Result, key_value_table
+from bincount.results import Result, csv_cell, key_value_table
 from bincount.workspace import Workspace
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
@@ -585,9 +585,9 @@ def csv_line(row: dict[str, Any]) -> str:
     buf = io.StringIO()
     conf = row.get("confidence")
     csv.writer(buf, lineterminator="\n").writerow([
-        row["id"], row["image"], "" if row["expected"] is None else row["expected"],
+        csv_cell(str(row["id"])), csv_cell(row["image"]), "" if row["expected"] is None else row["expected"],
         "" if row["predicted"] is None else row["predicted"], "" if conf is None else f"{conf:.6f}",
-        "" if row["agree"] is None else int(row["agree"]), row["action"], row["error"] or ""])
+        "" if row["agree"] is None else int(row["agree"]), row["action"], csv_cell(row["error"] or "")])
     return buf.getvalue()
 
 
