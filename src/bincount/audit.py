@@ -360,12 +360,36 @@ class TargetScorer:
 _WORKER: ModelScorer | None = None  # the scorer of a worker process
 
 
-def _init_worker(settings_json: str, model_dir: str, threads: int) -> None:
+def _init_worker(settings_json: str, model_dir: str, threads: int, parent: int) -> None:
     import signal
 
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    die_with_parent(parent)
     _WORKER = ModelScorer(Settings.model_validate_json(settings_json), model_dir, threads)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this worker process when `parent` dies, however it dies (SIGKILL included), so no worker (~1 GB
+    with its model) outlives an audit: prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux (the pool starts its
+    workers from the main thread), and everywhere a watchdog thread that checks the parent every second."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _score_in_worker(bins: list[Bin]) -> list[dict[str, Any]]:
@@ -454,7 +478,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     model_dir = str(target.handlers.model_dir)
     target.handlers = None  # each worker loads its own copy; free this one
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(settings.model_dump_json(), model_dir, threads))
+                               initargs=(settings.model_dump_json(), model_dir, threads, os.getpid()))
     submit = lambda c: pool.submit(_score_in_worker, c)  # noqa: E731
     try:
         for records in bounded_map(submit, work, 2 * workers):
