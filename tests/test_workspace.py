@@ -150,3 +150,30 @@ def test_update_state_can_derive_the_change_from_what_is_there(tmp_path):
     assert state.channels == {"train": "s3://b/p/train", "test": "s3://b/p/test"} and state.endpoint.pid == 1
     assert isinstance(ws.update_state(tuning=LocalTuning(job="j", objective="val_acc", status="Completed")).tuning,
                       LocalTuning)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_what_bincount_writes_is_readable_as_the_umask_says(tmp_path, umask, monkeypatch):
+    """Reports, state and models were 0600 whatever the umask (mkstemp), so a teammate or a web server could not
+    read the audit; they get what a plain write gives."""
+    from bincount import workspace
+    from bincount.artifacts import extract_model, package_model
+    from bincount.workspace import atomic_write_text
+
+    previous = os.umask(umask)
+    monkeypatch.setattr(workspace, "_UMASK", None)
+    try:
+        atomic_write_text(tmp_path / "reports" / "audit.csv", "a,b\n")
+        Workspace(tmp_path).update_state(tuning=LocalTuning(job="t", objective="val_acc", status="Completed"))
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "model.pth").write_bytes(b"w")
+        (model / "meta.json").write_text("{}")
+        tar = package_model(model, tmp_path / "model.tar.gz")
+        unpacked = extract_model(tar, tmp_path / "unpacked")
+    finally:
+        os.umask(previous)
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    for path in (tmp_path / "reports" / "audit.csv", tmp_path / "state.json", tar, unpacked / "meta.json"):
+        assert path.stat().st_mode & 0o777 == file_mode, path
+    assert unpacked.stat().st_mode & 0o777 == dir_mode

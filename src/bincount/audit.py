@@ -35,7 +35,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, csv_cell, key_value_table
-from bincount.workspace import Workspace
+from bincount.workspace import Workspace, temp_beside
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
 COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
@@ -172,15 +172,15 @@ class Inputs:
     def _download(self, uri: str, ws: Workspace) -> Path:
         """An s3:// manifest, copied into reports/audit-inputs/ (images relative to it stay in S3, beside it)."""
         from bincount.aws import parse_s3_uri
-        from bincount.predict import S3Reader, _aws_message
+        from bincount.data.source import BucketClients, aws_message
 
         bucket, key = parse_s3_uri(uri)
         dest = ws.reports / "audit-inputs" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}.jsonl"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            S3Reader(self.settings).client(bucket).download_file(bucket, key, str(dest))
+            BucketClients(self.settings).client(bucket).download_file(bucket, key, str(dest))
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            raise BincountError(f"cannot read {uri}: {_aws_message(exc)}") from None
+            raise BincountError(f"cannot read {uri}: {aws_message(exc)}") from None
         return dest
 
     def _list_folder(self, folder: Path) -> None:
@@ -193,19 +193,16 @@ class Inputs:
 
     def _list_s3(self, uri: str) -> None:
         from bincount.aws import parse_s3_uri
-        from bincount.predict import S3Reader, _aws_message
+        from bincount.data.source import BucketClients, aws_message
 
         bucket, prefix = parse_s3_uri(uri)
         digest, keys = hashlib.sha256(), []
         try:
-            s3 = S3Reader(self.settings).client(bucket)
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
-                for obj in page.get("Contents", []):
-                    if obj["Key"].lower().endswith(IMAGE_SUFFIXES):
-                        digest.update(f"{obj['Key']}\t{obj.get('ETag', '')}\n".encode())
-                        keys.append((f"s3://{bucket}/{obj['Key']}", f"s3://{bucket}/{obj['Key']}"))
+            for obj in BucketClients(self.settings).list(bucket, prefix, IMAGE_SUFFIXES):
+                digest.update(f"{obj['Key']}\t{obj.get('ETag', '')}\n".encode())
+                keys.append((f"s3://{bucket}/{obj['Key']}", f"s3://{bucket}/{obj['Key']}"))
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            raise BincountError(f"cannot list {uri}: {_aws_message(exc)}") from None
+            raise BincountError(f"cannot list {uri}: {aws_message(exc)}") from None
         keys.sort()
         self._finish_listing(keys, digest)
 
@@ -268,18 +265,15 @@ class Reader:
 
         try:
             if label.startswith("s3://"):
-                from bincount.aws import parse_s3_uri
-
-                bucket, key = parse_s3_uri(label)
-                raw = self.s3().client(bucket).get_object(Bucket=bucket, Key=key)["Body"].read()
+                raw = self.s3().get(label)["Body"].read()
             else:
                 raw = Path(label).read_bytes()
         except FileNotFoundError:
             raise ValueError(f"no label {label}") from None
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            from bincount.predict import _aws_message
+            from bincount.data.source import aws_message
 
-            raise ValueError(f"label {label}: {_aws_message(exc)}") from None
+            raise ValueError(f"label {label}: {aws_message(exc)}") from None
         try:
             return parse_label(raw).count
         except LabelError as exc:
@@ -346,11 +340,11 @@ class TargetScorer:
                 records.append(_record(b, error=_message(exc)))
                 continue
             try:
+                from bincount.predict import parse_answer
+
                 body, content_type = self.reader.image(b.path)
-                answer = self.target.predict(body, content_type)
-                if isinstance(answer, list):
-                    answer = answer[0]
-                records.append(_record(b, expected, predicted=int(answer["count"]), confidence=float(answer["confidence"]),
+                count, confidence, _ = parse_answer(self.target.predict(body, content_type))
+                records.append(_record(b, expected, predicted=count, confidence=confidence,
                                        sha256=hashlib.sha256(body).hexdigest()))
             except Exception as exc:  # noqa: BLE001
                 records.append(_record(b, expected, error=_message(exc)))
@@ -407,23 +401,6 @@ def chunks(items: Iterable[Bin], size: int) -> Iterator[list[Bin]]:
         yield chunk
 
 
-def bounded_map(submit: Callable[[list[Bin]], Any], work: Iterable[list[Bin]], in_flight: int) -> Iterator[Any]:
-    """Results of submit(chunk) futures as they complete, never more than `in_flight` outstanding."""
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    pending: set = set()
-    for chunk in work:
-        pending.add(submit(chunk))
-        while len(pending) >= in_flight:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-    while pending:
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-        for future in done:
-            yield future.result()
-
-
 def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -440,6 +417,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     """
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
+    from bincount.data.source import bounded_map
     from bincount.predict import ModelTarget
 
     a = settings.audit
@@ -447,7 +425,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     if not isinstance(target, ModelTarget):
         scorer = TargetScorer(settings, target)
         with ThreadPoolExecutor(settings.deploy.workers) as pool:
-            for records in bounded_map(lambda c: pool.submit(scorer.score, c), work, 2 * settings.deploy.workers):
+            for _, records in bounded_map(scorer.score, work, settings.deploy.workers, pool=pool):
                 for record in records:
                     write(record)
         return
@@ -467,7 +445,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
                 return
             pool: Any = ThreadPoolExecutor(workers)
             with pool:
-                for records in bounded_map(lambda c: pool.submit(scorer.score, c), work, 2 * workers):
+                for _, records in bounded_map(scorer.score, work, workers, pool=pool):
                     for record in records:
                         write(record)
             return
@@ -479,9 +457,8 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     target.handlers = None  # each worker loads its own copy; free this one
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(settings.model_dump_json(), model_dir, threads, os.getpid()))
-    submit = lambda c: pool.submit(_score_in_worker, c)  # noqa: E731
     try:
-        for records in bounded_map(submit, work, 2 * workers):
+        for _, records in bounded_map(_score_in_worker, work, workers, pool=pool):
             for record in records:
                 write(record)
     except BaseException:
@@ -497,15 +474,12 @@ def model_key(target: Any) -> str:
 
     if not isinstance(target, ModelTarget):
         return target.name
-    digest = hashlib.sha256()
+    from bincount.workspace import file_sha256
+
     root = Path(target.handlers.model_dir)
-    for rel in ("model.pth", "meta.json", "code/inference.py", "code/net.py"):
-        path = root / rel
-        if path.is_file():
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    return f"model:{digest.hexdigest()}"
+    files = [root / rel for rel in ("model.pth", "meta.json", "code/inference.py", "code/net.py")]
+    digests = "".join(f"{path.relative_to(root)}\t{file_sha256(path)}\n" for path in files if path.is_file())
+    return f"model:{hashlib.sha256(digests.encode()).hexdigest()}"
 
 
 def partial_path(ws: Workspace, key: str) -> Path:
@@ -516,8 +490,6 @@ def resume(path: Path, settings: Settings) -> set[int]:
     """Keep the scored records of an interrupted run whose image still has the sha256 it was scored with
     (an image changed since is scored again; its expected quantity is read again from its label). Errors
     are retried; a torn last line is dropped."""
-    from concurrent.futures import ThreadPoolExecutor
-
     done: set[int] = set()
     if not path.exists():
         return done
@@ -547,9 +519,11 @@ def resume(path: Path, settings: Settings) -> set[int]:
                         and isinstance(record.get("path"), str) and isinstance(record.get("sha256"), str)):
                     yield record
 
+    from bincount.data.source import bounded_map
+
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as dst, ThreadPoolExecutor(RESUME_READERS) as pool:
-        for records in bounded_map(lambda c: pool.submit(still, c), chunks(scored(), 32), 2 * RESUME_READERS):
+    with tmp.open("w") as dst:
+        for _, records in bounded_map(still, chunks(scored(), 32), RESUME_READERS):
             for record in records:
                 done.add(record["n"])
                 dst.write(json.dumps(record) + "\n")
@@ -648,7 +622,7 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
         if total is not None and (counts["bins"] != total or len(seen) != total or not seen <= set(range(total))):
             raise BincountError(f"the audit results cover {len(seen & set(range(total)))} of {total} bins "
                                 f"({counts['bins']} results): not writing {out}; run the audit again to score the rest")
-        fd, part = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        fd, part = temp_beside(out)
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(",".join(COLUMNS) + "\n")

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 from pydantic import Field
 
-from bincount.aws import error_code, error_message
 from bincount.config import Settings
+from bincount.data.source import BucketClients, aws_message
 from bincount.errors import BincountError
 from bincount.results import Result
 from bincount.serve import MAX_BODY_BYTES
@@ -129,38 +129,19 @@ def file_source(path: Path, name: str | None = None) -> Source:
     return Source(name, _read_file(path), _content_type(path.name))
 
 
-class S3Reader:
-    """Thread-safe S3 reads with the right settings per bucket (see the module docstring)."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._clients: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def client(self, bucket: str) -> Any:
-        from bincount.aws import is_source_bucket, s3_client
-
-        key = "data" if is_source_bucket(self.settings, bucket) else "s3"
-        with self._lock:
-            if key not in self._clients:
-                pool = max(10, self.settings.deploy.workers)
-                self._clients[key] = s3_client(self.settings, bucket, max_pool_connections=pool, max_attempts=4)
-            return self._clients[key]
+class S3Reader(BucketClients):
+    """Image sources from s3:// URIs, each bucket read with its own settings (see the module docstring)."""
 
     def sources(self, uri: str) -> list[Source]:
         from bincount.aws import parse_s3_uri
 
         bucket, prefix = parse_s3_uri(uri)
-        s3 = self.client(bucket)
         try:
             if prefix.lower().endswith(IMAGE_SUFFIXES):
                 return [Source(uri, self._reader(bucket, prefix), _content_type(prefix))]
-            keys = []
-            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-            for page in pages:
-                keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].lower().endswith(IMAGE_SUFFIXES)]
+            keys = [obj["Key"] for obj in self.list(bucket, prefix, IMAGE_SUFFIXES)]
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            return [Source(uri, None, error=f"cannot list: {_aws_message(exc)}")]
+            return [Source(uri, None, error=f"cannot list: {aws_message(exc)}")]
         if not keys:
             return [Source(uri, None, error="no .jpg/.jpeg/.png objects under this prefix")]
         return [Source(f"s3://{bucket}/{k}", self._reader(bucket, k), _content_type(k)) for k in sorted(keys)]
@@ -168,22 +149,15 @@ class S3Reader:
     def _reader(self, bucket: str, key: str) -> Callable[[], bytes]:
         def read() -> bytes:
             try:
-                obj = self.client(bucket).get_object(Bucket=bucket, Key=key)
+                obj = self.get(f"s3://{bucket}/{key}")
             except Exception as exc:  # noqa: BLE001
-                raise ValueError(f"cannot read: {_aws_message(exc)}") from None
+                raise ValueError(f"cannot read: {aws_message(exc)}") from None
             if obj["ContentLength"] > MAX_BODY_BYTES:
                 obj["Body"].close()
                 raise _too_big(obj["ContentLength"])
             return obj["Body"].read()
 
         return read
-
-
-def _aws_message(exc: Exception) -> str:
-    code = error_code(exc)
-    if code:
-        return f"{code}: {error_message(exc) or ''}".strip().rstrip(":")
-    return f"{type(exc).__name__}: {exc}"
 
 
 def collect(settings: Settings, inputs: list[str]) -> list[Source]:
@@ -240,62 +214,37 @@ class ModelTarget(Target):
 
 
 class HttpTarget(Target):
-    """An endpoint URL speaking the SageMaker contract; one keep-alive connection per thread."""
+    """An endpoint URL speaking the SageMaker contract (bincount.endpoint_client: a deadline per request, the
+    answer capped, redirects refused in the health check and the requests alike)."""
 
     def __init__(self, url: str, timeout: float = 60.0):
-        from urllib.parse import urlsplit
+        from bincount.endpoint_client import EndpointError, HttpClient, health
 
-        self.url = url.rstrip("/")
+        try:
+            self.client = HttpClient(url, timeout)
+        except EndpointError as exc:
+            raise BincountError(str(exc)) from None
+        self.url = self.client.url
         self.name = f"endpoint {self.url}"
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BincountError(f"bad endpoint URL {url!r}")
-        self._parts, self._timeout = parts, timeout
-        self._local = threading.local()
-        from bincount.serve import ping
-
-        if not ping(self.url, timeout=5.0):
-            raise BincountError(f"the endpoint at {self.url} does not answer GET /ping with 200; "
+        reason = health(self.url, timeout=5.0)
+        if reason is not None:
+            raise BincountError(f"the endpoint at {self.url} does not answer GET /ping with 200 ({reason}); "
                                 "is it running? (`bincount deploy` starts one)")
 
-    def _connection(self, fresh: bool = False) -> Any:
-        import http.client
-
-        conn = getattr(self._local, "conn", None)
-        if conn is None or fresh:
-            if conn is not None:
-                conn.close()
-            cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._parts.hostname, self._parts.port, timeout=self._timeout)
-            self._local.conn = conn
-        return conn
-
     def predict(self, body: bytes, content_type: str) -> dict:
-        import http.client
+        from bincount.endpoint_client import error_of
 
-        path = f"{self._parts.path}/invocations"
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
-        for attempt in (0, 1):  # a kept-alive connection the server closed: retry once on a new one
-            conn = self._connection(fresh=attempt == 1)
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                if attempt:
-                    raise ValueError("connection closed by the endpoint") from None
-            except OSError as exc:
-                conn.close()
-                self._local.conn = None
-                raise ValueError(f"cannot reach the endpoint: {exc}") from None
-        if resp.status != 200:
-            try:
-                message = json.loads(data).get("error") or data.decode(errors="replace")
-            except (ValueError, AttributeError):
-                message = data[:200].decode(errors="replace")
-            raise ValueError(f"HTTP {resp.status}: {message}")
-        return json.loads(data)
+        status, data = self.client.request("POST", "/invocations", body,
+                                           {"Content-Type": content_type, "Accept": "application/json"})
+        if status != 200:
+            raise ValueError(error_of(status, data))
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise ValueError(f"the endpoint's answer is not JSON: {data[:80]!r}") from None
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class SageMakerTarget(Target):
@@ -338,6 +287,34 @@ def resolve_target(settings: Settings, endpoint: str | None = None, model: Path 
     raise BincountError("nothing to predict with: run `bincount deploy`, or pass --endpoint URL|NAME or --model PATH")
 
 
+MAX_COUNT = 100_000  # no bin holds more: a bigger count is a broken endpoint
+
+
+def parse_answer(answer: Any) -> tuple[int, float, dict[str, float] | None]:
+    """An endpoint's answer for one image -> (count, confidence, probabilities), checked: ValueError otherwise."""
+    import math
+
+    if isinstance(answer, list) and len(answer) == 1:  # a batch answer to a single image
+        answer = answer[0]
+    if not isinstance(answer, dict):
+        raise ValueError(f"the endpoint answered {str(answer)[:60]!r}, not a prediction object")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    count, confidence, probabilities = answer.get("count"), answer.get("confidence"), answer.get("probabilities")
+    if not number(count) or count != int(count) or not 0 <= count <= MAX_COUNT:
+        raise ValueError(f"the endpoint answered count {count!r}: not a count (a whole number 0..{MAX_COUNT:,})")
+    if not number(confidence) or not 0 <= confidence <= 1:
+        raise ValueError(f"the endpoint answered confidence {confidence!r}: not a probability (0..1)")
+    if probabilities is not None:
+        if not isinstance(probabilities, dict) or not all(
+                isinstance(k, str) and number(v) and 0 <= v <= 1 for k, v in probabilities.items()):
+            raise ValueError(f"the endpoint answered probabilities {str(probabilities)[:60]!r}: "
+                             "not a map of count to probability (0..1)")
+    return int(count), float(confidence), probabilities
+
+
 def run_predictions(settings: Settings, sources: list[Source], target: Target, description: str = "predict") -> list[PredictItem]:
     """Predict every source concurrently (deploy.workers) with a progress bar; failures become items with an error."""
     from bincount.console import progress
@@ -346,11 +323,8 @@ def run_predictions(settings: Settings, sources: list[Source], target: Target, d
         if source.read is None:
             return PredictItem(image=source.name, error=source.error or "unreadable")
         try:
-            answer = target.predict(source.read(), source.content_type)
-            if isinstance(answer, list):  # a batch answer to a single image
-                answer = answer[0]
-            return PredictItem(image=source.name, count=int(answer["count"]), confidence=float(answer["confidence"]),
-                               probabilities=answer.get("probabilities"))
+            count, confidence, probabilities = parse_answer(target.predict(source.read(), source.content_type))
+            return PredictItem(image=source.name, count=count, confidence=confidence, probabilities=probabilities)
         except Exception as exc:  # noqa: BLE001 - every failure is reported per item
             return PredictItem(image=source.name, error=str(exc) or type(exc).__name__)
 

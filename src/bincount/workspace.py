@@ -260,6 +260,36 @@ def disk_error(path: Path, exc: BaseException) -> BaseException:
     return exc
 
 
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """This process's umask, read once (reading it means setting it: restored at once)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file under the umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The mode mkdir() gives a new folder under the umask (0755 under the usual 022)."""
+    return 0o777 & ~_umask()
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A temp file beside `path` for an atomic write: (fd, name), with the mode a plain write would give
+    (mkstemp makes it 0600 whatever the umask, so a teammate or a web server could not read the reports)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True) -> str:
     """Stream `chunks` to a temp file beside `path`, fsync it (unless told not to), rename it into place;
     return the sha256. Nothing half-written ever stands at `path`; a full disk is a one-line BincountError."""
@@ -267,7 +297,7 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True)
     digest, tmp = hashlib.sha256(), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        fd, tmp = temp_beside(path)
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 digest.update(chunk)
@@ -284,6 +314,12 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True)
             raise
         raise error from None
     return digest.hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 hex digest of a file's bytes (the one file digest: hashlib.file_digest)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

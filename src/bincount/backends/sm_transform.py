@@ -28,14 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.audit import AuditResult, Bin, Inputs, Reader, bounded_map, chunks, read_records, report
+from bincount.audit import AuditResult, Bin, Inputs, Reader, chunks, read_records, report
 from bincount.backends import sm_estimator as sme
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 from bincount.state import SageMakerTransform
-from bincount.workspace import Workspace
+from bincount.workspace import Workspace, file_sha256
 
 TERMINAL = ("Completed", "Failed", "Stopped")
 CONTENT_TYPE = "image/jpeg"
@@ -162,8 +162,6 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
 
 def model_ref(settings: Settings) -> str | None:
     """What identifies the artifact before any upload: a local model.tar.gz's sha256, else its S3 URI."""
-    import hashlib
-
     training = Workspace(settings.workdir).state().training
     source = settings.deploy.model_data or (training.model_data if training else None)
     if not source:
@@ -173,11 +171,7 @@ def model_ref(settings: Settings) -> str | None:
     path = Path(source)
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(path)}"
 
 
 def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
@@ -298,14 +292,13 @@ def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *
         for line in read_records(Path(record.bins_file)):
             yield Bin(line["n"], line["id"], line["image"], line["path"], line["expected"], line.get("label"))
 
-    from concurrent.futures import ThreadPoolExecutor
-
     from bincount.console import progress
+    from bincount.data.source import bounded_map
 
     results = Path(record.bins_file).with_name("results.jsonl")
-    with progress(transient=True) as bar, ThreadPoolExecutor(JOIN_WORKERS) as pool, results.open("w") as fh:
+    with progress(transient=True) as bar, results.open("w") as fh:
         task = bar.add_task("join outputs", total=record.bins)
-        for rows in bounded_map(lambda c: pool.submit(score, c), chunks(bins(), 16), 2 * JOIN_WORKERS):
+        for _, rows in bounded_map(score, chunks(bins(), 16), JOIN_WORKERS):
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
                 bar.advance(task)
