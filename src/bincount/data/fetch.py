@@ -128,7 +128,7 @@ class Fetcher:
         label, digest = None, None
         if path.is_file():
             raw = path.read_bytes()
-            digest = hashlib.sha256(raw).hexdigest()
+            digest = file_sha256(path)
             listed = (self.previous.get(ident) or {}).get("label_sha256")
             try:  # a label the last manifest lists is trusted only if its bytes are still the listed ones
                 label = mf.parse_label(raw) if listed in (None, digest) else None
