@@ -290,11 +290,18 @@ class DeploySettings(Section):
     threads: int = Field(8, ge=1, le=256, description="local server: requests served at once (threads of its one worker "
                                                       "process, which holds the one copy of the model)")
     max_connections: int = Field(1000, ge=1, le=10000, description="local server: connections held at once (served, queued "
-                                                                   "for a thread, or idle keep-alive); more wait in the backlog")
+                                                                   "for a thread, or idle keep-alive); more wait in the backlog, "
+                                                                   "and the oldest that has sent no whole request for 1 s gives way")
+    max_idle: int = Field(100, ge=0, le=10000, description="local server: idle keep-alive connections kept at once (the oldest "
+                                                          "is closed first)")
     backlog: int = Field(2048, ge=16, le=65535, description="local server: connections the kernel queues until the server "
                                                             "takes them (capped by net.core.somaxconn)")
     keepalive_s: int = Field(60, ge=0, le=3600, description="local server: an idle keep-alive connection is closed after this")
-    read_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request body must arrive within this (else 408)")
+    head_timeout_s: float = Field(10, gt=0, le=3600, description="local server: a request head (line and headers) must arrive "
+                                                                "whole within this of its first byte, a new connection's of "
+                                                                "its accept (else 408)")
+    read_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request body must arrive whole within this of "
+                                                                "its head (else 408)")
     graceful_timeout_s: int = Field(30, ge=1, le=3600, description="local server: on SIGTERM, requests already taken get "
                                                                    "this long to finish")
     pixel_budget: int = Field(48_000_000, ge=1_000_000, le=2_000_000_000,
