@@ -336,10 +336,10 @@ class TargetScorer:
                 records.append(_record(b, error=_message(exc)))
                 continue
             try:
-                answer = self.target.predict(*self.reader.image(b.path))
-                if isinstance(answer, list):
-                    answer = answer[0]
-                records.append(_record(b, expected, predicted=int(answer["count"]), confidence=float(answer["confidence"])))
+                from bincount.predict import parse_answer
+
+                count, confidence, _ = parse_answer(self.target.predict(*self.reader.image(b.path)))
+                records.append(_record(b, expected, predicted=count, confidence=confidence))
             except Exception as exc:  # noqa: BLE001
                 records.append(_record(b, expected, error=_message(exc)))
         return records

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bincount.config_layers import CONFIG_ENV, CONFIG_NAME, deep_merge, env_name, env_layer, nest, yaml_layer
+from bincount.container.hparams import BY_NAME as HP
 from bincount.errors import BincountError
 from bincount.ranges import IntRanges, parse_ranges
 from bincount.results import Result
@@ -167,32 +168,37 @@ class ShardSettings(Section):
     wait: bool = Field(True, description="sagemaker backend: wait for the Processing job to end")
 
 
+def _hp(name: str, **bounds: Any) -> Any:
+    """A train setting's Field: its default and description from the container's hyperparameter table."""
+    return Field(HP[name].default, description=HP[name].help, **bounds)
+
+
 class TrainSettings(Section):
     """Hyperparameters of container/train.py (passed as --name value, as SageMaker does)."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"] = Field("resnet18", description="torchvision backbone")
-    stem: Literal["standard", "small"] = Field("standard", description="small: no stem max-pool (mobilenet: stride-1 first conv), for inputs below ~128 px")
-    pretrained: str = Field("none", description="imagenet | none | a local .pth/.pt file (made absolute) | an s3:// URI "
-                            "of one (sagemaker backend: the job's weights channel)")
-    epochs: int = Field(20, ge=1, description="maximum epochs (early stopping may end sooner)")
-    batch_size: int = Field(64, ge=1, description="images per step (per process under DDP)")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up; cosine decay to the end)")
-    weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay (AdamW) or L2 (SGD)")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    warmup_epochs: int = Field(1, ge=0, description="epochs of linear learning-rate warm-up")
-    label_smoothing: float = Field(0.05, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
-    count_loss: float = Field(0.5, ge=0, description="weight of |expected count - count| (softmax mean) added to the loss")
-    ema_decay: float = Field(0.995, ge=0, lt=1, description="validate and ship an exponential moving average of the weights (0 = off)")
-    class_weighting: bool = Field(False, description="weight the loss by inverse class frequency (for unbalanced counts)")
-    image_size: int = Field(224, ge=32, le=1024, description="input size in pixels: the whole bin is resized, never cropped")
-    tta: bool = Field(False, description="test-time augmentation, recorded in the model: evaluate, serve and predict "
-                      "average the 8 flips/transposes of each bin (8x the inference cost; check with evaluate --tta/--no-tta)")
-    patience: int = Field(5, ge=0, description="early stopping: epochs without a better val metric (0 = never stop)")
-    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; default sized to the machine")
-    seed: int = Field(0, description="random seed for initialisation, shuffling and augmentation")
-    shuffle_buffer: int = Field(1000, ge=1, description="shard channels: samples in the streaming shuffle buffer")
-    amp: bool = Field(True, description="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (else off)")
+    # The hyperparameters train.py takes: defaults and descriptions from container/hparams.py (train.py builds
+    # its arguments from the same table); only the bounds are added here.
+    arch: Literal[HP["arch"].choices] = _hp("arch")
+    stem: Literal[HP["stem"].choices] = _hp("stem")
+    pretrained: str = _hp("pretrained")
+    epochs: int = _hp("epochs", ge=1)
+    batch_size: int = _hp("batch_size", ge=1)
+    lr: float = _hp("lr", gt=0)
+    weight_decay: float = _hp("weight_decay", ge=0)
+    optimizer: Literal[HP["optimizer"].choices] = _hp("optimizer")
+    momentum: float = _hp("momentum", ge=0, lt=1)
+    warmup_epochs: int = _hp("warmup_epochs", ge=0)
+    label_smoothing: float = _hp("label_smoothing", ge=0, lt=1)
+    count_loss: float = _hp("count_loss", ge=0)
+    ema_decay: float = _hp("ema_decay", ge=0, lt=1)
+    class_weighting: bool = _hp("class_weighting")
+    image_size: int = _hp("image_size", ge=32, le=1024)
+    tta: bool = _hp("tta")
+    patience: int = _hp("patience", ge=0)
+    num_workers: int | None = _hp("num_workers", ge=0)
+    seed: int = _hp("seed")
+    shuffle_buffer: int = _hp("shuffle_buffer", ge=1)
+    amp: bool = _hp("amp")
     use_best: bool = Field(False, description="train with the best hyperparameters recorded by `bincount tune`")
     wait: bool = Field(True, description="sagemaker backend: stream logs until the job ends")
 
@@ -284,11 +290,18 @@ class DeploySettings(Section):
     threads: int = Field(8, ge=1, le=256, description="local server: requests served at once (threads of its one worker "
                                                       "process, which holds the one copy of the model)")
     max_connections: int = Field(1000, ge=1, le=10000, description="local server: connections held at once (served, queued "
-                                                                   "for a thread, or idle keep-alive); more wait in the backlog")
+                                                                   "for a thread, or idle keep-alive); more wait in the backlog, "
+                                                                   "and the oldest that has sent no whole request for 1 s gives way")
+    max_idle: int = Field(100, ge=0, le=10000, description="local server: idle keep-alive connections kept at once (the oldest "
+                                                          "is closed first)")
     backlog: int = Field(2048, ge=16, le=65535, description="local server: connections the kernel queues until the server "
                                                             "takes them (capped by net.core.somaxconn)")
     keepalive_s: int = Field(60, ge=0, le=3600, description="local server: an idle keep-alive connection is closed after this")
-    read_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request body must arrive within this (else 408)")
+    head_timeout_s: float = Field(10, gt=0, le=3600, description="local server: a request head (line and headers) must arrive "
+                                                                "whole within this of its first byte, a new connection's of "
+                                                                "its accept (else 408)")
+    read_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request body must arrive whole within this of "
+                                                                "its head (else 408)")
     graceful_timeout_s: int = Field(30, ge=1, le=3600, description="local server: on SIGTERM, requests already taken get "
                                                                    "this long to finish")
     pixel_budget: int = Field(48_000_000, ge=1_000_000, le=2_000_000_000,

@@ -49,7 +49,7 @@ def test_shard_builds_channels_from_the_splits_with_their_labels(fetched, tmp_pa
         got = {i: c for tar in sorted(folder.glob("*.tar")) for i, _, c in sh.iter_tar(tar)}
         assert got == {r["id"]: r["count"] for r in rows}
         # the same digest train.py records for the image-file channel of these rows
-        from bincount.container.train import manifest_digest
+        from bincount.container.batches import manifest_digest
 
         (tmp_path / split).mkdir()
         (tmp_path / split / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

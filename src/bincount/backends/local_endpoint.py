@@ -63,7 +63,8 @@ def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointRes
     cmd = [sys.executable, "-m", "bincount", "serve", "--model", str(model_dir),
            "--workdir", str(Path(settings.workdir).resolve()),
            "--host", settings.deploy.host, "--port", str(settings.deploy.port)]
-    for key in ("threads", "max_connections", "backlog", "keepalive_s", "read_timeout_s", "graceful_timeout_s",
+    for key in ("threads", "max_connections", "max_idle", "backlog", "keepalive_s", "head_timeout_s", "read_timeout_s",
+                "graceful_timeout_s",
                 "pixel_budget", "queue_timeout_s", "trust_code"):
         cmd += ["--set", f"deploy.{key}={getattr(settings.deploy, key)}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}

@@ -73,7 +73,8 @@ def container_dir() -> Path:
 
 
 # The training job's source_dir: the script, the modules it imports and copies into the model's code/.
-TRAINING_FILES = ("train.py", "net.py", "epochlog.py", "shards.py", "inference.py", "smdebug_compat.py")
+TRAINING_FILES = ("train.py", "hparams.py", "batches.py", "checkpoints.py", "loop.py", "debughook.py", "net.py",
+                  "epochlog.py", "shards.py", "inference.py", "smdebug_compat.py")
 # container/requirements.txt (smdebug and the two pyinstrument packages it imports) reaches a job only when the
 # Debugger hook is on and the job can reach PyPI; this environment makes the toolkit's `pip install -r
 # requirements.txt` install exactly those lines, so the container's torch, numpy and protobuf stay as they are.

@@ -98,6 +98,42 @@ def _is_head(key: str) -> bool:
     return key.startswith(("fc.", "classifier.3.", "classifier.6."))
 
 
+DRAFT_ABOVE = 2048 * 2048  # JPEGs over this many pixels are decoded at a reduced scale ...
+DRAFT_SIDE = 1024  # ... the smallest of 1/2, 1/4, 1/8 that keeps both sides at least this long
+
+
+def draft(image) -> None:
+    """Set an opened, not yet decoded JPEG over DRAFT_ABOVE pixels to decode at 1/2, 1/4 or 1/8 scale (libjpeg
+    scales while decoding: less memory, several times faster), keeping both sides >= DRAFT_SIDE; else nothing.
+
+    The rule does not depend on the model's image_size, so the serving handlers (which decode before they
+    see the model) apply it exactly as training, evaluation and the shard reader do.
+    """
+    if image.format == "JPEG" and image.size[0] * image.size[1] > DRAFT_ABOVE:
+        image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+
+
+def decode(source, image_size: int) -> torch.Tensor:
+    """THE image decode: a path, bytes or an opened (not yet decoded) PIL image -> uint8 [3, S, S].
+
+    draft() then to_uint8(): train.py (files), the shard reader, `bincount evaluate` and the serving
+    handlers (input_fn drafts and decodes, predict_fn calls preprocess) all go through these two steps,
+    so they see the same pixels (tests/container/test_decode.py compares the four).
+    """
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    if isinstance(source, Image.Image):
+        draft(source)
+        return to_uint8(source, image_size)
+    with Image.open(source) as image:
+        draft(image)
+        return to_uint8(image, image_size)
+
+
 def to_uint8(image, image_size: int) -> torch.Tensor:
     """PIL image -> uint8 tensor [3, S, S]: the whole picture resized once (nothing cropped away).
 
@@ -145,6 +181,15 @@ def predict_proba(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> t
     if not tta:
         return model(batch).float().softmax(1)
     return torch.stack([model(v).float().softmax(1) for v in views(batch)]).mean(0)
+
+
+def probabilities(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  tta: bool = False) -> torch.Tensor:
+    """THE scoring of decoded images: uint8 [B, 3, S, S] -> softmax over the counts [B, num_classes], in
+    float32 (no autocast), as the endpoint (predict_fn), `bincount evaluate` and train.py's test metrics
+    all compute it, so a model scores the same everywhere (tests/test_evaluate.py checks train.py's
+    test_rmse against evaluate's)."""
+    return predict_proba(model, normalize(images.contiguous(), mean, std), tta)
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
