@@ -177,6 +177,7 @@ def write_shard(name: str, rows: list[dict], source: Store, dest: Store, max_sid
             return row, None, None, f"bad_image: {type(exc).__name__}: {exc}"
 
     fd, tmp_name = tempfile.mkstemp(dir=tmp, prefix=f".{name}.", suffix=PART)
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would stay on the shard
     os.close(fd)
     side = Path(tmp) / f".{name}.json{PART}"
     kept, skipped, counts, offsets = [], [], {}, []
@@ -199,7 +200,8 @@ def write_shard(name: str, rows: list[dict], source: Store, dest: Store, max_sid
         side.write_text(json.dumps(sidecar) + "\n")
         dest.put_file(f"{name}.json", side)  # last: the shard now counts as done
     except OSError as exc:  # a full disk, a failed upload: one line naming the shard; a rerun resumes here
-        raise ShardError(f"{name}.tar: {exc.strerror or exc}") from None
+        raise ShardError(f"cannot write {dest.uri}/{name}.tar: {exc.strerror or exc} (finished shards are kept: "
+                         "run the same command again)") from None
     finally:
         Path(tmp_name).unlink(missing_ok=True)
         side.unlink(missing_ok=True)

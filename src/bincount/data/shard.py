@@ -26,7 +26,7 @@ from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
-from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_jsonl
+from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_manifest
 
 BUILD_FILE = "_build.json"  # what a shard folder was built from; a change means a rebuild
 
@@ -89,7 +89,7 @@ def _split_rows(ws: Workspace) -> dict[str, list[dict]]:
             if split == "test":
                 continue
             raise BincountError(f"{path} not found: run `bincount split` first")
-        rows[split] = read_jsonl(path)
+        rows[split] = read_manifest(path, need=("id", "count"))  # a bad row: one line naming file and line
         if not rows[split] and split != "test":
             raise BincountError(f"{path} is empty")
     return rows
@@ -149,8 +149,8 @@ def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardRe
             stats = sh.build([{"id": r["id"], "count": r["count"]} for r in items], split, source, sh.Store(str(folder)),
                              items_per_shard=cfg.items_per_shard, max_side=side, quality=cfg.quality,
                              workers=cfg.workers, seed=cfg.seed, log=log)
-        except sh.ShardError as exc:
-            raise BincountError(f"{ws.split(split)}: {exc}") from None
+        except sh.ShardError as exc:  # the splits were checked: a shard that cannot be written (a full disk)
+            raise BincountError(str(exc)) from None
         for key in total:
             total[key] += stats[key]
         channels[split] = str(folder)
