@@ -268,4 +268,8 @@ def output_fn(prediction: list, accept: str = "application/json") -> str:
     if not any(m.split(";")[0].strip().lower() in ("application/json", "*/*", "application/*", "") for m in media):
         raise RequestError(f"cannot answer in {accept!r}; this endpoint answers application/json", 406)
     batch = getattr(prediction, "batch", len(prediction) != 1)
-    return json.dumps(list(prediction) if batch else prediction[0])
+    try:
+        return json.dumps(list(prediction) if batch else prediction[0], allow_nan=False)
+    except ValueError:  # NaN or infinity is not JSON: a broken model, never an answer
+        raise ValueError("the model produced a non-finite probability (NaN or infinity): its weights or "
+                         "meta.json are broken") from None
