@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
@@ -20,7 +19,7 @@ from bincount.config import Settings
 from bincount.console import log
 from bincount.debugger import Finding
 from bincount.errors import BincountError
-from bincount.workspace import Workspace
+from bincount.workspace import Workspace, file_sha256
 
 # Tensors the built-in rules read, saved through each rule's `collections_to_save` (one definition
 # per collection, so the hook config the SDK merges from the rules has no conflicting duplicates).
@@ -74,7 +73,8 @@ def container_dir() -> Path:
 
 
 # The training job's source_dir: the script, the modules it imports and copies into the model's code/.
-TRAINING_FILES = ("train.py", "net.py", "epochlog.py", "shards.py", "inference.py", "smdebug_compat.py")
+TRAINING_FILES = ("train.py", "hparams.py", "batches.py", "checkpoints.py", "loop.py", "debughook.py", "net.py",
+                  "epochlog.py", "shards.py", "inference.py", "smdebug_compat.py")
 # container/requirements.txt (smdebug and the two pyinstrument packages it imports) reaches a job only when the
 # Debugger hook is on and the job can reach PyPI; this environment makes the toolkit's `pip install -r
 # requirements.txt` install exactly those lines, so the container's torch, numpy and protobuf stay as they are.
@@ -142,7 +142,7 @@ def job_inputs(settings: Settings, sm_session: Any, hyperparameters: dict[str, A
     elif pretrained.startswith("s3://"):
         uri, hp["pretrained"] = pretrained, "channel"
     else:
-        uri, hp["pretrained"] = upload_weights(settings, sm_session, Path(pretrained)), "channel"
+        uri, hp["pretrained"] = upload_weights(settings, sm_session, settings.train.weights_file), "channel"
     hp["weights_source"] = uri
     inputs["weights"] = TrainingInput(uri, distribution="FullyReplicated")
     return inputs, hp
@@ -154,11 +154,7 @@ def upload_weights(settings: Settings, sm_session: Any, path: Path) -> str:
 
     from bincount.aws import parse_s3_uri, s3_client
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    uri = s3_uri(settings, "weights", f"{path.stem}-{digest.hexdigest()[:16]}{path.suffix}")
+    uri = s3_uri(settings, "weights", f"{path.stem}-{file_sha256(path)[:16]}{path.suffix}")
     bucket, key = parse_s3_uri(uri)
     s3 = s3_client(settings)
     try:
@@ -388,9 +384,16 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
     return est
 
 
-def tags(settings: Settings) -> list[dict[str, str]] | None:
-    """settings.sagemaker.tags as the API takes them (on jobs, models, endpoint configs and endpoints)."""
-    return [{"Key": k, "Value": v} for k, v in settings.sagemaker.tags.items()] or None
+OWNER_TAG = "bincount:workdir"  # its value: the work dir's id; `bincount cleanup` deletes only what carries it
+
+
+def tags(settings: Settings) -> list[dict[str, str]]:
+    """settings.sagemaker.tags as the API takes them (on jobs, models, endpoint configs and endpoints), and
+    bincount's own tag naming the work dir that made them."""
+    from bincount.workspace import Workspace
+
+    own = {"Key": OWNER_TAG, "Value": Workspace(settings.workdir).identity()}
+    return [{"Key": k, "Value": v} for k, v in settings.sagemaker.tags.items() if k != OWNER_TAG] + [own]
 
 
 def check_image_uri(uri: str, job_region: str, key: str) -> str:
