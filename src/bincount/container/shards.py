@@ -444,7 +444,7 @@ def decode_item(shard: str, ident: str, jpg: bytes, image_size: int):
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ShardError(f"{shard}: member {ident}.jpg is {image.width}x{image.height} pixels, "
                                  f"over the {MAX_IMAGE_PIXELS:,} pixel limit")
-            return net.to_uint8(image, image_size).permute(1, 2, 0)
+            return net.decode(image, image_size).permute(1, 2, 0)  # the one decode: train, serve, evaluate
     except ShardError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a file that is not an image
