@@ -88,6 +88,7 @@ class Outcome:
     detail: str | None = None
     count: int | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
+    label_sha256: str | None = None
 
 
 def inspect_image(path: Path, sha256: str | None = None) -> dict:
@@ -124,10 +125,13 @@ class Fetcher:
 
     def label(self, ident: str) -> Outcome:
         path = self.ws.raw / mf.label_key(ident)
-        label = None
+        label, digest = None, None
         if path.is_file():
-            try:
-                label = mf.parse_label(path.read_bytes())
+            raw = path.read_bytes()
+            digest = file_sha256(path)
+            listed = (self.previous.get(ident) or {}).get("label_sha256")
+            try:  # a label the last manifest lists is trusted only if its bytes are still the listed ones
+                label = mf.parse_label(raw) if listed in (None, digest) else None
             except mf.LabelError:
                 pass  # perhaps damaged here (a crash before os.sync): read it from the source again
         if label is None:
@@ -141,7 +145,7 @@ class Fetcher:
                 if self.scan:
                     return Outcome(ident, "absent")
                 return Outcome(ident, "rejected", reason=mf.MISSING_LABEL, detail=f"no {mf.label_key(ident)} in the source")
-            write_atomic(path, [raw])
+            digest = write_atomic(path, [raw])
             try:
                 label = mf.parse_label(raw)
             except mf.LabelError as exc:
@@ -149,7 +153,7 @@ class Fetcher:
         if label.count not in self.counts:
             return Outcome(ident, "rejected", reason=mf.COUNT_NOT_SELECTED, count=label.count,
                            detail=f"count {label.count} is not in the selection {self.counts_text}")
-        out = Outcome(ident, "labelled", count=label.count)
+        out = Outcome(ident, "labelled", count=label.count, label_sha256=digest)
         if label.note:
             out.notes.append((mf.COUNT_MISMATCH, label.note))
         hint = self.hints.get(ident)
@@ -194,7 +198,8 @@ class Fetcher:
                 return Outcome(ident, "rejected", reason=mf.BAD_IMAGE, count=out.count, detail=str(exc))
         note = "; ".join(text for _, text in out.notes) or None
         row = mf.manifest_row(ident, out.count, rel, f"raw/{mf.label_key(ident)}", info["bytes"], info["sha256"],
-                              width=info.get("width"), height=info.get("height"), note=note)
+                              width=info.get("width"), height=info.get("height"), note=note,
+                              label_sha256=out.label_sha256)
         return Outcome(ident, status, row=row, count=out.count, notes=out.notes)
 
     def item(self, ident: str) -> Outcome:
