@@ -34,13 +34,14 @@ from typing import Any
 
 from bincount.config import Settings
 from bincount.errors import BincountError
-from bincount.results import Result, key_value_table
+from bincount.results import Result, csv_cell, key_value_table
 from bincount.workspace import Workspace, temp_beside
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
 COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SORT_RUN = 5000  # rows sorted in memory at a time when ranking (then merged from disk)
+RESUME_READERS = 8  # threads re-reading the images of kept results on resume
 
 
 class AuditRow(Result):
@@ -230,8 +231,11 @@ class Inputs:
 
 # -- scoring: one chunk of bins -> one result record per bin ------------------------------------
 def _record(b: Bin, expected: int | None = None, **values: Any) -> dict[str, Any]:
+    """A result: the bin, its prediction or error, and what it was scored from (the image's path and sha256,
+    the label's path) so a resumed audit keeps it only while that image is unchanged."""
     return {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected if expected is None else expected,
-            "predicted": values.get("predicted"), "confidence": values.get("confidence"), "error": values.get("error")}
+            "predicted": values.get("predicted"), "confidence": values.get("confidence"), "error": values.get("error"),
+            "path": b.path, "label": b.label, "sha256": values.get("sha256")}
 
 
 class Reader:
@@ -306,7 +310,7 @@ class ModelScorer:
                 body, content_type = self.reader.image(b.path)
                 images.extend(self.module.input_fn(body, content_type))
                 slots.append(len(records))
-                records.append(_record(b, expected))
+                records.append(_record(b, expected, sha256=hashlib.sha256(body).hexdigest()))
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
                 records.append(_record(b, expected, error=_message(exc)))
         if images:
@@ -338,8 +342,10 @@ class TargetScorer:
             try:
                 from bincount.predict import parse_answer
 
-                count, confidence, _ = parse_answer(self.target.predict(*self.reader.image(b.path)))
-                records.append(_record(b, expected, predicted=count, confidence=confidence))
+                body, content_type = self.reader.image(b.path)
+                count, confidence, _ = parse_answer(self.target.predict(body, content_type))
+                records.append(_record(b, expected, predicted=count, confidence=confidence,
+                                       sha256=hashlib.sha256(body).hexdigest()))
             except Exception as exc:  # noqa: BLE001
                 records.append(_record(b, expected, error=_message(exc)))
         return records
@@ -348,12 +354,36 @@ class TargetScorer:
 _WORKER: ModelScorer | None = None  # the scorer of a worker process
 
 
-def _init_worker(settings_json: str, model_dir: str, threads: int) -> None:
+def _init_worker(settings_json: str, model_dir: str, threads: int, parent: int) -> None:
     import signal
 
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    die_with_parent(parent)
     _WORKER = ModelScorer(Settings.model_validate_json(settings_json), model_dir, threads)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this worker process when `parent` dies, however it dies (SIGKILL included), so no worker (~1 GB
+    with its model) outlives an audit: prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux (the pool starts its
+    workers from the main thread), and everywhere a watchdog thread that checks the parent every second."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _score_in_worker(bins: list[Bin]) -> list[dict[str, Any]]:
@@ -426,7 +456,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     model_dir = str(target.handlers.model_dir)
     target.handlers = None  # each worker loads its own copy; free this one
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(settings.model_dump_json(), model_dir, threads))
+                               initargs=(settings.model_dump_json(), model_dir, threads, os.getpid()))
     try:
         for _, records in bounded_map(_score_in_worker, work, workers, pool=pool):
             for record in records:
@@ -456,19 +486,45 @@ def partial_path(ws: Workspace, key: str) -> Path:
     return ws.reports / "audit-partial" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
 
 
-def resume(path: Path) -> set[int]:
-    """Keep the scored records of an interrupted run (errors are retried; a torn last line is dropped)."""
+def resume(path: Path, settings: Settings) -> set[int]:
+    """Keep the scored records of an interrupted run whose image still has the sha256 it was scored with
+    (an image changed since is scored again; its expected quantity is read again from its label). Errors
+    are retried; a torn last line is dropped."""
     done: set[int] = set()
     if not path.exists():
         return done
-    tmp = path.with_suffix(".tmp")
-    with path.open() as src, tmp.open("w") as dst:
-        for line in src:
+    reader = Reader(settings)
+
+    def still(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept = []
+        for record in records:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                if hashlib.sha256(reader.image(record["path"])[0]).hexdigest() != record["sha256"]:
+                    continue
+                if record.get("label") and record.get("expected") is not None:
+                    record["expected"] = reader.expected(record["label"])
+            except Exception:  # noqa: BLE001 - gone or unreadable now: scored again (and reported there)
                 continue
-            if isinstance(record, dict) and record.get("error") is None and isinstance(record.get("n"), int):
+            kept.append(record)
+        return kept
+
+    def scored() -> Iterator[dict[str, Any]]:
+        with path.open() as src:
+            for line in src:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (isinstance(record, dict) and record.get("error") is None and isinstance(record.get("n"), int)
+                        and isinstance(record.get("path"), str) and isinstance(record.get("sha256"), str)):
+                    yield record
+
+    from bincount.data.source import bounded_map
+
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as dst:
+        for _, records in bounded_map(still, chunks(scored(), 32), RESUME_READERS):
+            for record in records:
                 done.add(record["n"])
                 dst.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
@@ -527,9 +583,9 @@ def csv_line(row: dict[str, Any]) -> str:
     buf = io.StringIO()
     conf = row.get("confidence")
     csv.writer(buf, lineterminator="\n").writerow([
-        row["id"], row["image"], "" if row["expected"] is None else row["expected"],
+        csv_cell(str(row["id"])), csv_cell(row["image"]), "" if row["expected"] is None else row["expected"],
         "" if row["predicted"] is None else row["predicted"], "" if conf is None else f"{conf:.6f}",
-        "" if row["agree"] is None else int(row["agree"]), row["action"], row["error"] or ""])
+        "" if row["agree"] is None else int(row["agree"]), row["action"], csv_cell(row["error"] or "")])
     return buf.getvalue()
 
 
@@ -628,7 +684,7 @@ def audit_local(settings: Settings, source: str | Path | None, *, threshold: flo
     try:
         partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
         partial.parent.mkdir(parents=True, exist_ok=True)
-        done = resume(partial)
+        done = resume(partial, settings)
         if done:
             from bincount.console import log
 

@@ -2,7 +2,8 @@
 
 - local backend: <workdir>/shards/<split>/, built on this machine by container/shards.py's build().
   Images come from raw/ when fetch put every listed image there, else straight from data.source (a
-  folder or bucket in the ABID layout: splits made by `split --from-index` need no fetch at all).
+  folder or bucket in the ABID layout, read through data/source.py as fetch reads it: splits made by
+  `split --from-index` need no fetch at all).
   Local training and `upload` then use these shards (shard.channels: auto).
 - sagemaker backend: a SageMaker Processing job runs container/shards.py (standard library, Pillow,
   boto3 only) on the PyTorch training image; it reads data.source (the public bucket) and writes the
@@ -99,6 +100,19 @@ def _local_source(ws: Workspace, rows: dict[str, list[dict]]) -> bool:
     return all("image" in r and (ws.raw / "bin-images" / f"{r['id']}.jpg").is_file() for part in rows.values() for r in part)
 
 
+class _SourceImages:
+    """What build() reads images with (container/shards.Store's read), over data/source.py: data.source
+    with the data settings (region, endpoint, unsigned, timeout, data.retries), as fetch reads it."""
+
+    def __init__(self, settings: Settings):
+        from bincount.data.source import open_source
+
+        self.source = open_source(settings)
+
+    def read(self, name: str) -> bytes | None:
+        return self.source.read(name, b"".join)
+
+
 def shard(settings: Settings) -> ShardResult:
     """Build shard channels from the splits (see the module docstring)."""
     ws = Workspace(settings.workdir)
@@ -115,10 +129,10 @@ def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardRe
     data, cfg = settings.data, settings.shard
     side = max_side(settings)
     if _local_source(ws, rows):
-        source = sh.Store(str(ws.raw))
+        source: Any = sh.Store(str(ws.raw))
     else:
         log(f"images not all in {ws.raw}: reading them from {data.source}")
-        source = sh.Store(data.source, data.endpoint_url, unsigned=data.unsigned, workers=cfg.workers)
+        source = _SourceImages(settings)
     total = {"items": 0, "skipped": 0, "bytes": 0}
     channels, counts = {}, {}
     for split, items in rows.items():
