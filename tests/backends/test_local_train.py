@@ -47,7 +47,7 @@ def test_train_needs_splits(tmp_path, cli):
 
 
 def test_use_best_without_a_tuning_result_is_an_error(tmp_path):
-    from bincount.backends.local_train import hyperparameters
+    from bincount.backends.local.train import hyperparameters
 
     settings = settings_for(tmp_path, **{"train.use_best": True})
     with pytest.raises(BincountError, match="run `bincount tune` first"):
@@ -60,7 +60,7 @@ def test_use_best_without_a_tuning_result_is_an_error(tmp_path):
 
 
 def test_script_failure_is_one_line_bincount_error(synth_source, tmp_path):
-    from bincount.backends.local_train import make_channels, run_script
+    from bincount.backends.local.train import make_channels, run_script
 
     workdir = make_workdir(synth_source, tmp_path / "w")
     settings = settings_for(workdir)
@@ -182,7 +182,7 @@ def test_killing_bincount_train_does_not_orphan_train_py(synth_source, tmp_path,
 
 @pytest.mark.slow
 def test_a_non_finite_loss_is_one_line_from_the_local_backend(synth_source, tmp_path):
-    from bincount.backends.local_train import make_channels, run_script
+    from bincount.backends.local.train import make_channels, run_script
 
     workdir = make_workdir(synth_source, tmp_path / "w")
     settings = settings_for(workdir, **{"train.epochs": 1, "train.ema_decay": 0})

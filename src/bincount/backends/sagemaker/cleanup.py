@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bincount.backends import sm_estimator as sme
+from bincount.backends.sagemaker import jobs
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
@@ -58,24 +58,23 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
     """Stop the recorded jobs and delete bincount's endpoints, endpoint configs, models and S3 data."""
     from botocore.exceptions import ClientError
 
-    from bincount.aws import client as aws_client
-    from bincount.aws import job_region, parse_s3_uri, s3_client
-    from bincount.backends.sagemaker import _job_status, _missing
+    from bincount.aws import Aws, parse_s3_uri
     from bincount.console import confirm
 
-    region = job_region(settings)
-    bucket = sme.require_bucket(settings)
+    aws = Aws(settings)
+    region = aws.job_region
+    bucket = jobs.require_bucket(settings)
     base = settings.sagemaker.base_job_name
     ws = Workspace(settings.workdir)
     state = ws.state()
-    sm = aws_client("sagemaker", region=region)
-    s3 = s3_client(settings)
-    with sme.aws_errors("sagemaker cleanup"):
+    sm = aws.client("sagemaker", region=region)
+    s3 = aws.s3()
+    with jobs.aws_errors("sagemaker cleanup"):
         # -- what exists ----------------------------------------------------------------------------
         running = []
         for record in (state.training, state.tuning):
             if isinstance(record, (SageMakerTraining, SageMakerTuning)):
-                found = _job_status(sm, record.job)
+                found = jobs.job_status(sm, record.job)
                 if found and found[1] == "InProgress":
                     running.append((found[0], record.job))
         endpoint = state.endpoint
@@ -85,7 +84,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 sm.describe_endpoint(EndpointName=endpoint.name)
                 endpoints.append(endpoint.name)
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
         configs = _list_all(sm, "list_endpoint_configs", "EndpointConfigs", "EndpointConfigName", base)
         models = _list_all(sm, "list_models", "Models", "ModelName", base)
@@ -96,10 +95,10 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 variants = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
                 models += [v["ModelName"] for v in variants if v.get("ModelName")]
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
         configs, models = list(dict.fromkeys(configs)), list(dict.fromkeys(models))
-        prefixes = [sme.s3_uri(settings) + "/"]
+        prefixes = [jobs.s3_uri(settings) + "/"]
         for extra in (settings.sagemaker.output_path, settings.sagemaker.checkpoint_s3_uri):
             if extra and not extra.rstrip("/").startswith(prefixes[0].rstrip("/")):
                 prefixes.append(extra.rstrip("/") + "/")
@@ -107,7 +106,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
             try:
                 desc = sm.describe_model(ModelName=model)
             except ClientError as exc:
-                if _missing(exc):
+                if jobs.missing(exc):
                     continue
                 raise
             container = desc.get("PrimaryContainer") or (desc.get("Containers") or [{}])[0]
@@ -146,7 +145,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 result.deleted.append(f"{kind} {name}")
                 log(f"deleted {kind} {name}")
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
         for prefix, keys in objects.items():
             bucket_name = parse_s3_uri(prefix)[0]
