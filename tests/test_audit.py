@@ -265,3 +265,38 @@ def test_s3_prefix_source_reads_images_and_labels_from_s3(cli, s3_server, synth_
     rows = {r["id"]: r for r in _csv_rows(tmp_path / "reports" / "audit.csv")}
     assert rows["00001"]["image"] == "s3://audit-src/wh1/bin-images/00001.jpg" and rows["00001"]["predicted"] != ""
     assert "00002.json" in rows["00002"]["error"]
+
+
+def test_a_report_that_misses_a_bin_is_not_written(work, sure_of_two, monkeypatch):
+    """If the results cover fewer bins than the input (another writer took some), audit fails in one line
+    and writes no report (before: exit 0 with 2,904 of 3,000 bins and no warning)."""
+    from bincount.audit import local as audit_mod
+    from bincount.config import load_settings
+    from bincount.errors import BincountError
+
+    settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1})
+    real = audit_mod.score_local
+
+    def lossy(settings, bins, total, target, write):
+        real(settings, bins, total, target, lambda record: record["n"] == 3 or write(record))
+
+    monkeypatch.setattr(audit_mod, "score_local", lossy)
+    with pytest.raises(BincountError, match="cover 5 of 6 bins"):
+        audit_mod.audit(settings, model=sure_of_two)
+    assert not (work / "reports" / "audit.csv").exists()
+    monkeypatch.setattr(audit_mod, "score_local", real)
+    assert audit_mod.audit(settings, model=sure_of_two).bins == 6  # run again: the missing bin is scored
+
+
+def test_report_refuses_duplicate_or_foreign_bins(tmp_path):
+    from bincount.audit import core as audit_mod
+    from bincount.errors import BincountError
+
+    record = {"id": "a", "image": "a.jpg", "expected": 1, "predicted": 1, "confidence": 0.9, "error": None}
+    for ns in ([0, 1, 1], [0, 1, 7], [0, 1]):
+        with pytest.raises(BincountError, match="of 3 bins"):
+            audit_mod.report(iter({**record, "n": n} for n in ns), tmp_path / "r.csv", source="x", target="t",
+                             threshold=0.5, top=3, total=3)
+    assert not (tmp_path / "r.csv").exists()
+    assert audit_mod.report(iter({**record, "n": n} for n in range(3)), tmp_path / "r.csv", source="x", target="t",
+                            threshold=0.5, top=3, total=3).bins == 3

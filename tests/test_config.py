@@ -118,9 +118,14 @@ def test_config_discovery_env_var_then_working_dir_then_work_dir(cli, tmp_path, 
     assert json.loads(res.stdout)["settings"]["train"]["epochs"] == 3  # <workdir>/bincount.yaml
     assert json.loads(res.stdout)["config_file"] == str(work / "bincount.yaml")
 
+    res = cli("config", "--workdir", work)  # the table view names the file too
+    assert res.stdout.splitlines()[0] == f"# read from {work / 'bincount.yaml'}"
+
     (tmp_path / "bincount.yaml").write_text("train:\n  epochs: 4\n")
     res = cli("config", "--json", "--workdir", work)
     assert json.loads(res.stdout)["settings"]["train"]["epochs"] == 4  # ./bincount.yaml comes first
+    # ... and says so: the work dir's file is not read silently
+    assert f"{work / 'bincount.yaml'} is not read" in " ".join(res.stderr.split())
 
     (tmp_path / "aws.yaml").write_text("train:\n  epochs: 5\n")
     monkeypatch.setenv("BINCOUNT_CONFIG", "aws.yaml")  # a path, not a setting called "config"

@@ -68,7 +68,8 @@ def test_updates_are_typed_whole_and_atomic(tmp_path):
         "training": {"backend": "local", "job": "r", "model_data": "/w/r/model.tar.gz", "model_dir": "/w/r/model",
                      "metrics": {}},
         "endpoint": {"backend": "sagemaker", "name": "ep", "mode": "serverless", "model_data": "s3://b/m.tar.gz"}}
-    assert list(tmp_path.iterdir()) == [ws.state_path]  # no temp files left behind
+    assert sorted(tmp_path.iterdir()) == [ws.locks, ws.state_path]  # no temp files left behind (.locks/ stays)
+    assert [p.name for p in ws.locks.iterdir()] == ["state.lock"]
     with pytest.raises(ValidationError):  # a typo in code fails loudly rather than writing a stray key
         ws.update_state(trainig=None)
     with pytest.raises(ValidationError):

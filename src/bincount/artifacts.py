@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from bincount.errors import BincountError
 from bincount.state import LocalTraining, Training
+from bincount.workspace import file_sha256, new_dir_mode, temp_beside
 
 if TYPE_CHECKING:
     from bincount.config import Settings
@@ -55,7 +56,7 @@ def package_model(model_dir: Path, out_tar: Path) -> Path:
         if not (model_dir / name).is_file():
             raise BincountError(f"{model_dir} has no {name}: not a trained model dir")
     out_tar.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_tar.parent, prefix=f".{out_tar.name}.", suffix=".part")
+    fd, tmp = temp_beside(out_tar)
     os.close(fd)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
@@ -112,6 +113,7 @@ def extract_model(tar_path: Path, dest: Path) -> Path:
                 raise BincountError(f"{tar_path}: not a bincount model archive (missing {', '.join(missing)})")
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+            tmp.chmod(new_dir_mode())  # mkdtemp makes it 0700 whatever the umask
             try:
                 tar.extractall(tmp, members=members, filter="data")
                 if dest.exists():
@@ -150,14 +152,6 @@ def check_code(model_dir: Path, trust: bool = False) -> Path:
     return model_dir
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_dir_from(path: Path, cache: Path) -> Path:
     """A model dir from a model dir itself, or a model.tar.gz unpacked safely once into cache/<sha256 prefix>/."""
     path = Path(path).expanduser()
@@ -167,7 +161,7 @@ def model_dir_from(path: Path, cache: Path) -> Path:
         return path.resolve()
     if not path.is_file():
         raise BincountError(f"model {path} not found: pass a model dir, a model.tar.gz or an s3:// URI")
-    dest = Path(cache) / _file_digest(path)[:16]
+    dest = Path(cache) / file_sha256(path)[:16]
     if not (dest / "meta.json").is_file():
         extract_model(path, dest)
     return dest.resolve()

@@ -120,7 +120,10 @@ def _call(command: str, config: Path | None, options: dict[str, Any], sets: list
         settings = load_settings(config, overrides)
         if command == "config":
             kwargs["config_file"] = config
-        result = stage(command, settings.backend)(settings, **kwargs)
+        from bincount.workspace import command_lock
+
+        with command_lock(settings.workdir, command):  # two writers on one work dir: the second refuses
+            result = stage(command, settings.backend)(settings, **kwargs)
     except BincountError as exc:
         _fail(str(exc))
     except KeyboardInterrupt as exc:  # a stage may say what its interruption left behind (a running job)

@@ -114,7 +114,8 @@ class DataSettings(Section):
     id_file: Path | None = Field(None, description="plain ids (one a line) or the capstone JSON {\"1\": [\"data/metadata/100313.json\", ...]}")
     balanced: bool = Field(False, description="equal numbers per count (labels are read first, then images fetched)")
     workers: int = Field(32, ge=1, le=512, description="concurrent requests: sized for network latency, not CPU")
-    retries: int = Field(8, ge=1, le=50, description="attempts per request, with backoff on throttling/connection errors")
+    retries: int = Field(8, ge=1, le=50, description="attempts per object in all (botocore's retries with backoff on throttling "
+                         "and connection errors, and a re-read of a body that broke off)")
     seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")
     index: bool | None = Field(None, description="select from <workdir>/index.sqlite (`bincount index`): true = required, "
                                "false = never, null = when it is complete and was built from data.source")
@@ -617,10 +618,14 @@ def find_config(config: Path | None, environ: dict[str, str], workdir: Any = Non
         if not path.is_file():
             raise BincountError(f"{CONFIG_ENV}={path}: config file not found")
         return path
-    for folder in (Path.cwd(), Path(workdir or Settings.model_fields["workdir"].default)):
-        if (folder / CONFIG_NAME).is_file():
-            return folder / CONFIG_NAME
-    return None
+    found = [folder / CONFIG_NAME for folder in (Path.cwd(), Path(workdir or Settings.model_fields["workdir"].default))
+             if (folder / CONFIG_NAME).is_file()]
+    if len(found) == 2 and not found[0].samefile(found[1]):
+        from bincount.console import log
+
+        log(f"note: reading settings from ./{CONFIG_NAME}; {found[1]} is not read (./{CONFIG_NAME} comes first; "
+            "--config FILE picks one)")
+    return found[0] if found else None
 
 
 def parse_set_option(items: list[str]) -> dict[str, Any]:
@@ -644,9 +649,13 @@ class ConfigResult(Result):
     settings: dict[str, Any]
 
     def rich(self) -> Any:
+        from rich.console import Group
         from rich.syntax import Syntax
+        from rich.text import Text
 
-        return Syntax(yaml.safe_dump(self.settings, sort_keys=False), "yaml")
+        source = (f"# read from {self.config_file}" if self.config_file else
+                  "# no config file: defaults, BINCOUNT_* variables and flags only")
+        return Group(Text(source, style="dim"), Syntax(yaml.safe_dump(self.settings, sort_keys=False), "yaml"))
 
 
 def show(settings: Settings, config_file: Path | None = None) -> ConfigResult:

@@ -11,16 +11,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 
 
+FIX = "bincount demo --budget 600"  # what buys a model above chance on a slow or busy CPU
+
+
 class DemoResult(Result):
     workdir: str
     images: int
     accuracy: float
+    chance: float = Field(description="the test split's majority rate: what always answering one count scores")
+    trustworthy: bool = Field(description="false when test accuracy is near chance: the model is not to be used")
     rmse: float
     within_one: float
     agreement: float
@@ -29,10 +36,16 @@ class DemoResult(Result):
     reports: dict[str, str]
     seconds: float
 
-    def rich(self) -> Any:
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.trustworthy else 1
 
-        table = key_value_table(title="bincount demo: done (nothing left running)")
-        table.add_row("test accuracy", f"{self.accuracy:.1%}")
+    def rich(self) -> Any:
+        title = ("bincount demo: done (nothing left running)" if self.trustworthy else
+                 f"bincount demo: the model is NOT trustworthy: test accuracy {self.accuracy:.1%} is near chance "
+                 f"({self.chance:.1%}); train longer: {FIX}")
+        table = key_value_table(title=title)
+        table.add_row("test accuracy", f"{self.accuracy:.1%} (chance {self.chance:.1%})")
         table.add_row("test RMSE", f"{self.rmse:.3f}")
         table.add_row("within one", f"{self.within_one:.1%}")
         table.add_row("audit agreement", f"{self.agreement:.1%} ({self.to_recount} bins to recount)")
@@ -75,17 +88,25 @@ def _serve_bucket(source: Path, bucket: str) -> tuple[Any, str]:
     return server, url
 
 
-def _calibrate(settings: Settings, ws: Any, budget_s: float) -> str:
-    """Set train.epochs (and, if needed, train.image_size) so training fits budget_s here; say what was chosen."""
+def _calibrate(settings: Settings, ws: Any, budget_s: float) -> Any:
+    """Set train.epochs (and, if needed, train.image_size) so training fits budget_s here; returns the plan.
+    Shows a progress bar while it measures (a slow CPU takes a while to time even a few steps)."""
     from bincount.calibrate import plan
+    from bincount.console import progress
     from bincount.workspace import read_jsonl
 
     t = settings.train
     train_images, val_images = len(read_jsonl(ws.split("train"))), len(read_jsonl(ws.split("val")))
-    chosen = plan(t.arch, t.image_size, t.batch_size, settings.data.max_count + 1, t.amp, train_images, val_images,
-                  budget_s, max_epochs=t.epochs)
+    with progress(transient=True) as bar:
+        task = bar.add_task("measuring training speed", total=None)
+
+        def on_step(size: int, done: int, total: int) -> None:
+            bar.update(task, description=f"measuring training speed at {size} px", completed=done, total=total)
+
+        chosen = plan(t.arch, t.image_size, t.batch_size, settings.data.max_count + 1, t.amp, train_images,
+                      val_images, budget_s, max_epochs=t.epochs, warmup_epochs=t.warmup_epochs, on_step=on_step)
     t.epochs, t.image_size = chosen.epochs, chosen.image_size
-    return chosen.describe(train_images)
+    return chosen
 
 
 def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s: float = 120) -> DemoResult:
@@ -98,6 +119,7 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
 
     from bincount.audit import local as audit_stage
     from bincount import evaluate as evaluate_stage
+    from bincount import quality
     from bincount import predict as predict_stage
     from bincount.backends.local import endpoint as local_endpoint
     from bincount.backends.local import train as local_train
@@ -121,14 +143,27 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
         fetch.fetch(settings)
         log("[bold]3/8 split[/]")
         split.split(settings)
+        replan = None
         if budget_s > 0:
+            from bincount import calibrate
+
+            configured = settings.train.epochs
+            log(f"[bold]4/8 train[/] measuring this machine to size training to about {budget_s:.0f} s")
             chosen = _calibrate(settings, ws, budget_s)
-            log(f"[bold]4/8 train[/] sized to about {budget_s:.0f} s on this machine: {chosen}")
+            log(f"[bold]4/8 train[/] sized to about {budget_s:.0f} s on this machine: "
+                f"{chosen.describe(len(read_jsonl(ws.split('train'))))}")
+
+            def replan(first_epoch_s: float) -> int:
+                return calibrate.replan(chosen, first_epoch_s, budget_s, configured, settings.train.warmup_epochs)
         else:
             log("[bold]4/8 train[/]")
-        local_train.train(settings)
+        local_train.train(settings, replan=replan)
         log("[bold]5/8 evaluate[/]")
         metrics = evaluate_stage.evaluate(settings)
+        chance = quality.chance(metrics.confusion)
+        if quality.near_chance(metrics.accuracy, chance):
+            log(f"[bold red]warning:[/] test accuracy {metrics.accuracy:.1%} is near chance ({chance:.1%}): "
+                f"this model is not trustworthy; train longer with `{FIX}`")
         log("[bold]6/8 deploy[/] the local endpoint")
         local_endpoint.deploy_local(settings)
         endpoint_up = True
@@ -143,7 +178,8 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
         server.stop()
     return DemoResult(
         workdir=str(ws.root), images=images,
-        accuracy=metrics.accuracy, rmse=metrics.rmse, within_one=metrics.within_one,
+        accuracy=metrics.accuracy, chance=chance, trustworthy=not quality.near_chance(metrics.accuracy, chance),
+        rmse=metrics.rmse, within_one=metrics.within_one,
         agreement=audited.agreement or 0.0, to_recount=audited.recount,
         predictions=[{"image": p.image, "count": p.count, "confidence": p.confidence} for p in predicted.items],
         reports={**metrics.reports, "audit": audited.csv},

@@ -1,10 +1,12 @@
 """`bincount doctor`: check the AWS setup before any money is spent, one line per check.
 
 credentials (sts get-caller-identity), one region for jobs and bucket, the role (exists, SageMaker may
-assume it), the bucket (reachable, in the jobs' region), the instance types against the mode (GPU for
-DDP), the pretrained weights, and the service quota for the training instance type where the Service
-Quotas API answers. A check that cannot be made reads "unknown" and does not fail the run; a failed
-check makes the exit code 1.
+assume it, and its policies allow what the jobs do: iam:SimulatePrincipalPolicy), the bucket (reachable,
+in the jobs' region), the instance types against the mode (GPU for DDP), the pretrained weights, and the
+service quotas of every instance kind the settings would start (training, tuning, Processing, Batch
+Transform, endpoint) where the Service Quotas API answers, the applied value or else AWS's default.
+A check that cannot be made reads "unknown" and does not fail the run; a failed check makes the exit
+code 1.
 """
 
 from __future__ import annotations
@@ -217,39 +219,106 @@ class _Doctor:
             status: Status = "ok" if path.is_file() else "fail"
             self.add("pretrained weights", status, f"{path} {'exists' if status == 'ok' else 'not found'}")
 
-    def quota(self) -> None:
-        """The account's applied quota "<type> for training job usage" (spot: "... for spot training job usage")."""
-        sm = self.settings.sagemaker
-        name = f"{sm.instance_type} for {'spot ' if sm.use_spot_instances else ''}training job usage"
-        try:
-            paginator = self.client("service-quotas").get_paginator("list_service_quotas")
-            value = None
-            for page in paginator.paginate(ServiceCode="sagemaker"):
-                for quota in page.get("Quotas", []):
-                    if quota.get("QuotaName") == name:
-                        value = quota.get("Value")
-                if value is not None:
-                    break
-        except Exception as exc:  # noqa: BLE001 - no permission, or an endpoint without the API
-            self.add("quota", "unknown", f"{name}: the Service Quotas API did not answer ({_reason(exc)})")
+    def permissions(self) -> None:
+        """Ask IAM whether the role's policies allow what the jobs do with S3 (the policy in the README allows it)."""
+        if not any(c.check == "role" and c.status == "ok" for c in self.checks):
+            self.add("role permissions", "skip", "the role check did not pass")
             return
-        if value is None:
-            self.add("quota", "unknown", f"no quota named {name!r} in the Service Quotas list")
-        elif value < sm.instance_count:
-            self.add("quota", "fail", f"{name} is {value:g}, the job needs {sm.instance_count}: request an increase "
-                     "in the Service Quotas console")
+        iam = self.client("iam")
+        denied: list[str] = []
+        try:
+            for actions, resource in role_needs(self.settings):
+                found = iam.simulate_principal_policy(PolicySourceArn=self.settings.sagemaker.role,
+                                                      ActionNames=actions, ResourceArns=[resource])
+                denied += [f"{r['EvalActionName']} on {r.get('EvalResourceName', resource)}"
+                           for r in found.get("EvaluationResults", []) if r.get("EvalDecision") != "allowed"]
+        except Exception as exc:  # noqa: BLE001 - the caller may not be allowed to simulate
+            self.add("role permissions", "unknown", f"iam:SimulatePrincipalPolicy did not answer ({_reason(exc)})")
+            return
+        if denied:
+            self.add("role permissions", "fail", f"the role may not {'; '.join(denied)} (the README's policy allows it)")
         else:
-            self.add("quota", "ok", f"{name}: {value:g} (the job needs {sm.instance_count})")
+            self.add("role permissions", "ok", "the role may read the sources and read/write its bucket prefix")
+
+    def quotas(self) -> None:
+        """Each instance kind the settings would start against its quota: the applied value, else AWS's default."""
+        try:
+            values = self._quota_values()
+        except Exception as exc:  # noqa: BLE001 - no permission, or an endpoint without the API
+            self.add("quota", "unknown", f"the Service Quotas API did not answer ({_reason(exc)})")
+            return
+        for check, name, needed in quota_needs(self.settings):
+            found = values.get(name)
+            if found is None:
+                self.add(check, "unknown", f"no quota named {name!r} in the Service Quotas lists")
+                continue
+            value, source = found
+            if value < needed:
+                self.add(check, "fail", f"{name} is {value:g} ({source}), {needed} needed: request an increase "
+                         "in the Service Quotas console")
+            else:
+                self.add(check, "ok", f"{name}: {value:g} ({source}), {needed} needed")
+
+    def _quota_values(self) -> dict[str, tuple[float, str]]:
+        """{quota name: (value, "applied" | "AWS default")}; an applied value wins over the default."""
+        client = self.client("service-quotas")
+        values: dict[str, tuple[float, str]] = {}
+        for operation, source in (("list_aws_default_service_quotas", "AWS default"), ("list_service_quotas", "applied")):
+            for page in client.get_paginator(operation).paginate(ServiceCode="sagemaker"):
+                for quota in page.get("Quotas", []):
+                    if quota.get("QuotaName") and quota.get("Value") is not None:
+                        values[quota["QuotaName"]] = (float(quota["Value"]), source)
+        return values
+
+
+def role_needs(settings: Settings) -> list[tuple[list[str], str]]:
+    """(actions, resource ARN) the execution role needs for the walk-through: its bucket prefix (channels,
+    outputs, checkpoints, Debugger data, models), and read access to the data source's bucket, which a Batch
+    Transform audit of public-bucket images reads with the role."""
+    from bincount.aws import parse_s3_uri
+
+    needs: list[tuple[list[str], str]] = []
+    bucket = settings.s3.bucket
+    if bucket:
+        prefix = settings.s3.prefix.strip("/")
+        needs.append((["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                      f"arn:aws:s3:::{bucket}/{prefix + '/' if prefix else ''}doctor-check"))
+        needs.append((["s3:ListBucket"], f"arn:aws:s3:::{bucket}"))
+    if settings.data.source.startswith("s3://"):
+        source, key = parse_s3_uri(settings.data.source)
+        needs.append((["s3:GetObject"], f"arn:aws:s3:::{source}/{key + '/' if key else ''}bin-images/00004.jpg"))
+        needs.append((["s3:ListBucket"], f"arn:aws:s3:::{source}"))
+    return needs
+
+
+def quota_needs(settings: Settings) -> list[tuple[str, str, int]]:
+    """(check, Service Quotas name, instances needed at once) for everything the settings would start."""
+    sm, t = settings.sagemaker, settings.sagemaker.instance_type
+    spot = "spot " if sm.use_spot_instances else ""
+    needs = [("quota: training", f"{t} for {spot}training job usage", sm.instance_count),
+             ("quota: tuning", f"{t} for {spot}training job usage", sm.instance_count * settings.tune.max_parallel_jobs),
+             ("quota: processing (shard)", f"{settings.shard.instance_type} for processing job usage",
+              settings.shard.instance_count),
+             ("quota: batch transform (audit)", f"{settings.transform.instance_type} for transform job usage",
+              settings.transform.instance_count)]
+    d = settings.deploy
+    if d.mode == "serverless":
+        needs.append(("quota: endpoint", "Maximum total concurrency that can be allocated across all serverless endpoints",
+                      d.max_concurrency))
+    else:
+        needs.append(("quota: endpoint", f"{d.instance_type} for endpoint usage", d.instance_count))
+    return needs
 
 
 def doctor(settings: Settings) -> DoctorResult:
-    """Check credentials, region, role, bucket, instance types, weights and quota; one line each."""
+    """Check credentials, region, role and its permissions, bucket, instance types, weights and quotas."""
     d = _Doctor(settings)
     d.regions()
     d.credentials()
     d.role()
+    d.permissions()
     d.bucket()
     d.instances()
     d.weights()
-    d.quota()
+    d.quotas()
     return DoctorResult(checks=d.checks)

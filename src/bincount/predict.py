@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from pydantic import Field
 
-from bincount.aws import error_code, error_message
 from bincount.config import Settings
+from bincount.data.source import BucketClients, aws_message
 from bincount.errors import BincountError
 from bincount.results import Result
 from bincount.serve import MAX_BODY_BYTES
@@ -128,38 +128,19 @@ def file_source(path: Path, name: str | None = None) -> Source:
     return Source(name, _read_file(path), _content_type(path.name))
 
 
-class S3Reader:
-    """Thread-safe S3 reads with the right settings per bucket (see the module docstring)."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._clients: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def client(self, bucket: str) -> Any:
-        from bincount.aws import is_source_bucket, s3_client
-
-        key = "data" if is_source_bucket(self.settings, bucket) else "s3"
-        with self._lock:
-            if key not in self._clients:
-                pool = max(10, self.settings.deploy.workers)
-                self._clients[key] = s3_client(self.settings, bucket, max_pool_connections=pool, max_attempts=4)
-            return self._clients[key]
+class S3Reader(BucketClients):
+    """Image sources from s3:// URIs, each bucket read with its own settings (see the module docstring)."""
 
     def sources(self, uri: str) -> list[Source]:
         from bincount.aws import parse_s3_uri
 
         bucket, prefix = parse_s3_uri(uri)
-        s3 = self.client(bucket)
         try:
             if prefix.lower().endswith(IMAGE_SUFFIXES):
                 return [Source(uri, self._reader(bucket, prefix), _content_type(prefix))]
-            keys = []
-            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-            for page in pages:
-                keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].lower().endswith(IMAGE_SUFFIXES)]
+            keys = [obj["Key"] for obj in self.list(bucket, prefix, IMAGE_SUFFIXES)]
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            return [Source(uri, None, error=f"cannot list: {_aws_message(exc)}")]
+            return [Source(uri, None, error=f"cannot list: {aws_message(exc)}")]
         if not keys:
             return [Source(uri, None, error="no .jpg/.jpeg/.png objects under this prefix")]
         return [Source(f"s3://{bucket}/{k}", self._reader(bucket, k), _content_type(k)) for k in sorted(keys)]
@@ -167,22 +148,15 @@ class S3Reader:
     def _reader(self, bucket: str, key: str) -> Callable[[], bytes]:
         def read() -> bytes:
             try:
-                obj = self.client(bucket).get_object(Bucket=bucket, Key=key)
+                obj = self.get(f"s3://{bucket}/{key}")
             except Exception as exc:  # noqa: BLE001
-                raise ValueError(f"cannot read: {_aws_message(exc)}") from None
+                raise ValueError(f"cannot read: {aws_message(exc)}") from None
             if obj["ContentLength"] > MAX_BODY_BYTES:
                 obj["Body"].close()
                 raise _too_big(obj["ContentLength"])
             return obj["Body"].read()
 
         return read
-
-
-def _aws_message(exc: Exception) -> str:
-    code = error_code(exc)
-    if code:
-        return f"{code}: {error_message(exc) or ''}".strip().rstrip(":")
-    return f"{type(exc).__name__}: {exc}"
 
 
 def collect(settings: Settings, inputs: list[str]) -> list[Source]:

@@ -1,13 +1,18 @@
-"""Paths inside the work dir, atomic file writes, JSON Lines and state.json."""
+"""Paths inside the work dir, its locks, atomic file writes, JSON Lines and state.json."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,14 @@ class Workspace:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def locks(self) -> Path:
+        return self.root / ".locks"
+
+    def lock(self, name: str, command: str, wait_s: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """Hold <workdir>/.locks/<name>.lock while the block runs (see WorkLock)."""
+        return WorkLock(self.locks / f"{name}.lock", command, wait_s)
+
     def require(self, path: Path, hint: str) -> Path:
         """Return `path` if it exists, else fail with a message saying which command makes it."""
         if not path.exists():
@@ -70,14 +83,160 @@ class Workspace:
                                 "fix or delete it") from None
         return State.load(raw, self.state_path)
 
-    def update_state(self, **changes: Record | dict[str, Any] | None) -> State:
-        """Set sections of state.json (None removes one), validate the whole, and write it atomically.
+    def update_state(self, change: Callable[[State], dict[str, Any]] | None = None,
+                     **changes: Record | dict[str, Any] | None) -> State:
+        """Set sections of state.json (None removes one), validate the whole, and write it atomically, all
+        under the work dir's state lock, so two processes updating it never lose each other's changes.
 
-        `ws.update_state(training=LocalTraining(...), training_pending=None)`.
+        `ws.update_state(training=LocalTraining(...), training_pending=None)`; a change that depends on
+        what is there: `ws.update_state(lambda s: {"channels": {**s.channels, "test": uri}})`.
         """
-        state = State.model_validate({**dict(self.state()), **changes})
-        atomic_write_text(self.state_path, state.dump())
+        with self.lock("state", "state.json update", wait_s=STATE_LOCK_WAIT_S):
+            current = self.state()
+            if change is not None:
+                changes = {**change(current), **changes}
+            state = State.model_validate({**dict(current), **changes})
+            atomic_write_text(self.state_path, state.dump())
         return state
+
+
+STATE_LOCK_WAIT_S = 60.0  # how long an update of state.json waits for another process's update
+
+# Which lock each command that writes the work dir holds while it runs: a second command with the same
+# lock refuses at once, naming the holder. Commands not listed only read (state.json updates lock themselves).
+COMMAND_LOCKS: dict[str, tuple[str, ...]] = {
+    "index": ("index",), "fetch": ("fetch",), "split": ("split",), "shard": ("shard",),
+    "upload": ("upload",), "tune": ("train",), "train": ("train",), "evaluate": ("evaluate",),
+    "deploy": ("endpoint",), "undeploy": ("endpoint",), "audit": ("audit",), "stop": ("aws",), "cleanup": ("aws",),
+}
+COMMAND_LOCKS["demo"] = tuple(sorted({name for names in COMMAND_LOCKS.values() for name in names}))
+
+
+@contextlib.contextmanager
+def command_lock(workdir: Path | str, command: str) -> Iterator[None]:
+    """Hold the locks `command` needs on `workdir` (none for a command that only reads)."""
+    ws = Workspace(workdir)
+    with contextlib.ExitStack() as stack:
+        for name in COMMAND_LOCKS.get(command, ()):
+            stack.enter_context(ws.lock(name, f"bincount {command}"))
+        yield
+
+
+class WorkLock:
+    """An exclusive lock on one file of the work dir: flock(2) on `path`, whose content names the holder
+    (pid, host, command, since when). The kernel drops the lock when its holder dies however it dies, so a
+    lock left by a killed command is never in the way (its stale holder record is overwritten); a live
+    holder is named in the one-line error a second command gets. Re-entrant within a process (a thread
+    waits for another thread of the same process); the lock file is not inherited by child processes
+    (close-on-exec, and closed in forked children)."""
+
+    _held: dict[str, tuple[int, int]] = {}  # path -> (fd, depth), this process's held locks
+    _threads: dict[str, threading.RLock] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, path: Path, command: str, wait_s: float = 0.0):
+        self.path, self.command, self.wait_s = Path(path), command, wait_s
+        self.key = os.path.abspath(self.path)
+
+    def __enter__(self) -> None:
+        with WorkLock._guard:
+            rlock = WorkLock._threads.setdefault(self.key, threading.RLock())
+        if not rlock.acquire(blocking=self.wait_s > 0, timeout=self.wait_s if self.wait_s > 0 else -1):
+            raise BincountError(f"{self.path} is held by another thread of this process")
+        try:
+            if self.key in WorkLock._held:
+                fd, depth = WorkLock._held[self.key]
+                WorkLock._held[self.key] = (fd, depth + 1)
+                return
+            WorkLock._held[self.key] = (self._acquire(), 1)
+        except BaseException:
+            rlock.release()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.key not in WorkLock._held:  # a forked child leaving its parent's block
+            return
+        fd, depth = WorkLock._held[self.key]
+        try:
+            if depth > 1:
+                WorkLock._held[self.key] = (fd, depth - 1)
+                return
+            del WorkLock._held[self.key]
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no holder any more
+            os.close(fd)  # releases the flock
+        finally:
+            WorkLock._threads[self.key].release()
+
+    def _acquire(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise BincountError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise BincountError(self._busy(holder)) from None
+                time.sleep(0.02)
+            except OSError as exc:  # a file system without locks
+                os.close(fd)
+                raise BincountError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with contextlib.suppress(OSError):  # the record is for messages only: a full disk must not stop the work
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        return fd
+
+    def _busy(self, holder: dict[str, Any]) -> str:
+        pid, waited = holder.get("pid"), f" (waited {self.wait_s:g} s)" if self.wait_s else ""
+        if not isinstance(pid, int):
+            who = "another process"
+        elif holder.get("host") not in (None, socket.gethostname()):
+            who = f"{holder.get('command', 'bincount')} (pid {pid} on {holder['host']}, since {holder.get('since')})"
+        elif _alive(pid):
+            who = f"{holder.get('command', 'bincount')} (pid {pid}, since {holder.get('since')})"
+        else:  # the holder died but a process it started still has the lock file open
+            who = f"a leftover child of {holder.get('command', 'bincount')} (pid {pid}, which has exited)"
+        return (f"{self.path.parent.parent} is busy: {who} holds {self.path.name}{waited}; "
+                f"wait for it to finish or stop it, then run this again")
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _close_held_locks_in_child() -> None:
+    """A forked child must not keep its parent's locks alive after the parent dies."""
+    for fd, _ in WorkLock._held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    WorkLock._held.clear()
+    WorkLock._threads.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
@@ -92,6 +251,36 @@ def disk_error(path: Path, exc: BaseException) -> BaseException:
     return exc
 
 
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """This process's umask, read once (reading it means setting it: restored at once)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file under the umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The mode mkdir() gives a new folder under the umask (0755 under the usual 022)."""
+    return 0o777 & ~_umask()
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A temp file beside `path` for an atomic write: (fd, name), with the mode a plain write would give
+    (mkstemp makes it 0600 whatever the umask, so a teammate or a web server could not read the reports)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True) -> str:
     """Stream `chunks` to a temp file beside `path`, fsync it (unless told not to), rename it into place;
     return the sha256. Nothing half-written ever stands at `path`; a full disk is a one-line BincountError."""
@@ -99,7 +288,7 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True)
     digest, tmp = hashlib.sha256(), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        fd, tmp = temp_beside(path)
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 digest.update(chunk)
@@ -116,6 +305,12 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], fsync: bool = True)
             raise
         raise error from None
     return digest.hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 hex digest of a file's bytes (the one file digest: hashlib.file_digest)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -191,3 +191,27 @@ def test_a_non_finite_loss_is_one_line_from_the_local_backend(synth_source, tmp_
         run_script(hp, tmp_path / "run", make_channels(settings))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run" / "model" / "model.pth").exists()
+
+
+@pytest.mark.slow
+def test_a_replan_after_the_first_epoch_resumes_the_run_with_the_new_epochs(synth_source, tmp_path):
+    """The demo sizes training to a budget: after epoch 1 the measured time may change the plan; the run stops
+    there (its checkpoint written) and goes on to the new number of epochs, not from scratch."""
+    from bincount.backends.local_train import train
+
+    work = make_workdir(synth_source, tmp_path / "work")
+    seen: list[float] = []
+
+    def replan(first_epoch_s: float) -> int:
+        seen.append(first_epoch_s)
+        return 3
+
+    result = train(settings_for(work, **{"train.epochs": 2}), replan=replan)
+    assert len(seen) == 1 and seen[0] > 0
+    assert result.epochs == 3 and result.hyperparameters["epochs"] == 3
+    log = (work / "models" / result.run / "train.log").read_text()
+    assert "resuming after epoch 1" in log
+    epochs = [json.loads(line)["epoch"] for line in (work / "models" / result.run / "epochs.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # epoch 1 once: the resumed run went on from its checkpoint
+    state = Workspace(work).state()
+    assert state.training_pending is None and state.training.model_data == result.model_data

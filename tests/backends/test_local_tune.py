@@ -73,7 +73,7 @@ def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_three_trial_search_records_the_best(tmp_path, synth_source, cli):
-    """`bincount tune` through the CLI (the STAGES entry to the local backend), then its record."""
+    """`bincount tune` through the CLI (the COMMANDS entry to the local backend), then its record."""
     from bincount.backends.local.tune import read_objective
     from bincount.backends.tuning import TuneResult
     from bincount.data.fetch import fetch

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -90,24 +92,123 @@ def test_webdataset_reads_the_same_shards(built):
     assert got == {r["id"]: r["count"] for r in items if r["id"] != "99999"}
 
 
-@pytest.mark.parametrize("items_per_shard", [25, 200])  # more shards than slots, and fewer
-def test_ranks_and_workers_split_the_samples_without_overlap(synth_source, tmp_path, items_per_shard):
-    items = [{"id": p.stem, "count": 1} for p in sorted((synth_source / "metadata").glob("*.json"))]
-    sh.build(items, "val", sh.Store(str(synth_source)), sh.Store(str(tmp_path)), items_per_shard=items_per_shard,
+_READS: dict = {"fd": None}
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Logs every opening of a .tar for reading, in this process and in forked DataLoader workers."""
+    if event == "open" and _READS["fd"] is not None and str(args[0]).endswith(".tar") and not (args[2] or 0) & 3:
+        os.write(_READS["fd"], f"open\t{args[0]}\t0\n".encode())
+
+
+class _Counted:
+    """A file whose reads are logged (bytes per shard), whatever the reader does with it."""
+
+    def __init__(self, f, path):
+        self.f, self.path = f, str(path)
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        os.write(_READS["fd"], f"read\t{self.path}\t{len(data)}\n".encode())
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def tar_reads(tmp_path, monkeypatch):
+    """read() -> ({shard: opens}, {shard: bytes read}) since the last read(), over every reader process."""
+    import builtins
+
+    log = tmp_path / "reads.log"
+    _READS["fd"] = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    if not _READS.get("hooked"):
+        sys.addaudithook(_audit)  # cannot be removed: a no-op while _READS["fd"] is None
+        _READS["hooked"] = True
+    real_open = builtins.open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return _Counted(f, file) if str(file).endswith(".tar") and "r" in mode and "+" not in mode else f
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+
+    def read():
+        opens, got = Counter(), Counter()
+        for line in log.read_text().splitlines():
+            kind, path, n = line.split("\t")
+            (opens if kind == "open" else got)[path] += 1 if kind == "open" else int(n)
+        log.write_text("")
+        return opens, got
+
+    yield read
+    os.close(_READS["fd"])
+    _READS["fd"] = None
+
+
+@pytest.mark.parametrize("per_shard", [25, 9])  # 5 shards for 6 readers; 14 shards of unequal share per reader
+def test_every_epoch_is_a_permutation_and_no_reader_reads_a_shard_it_does_not_use(synth_source, tmp_path, monkeypatch,
+                                                                                  tar_reads, per_shard):
+    """A simulation with the real reader: 2 ranks x 3 DataLoader workers over 120 items whose labels are their
+    numbers, 3 training epochs and an evaluation pass: each pass sees every item exactly once, and readers
+    open only the shards in their share and read each shard's bytes at most once in all."""
+    import torch.distributed as td
+
+    files = sorted((synth_source / "metadata").glob("*.json"))[:120]
+    items = [{"id": p.stem, "count": number} for number, p in enumerate(files)]
+    sh.build(items, "train", sh.Store(str(synth_source)), sh.Store(str(tmp_path / "ch")), items_per_shard=per_shard,
              max_side=32, workers=2, log=lambda _: None)
-    paths = [m["path"] for m in sh.read_sidecars(tmp_path)]
-    dataset = sh._torch_dataset()
-    per_slot = []
-    for rank in range(2):
-        stream = dataset(paths, 16, (rank, 2), None, 10)
-        per_slot.append([image.shape for image, _ in stream])
-    assert sum(map(len, per_slot)) == 120 and all(40 <= len(s) <= 80 for s in per_slot)
-    # training: every rank streams exactly the steps it was asked for, in batches
-    batches = sh.ShardBatches(tmp_path, 16, 16, 6, num_workers=2, seed=1, shuffle_buffer=8)
-    assert len(batches) == 120 and batches.labels.tolist() == [1] * 120
-    sizes = [len(y) for _, y in batches.iterate(list(range(49)), drop_last_single=True)]
-    assert sum(sizes) == 48 and max(sizes) == 16  # 49 % 16 == 1: the lone last sample is dropped
-    assert sum(len(y) for _, y in batches.iterate(list(range(120)))) == 120  # evaluation: each sample once
+    sizes = {m["path"]: m["bytes"] for m in sh.read_sidecars(tmp_path / "ch")}
+    world, workers, batch = 2, 3, 8
+    rank = {"now": 0}
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    monkeypatch.setattr(td, "get_rank", lambda group=None: rank["now"])
+    monkeypatch.setattr(td, "get_world_size", lambda group=None: world)
+    readers = []
+    for rank["now"] in range(world):
+        readers.append(sh.ShardBatches(tmp_path / "ch", 16, batch, len(items), num_workers=workers, seed=5, shuffle_buffer=10))
+    tar_reads()
+    orders = []
+    for training in (True, True, True, False):
+        seen = []
+        for rank["now"], reader in enumerate(readers):
+            for images, labels in reader.iterate(list(range(len(items) // world)), drop_last_single=training):
+                assert images.shape[1:] == (3, 16, 16) and len(labels) <= batch
+                seen += labels.tolist()
+        assert sorted(seen) == list(range(len(items))), f"{len(set(seen))} distinct of {len(seen)} seen"
+        orders.append(seen)
+        opens, got = tar_reads()
+        assert set(opens) <= set(sizes) and sum(opens.values()) <= len(sizes) + world * workers - 1, opens
+        assert all(got[path] <= size for path, size in sizes.items()), (got, sizes)
+    assert orders[0] != orders[1] != orders[2]  # a new order every epoch
+
+
+def test_epoch_plan_covers_each_ranks_share_once_in_whole_batches():
+    sizes = [7, 30, 1, 12, 50]
+    for world, workers, batch in [(1, 4, 8), (3, 2, 5), (2, 8, 4), (4, 1, 3)]:
+        for seed in (None, 1, 2):
+            per_rank = []
+            for rank in range(world):
+                plans = sh.epoch_plan(sizes, seed, rank, world, workers, batch)
+                counts = [sum(b - a for _, a, b in plan) for plan in plans]
+                assert all(n % batch == 0 for n in counts[:-1] if n)  # only a rank's last batch may be short
+                per_rank.append({(k, i) for plan in plans for k, a, b in plan for i in range(a, b)})
+                assert sum(counts) == len(per_rank[-1])
+            everything = set().union(*per_rank)
+            assert sum(map(len, per_rank)) == len(everything)  # no item twice
+            total = sum(sizes)
+            if seed is None:
+                assert len(everything) == total
+            else:
+                share = total // world
+                assert all(len(p) == share - (share % batch == 1) for p in per_rank)
 
 
 def test_shard_channel_with_a_count_beyond_num_classes_is_a_clear_error(built):
@@ -124,10 +225,14 @@ def test_build_script_rejects_bad_items_with_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("error: item 1: needs an id and an integer count")
 
 
-def test_a_reader_slot_without_samples_ends_instead_of_spinning(synth_source, tmp_path):
-    """3 samples over 4 DataLoader workers: one worker has nothing to read; training still gets its steps."""
+def test_a_reader_without_items_ends_instead_of_spinning(synth_source, tmp_path):
+    """3 items over 4 DataLoader workers: two workers have nothing to read; each pass ends with its share."""
     items = [{"id": p.stem, "count": 2} for p in sorted((synth_source / "metadata").glob("*.json"))[:3]]
     sh.build(items, "train", sh.Store(str(synth_source)), sh.Store(str(tmp_path)), items_per_shard=10,
              max_side=32, workers=2, log=lambda _: None)
-    batches = sh.ShardBatches(tmp_path, 16, 2, 6, num_workers=4, seed=0, shuffle_buffer=2)
-    assert sum(len(y) for _, y in batches.iterate([0, 1, 2, 3, 4, 5], drop_last_single=True)) == 6
+    said = []
+    batches = sh.ShardBatches(tmp_path, 16, 2, 6, num_workers=4, seed=0, shuffle_buffer=2, log=said.append)
+    assert said == [f"{tmp_path}: 3 items per rank fill 2 of 4 DataLoader workers (batch 2)"]
+    for _ in range(2):
+        assert [len(y) for _, y in batches.iterate([0, 1, 2], drop_last_single=True)] == [2]  # the lone third dropped
+        assert sorted(len(y) for _, y in batches.iterate([0, 1, 2])) == [1, 2]  # evaluation: each item once

@@ -193,31 +193,6 @@ def test_fetch_cli_json_and_errors(cli, s3_server, abid_bucket, tmp_path):
     assert res.exit_code == 1 and "cannot reach" in res.stderr
 
 
-def test_with_retries_backs_off_on_transient_errors_only():
-    from botocore.exceptions import ClientError
-
-    from bincount.data.fetch import with_retries
-
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ClientError({"Error": {"Code": "SlowDown"}}, "GetObject")
-        return "ok"
-
-    assert with_retries(flaky, attempts=5, base=0.001) == "ok" and len(calls) == 3
-    calls.clear()
-
-    def denied():
-        calls.append(1)
-        raise ClientError({"Error": {"Code": "InvalidObjectState"}}, "GetObject")
-
-    with pytest.raises(ClientError):
-        with_retries(denied, attempts=5, base=0.001)
-    assert len(calls) == 1
-
-
 def test_benchmark_script_runs_small():
     import importlib.util
 

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
-from bincount.workspace import Workspace
+from bincount.workspace import Workspace, temp_beside
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
 COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
@@ -157,15 +157,15 @@ class Inputs:
     def _download(self, uri: str, ws: Workspace) -> Path:
         """An s3:// manifest, copied into reports/audit-inputs/ (images relative to it stay in S3, beside it)."""
         from bincount.aws import parse_s3_uri
-        from bincount.predict import S3Reader, _aws_message
+        from bincount.data.source import BucketClients, aws_message
 
         bucket, key = parse_s3_uri(uri)
         dest = ws.reports / "audit-inputs" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}.jsonl"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            S3Reader(self.settings).client(bucket).download_file(bucket, key, str(dest))
+            BucketClients(self.settings).client(bucket).download_file(bucket, key, str(dest))
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            raise BincountError(f"cannot read {uri}: {_aws_message(exc)}") from None
+            raise BincountError(f"cannot read {uri}: {aws_message(exc)}") from None
         return dest
 
     def _list_folder(self, folder: Path) -> None:
@@ -178,19 +178,16 @@ class Inputs:
 
     def _list_s3(self, uri: str) -> None:
         from bincount.aws import parse_s3_uri
-        from bincount.predict import S3Reader, _aws_message
+        from bincount.data.source import BucketClients, aws_message
 
         bucket, prefix = parse_s3_uri(uri)
         digest, keys = hashlib.sha256(), []
         try:
-            s3 = S3Reader(self.settings).client(bucket)
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
-                for obj in page.get("Contents", []):
-                    if obj["Key"].lower().endswith(IMAGE_SUFFIXES):
-                        digest.update(f"{obj['Key']}\t{obj.get('ETag', '')}\n".encode())
-                        keys.append((f"s3://{bucket}/{obj['Key']}", f"s3://{bucket}/{obj['Key']}"))
+            for obj in BucketClients(self.settings).list(bucket, prefix, IMAGE_SUFFIXES):
+                digest.update(f"{obj['Key']}\t{obj.get('ETag', '')}\n".encode())
+                keys.append((f"s3://{bucket}/{obj['Key']}", f"s3://{bucket}/{obj['Key']}"))
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            raise BincountError(f"cannot list {uri}: {_aws_message(exc)}") from None
+            raise BincountError(f"cannot list {uri}: {aws_message(exc)}") from None
         keys.sort()
         self._finish_listing(keys, digest)
 
@@ -250,18 +247,15 @@ class Reader:
 
         try:
             if label.startswith("s3://"):
-                from bincount.aws import parse_s3_uri
-
-                bucket, key = parse_s3_uri(label)
-                raw = self.s3().client(bucket).get_object(Bucket=bucket, Key=key)["Body"].read()
+                raw = self.s3().get(label)["Body"].read()
             else:
                 raw = Path(label).read_bytes()
         except FileNotFoundError:
             raise ValueError(f"no label {label}") from None
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
-            from bincount.predict import _aws_message
+            from bincount.data.source import aws_message
 
-            raise ValueError(f"label {label}: {_aws_message(exc)}") from None
+            raise ValueError(f"label {label}: {aws_message(exc)}") from None
         try:
             return parse_label(raw).count
         except LabelError as exc:
@@ -281,23 +275,6 @@ def chunks(items: Iterable[Bin], size: int) -> Iterator[list[Bin]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def bounded_map(submit: Callable[[list[Bin]], Any], work: Iterable[list[Bin]], in_flight: int) -> Iterator[Any]:
-    """Results of submit(chunk) futures as they complete, never more than `in_flight` outstanding."""
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    pending: set = set()
-    for chunk in work:
-        pending.add(submit(chunk))
-        while len(pending) >= in_flight:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-    while pending:
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-        for future in done:
-            yield future.result()
 
 
 # -- the partial results file: resumable, keyed by model and input -------------------------------
@@ -383,13 +360,16 @@ def csv_line(row: dict[str, Any]) -> str:
 
 
 def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target: str, threshold: float, top: int,
-           resumed: int = 0, seconds: float | None = None) -> AuditResult:
-    """Rank the result records into the CSV (written atomically) and summarise them; memory stays flat."""
+           resumed: int = 0, seconds: float | None = None, total: int | None = None) -> AuditResult:
+    """Rank the result records into the CSV (written atomically) and summarise them; memory stays flat.
+    With `total`, the records must hold exactly bins 0..total-1, once each, or no report is written."""
     counts = {"bins": 0, "scored": 0, "agree": 0, "trusted": 0, "trusted_agree": 0,
               "investigate": 0, "recount": 0, "errors": 0}
+    seen: set[int] = set()
 
     def rows() -> Iterator[dict[str, Any]]:
         for record in records:
+            seen.add(record.get("n", -1))
             row = row_of(record, threshold)
             counts["bins"] += 1
             if row["action"] == "error":
@@ -409,7 +389,10 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
     head: list[AuditRow] = []
     with tempfile.TemporaryDirectory(prefix=".audit-sort-", dir=out.parent) as tmp:
         runs = _sorted_runs(rows(), Path(tmp))
-        fd, part = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        if total is not None and (counts["bins"] != total or len(seen) != total or not seen <= set(range(total))):
+            raise BincountError(f"the audit results cover {len(seen & set(range(total)))} of {total} bins "
+                                f"({counts['bins']} results): not writing {out}; run the audit again to score the rest")
+        fd, part = temp_beside(out)
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(",".join(COLUMNS) + "\n")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bincount.audit.core import (AuditResult, Bin, Inputs, Reader, bounded_map, chunks, error_text, options,
+from bincount.audit.core import (AuditResult, Bin, Inputs, Reader, chunks, error_text, options,
                                  partial_path, read_records, report, result_record, resume)
 from bincount.config import Settings
 from bincount.errors import BincountError
@@ -113,6 +113,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     """
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
+    from bincount.data.source import bounded_map
     from bincount.predict import ModelTarget
 
     a = settings.audit
@@ -120,7 +121,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     if not isinstance(target, ModelTarget):
         scorer = TargetScorer(settings, target)
         with ThreadPoolExecutor(settings.deploy.workers) as pool:
-            for records in bounded_map(lambda c: pool.submit(scorer.score, c), work, 2 * settings.deploy.workers):
+            for _, records in bounded_map(scorer.score, work, settings.deploy.workers, pool=pool):
                 for record in records:
                     write(record)
         return
@@ -140,7 +141,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
                 return
             pool: Any = ThreadPoolExecutor(workers)
             with pool:
-                for records in bounded_map(lambda c: pool.submit(scorer.score, c), work, 2 * workers):
+                for _, records in bounded_map(scorer.score, work, workers, pool=pool):
                     for record in records:
                         write(record)
             return
@@ -152,9 +153,8 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     target.handlers = None  # each worker loads its own copy; free this one
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(settings.model_dump_json(), model_dir, threads))
-    submit = lambda c: pool.submit(_score_in_worker, c)  # noqa: E731
     try:
-        for records in bounded_map(submit, work, 2 * workers):
+        for _, records in bounded_map(_score_in_worker, work, workers, pool=pool):
             for record in records:
                 write(record)
     except BaseException:
@@ -171,15 +171,12 @@ def model_key(target: Any) -> str:
 
     if not isinstance(target, ModelTarget):
         return target.name
-    digest = hashlib.sha256()
+    from bincount.workspace import file_sha256
+
     root = Path(target.handlers.model_dir)
-    for rel in ("model.pth", "meta.json", "code/inference.py", "code/net.py"):
-        path = root / rel
-        if path.is_file():
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    return f"model:{digest.hexdigest()}"
+    files = [root / rel for rel in ("model.pth", "meta.json", "code/inference.py", "code/net.py")]
+    digests = "".join(f"{path.relative_to(root)}\t{file_sha256(path)}\n" for path in files if path.is_file())
+    return f"model:{hashlib.sha256(digests.encode()).hexdigest()}"
 
 
 # -- the stage -------------------------------------------------------------------------------------
@@ -223,6 +220,6 @@ def audit_local(settings: Settings, source: str | Path | None, *, threshold: flo
     finally:
         target.close()
     result = report(read_records(partial), out, source=inputs.name, target=target.name, threshold=threshold, top=top,
-                    resumed=len(done), seconds=round(time.perf_counter() - started, 3))
+                    resumed=len(done), seconds=round(time.perf_counter() - started, 3), total=inputs.total)
     partial.unlink(missing_ok=True)
     return result

@@ -1,29 +1,30 @@
 """Shard channels: WebDataset-style tar files, the streaming training format (writer, reader, build script).
 
 A shard channel is a folder (or S3 prefix) of `<split>-NNNNNN.tar` files, each with a sidecar
-`<split>-NNNNNN.json` written after it:
+`<split>-NNNNNN.json` written after it ("offsets": where each item's .jpg header starts in the tar):
 
-    {"format": "bincount-shards/1", "items": 4000, "counts": {"0": 610, ...}, "bytes": 251658240,
-     "max_side": 448, "rows": [["00004", 3, "<sha256 of the source image>"], ...], "skipped": [["00017", "bad_image: ..."]]}
+    {"format": "bincount-shards/1", "items": 4000, "counts": {"0": 610, ...}, "bytes": 251658240, "max_side": 448,
+     "rows": [["00004", 3, "<sha256 of the source image>"], ...], "offsets": [0, 31232, ...], "skipped": [["00017", "bad_image: ..."]]}
 
-A tar holds per item `<id>.jpg` (the bin photo, longest side <= max_side: resized, never cropped;
-an image already within the bound keeps its original bytes) then `<id>.cls` (the count, decimal
-text): the WebDataset convention, so `webdataset.WebDataset(urls)` reads these shards too, but
-nothing here needs webdataset (the SageMaker PyTorch containers do not have it; the standard
-library's tarfile reads a tar as one sequential stream, which is what FastFile input mode serves best).
+A tar holds per item `<id>.jpg` (the bin photo, longest side <= max_side: resized, never cropped; an image
+already within the bound keeps its original bytes) then `<id>.cls` (the count, decimal text): the WebDataset
+convention, so `webdataset.WebDataset(urls)` reads these shards too, but nothing here needs webdataset.
 A shard counts once its sidecar exists: a rebuild skips those (resumable), and readers list sidecars.
+Readers split a pass into contiguous item ranges (seek to the first offset, read on): any number of shards
+feeds any number of ranks x workers, each item read once per pass (epoch_plan).
 
 Build (`python shards.py --items train.jsonl --source s3://aft-vbi-pds --dest s3://my-bucket/bincount/shards/train`):
 items are split rows (`id`, `count`), shuffled once (seeded) so every shard mixes all counts, then cut into
-shards of --items_per_shard. Images are read from a folder or bucket in the ABID layout
-(bin-images/<id>.jpg) by threads, and each tar is written to a temp file, then moved or uploaded.
-This file is the SageMaker Processing job's whole program: it imports only the standard library,
-Pillow and (for s3:// URIs) boto3; torch only in the reader, which train.py uses.
+shards of --items_per_shard, read from a folder or bucket in the ABID layout (bin-images/<id>.jpg) by threads;
+each tar is written beside its destination folder (or to a temp file, then uploaded). This file is the
+SageMaker Processing job's whole program: the standard library, Pillow and (for s3:// URIs) boto3; torch
+only in the reader, which train.py uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -37,10 +38,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 FORMAT = "bincount-shards/1"
+PART = ".part"  # a file being written (beside its destination); never read as a shard
 
 
 class ShardError(ValueError):
-    """A shard channel that cannot be read as one (no shards, a bad sidecar, a count out of range)."""
+    """A shard channel that cannot be read as one (no shards, a bad sidecar or member, a count out of range)."""
+
+    def __init__(self, message: str = ""):
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: keep the worker's one-line message
+            last = message.rstrip().splitlines()[-1]
+            message = last.partition("ShardError: ")[2] or last
+        super().__init__(message)
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -168,9 +176,10 @@ def write_shard(name: str, rows: list[dict], source: Store, dest: Store, max_sid
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
             return row, None, None, f"bad_image: {type(exc).__name__}: {exc}"
 
-    fd, tmp_name = tempfile.mkstemp(dir=tmp, prefix=f".{name}.", suffix=".tar")
+    fd, tmp_name = tempfile.mkstemp(dir=tmp, prefix=f".{name}.", suffix=PART)
     os.close(fd)
-    kept, skipped, counts = [], [], {}
+    side = Path(tmp) / f".{name}.json{PART}"
+    kept, skipped, counts, offsets = [], [], {}, []
     try:
         with tarfile.open(tmp_name, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row, jpg, sha, problem in pool.map(one, rows):
@@ -178,18 +187,22 @@ def write_shard(name: str, rows: list[dict], source: Store, dest: Store, max_sid
                     skipped.append([str(row["id"]), problem])
                     continue
                 ident, count = str(row["id"]), int(row["count"])
+                offsets.append(tar.offset)  # where the item's .jpg header starts: readers seek there
                 _member(tar, f"{ident}.jpg", jpg)
                 _member(tar, f"{ident}.cls", str(count).encode())
                 kept.append([ident, count, sha])
                 counts[str(count)] = counts.get(str(count), 0) + 1
         sidecar = {"format": FORMAT, "items": len(kept), "counts": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
-                   "bytes": os.path.getsize(tmp_name), "max_side": max_side, "rows": kept, "skipped": skipped}
+                   "bytes": os.path.getsize(tmp_name), "max_side": max_side, "rows": kept, "offsets": offsets,
+                   "skipped": skipped}
         dest.put_file(f"{name}.tar", Path(tmp_name))
+        side.write_text(json.dumps(sidecar) + "\n")
+        dest.put_file(f"{name}.json", side)  # last: the shard now counts as done
+    except OSError as exc:  # a full disk, a failed upload: one line naming the shard; a rerun resumes here
+        raise ShardError(f"{name}.tar: {exc.strerror or exc}") from None
     finally:
         Path(tmp_name).unlink(missing_ok=True)
-    side = Path(tmp) / f".{name}.json"
-    side.write_text(json.dumps(sidecar) + "\n")
-    dest.put_file(f"{name}.json", side)  # last: the shard now counts as done
+        side.unlink(missing_ok=True)
     return sidecar
 
 
@@ -206,7 +219,14 @@ def build(items: list[dict], split: str, source: Store, dest: Store, *, items_pe
     names = shard_names(split, len(shards))
     mine = [k for k in range(len(shards)) if k % part[1] == part[0]]
     stats = {"shards": len(mine), "built": 0, "present": 0, "items": 0, "skipped": 0, "bytes": 0}
-    with tempfile.TemporaryDirectory(prefix="shards-") as tmp, ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
+    if dest.root is not None:  # temp files beside the destination: a rename never crosses file systems
+        dest.root.mkdir(parents=True, exist_ok=True)
+        for stale in dest.root.glob(f".{split}-*{PART}"):  # left by a killed build
+            stale.unlink(missing_ok=True)
+        scratch = contextlib.nullcontext(str(dest.root))
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="shards-")
+    with scratch as tmp, ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
         for done, k in enumerate(mine, 1):
             if dest.exists(f"{names[k]}.json"):
                 stats["present"] += 1
@@ -223,13 +243,52 @@ def build(items: list[dict], split: str, source: Store, dest: Store, *, items_pe
 
 
 # -- reading ---------------------------------------------------------------------------------------
+BLOCK = 512  # tar members start on 512-byte blocks
+MIN_ITEM_BYTES = 3 * BLOCK  # an item's least footprint: the .jpg header, the .cls header and its data block
+MAX_MEMBER_BYTES = 16 * 2**20  # an image member over this is refused before it is read (shards hold bounded JPEGs)
+MAX_IMAGE_PIXELS = 4096 * 4096  # an image claiming more is refused before it is decoded (a decompression bomb)
+
+
 def is_shard_channel(folder: str | Path) -> bool:
     folder = Path(folder)
     return not (folder / "manifest.jsonl").is_file() and any(folder.glob("*.tar"))
 
 
+def _checked(meta, side: Path, tar: Path) -> dict:
+    """A sidecar checked against itself and its tar: rows, counts, byte size and member offsets agree."""
+    def bad(why: str) -> ShardError:
+        return ShardError(f"{side}: {why}")
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise bad(f"not a {FORMAT} sidecar")
+    rows = meta.get("rows")
+    if not isinstance(rows, list) or type(meta.get("items")) is not int or meta["items"] != len(rows):
+        raise bad(f"says {str(meta.get('items'))[:20]} items but lists {len(rows) if isinstance(rows, list) else 'no'} rows")
+    counts: dict[str, int] = {}
+    for number, row in enumerate(rows, 1):
+        if not (isinstance(row, list) and len(row) >= 2 and isinstance(row[0], str) and row[0]
+                and type(row[1]) is int and row[1] >= 0):
+            raise bad(f"row {number} is not [id, count, sha256]: {json.dumps(row)[:80]}")
+        counts[str(row[1])] = counts.get(str(row[1]), 0) + 1
+    if meta.get("counts") != counts:
+        raise bad("its counts do not match its rows")
+    size = tar.stat().st_size
+    if meta.get("bytes") != size:
+        raise bad(f"says {str(meta.get('bytes'))[:20]} bytes, {tar.name} has {size}")
+    offsets = meta.get("offsets")
+    if offsets is None:  # written before sidecars had offsets: walk the tar's headers once
+        offsets = tar_offsets(tar, [row[0] for row in rows])
+    elif not isinstance(offsets, list) or len(offsets) != len(rows) or not all(type(o) is int for o in offsets):
+        raise bad("its offsets do not match its rows")
+    ends = [*offsets[1:], size]  # an item takes at least MIN_ITEM_BYTES before the next (or the tar's end)
+    if any(o < 0 or o % BLOCK or end - o < MIN_ITEM_BYTES for o, end in zip(offsets, ends)):
+        raise bad(f"its offsets do not fit {tar.name} ({size} bytes, {len(rows)} items)")
+    return {**meta, "path": str(tar), "offsets": offsets}
+
+
 def read_sidecars(folder: str | Path) -> list[dict]:
-    """The channel's complete shards (sidecar with its tar), sorted by name; each gets "path" (the tar)."""
+    """The channel's complete shards (sidecar with its tar), sorted by name, each checked against its tar;
+    each gets "path" (the tar) and "offsets" (where each item's .jpg header starts)."""
     folder = Path(folder)
     out = []
     for side in sorted(folder.glob("*.json")):
@@ -238,11 +297,9 @@ def read_sidecars(folder: str | Path) -> list[dict]:
             continue
         try:
             meta = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ShardError(f"{side}: not a shard sidecar ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ShardError(f"{side}: not a {FORMAT} sidecar")
-        out.append({**meta, "path": str(tar)})
+        out.append(_checked(meta, side, tar))
     if not out:
         raise ShardError(f"{folder} holds no complete shard (a .tar with its .json sidecar)")
     return out
@@ -250,12 +307,12 @@ def read_sidecars(folder: str | Path) -> list[dict]:
 
 def digest(folder: str | Path) -> str:
     """sha256 over sorted (id, count, sha256) rows: equal to train.py's manifest_digest for the same items."""
-    rows = [list(row) for meta in read_sidecars(folder) for row in meta["rows"]]
+    rows = [list(row[:3]) for meta in read_sidecars(folder) for row in meta["rows"]]
     return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
 
 
 def iter_tar(path: str | Path):
-    """(id, jpeg bytes, count) per item of a shard, reading the tar as one sequential stream."""
+    """(id, jpeg bytes, count) per item of a shard, reading the tar as one sequential stream (tarfile's reader)."""
     pending: dict[str, bytes] = {}
     with tarfile.open(path, "r|") as tar:
         for member in tar:
@@ -270,14 +327,100 @@ def iter_tar(path: str | Path):
                 pending = {}
 
 
-def _slots(dist: tuple[int, int]) -> tuple[int, int]:
-    """(this reader's slot, number of slots) over DDP ranks x DataLoader workers."""
-    import torch
+def _header(block: bytes, shard, where: str) -> tuple[str, int]:
+    """(name, size) of a tar header block, or a ShardError naming the shard and the place."""
+    if len(block) < BLOCK:
+        raise ShardError(f"{shard}: truncated at {where}")
+    try:
+        size = int(block[124:136].rstrip(b"\0 ").decode("ascii"), 8)
+        checksum = int(block[148:156].rstrip(b"\0 ").decode("ascii"), 8)
+    except (ValueError, UnicodeDecodeError):
+        raise ShardError(f"{shard}: no tar header at {where}") from None
+    if checksum != sum(block[:148]) + 256 + sum(block[156:]):  # the checksum field counts as 8 spaces
+        raise ShardError(f"{shard}: a corrupt tar header at {where}")
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar" and block[345]:
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "replace"), size
 
-    rank, world = dist
-    info = torch.utils.data.get_worker_info()
-    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-    return rank * workers + worker, world * workers
+
+def tar_offsets(path: Path, ids: list[str]) -> list[int]:
+    """Each item's .jpg header offset, found by walking the tar's headers (for sidecars without offsets)."""
+    offsets, at = [], 0
+    with open(path, "rb") as f:
+        for ident in ids:
+            for ext in ("jpg", "cls"):
+                f.seek(at)
+                name, size = _header(f.read(BLOCK), path, f"member {ident}.{ext} (byte {at})")
+                if name != f"{ident}.{ext}":
+                    raise ShardError(f"{path}: the sidecar lists {ident}.{ext} at byte {at}, the tar has {name[:80]!r}")
+                if ext == "jpg":
+                    offsets.append(at)
+                at += BLOCK + -(-size // BLOCK) * BLOCK
+    return offsets
+
+
+def read_items(shard: dict, first: int, stop: int, max_bytes: int = MAX_MEMBER_BYTES):
+    """(id, jpeg bytes, count) of items first..stop-1 of a shard: seeks to the first one's offset and reads
+    only those members (two reads per item), each checked against its sidecar row."""
+    path, rows, offsets = shard["path"], shard["rows"], shard["offsets"]
+    try:
+        with open(path, "rb", buffering=0) as f:
+            for i in range(first, stop):
+                ident, count, at = rows[i][0], rows[i][1], offsets[i]
+                if f.tell() != at:
+                    f.seek(at)
+                name, size = _header(f.read(BLOCK), path, f"member {ident}.jpg (byte {at})")
+                if name != f"{ident}.jpg":
+                    raise ShardError(f"{path}: the sidecar lists {ident}.jpg at byte {at}, the tar has {name[:80]!r}")
+                if size > max_bytes:
+                    raise ShardError(f"{path}: member {ident}.jpg is {size:,} bytes, over the {max_bytes:,} byte image limit")
+                padded = -(-size // BLOCK) * BLOCK
+                body = f.read(padded + 2 * BLOCK)  # the image, the .cls header and its one data block
+                cname, csize = _header(body[padded:padded + BLOCK], path, f"member {ident}.cls")
+                if cname != f"{ident}.cls" or csize > BLOCK or len(body) < padded + 2 * BLOCK:
+                    raise ShardError(f"{path}: member {ident}.jpg is not followed by its {ident}.cls "
+                                     f"({'truncated' if len(body) < padded + 2 * BLOCK else repr(cname[:80])})")
+                text = body[padded + BLOCK:padded + BLOCK + csize]
+                if not text.strip().isdigit() or int(text) != count:
+                    raise ShardError(f"{path}: member {ident}.cls holds {text[:20]!r}, the sidecar says {count}")
+                yield ident, body[:size], count
+    except OSError as exc:
+        raise ShardError(f"{path}: {exc.strerror or exc}") from None
+
+
+def epoch_plan(sizes: list[int], seed: int | None, rank: int, world: int, workers: int, batch: int) -> list[list[tuple[int, int, int]]]:
+    """Each DataLoader worker's (shard, first, stop) item ranges of this rank's share of one pass.
+
+    A pass is the shards' items one after another, the shards in a seeded order in training (the same on
+    every rank). Ranks take contiguous equal shares (training drops the last total % world items and a lone
+    last sample, as the file reader does; evaluation covers every item once); a rank's share is cut into
+    whole batches, a contiguous run of them per worker. So every item is read once per pass, by one reader,
+    which reads only its byte ranges: a shard can feed any number of readers."""
+    order = list(range(len(sizes)))
+    total = sum(sizes)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+        per = total // world
+        lo, hi = rank * per, rank * per + per
+        if per % batch == 1 and per > 1:
+            hi -= 1  # a batch of one breaks BatchNorm in training
+    else:
+        base, extra = divmod(total, world)
+        lo = rank * base + min(rank, extra)
+        hi = lo + base + (rank < extra)
+    batches = -(-(hi - lo) // batch)
+    plans = []
+    for w in range(workers):
+        a, b = lo + batches * w // workers * batch, min(lo + batches * (w + 1) // workers * batch, hi)
+        segments, at = [], 0
+        for k in order:
+            s, e = max(a, at), min(b, at + sizes[k])
+            if s < e:
+                segments.append((k, s - at, e - at))
+            at += sizes[k]
+        plans.append(segments)
+    return plans
 
 
 def _shuffled(stream, size: int, rng: random.Random):
@@ -293,90 +436,96 @@ def _shuffled(stream, size: int, rng: random.Random):
     yield from buffer
 
 
+def decode_item(shard: str, ident: str, jpg: bytes, image_size: int):
+    """A shard member's JPEG -> uint8 [S, S, 3] (the file reader's layout), or a ShardError naming it."""
+    from PIL import Image
+
+    try:
+        from . import net
+    except ImportError:
+        import net
+
+    try:
+        with Image.open(io.BytesIO(jpg)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ShardError(f"{shard}: member {ident}.jpg is {image.width}x{image.height} pixels, "
+                                 f"over the {MAX_IMAGE_PIXELS:,} pixel limit")
+            return net.to_uint8(image, image_size).permute(1, 2, 0)
+    except ShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+        raise ShardError(f"{shard}: member {ident}.jpg is not a usable image ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
 def _torch_dataset():
     import torch
 
     class ShardStream(torch.utils.data.IterableDataset):
-        """Decoded (uint8 [3,S,S], count) samples from shards, split over DDP ranks and DataLoader workers.
+        """Decoded (uint8 [S,S,3], count) samples of this rank's share of a pass (see epoch_plan): each
+        DataLoader worker reads its item ranges, through a shuffle buffer in training. The pass's seed and
+        mode come from `params`, a shared-memory tensor [seed, training], so workers persist across passes."""
 
-        Each reader slot (rank x worker) takes whole shards (k % slots == slot) when there are at least as
-        many shards as slots, else every shard's samples i % slots == slot: each sample once per pass.
-        Training (seed given): shard order shuffled per pass, a shuffle buffer of `buffer` samples, and
-        endless passes (the caller stops after its steps); evaluation: one pass in order.
-        """
-
-        def __init__(self, paths: list[str], image_size: int, dist: tuple[int, int], seed: int | None, buffer: int):
-            self.paths, self.image_size, self.dist, self.seed, self.buffer = paths, image_size, dist, seed, buffer
-
-        def _samples(self, paths: list[str], slot: int, slots: int):
-            if len(paths) >= slots:
-                for path in paths[slot::slots]:
-                    yield from iter_tar(path)
-            else:
-                i = 0
-                for path in paths:
-                    for sample in iter_tar(path):
-                        if i % slots == slot:
-                            yield sample
-                        i += 1
+        def __init__(self, shards: list[dict], image_size: int, batch: int, dist: tuple[int, int], buffer: int, params):
+            self.shards, self.image_size, self.batch, self.dist, self.buffer = shards, image_size, batch, dist, buffer
+            self.params = params
 
         def __iter__(self):
-            from PIL import Image
-
-            try:
-                from . import net
-            except ImportError:
-                import net
-
-            slot, slots = _slots(self.dist)
-            passes = 0
-            while True:
-                paths = list(self.paths)
-                if self.seed is None:
-                    stream = self._samples(paths, slot, slots)
-                else:
-                    random.Random(f"{self.seed}-{passes}").shuffle(paths)  # the same on every slot
-                    rng = random.Random(f"{self.seed}-{passes}-{slot}")
-                    stream = _shuffled(self._samples(paths, slot, slots), self.buffer, rng)
-                produced = False
-                for _, jpg, count in stream:
-                    produced = True
-                    with Image.open(io.BytesIO(jpg)) as image:
-                        yield net.to_uint8(image, self.image_size), count
-                if self.seed is None or not produced:  # evaluation, or a slot with no samples: end
-                    return
-                passes += 1
+            info = torch.utils.data.get_worker_info()
+            workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+            seed, training = self.params.tolist()
+            rank, world = self.dist
+            plan = epoch_plan([len(s["rows"]) for s in self.shards], seed if training else None, rank, world,
+                              workers, self.batch)[worker]
+            stream = ((self.shards[k]["path"], *item) for k, a, b in plan for item in read_items(self.shards[k], a, b))
+            if training:
+                stream = _shuffled(stream, self.buffer, random.Random(f"{seed}-{rank}-{worker}"))
+            for path, ident, jpg, count in stream:
+                yield decode_item(path, ident, jpg, self.image_size), count
 
     return ShardStream
 
 
 class ShardBatches:
-    """train.py's batch source for a shard channel (the same interface as its in-memory/file Batches).
+    """train.py's batch source for a shard channel (the same interface as its file Batches).
 
-    iterate(order, drop_last_single=True) is a training epoch: this rank streams len(order) samples
-    (the same number on every rank, so DDP steps stay equal), the shards shuffled with a new seed each
-    epoch; iterate(order) without drop_last_single is an evaluation pass over this rank's share of every
-    sample once. Labels come from the sidecars (for class weights and the sample count)."""
+    iterate(order, drop_last_single=True) is a training pass: this rank's equal share of the items, each
+    once, the shards in a new seeded order every epoch (len(order) must be that share, as train.py's
+    shard() makes it); iterate(order) without drop_last_single is an evaluation pass over this rank's share
+    of every item once. Batches are channels_last views [B, 3, S, S] of [B, S, S, 3], as the file reader's.
+    Labels come from the sidecars (for class weights and the sample count). The DataLoader workers persist
+    across passes; num_workers=None: train.py passes its loader_workers() (the CPUs per GPU)."""
 
     cached = False
 
     def __init__(self, folder: str | Path, image_size: int, batch_size: int, num_classes: int,
-                 num_workers: int | None, pin_memory: bool = False, seed: int = 0, shuffle_buffer: int = 1000):
+                 num_workers: int | None, pin_memory: bool = False, seed: int = 0, shuffle_buffer: int = 1000,
+                 log=lambda message: print(message, file=sys.stderr, flush=True)):
         import torch
 
         self.shards = read_sidecars(folder)
-        counts: dict[int, int] = {}
         for meta in self.shards:
-            for key, n in meta["counts"].items():
-                if not 0 <= int(key) < num_classes:
-                    raise ShardError(f"{meta['path']}: count {key} outside 0..{num_classes - 1} (raise num_classes)")
-                counts[int(key)] = counts.get(int(key), 0) + int(n)
-        self.labels = torch.tensor([c for c, n in sorted(counts.items()) for _ in range(n)], dtype=torch.long)
+            for ident, count, *_ in meta["rows"]:
+                if count >= num_classes:
+                    raise ShardError(f"{meta['path']}: item {ident}: count {count} outside 0..{num_classes - 1} "
+                                     "(raise num_classes)")
+        self.labels = torch.tensor([row[1] for meta in self.shards for row in meta["rows"]], dtype=torch.long)
         if not len(self.labels):
             raise ShardError(f"{folder}: the shards hold no items")
-        self.image_size, self.batch_size, self.seed, self.buffer = image_size, batch_size, seed, shuffle_buffer
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
-        self.pin_memory, self.epoch = pin_memory, 0
+        self.dist = self._dist()
+        rank, world = self.dist
+        share = len(self.labels) // world
+        if share == 0:
+            raise ShardError(f"{folder}: {len(self.labels)} items cannot feed {world} ranks")
+        busy = min(self.num_workers, -(-share // batch_size))
+        if busy < self.num_workers:
+            log(f"{folder}: {share} items per rank fill {busy} of {self.num_workers} DataLoader workers (batch {batch_size})")
+        self.params = torch.zeros(2, dtype=torch.int64).share_memory_()  # [seed, training] of the next pass
+        dataset = _torch_dataset()(self.shards, image_size, batch_size, self.dist, shuffle_buffer, self.params)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=self.num_workers, pin_memory=pin_memory,
+            persistent_workers=self.num_workers > 0, prefetch_factor=2 if self.num_workers > 0 else None)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -387,26 +536,19 @@ class ShardBatches:
         return (td.get_rank(), td.get_world_size()) if td.is_available() and td.is_initialized() else (0, 1)
 
     def iterate(self, order, drop_last_single: bool = False):
-        import torch
-
         training = drop_last_single
-        need = len(order)
         if training:
             self.epoch += 1
-            if need % self.batch_size == 1 and need > 1:
-                need -= 1  # a batch of one breaks BatchNorm in training
-        paths = [meta["path"] for meta in self.shards]
-        dataset = _torch_dataset()(paths, self.image_size, self._dist(),
-                                   self.seed * 1000003 + self.epoch if training else None, self.buffer)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                             pin_memory=self.pin_memory)
-        seen = 0
-        for images, labels in loader:
-            if training and seen + len(labels) >= need:
-                yield images[: need - seen], labels[: need - seen]
-                return
+        seed = self.seed * 1000003 + self.epoch if training else 0
+        self.params[0], self.params[1] = seed, int(training)
+        rank, world = self.dist
+        plan = epoch_plan([len(s["rows"]) for s in self.shards], seed if training else None, rank, world, 1, self.batch_size)
+        want, seen = sum(b - a for _, a, b in plan[0]), 0
+        for images, labels in self.loader:
             seen += len(labels)
-            yield images, labels
+            yield images.permute(0, 3, 1, 2), labels
+        if seen != want:  # the plan guarantees it; a broken pass must not look like a short epoch
+            raise ShardError(f"a pass over {self.shards[0]['path']}'s channel gave {seen} of {want} items")
 
 
 # -- the build script (SageMaker Processing entry point) -----------------------------------------------

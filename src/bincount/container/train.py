@@ -183,8 +183,9 @@ def channel_batches(channel: str | None, name: str, args: argparse.Namespace, de
     """A channel's batch source: a shard channel (*.tar, see shards.py) streams, a manifest channel uses Batches."""
     if channel and shards.is_shard_channel(channel):
         try:
-            return shards.ShardBatches(channel, args.image_size, args.batch_size, args.num_classes, args.num_workers,
-                                       device.type == "cuda", args.seed, args.shuffle_buffer)
+            workers = loader_workers(device) if args.num_workers is None else args.num_workers  # CPUs per GPU
+            return shards.ShardBatches(channel, args.image_size, args.batch_size, args.num_classes, workers,
+                                       device.type == "cuda", args.seed, args.shuffle_buffer, log=log)
         except shards.ShardError as exc:
             raise UsageError(f"{name} channel: {exc}") from None
     return Batches(read_channel(channel, name, args.num_classes), args.image_size, args.batch_size, args.cache_mb,
@@ -894,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
         return 0
-    except (UsageError, net.WeightsUnavailable) as exc:
+    except (UsageError, net.WeightsUnavailable, shards.ShardError) as exc:  # ShardError: a hostile shard, mid-pass
         message = f"error: {exc}"
         print(message, file=sys.stderr, flush=True)
         failure_dir = os.environ.get("SM_OUTPUT_DIR")

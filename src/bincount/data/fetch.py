@@ -9,9 +9,10 @@
   after MAX_GAP consecutive ids without a label (the end of the bucket). --limit always keeps the
   lowest usable ids (in id order), so a run is deterministic; --balanced picks per count with
   data.seed, and replaces an item whose image is bad by a spare of the same count.
-- Concurrent (a thread pool of data.workers over one boto3 client), with botocore adaptive retries
-  plus our own backoff for errors while a body streams. Bodies stream to a temp file that is renamed
-  into place, so a file under its final name is always complete; stale *.part files are removed.
+- Concurrent (a thread pool of data.workers over one boto3 client, data/source.py), with botocore's
+  adaptive retries: data.retries attempts per object in all, a re-read of a body that broke off
+  included. Bodies stream to a temp file that is renamed into place, so a file under its final name
+  is always complete; stale *.part files are removed.
   One os.sync() before the manifest is written replaces an fsync per file.
 - Resumable: present labels are read locally; a present image is trusted when the last manifest
   lists it with the same size (no decoding), else when it decodes; only the rest is downloaded.
@@ -24,34 +25,26 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bincount.aws import error_code
 from bincount.config import DataSettings, Settings
 from bincount.console import log, progress
 from bincount.data import manifest as mf
+from bincount.data.index import open_index
+from bincount.data.source import Source, bounded_map, is_request_error, open_source, read_label
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
-from bincount.workspace import Workspace, atomic_write_chunks, read_jsonl, write_jsonl
+from bincount.workspace import Workspace, atomic_write_chunks, file_sha256, read_jsonl, write_jsonl
 
-CHUNK = 256 * 1024
 MAX_GAP = 1000  # an id scan stops after this many consecutive ids without a label
 MAX_PIXELS = 25_000_000  # an image whose header claims more is refused before decoding (ABID photos are ~0.2 MP)
 MAX_IDS = 2_000_000  # --ids without --limit (every id is tried and reported) selects at most this many
-_FATAL_CODES = {"NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                "AllAccessDisabled", "InvalidBucketName", "PermanentRedirect", "301"}
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-                   "ServiceUnavailable", "500", "502", "503", "504"}
 
 
 class FetchResult(Result):
@@ -81,175 +74,8 @@ class FetchResult(Result):
         return Group(summary, per_count)
 
 
-class _ShortBody(Exception):
-    """The body ended before ContentLength bytes arrived (retried)."""
-
-
 class _BadImage(Exception):
     pass
-
-
-# -- sources -------------------------------------------------------------------------------------
-class S3Source:
-    """s3://bucket[/prefix] in the ABID layout, anonymous unless data.unsigned is false."""
-
-    def __init__(self, uri: str, data: DataSettings):
-        from bincount.aws import client, parse_s3_uri
-
-        self.uri = uri.rstrip("/")
-        self.bucket, self.prefix = parse_s3_uri(uri)
-        self.endpoint = data.endpoint_url or "AWS S3"
-        self.client = client("s3", region=data.region, endpoint_url=data.endpoint_url, unsigned=data.unsigned,
-                             max_pool_connections=data.workers, max_attempts=data.retries,
-                             connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout)
-        # An endpoint that accepts connections and never answers would otherwise cost retries x timeout per
-        # request: once it has been silent for `stall_s`, the next timeout stops the run.
-        self.stall_s, self.last_answer = 3 * data.timeout, time.monotonic()
-        self.client.meta.events.register_first("needs-retry.s3", self._on_attempt)
-
-    def _on_attempt(self, response: Any = None, caught_exception: Any = None, **_: Any) -> None:
-        """botocore's hook after every attempt: note answers; give up on a silent endpoint (None: no opinion)."""
-        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
-
-        now = time.monotonic()
-        if response is not None:  # any HTTP answer, even a 503: the endpoint is alive
-            self.last_answer = now
-        elif isinstance(caught_exception, (ReadTimeoutError, ConnectTimeoutError)) and now - self.last_answer > self.stall_s:
-            raise BincountError(f"{self.endpoint} has not answered for {now - self.last_answer:.0f} s ({self.uri}): "
-                                "check --endpoint-url and the network, or raise data.timeout for a slow link")
-        return None
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _get(self, key: str) -> dict | None:
-        from botocore.exceptions import ClientError, EndpointConnectionError
-
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            code = error_code(exc)
-            if code in _MISSING_CODES:
-                return None
-            if code in _FATAL_CODES:
-                hint = " (a private bucket needs --set data.unsigned=false and credentials)" if code in {"AccessDenied", "403"} else ""
-                raise BincountError(f"s3://{self.bucket}/{self._key(key)}: {code}{hint}") from None
-            raise
-        except EndpointConnectionError:
-            raise BincountError(f"cannot reach {self.endpoint} for {self.uri} (check --endpoint-url and the network)") from None
-
-    def read_label(self, ident: str) -> bytes | None:
-        resp = self._get(mf.label_key(ident))
-        return None if resp is None else _read_all(resp)
-
-    def open_image(self, ident: str) -> Iterator[bytes] | None:
-        resp = self._get(mf.image_key(ident))
-        return None if resp is None else _stream(resp)
-
-
-def _read_all(resp: dict) -> bytes:
-    body = resp["Body"].read()
-    if resp.get("ContentLength") is not None and len(body) != resp["ContentLength"]:
-        raise _ShortBody(f"{len(body)} of {resp['ContentLength']} bytes")
-    return body
-
-
-def _stream(resp: dict) -> Iterator[bytes]:
-    expected, got = resp.get("ContentLength"), 0
-    for chunk in resp["Body"].iter_chunks(CHUNK):
-        got += len(chunk)
-        yield chunk
-    if expected is not None and got != expected:
-        raise _ShortBody(f"{got} of {expected} bytes")
-
-
-class LocalSource:
-    """A local folder in the bucket layout (bin-images/, metadata/), e.g. made by `bincount synth`."""
-
-    def __init__(self, root: str):
-        self.root = Path(root).expanduser()
-        self.uri = str(self.root)
-        if not self.root.is_dir():
-            raise BincountError(f"source {root} is neither an s3://bucket/prefix URI nor an existing folder")
-        if not (self.root / mf.IMAGES).is_dir() and not (self.root / mf.LABELS).is_dir():
-            raise BincountError(f"source {root} has no {mf.IMAGES}/ or {mf.LABELS}/ folder (the bucket layout)")
-
-    def read_label(self, ident: str) -> bytes | None:
-        path = self.root / mf.label_key(ident)
-        return path.read_bytes() if path.is_file() else None
-
-    def open_image(self, ident: str) -> Iterator[bytes] | None:
-        path = self.root / mf.image_key(ident)
-        if not path.is_file():
-            return None
-
-        def chunks() -> Iterator[bytes]:
-            with path.open("rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    yield chunk
-
-        return chunks()
-
-
-def open_source(data: DataSettings) -> S3Source | LocalSource:
-    return S3Source(data.source, data) if data.source.startswith("s3://") else LocalSource(data.source)
-
-
-def _transient(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
-    from urllib3.exceptions import ProtocolError
-
-    if isinstance(exc, ClientError):
-        return error_code(exc) in _THROTTLE_CODES
-    return isinstance(exc, (_ShortBody, ResponseStreamingError, IncompleteReadError, ReadTimeoutError,
-                            ConnectionClosedError, ProtocolError, ConnectionError, TimeoutError))
-
-
-def with_retries(fn: Callable[[], Any], attempts: int, base: float = 0.1, cap: float = 5.0) -> Any:
-    """Call fn, retrying transient errors (throttling, dropped connections, short bodies) with
-    exponential backoff and full jitter. botocore retries requests; this also covers body streaming."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt == attempts or not _transient(exc):
-                raise
-            time.sleep(random.uniform(0, min(cap, base * 2 ** attempt)))
-    raise AssertionError("unreachable")
-
-
-# -- concurrency ---------------------------------------------------------------------------------
-def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
-                stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Any, Any]]:
-    """Yield (item, fn(item)) as they complete, keeping at most 2*workers in flight and pulling
-    `items` lazily. Once stop() is true nothing new starts, but all started items are still yielded
-    (so the items done are always a prefix of `items`). Errors propagate; pending work is cancelled."""
-    import queue
-
-    done: queue.SimpleQueue = queue.SimpleQueue()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
-        it = iter(items)
-        pending: dict[Any, Any] = {}
-
-        def fill() -> None:
-            while len(pending) < 2 * workers and not stop():
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                future = pool.submit(fn, item)
-                pending[future] = item
-                future.add_done_callback(done.put)
-
-        fill()
-        try:
-            while pending:
-                future = done.get()
-                yield pending.pop(future), future.result()
-                fill()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 # -- per item work -------------------------------------------------------------------------------
@@ -262,14 +88,6 @@ class Outcome:
     detail: str | None = None
     count: int | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def inspect_image(path: Path, sha256: str | None = None) -> dict:
@@ -298,9 +116,9 @@ def inspect_image(path: Path, sha256: str | None = None) -> dict:
 class Fetcher:
     """The work for one id: its label, then its image; thread-safe (no shared mutable state)."""
 
-    def __init__(self, ws: Workspace, source: Any, counts: list[int], attempts: int,
-                 previous: dict[str, dict], hints: dict[str, int | None], scan: bool):
-        self.ws, self.source, self.counts, self.attempts = ws, source, set(counts), attempts
+    def __init__(self, ws: Workspace, source: Source, counts: list[int], previous: dict[str, dict],
+                 hints: dict[str, int | None], scan: bool):
+        self.ws, self.source, self.counts = ws, source, set(counts)
         self.counts_text = _ranges(counts)
         self.previous, self.hints, self.scan = previous, hints, scan
 
@@ -314,9 +132,9 @@ class Fetcher:
                 pass  # perhaps damaged here (a crash before os.sync): read it from the source again
         if label is None:
             try:
-                raw = with_retries(lambda: self.source.read_label(ident), self.attempts)
+                raw = read_label(self.source, ident)
             except Exception as exc:
-                if isinstance(exc, BincountError) or not _is_boto_error(exc):
+                if isinstance(exc, BincountError) or not is_request_error(exc):
                     raise
                 return Outcome(ident, "rejected", reason=mf.FETCH_ERROR, detail=str(exc))
             if raw is None:
@@ -361,14 +179,14 @@ class Fetcher:
         if info is None:
             status = "fetched"
             try:
-                sha = with_retries(lambda: self._download(ident, path), self.attempts)
-            except _Missing:
-                return Outcome(ident, "rejected", reason=mf.MISSING_IMAGE, count=out.count,
-                               detail=f"no {mf.image_key(ident)} in the source")
+                sha = self.source.read(mf.image_key(ident), lambda chunks: write_atomic(path, chunks))
             except Exception as exc:
-                if isinstance(exc, BincountError) or not _is_boto_error(exc):
+                if isinstance(exc, BincountError) or not is_request_error(exc):
                     raise
                 return Outcome(ident, "rejected", reason=mf.FETCH_ERROR, count=out.count, detail=str(exc))
+            if sha is None:
+                return Outcome(ident, "rejected", reason=mf.MISSING_IMAGE, count=out.count,
+                               detail=f"no {mf.image_key(ident)} in the source")
             try:
                 info = inspect_image(path, sha)
             except _BadImage as exc:
@@ -379,19 +197,9 @@ class Fetcher:
                               width=info.get("width"), height=info.get("height"), note=note)
         return Outcome(ident, status, row=row, count=out.count, notes=out.notes)
 
-    def _download(self, ident: str, path: Path) -> str:
-        chunks = self.source.open_image(ident)
-        if chunks is None:
-            raise _Missing(ident)
-        return write_atomic(path, chunks)
-
     def item(self, ident: str) -> Outcome:
         out = self.label(ident)
         return self.image(out) if out.status == "labelled" else out
-
-
-class _Missing(Exception):
-    pass
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
@@ -402,12 +210,6 @@ def write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
     disk (or a read-only one) is a BincountError: the run stops, and a rerun resumes.
     """
     return atomic_write_chunks(path, chunks, fsync=False)
-
-
-def _is_boto_error(exc: BaseException) -> bool:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return isinstance(exc, (BotoCoreError, ClientError, _ShortBody, ConnectionError, TimeoutError))
 
 
 def _ranges(values: list[int]) -> str:
@@ -552,14 +354,12 @@ def fetch(settings: Settings) -> FetchResult:
     data = settings.data
     ws = Workspace(settings.workdir)
     counts = data.count_set()
-    from bincount.data.index import open_index
-
     index = open_index(settings)
     if index is not None:
         candidates, hints, known = _index_candidates(index, data, counts)
     else:
         (candidates, hints), known = _candidates(data), None
-    source = open_source(data)
+    source = open_source(settings)
     if clean_parts(ws.raw):
         log("removed temp files left by an interrupted run")
     previous: dict[str, dict] = {}
@@ -569,7 +369,7 @@ def fetch(settings: Settings) -> FetchResult:
         except BincountError:
             previous = {}
     scan = _Scan(1) if candidates is None else None
-    fetcher = Fetcher(ws, source, counts, data.retries, previous, hints, scan=scan is not None)
+    fetcher = Fetcher(ws, source, counts, previous, hints, scan=scan is not None)
     ids: Iterable[str] = scan if scan is not None else candidates
     if known is not None and data.balanced:
         outcomes = _balanced_known(fetcher, known, counts, data)
@@ -660,7 +460,7 @@ def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: 
     return [o for o in outcomes.values() if o.status != "unselected"]
 
 
-def _finish(ws: Workspace, source: Any, outcomes: list[Outcome], started: float) -> FetchResult:
+def _finish(ws: Workspace, source: Source, outcomes: list[Outcome], started: float) -> FetchResult:
     outcomes = sorted(outcomes, key=lambda o: mf.id_key(o.id))
     rows = [o.row for o in outcomes if o.row is not None]
     rejects = [{"id": o.id, "reason": o.reason, "detail": o.detail} for o in outcomes if o.status == "rejected"]

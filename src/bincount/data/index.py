@@ -1,7 +1,7 @@
 """`bincount index`: every bin of the source in one local table, <workdir>/index.sqlite.
 
 Two phases, both resumable (a rerun does only what is missing) and concurrent (data.workers, over the
-fetch stage's client, retries and bounded thread pool):
+source's client, retries and bounded thread pool of data/source.py):
 
 1. List bin-images/ and metadata/ (S3 returns 1,000 keys with their sizes per LIST call: ~540 calls
    per prefix for the whole ABID bucket, far cheaper than a HEAD per image). The listing is split by
@@ -33,6 +33,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.console import log, progress
 from bincount.data import manifest as mf
+from bincount.data.source import Source, bounded_map, open_source, read_label
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
 from bincount.workspace import Workspace
@@ -172,33 +173,11 @@ def open_index(settings: Settings, *, required: bool = False) -> Index | None:
 
 
 # -- building ------------------------------------------------------------------------------------
-def _list_part(source: Any, kind: str, part: str, attempts: int) -> tuple[list[tuple[str, int]], int]:
+def _list_part(source: Source, kind: str, part: str) -> tuple[list[tuple[str, int]], int]:
     """(id, bytes) of every key under <kind>/<part> in the source, and the LIST calls that took."""
     pattern = _KEY_RE[kind]
-    out, calls = [], 0
-    if hasattr(source, "client"):
-        from bincount.data.fetch import with_retries
-
-        paginator = source.client.get_paginator("list_objects_v2")
-        prefix = source._key(f"{kind}/{part}")
-
-        def pages() -> list[dict]:
-            return list(paginator.paginate(Bucket=source.bucket, Prefix=prefix))
-
-        for page in with_retries(pages, attempts):
-            calls += 1
-            for obj in page.get("Contents", []):
-                match = pattern.match(obj["Key"][len(prefix) - len(part):])
-                if match:
-                    out.append((match.group(1), int(obj["Size"])))
-    else:
-        folder = source.root / kind
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                match = pattern.match(entry.name)
-                if match and entry.name.startswith(part) and entry.is_file():
-                    out.append((match.group(1), entry.stat().st_size))
-    return out, calls
+    keys, calls = source.list(kind, part)
+    return [(m.group(1), size) for name, size in keys if (m := pattern.match(name))], calls
 
 
 def _summarize_label(raw: bytes) -> tuple[str, int | None, int | None]:
@@ -213,13 +192,11 @@ def _summarize_label(raw: bytes) -> tuple[str, int | None, int | None]:
 
 def index(settings: Settings) -> IndexResult:
     """Read every label of the source once into <workdir>/index.sqlite (resumable; see the module docstring)."""
-    from bincount.data.fetch import bounded_map, open_source, with_retries
-
     started = time.perf_counter()
     data = settings.data
     path = index_path(settings.workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    source = open_source(data)
+    source = open_source(settings)
     source_uri = data.source.rstrip("/")
     idx = Index(path)
     try:
@@ -235,7 +212,7 @@ def index(settings: Settings) -> IndexResult:
         list_calls = 0
         with progress() as bar:
             task = bar.add_task("listing", total=2 * len(PREFIXES), completed=2 * len(PREFIXES) - len(todo))
-            for (kind, part), (keys, calls) in bounded_map(lambda job: _list_part(source, *job, data.retries), todo, data.workers):
+            for (kind, part), (keys, calls) in bounded_map(lambda job: _list_part(source, *job), todo, data.workers):
                 if kind == mf.IMAGES:
                     db.executemany("INSERT INTO bins(id, num, image_bytes) VALUES (?, ?, ?) "
                                    "ON CONFLICT(id) DO UPDATE SET image_bytes = excluded.image_bytes",
@@ -256,7 +233,7 @@ def index(settings: Settings) -> IndexResult:
         read_started = time.perf_counter()
 
         def one(ident: str) -> tuple[str, int | None, int | None]:
-            raw = with_retries(lambda: source.read_label(ident), data.retries)
+            raw = read_label(source, ident)
             return (mf.MISSING_LABEL, None, None) if raw is None else _summarize_label(raw)
 
         batch: list[tuple] = []

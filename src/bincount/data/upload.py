@@ -23,7 +23,7 @@ from bincount.config import Settings
 from bincount.console import progress
 from bincount.errors import BincountError
 from bincount.results import Result
-from bincount.workspace import SPLITS, Workspace, read_manifest
+from bincount.workspace import SPLITS, Workspace, file_sha256, read_manifest
 
 
 class UploadResult(Result):
@@ -46,11 +46,7 @@ class _Job:
     def sha256(self) -> str:
         if self.data is not None:
             return hashlib.sha256(self.data).hexdigest()
-        digest = hashlib.sha256()
-        with self.path.open("rb") as fh:  # type: ignore[union-attr]
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return file_sha256(self.path)  # type: ignore[arg-type]
 
     def size(self) -> int:
         return len(self.data) if self.data is not None else self.path.stat().st_size  # type: ignore[union-attr]
@@ -116,7 +112,6 @@ def upload(settings: Settings) -> UploadResult:
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from bincount.aws import s3_client
-    from bincount.data.fetch import with_retries
 
     s3 = settings.s3
     if not s3.bucket:
@@ -144,7 +139,7 @@ def upload(settings: Settings) -> UploadResult:
         """Upload if needed; return the bytes sent, or None when the object is unchanged (skipped)."""
         size, sha = job.size(), job.sha256()
         if existing.get(job.key) == size:
-            head = with_retries(lambda: client.head_object(Bucket=s3.bucket, Key=job.key), 5)
+            head = client.head_object(Bucket=s3.bucket, Key=job.key)
             if head.get("Metadata", {}).get("sha256") == sha:
                 return None
         content_type = {".jpg": "image/jpeg", ".tar": "application/x-tar", ".json": "application/json"}.get(
@@ -159,7 +154,7 @@ def upload(settings: Settings) -> UploadResult:
                     client.put_object(Bucket=s3.bucket, Key=job.key, Body=fh, Metadata={"sha256": sha},
                                       ContentType=content_type)
 
-        with_retries(put, 5)
+        put()
         return size
 
     all_jobs = [job for split in splits for job in jobs[split]]

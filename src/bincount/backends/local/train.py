@@ -238,8 +238,27 @@ def _smdebug_available() -> bool:
     return importlib.util.find_spec("smdebug") is not None
 
 
-def train(settings: Settings) -> TrainResult:
-    """`bincount train` on this machine: run train.py, package model.tar.gz, record it in state.json."""
+class _Replanned(Exception):
+    """Raised from the epoch callback to stop a run after its first epoch and go on with other epochs."""
+
+    def __init__(self, epochs: int):
+        super().__init__(epochs)
+        self.epochs = epochs
+
+
+def _wait_for(path: Path, timeout_s: float = 120) -> None:
+    """Wait until train.py's checkpoint writer (a background thread) has renamed the file into place."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def train(settings: Settings, replan: Callable[[float], int] | None = None) -> TrainResult:
+    """`bincount train` on this machine: run train.py, package model.tar.gz, record it in state.json.
+
+    replan(seconds the run took up to the end of its first epoch) -> epochs: when it returns another number
+    than planned, the run stops after epoch 1 (its checkpoint written) and resumes with that many epochs
+    (the demo sizes training to a time budget this way)."""
     from bincount.artifacts import package_model
     from bincount.console import err_console
     from bincount.trainview import TrainingView
@@ -259,8 +278,25 @@ def train(settings: Settings) -> TrainResult:
         ws.update_state(training_pending=PendingTraining(run_dir=str(run_dir.resolve()), hyperparameters=hp))
     extra_env = {"DEBUGGER_OUT_DIR": str((run_dir / "debug").resolve())} if _smdebug_available() else {}
 
-    with TrainingView(int(hp["epochs"]), title=f"training {run_dir.name} (local)") as view:
-        out = run_script(hp, run_dir, channels, extra_env=extra_env, on_line=view.line)
+    started = time.monotonic()
+
+    def after_epoch(metrics: dict[str, float]) -> None:
+        if replan is not None and int(metrics["epoch"]) == 1:
+            epochs = replan(time.monotonic() - started)
+            if epochs != hp["epochs"]:
+                _wait_for(run_dir / "checkpoints" / "checkpoint.pt")
+                raise _Replanned(epochs)
+
+    try:
+        with TrainingView(int(hp["epochs"]), title=f"training {run_dir.name} (local)") as view:
+            out = run_script(hp, run_dir, channels, extra_env=extra_env, on_line=view.line, on_epoch=after_epoch)
+    except _Replanned as change:
+        err_console().print(f"re-planned from the first epoch's time: {change.epochs} epochs instead of "
+                            f"{hp['epochs']}", highlight=False)
+        hp = {**hp, "epochs": change.epochs}
+        ws.update_state(training_pending=PendingTraining(run_dir=str(run_dir.resolve()), hyperparameters=hp))
+        with TrainingView(int(hp["epochs"]), title=f"training {run_dir.name} (local)") as view:
+            out = run_script(hp, run_dir, channels, extra_env=extra_env, on_line=view.line)
     tar = package_model(out["model_dir"], run_dir / "model.tar.gz")
 
     rules: list[dict[str, Any]] = []

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.audit.core import AuditResult, Bin, Inputs, Reader, bounded_map, chunks, options, read_records, report
+from bincount.audit.core import AuditResult, Bin, Inputs, Reader, chunks, options, read_records, report
 from bincount.aws import Aws
 from bincount.backends.sagemaker import jobs
 from bincount.backends.sagemaker.endpoint import resolve_model_data, serving_code
@@ -298,19 +298,19 @@ def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *
         for line in read_records(Path(record.bins_file)):
             yield Bin(line["n"], line["id"], line["image"], line["path"], line["expected"], line.get("label"))
 
-    from concurrent.futures import ThreadPoolExecutor
-
     from bincount.console import progress
+    from bincount.data.source import bounded_map
 
     results = Path(record.bins_file).with_name("results.jsonl")
-    with progress(transient=True) as bar, ThreadPoolExecutor(JOIN_WORKERS) as pool, results.open("w") as fh:
+    with progress(transient=True) as bar, results.open("w") as fh:
         task = bar.add_task("join outputs", total=record.bins)
-        for rows in bounded_map(lambda c: pool.submit(score, c), chunks(bins(), 16), 2 * JOIN_WORKERS):
+        for _, rows in bounded_map(score, chunks(bins(), 16), JOIN_WORKERS):
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
                 bar.advance(task)
     return report(read_records(results), out, source=record.source,
-                  target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top)
+                  target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top,
+                  total=record.bins)
 
 
 # -- the stage ------------------------------------------------------------------------------------

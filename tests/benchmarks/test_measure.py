@@ -1,0 +1,72 @@
+"""benchmarks/measure.py and run_all.py: rows say the load they ran under, load cannot make a pass, and a
+child's peak memory is its own."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+sys.path.insert(0, str(BENCHMARKS))
+import measure  # noqa: E402  (benchmarks/measure.py)
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_childs_peak_rss_is_its_own_not_this_process(tmp_path):
+    ballast = bytearray(300 * 2**20)  # this process is big; Linux's ru_maxrss would hand that to the child
+    small = measure.run([sys.executable, "-c", "pass"], cwd=tmp_path / "small")
+    big = measure.run([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                       "time.sleep(0.3)"], cwd=tmp_path / "big")
+    del ballast
+    assert small.rss_mib < 100 and big.rss_mib > 200 and big.seconds >= 0.3
+    assert small.load >= 0 and small.others >= 0
+
+
+def test_runs_interleave_and_a_row_above_one_process_per_core_is_not_comparable(monkeypatch):
+    fetch = load("fetch")
+    order, loads = [], iter([0.5, 0.5, 0.5, 0.5, 0.5, 9.0])
+
+    def contestant(name):
+        def go(n):
+            order.append((name, n))
+            return measure.Run(seconds={"a": 1.0, "b": 2.0}[name], rss_mib=1, cpu_s=0, load=next(loads), others=0)
+        return go
+
+    series = measure.interleave({"a": contestant("a"), "b": contestant("b")}, 3)
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    monkeypatch.setattr(measure, "cores", lambda: 2)
+    row = fetch.row("x", series["a"], series["b"], 0.8, "note")
+    assert row["ratio"] == 2.0 and row["comparable"] is False and "load 9.0" in row["note"] and "not comparable" in row["note"]
+    calm = measure.Series("c", [measure.Run(1.0, 1, 0, 1.5, 0)])
+    assert fetch.row("y", calm, calm, 0.8, "note")["comparable"] is True
+
+
+def test_run_all_shows_not_comparable_rows_as_neither_pass_nor_miss(monkeypatch, capsys):
+    run_all = load("run_all")
+    rows = [{"name": "loaded pass", "ratio": 2.0, "goal": 0.8, "comparable": False, "note": "load 9"},
+            {"name": "loaded miss", "ratio": 0.1, "goal": 0.8, "comparable": False, "note": "load 9"},
+            {"name": "idle", "ratio": 1.0, "goal": 0.8, "comparable": True, "note": "load 0.5"},
+            {"name": "info", "ratio": 1.0, "goal": None, "comparable": True},
+            {"name": "skipped", "ratio": None, "goal": 0.8}]
+    assert [run_all.verdict(r) for r in rows] == ["not comparable", "not comparable", "pass", "info", "skipped"]
+    assert run_all.verdict({"ratio": 0.5, "goal": 0.8}) == "miss"
+
+    class Fake:
+        @staticmethod
+        def main():
+            return {"name": "f", "rows": rows}
+
+    monkeypatch.setattr(run_all, "load", lambda name: Fake)
+    assert run_all.main(["f"]) == 0  # the loaded miss fails nothing: it was not judged
+    assert "2 rows were measured above one runnable process per core" in capsys.readouterr().out
+    rows[2]["ratio"] = 0.5
+    assert run_all.main(["f"]) == 1
