@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TOOLKITS := sagemaker-training==5.1.4 sagemaker-pytorch-training==3.0.0 protobuf==6.33.6 inotify_simple==1.2.1 \
             paramiko==5.1.0 bcrypt==5.0.0 pynacl==1.6.2 invoke==3.0.3 retrying==1.3.7 six==1.17.0
 
-.PHONY: install test demo bench docs clean
+.PHONY: install test test-fast demo bench docs clean
 
 install:  ## create .venv (Python 3.11) and install bincount with its test extras
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,11 @@ install:  ## create .venv (Python 3.11) and install bincount with its test extra
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/toolkits $(TOOLKITS)
 
-test:  ## run the whole test suite (slow tests included)
-	$(BIN)/python -m pytest -q
+test:  ## run the whole test suite (slow tests included), one pytest-xdist worker per core
+	$(BIN)/python -m pytest -q -n auto
+
+test-fast:  ## the inner loop: every test not marked slow (no training run, no whole chain), in parallel
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 demo:  ## offline end-to-end demo: synth -> local S3 -> fetch -> split -> train -> evaluate -> deploy -> predict -> audit
 	rm -rf demo-work

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import socket
+import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+# Under pytest-xdist (make test: -n auto) each worker, and every process its tests start (train.py, the server,
+# the training toolkit), gets its share of the cores for torch's threads: set before anything imports torch.
+if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0):
+    _threads = max(1, len(os.sched_getaffinity(0)) // _workers)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_threads)
 
 # Never reach real AWS from tests: fake credentials, a fixed region, no SDK telemetry.
 os.environ.update({
@@ -20,12 +33,6 @@ for _name in [n for n in os.environ if n.startswith("BINCOUNT_")]:
     del os.environ[_name]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API over HTTP on 127.0.0.1 (moto's ThreadedMotoServer); yields its endpoint URL."""
@@ -34,10 +41,9 @@ def s3_server():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log lines in the stderr tests read
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks the port: two
+    server.start()                                                                # xdist workers never race for one
+    yield "http://127.0.0.1:%d" % server.get_host_and_port()[1]
     server.stop()
 
 
@@ -49,6 +55,74 @@ def synth_source(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, n=120, image_size=64, max_count=5, seed=1)
     return out
+
+
+def make_workdir(synth_source: Path, root: Path) -> Path:
+    """A workdir as fetch + split leave it: raw/, manifest.jsonl, splits/{train,val,test}.jsonl (72/24/24)."""
+    from bincount.workspace import Workspace, write_jsonl
+
+    shutil.copytree(synth_source, root / "raw")
+    rows = []
+    for label in sorted((root / "raw" / "metadata").glob("*.json")):
+        data = (root / "raw" / "bin-images" / f"{label.stem}.jpg").read_bytes()
+        rows.append({"id": label.stem, "count": json.loads(label.read_text())["EXPECTED_QUANTITY"],
+                     "image": f"raw/bin-images/{label.stem}.jpg", "label": f"raw/metadata/{label.name}",
+                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    ws = Workspace(root)
+    write_jsonl(ws.manifest, rows)
+    write_jsonl(ws.split("train"), rows[:72])
+    write_jsonl(ws.split("val"), rows[72:96])
+    write_jsonl(ws.split("test"), rows[96:])
+    return root
+
+
+@pytest.fixture
+def splits_workdir(synth_source):
+    """splits_workdir(root) -> a fresh workdir with raw/, the manifest and the three splits (see make_workdir)."""
+    return lambda root: make_workdir(synth_source, root)
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """An exclusive lock on `path` across processes (the xdist workers of one run)."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_source, tmp_path_factory) -> SimpleNamespace:
+    """One `bincount train` per pytest run (the local backend: train.py in its own process as SageMaker runs
+    it, 2 epochs at 32 px, the Debugger hook on); the artifact, serving, evaluate and Debugger tests read it.
+    Read-only: a test that writes copies `workdir` first. Under xdist the first worker that needs it trains it
+    in the run's shared temp dir, under a lock; the others wait for it and read the same files.
+    Fields: workdir, out (the --json result), stderr, run (models/<run>)."""
+    from typer.testing import CliRunner
+
+    from bincount.cli import app
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # <basetemp>/popen-gwN: the parent is this run's, common to its workers
+    root, done = shared / "trained-run", shared / "trained-run.json"
+    with _exclusive(shared / "trained-run.lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way
+            workdir = make_workdir(synth_source, root)
+            args = ["train", "--workdir", workdir, "--json", "--arch", "mobilenet_v3_small", "--image-size", "32",
+                    "--epochs", "2", "--batch-size", "32", "--set", "train.warmup_epochs=0"]
+            res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+            assert res.exit_code == 0, res.stderr
+            done.with_suffix(".tmp").write_text(json.dumps({"stdout": res.stdout, "stderr": res.stderr}))
+            done.with_suffix(".tmp").replace(done)
+    saved = json.loads(done.read_text())
+    out = json.loads(saved["stdout"])
+    return SimpleNamespace(workdir=root, out=out, stderr=saved["stderr"], run=root / "models" / out["run"])
 
 
 @pytest.fixture

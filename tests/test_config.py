@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bincount.config import load_settings, parse_int_set
+from bincount.config import load_settings
 from bincount.errors import BincountError
 
 
@@ -94,13 +94,6 @@ def test_a_weights_file_reaches_train_py_as_an_absolute_path(tmp_path, monkeypat
     for name in ("imagenet", "none"):
         assert TrainSettings(pretrained=name).weights_file is None
         assert TrainSettings(pretrained=name).hyperparameters(5)["pretrained"] == name
-
-
-def test_parse_int_set():
-    assert parse_int_set("0-2,5") == [0, 1, 2, 5]
-    assert parse_int_set("3") == [3]
-    with pytest.raises(ValueError):
-        parse_int_set("5-1")
 
 
 def test_counts_beyond_max_count():
@@ -197,7 +190,7 @@ def test_endpoint_urls_must_be_urls():
 def test_huge_id_ranges_are_not_materialised():
     import time
 
-    from bincount.config import IntRanges
+    from bincount.ranges import IntRanges
 
     started = time.perf_counter()
     settings = load_settings(overrides={"data.ids": "1-100000000,5,200000000-200000001"}, environ={})
@@ -215,7 +208,37 @@ def test_pretrained_is_resolved_once_imagenet_none_s3_or_an_existing_file(tmp_pa
     assert resolved == str(tmp_path / "weights.pth")  # absolute: train.py runs in its run dir
     for value in ("imagenet", "none", "s3://bucket/weights/resnet18.pth"):
         assert load_settings(overrides={"train.pretrained": value}, environ={}).train.pretrained == value
-    for bad, words in (("missing.pth", "not found"), ("weights.bin", "imagenet, none"), ("s3://bucket.pth", "s3://bucket/key")):
+    for bad, words in (("weights.bin", "imagenet, none"), ("s3://bucket.pth", "s3://bucket/key")):
         with pytest.raises(BincountError, match=words) as err:
             load_settings(overrides={"train.pretrained": bad}, environ={})
         assert "\n" not in str(err.value) and str(err.value).startswith("invalid setting train.pretrained: ")
+    missing = load_settings(overrides={"train.pretrained": "missing.pth"}, environ={})  # loads: checked where used
+    assert missing.train.pretrained == str(tmp_path / "missing.pth")
+    for use in (lambda: missing.train.weights_file, lambda: missing.train.hyperparameters(5)):
+        with pytest.raises(BincountError, match=f"train.pretrained: weights file {tmp_path / 'missing.pth'} not found") as err:
+            use()
+        assert "\n" not in str(err.value)
+
+
+def test_status_works_from_another_directory_with_a_relative_weights_file(cli, one_line_error, tmp_path, monkeypatch):
+    """Settings validation does not open the weights file (issue 20.11): a work dir whose bincount.yaml names
+    `w.pth` works from any directory; only training needs the file, and says so in one line."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    (work / "w.pth").write_bytes(b"w")
+    (work / "bincount.yaml").write_text("train:\n  pretrained: w.pth\n")
+    monkeypatch.chdir(work)
+    assert cli("status", "--workdir", work).exit_code == 0
+    monkeypatch.chdir(elsewhere)
+    res = cli("status", "--workdir", work)
+    assert res.exit_code == 0, res.stderr
+    res = cli("config", "--json", "--workdir", work)
+    assert res.exit_code == 0 and json.loads(res.stdout)["settings"]["train"]["pretrained"] == str(elsewhere / "w.pth")
+    from bincount.data.manifest import manifest_row
+
+    (work / "splits").mkdir()
+    for split in ("train", "val"):  # training gets as far as its hyperparameters, and stops there in one line
+        row = manifest_row("00001", 1, "raw/bin-images/00001.jpg", "raw/metadata/00001.json", 10, "0" * 64)
+        (work / "splits" / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    one_line_error(cli("train", "--workdir", work), f"train.pretrained: weights file {elsewhere / 'w.pth'} not found")

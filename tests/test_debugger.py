@@ -36,8 +36,21 @@ def test_rules_on_hand_made_numbers():
     assert debugger.overtraining(flat_val)["status"] == "IssuesFound"
 
 
+def test_rules_read_the_tensors_train_py_saved(trained_run):
+    """The session's trained run: `bincount train` checked its smdebug tensors and saved reports/rules.json."""
+    out = trained_run.out
+    rules = {f["rule"]: f for f in out["rules"]}
+    assert set(rules) == {"VanishingGradient", "PoorWeightInitialization", "LossNotDecreasing", "Overfit",
+                          "Overtraining"}
+    assert rules["VanishingGradient"]["source"] == "smdebug"
+    assert rules["VanishingGradient"]["status"] == "NoIssuesFound"
+    assert rules["PoorWeightInitialization"]["status"] == "NoIssuesFound"
+    assert rules["LossNotDecreasing"]["source"] == "smdebug"
+    saved = json.loads((trained_run.workdir / "reports" / "rules.json").read_text())
+    assert saved["run"] == out["run"] and len(saved["findings"]) == 5
+
+
 def test_check_without_saved_tensors_uses_the_epoch_log(tmp_path):
-    """The smdebug path (a real trial from train.py's hook) is covered by tests/backends/test_local_train.py."""
     meta = {"arch": "mobilenet_v3_small", "num_classes": 6, "hyperparameters": {"warmup_epochs": 0}}
     history = epochs([(1.8, 1.9), (1.6, 1.7)])
     findings = {f["rule"]: f for f in debugger.check(tmp_path / "missing", history, meta, {"overfit": False})}

@@ -1,9 +1,10 @@
-"""Metrics on a hand-made case, and `evaluate` end to end on a small untrained model."""
+"""Metrics on a hand-made case, `evaluate` end to end on a small untrained model and on the session's trained run."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,21 @@ def test_evaluate_writes_metrics_and_plots(synth_source, tmp_path):
     # The model recorded in state.json is the default.
     ws.update_state(training=LocalTraining(job="run", model_data=str(tar), model_dir=str(tmp_path / "gone")))
     assert evaluate(settings).accuracy == result.accuracy
+
+
+def test_evaluate_the_trained_run_from_the_state_then_its_archive(trained_run, cli, tmp_path):
+    """The session's trained run: evaluate the recorded model on the test split, then the archive given."""
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "w")  # evaluate writes reports/
+    res = cli("evaluate", "--workdir", workdir, "--json")
+    assert res.exit_code == 0, res.stderr
+    metrics = json.loads(res.stdout)
+    assert metrics["n"] == 24 and sum(r["n"] for r in metrics["per_count"]) == 24
+    assert metrics["accuracy"] == pytest.approx(trained_run.out["metrics"]["test_acc"], abs=1e-6)
+    for name in ("metrics.json", "confusion-matrix.png", "training-curve.png"):
+        assert (workdir / "reports" / name).stat().st_size > 0
+    res = cli("evaluate", "--workdir", workdir, "--model", trained_run.out["model_data"])
+    assert res.exit_code == 0, res.stderr
+    assert "55.67% accuracy, RMSE 0.930" in res.stdout
 
 
 def test_a_broken_model_is_a_one_line_error(tmp_path):

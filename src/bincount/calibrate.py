@@ -52,7 +52,7 @@ def measure(arch: str, image_size: int, batch_size: int, num_classes: int, amp: 
     import torch
 
     from bincount.container import net
-    from bincount.container.train import cpu_bf16
+    from bincount.container.loop import cpu_bf16
 
     bf16 = amp and cpu_bf16()
     model = net.build_model(arch, num_classes).to(memory_format=torch.channels_last)

@@ -111,7 +111,8 @@ def _call(command: str, config: Path | None, options: dict[str, Any], sets: list
     """Load settings (defaults < --config < env < --set < flags), run the command's stage, print its result."""
     import os
 
-    from bincount.config import find_config, load_settings, parse_set_option
+    from bincount.config import find_config, load_settings
+    from bincount.config_layers import parse_set_option
 
     try:
         overrides = parse_set_option(sets or [])

@@ -13,69 +13,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bincount.config_layers import CONFIG_ENV, CONFIG_NAME, deep_merge, env_name, env_layer, nest, yaml_layer
+from bincount.container.hparams import BY_NAME as HP
 from bincount.errors import BincountError
+from bincount.ranges import IntRanges, parse_ranges
 from bincount.results import Result
 
-ENV_PREFIX = "BINCOUNT_"
 PRETRAINED_NAMES = ("imagenet", "none")  # any other train.pretrained is a local weights file
 
 
 class Section(BaseModel):
     # allow_inf_nan=False: inf and nan are refused in every float setting (train.lr=inf trained a NaN model)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def parse_ranges(spec: str) -> list[tuple[int, int]]:
-    """Parse `0-5`, `1,2,4` or `1-3,5` into sorted, merged, inclusive (start, end) ranges of integers >= 0.
-
-    Nothing is materialised: `1-100000000` is one pair (see IntRanges for iterating them).
-    """
-    pairs: list[tuple[int, int]] = []
-    for part in str(spec).replace(" ", "").split(","):
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()) or len(lo) > 12 or len(hi) > 12:
-            raise ValueError(f"{spec!r} is not a list of integers or ranges like 0-5 or 1,2,3")
-        start, end = (int(lo), int(hi)) if sep else (int(lo), int(lo))
-        if end < start:
-            raise ValueError(f"bad range {part!r} in {spec!r}")
-        pairs.append((start, end))
-    if not pairs:
-        raise ValueError(f"{spec!r} selects nothing")
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(pairs):
-        if merged and start <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-class IntRanges:
-    """The integers of parse_ranges(spec), in order, with len() and iteration but no list behind them."""
-
-    def __init__(self, spec: str):
-        self.pairs = parse_ranges(spec)
-
-    def __len__(self) -> int:
-        return sum(end - start + 1 for start, end in self.pairs)
-
-    def __iter__(self):
-        for start, end in self.pairs:
-            yield from range(start, end + 1)
-
-    @property
-    def last(self) -> int:
-        return self.pairs[-1][1]
-
-
-def parse_int_set(spec: str, max_size: int = 10_000) -> list[int]:
-    """Parse `0-5`, `1,2,4` or `1-3,5` into a sorted list of distinct non-negative integers (at most max_size)."""
-    ranges = IntRanges(spec)
-    if len(ranges) > max_size:
-        raise ValueError(f"{spec!r} selects {len(ranges):,} values, over the limit of {max_size:,}")
-    return list(ranges)
 
 
 def _check_path(value: Path | None) -> Path | None:
@@ -184,7 +133,9 @@ class S3Settings(Section):
 def resolve_pretrained(value: str) -> str:
     """The one place that reads train.pretrained: imagenet | none | s3://bucket/key.pth | a local file.
 
-    A local file becomes an absolute path here, once (train.py runs in its run dir), and must exist.
+    A local file becomes an absolute path here, once (train.py runs in its run dir). Whether it exists is
+    checked where it is used (TrainSettings.weights_file), so a command that does not train (status,
+    config) works from any directory.
     """
     value = str(value).strip()
     if value in PRETRAINED_NAMES:
@@ -196,10 +147,7 @@ def resolve_pretrained(value: str) -> str:
         if not bucket or not key:
             raise ValueError(f"{value} is not an s3://bucket/key URI")
         return value
-    path = Path(value).expanduser().resolve()
-    if not path.is_file():
-        raise ValueError(f"weights file {path} not found")
-    return str(path)
+    return str(Path(value).expanduser().resolve())
 
 
 class ShardSettings(Section):
@@ -220,32 +168,37 @@ class ShardSettings(Section):
     wait: bool = Field(True, description="sagemaker backend: wait for the Processing job to end")
 
 
+def _hp(name: str, **bounds: Any) -> Any:
+    """A train setting's Field: its default and description from the container's hyperparameter table."""
+    return Field(HP[name].default, description=HP[name].help, **bounds)
+
+
 class TrainSettings(Section):
     """Hyperparameters of container/train.py (passed as --name value, as SageMaker does)."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"] = Field("resnet18", description="torchvision backbone")
-    stem: Literal["standard", "small"] = Field("standard", description="small: no stem max-pool (mobilenet: stride-1 first conv), for inputs below ~128 px")
-    pretrained: str = Field("none", description="imagenet | none | a local .pth/.pt file (made absolute) | an s3:// URI "
-                            "of one (sagemaker backend: the job's weights channel)")
-    epochs: int = Field(20, ge=1, description="maximum epochs (early stopping may end sooner)")
-    batch_size: int = Field(64, ge=1, description="images per step (per process under DDP)")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up; cosine decay to the end)")
-    weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay (AdamW) or L2 (SGD)")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    warmup_epochs: int = Field(1, ge=0, description="epochs of linear learning-rate warm-up")
-    label_smoothing: float = Field(0.05, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
-    count_loss: float = Field(0.5, ge=0, description="weight of |expected count - count| (softmax mean) added to the loss")
-    ema_decay: float = Field(0.995, ge=0, lt=1, description="validate and ship an exponential moving average of the weights (0 = off)")
-    class_weighting: bool = Field(False, description="weight the loss by inverse class frequency (for unbalanced counts)")
-    image_size: int = Field(224, ge=32, le=1024, description="input size in pixels: the whole bin is resized, never cropped")
-    tta: bool = Field(False, description="test-time augmentation, recorded in the model: evaluate, serve and predict "
-                      "average the 8 flips/transposes of each bin (8x the inference cost; check with evaluate --tta/--no-tta)")
-    patience: int = Field(5, ge=0, description="early stopping: epochs without a better val metric (0 = never stop)")
-    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; default sized to the machine")
-    seed: int = Field(0, description="random seed for initialisation, shuffling and augmentation")
-    shuffle_buffer: int = Field(1000, ge=1, description="shard channels: samples in the streaming shuffle buffer")
-    amp: bool = Field(True, description="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (else off)")
+    # The hyperparameters train.py takes: defaults and descriptions from container/hparams.py (train.py builds
+    # its arguments from the same table); only the bounds are added here.
+    arch: Literal[HP["arch"].choices] = _hp("arch")
+    stem: Literal[HP["stem"].choices] = _hp("stem")
+    pretrained: str = _hp("pretrained")
+    epochs: int = _hp("epochs", ge=1)
+    batch_size: int = _hp("batch_size", ge=1)
+    lr: float = _hp("lr", gt=0)
+    weight_decay: float = _hp("weight_decay", ge=0)
+    optimizer: Literal[HP["optimizer"].choices] = _hp("optimizer")
+    momentum: float = _hp("momentum", ge=0, lt=1)
+    warmup_epochs: int = _hp("warmup_epochs", ge=0)
+    label_smoothing: float = _hp("label_smoothing", ge=0, lt=1)
+    count_loss: float = _hp("count_loss", ge=0)
+    ema_decay: float = _hp("ema_decay", ge=0, lt=1)
+    class_weighting: bool = _hp("class_weighting")
+    image_size: int = _hp("image_size", ge=32, le=1024)
+    tta: bool = _hp("tta")
+    patience: int = _hp("patience", ge=0)
+    num_workers: int | None = _hp("num_workers", ge=0)
+    seed: int = _hp("seed")
+    shuffle_buffer: int = _hp("shuffle_buffer", ge=1)
+    amp: bool = _hp("amp")
     use_best: bool = Field(False, description="train with the best hyperparameters recorded by `bincount tune`")
     wait: bool = Field(True, description="sagemaker backend: stream logs until the job ends")
 
@@ -256,10 +209,14 @@ class TrainSettings(Section):
 
     @property
     def weights_file(self) -> Path | None:
-        """train.pretrained as an absolute path when it names a local weights file; None for imagenet, none or s3://."""
+        """train.pretrained as an absolute path when it names a local weights file (which must exist: a
+        one-line error here, where it is used); None for imagenet, none or s3://."""
         if self.pretrained in PRETRAINED_NAMES or self.pretrained.startswith("s3://"):
             return None
-        return Path(self.pretrained)  # resolve_pretrained made it absolute
+        path = Path(self.pretrained)  # resolve_pretrained made it absolute
+        if not path.is_file():
+            raise BincountError(f"train.pretrained: weights file {path} not found")
+        return path
 
     def hyperparameters(self, max_count: int) -> dict[str, Any]:
         """The arguments train.py takes, as SageMaker passes them (a weights file as an absolute path:
@@ -333,11 +290,18 @@ class DeploySettings(Section):
     threads: int = Field(8, ge=1, le=256, description="local server: requests served at once (threads of its one worker "
                                                       "process, which holds the one copy of the model)")
     max_connections: int = Field(1000, ge=1, le=10000, description="local server: connections held at once (served, queued "
-                                                                   "for a thread, or idle keep-alive); more wait in the backlog")
+                                                                   "for a thread, or idle keep-alive); more wait in the backlog, "
+                                                                   "and the oldest that has sent no whole request for 1 s gives way")
+    max_idle: int = Field(100, ge=0, le=10000, description="local server: idle keep-alive connections kept at once (the oldest "
+                                                          "is closed first)")
     backlog: int = Field(2048, ge=16, le=65535, description="local server: connections the kernel queues until the server "
                                                             "takes them (capped by net.core.somaxconn)")
     keepalive_s: int = Field(60, ge=0, le=3600, description="local server: an idle keep-alive connection is closed after this")
-    read_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request body must arrive within this (else 408)")
+    head_timeout_s: float = Field(10, gt=0, le=3600, description="local server: a request head (line and headers) must arrive "
+                                                                "whole within this of its first byte, a new connection's of "
+                                                                "its accept (else 408)")
+    read_timeout_s: float = Field(30, gt=0, le=3600, description="local server: a request body must arrive whole within this of "
+                                                                "its head (else 408)")
     graceful_timeout_s: int = Field(30, ge=1, le=3600, description="local server: on SIGTERM, requests already taken get "
                                                                    "this long to finish")
     pixel_budget: int = Field(48_000_000, ge=1_000_000, le=2_000_000_000,
@@ -470,90 +434,6 @@ class Settings(Section):
         return _check_path(value)
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def nest(dotted: dict[str, Any], name: Any = lambda key: key) -> dict[str, Any]:
-    """{"train.epochs": 3} -> {"train": {"epochs": 3}}; None values (flags not given) are dropped.
-
-    A key that is both a value and a section (`train=3` and `train.epochs=3`) is a BincountError;
-    `name(key)` says where a key came from (`--set train`, `BINCOUNT_TRAIN`).
-    """
-    out: dict[str, Any] = {}
-    origin: dict[tuple[str, ...], str] = {}  # who set each value or section
-
-    def conflict(key: str, path: tuple[str, ...]) -> BincountError:
-        return BincountError(f"{name(key)} and {origin[path]} conflict: {'.'.join(path)} cannot be both a value "
-                             "and a section of settings")
-
-    for key, value in dotted.items():
-        if value is None:
-            continue
-        *parents, leaf = key.split(".")
-        node, path = out, ()
-        for part in parents:
-            path += (part,)
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise conflict(key, path)
-            origin.setdefault(path, name(key))
-            node = child
-        path += (leaf,)
-        if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
-            raise conflict(key, path)
-        node[leaf] = value
-        origin[path] = name(key)
-    return out
-
-
-CONFIG_ENV = "BINCOUNT_CONFIG"  # a config file's path, not a setting
-CONFIG_NAME = "bincount.yaml"  # found in the current dir, else in the work dir
-
-
-def _env_layer(environ: dict[str, str]) -> dict[str, Any]:
-    dotted, names = {}, {}
-    for name, raw in environ.items():
-        if name == CONFIG_ENV:
-            continue
-        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            key = name[len(ENV_PREFIX):].lower().replace("__", ".")
-            names[key] = name
-            try:
-                dotted[key] = yaml.safe_load(raw) if raw.strip() else None
-            except (yaml.YAMLError, RecursionError):
-                dotted[key] = raw
-            if dotted[key] is None:
-                dotted[key] = raw
-    return nest(dotted, lambda key: names[key])
-
-
-def _yaml_layer(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise BincountError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_bytes()) or {}  # bytes: PyYAML reads UTF-8/16 and reports bad bytes
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        what = "not UTF-8 or UTF-16 text" if isinstance(exc, yaml.reader.ReaderError) else "invalid YAML"
-        raise BincountError(f"config file {path}: {what}{where}") from None
-    except RecursionError:
-        raise BincountError(f"config file {path}: invalid YAML (nested too deeply)") from None
-    except OSError as exc:
-        raise BincountError(f"config file {path}: cannot read it ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise BincountError(f"config file {path}: expected a mapping of sections at the top level")
-    return data
-
-
 def describe_validation_error(exc: ValidationError, origin: str = "") -> str:
     """One line: the first bad key and what is wrong with it (and how many more problems there are)."""
     errors = exc.errors()
@@ -576,14 +456,14 @@ def load_settings(
     The CLI finds `config` with find_config; a library caller passes its own.
     """
     environ = dict(os.environ if environ is None else environ)
-    env, flags = _env_layer(environ), nest(overrides or {})
-    file = _yaml_layer(config) if config is not None else {}
+    env, flags = env_layer(environ), nest(overrides or {})
+    file = yaml_layer(config) if config is not None else {}
     layers = deep_merge(deep_merge(file, env), flags)
     try:
         return Settings.model_validate(layers)
     except ValidationError as exc:
         loc = exc.errors()[0]["loc"]
-        origin = next((where for layer, where in ((flags, "--set or a flag"), (env, _env_name(loc)),
+        origin = next((where for layer, where in ((flags, "--set or a flag"), (env, env_name(loc)),
                                                    (file, str(config))) if _has(layer, loc)), "")
         raise BincountError(describe_validation_error(exc, f" (from {origin})" if origin else "")) from None
     except RecursionError:
@@ -600,10 +480,6 @@ def _has(layer: dict[str, Any], loc: tuple) -> bool:
         if not isinstance(node, dict):
             return True
     return True
-
-
-def _env_name(loc: tuple) -> str:
-    return ENV_PREFIX + "__".join(str(p) for p in loc).upper()
 
 
 def find_config(config: Path | None, environ: dict[str, str], workdir: Any = None) -> Path | None:
@@ -626,20 +502,6 @@ def find_config(config: Path | None, environ: dict[str, str], workdir: Any = Non
         log(f"note: reading settings from ./{CONFIG_NAME}; {found[1]} is not read (./{CONFIG_NAME} comes first; "
             "--config FILE picks one)")
     return found[0] if found else None
-
-
-def parse_set_option(items: list[str]) -> dict[str, Any]:
-    """`--set train.epochs=3` pairs as dotted overrides; values are read as YAML scalars."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise BincountError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except (yaml.YAMLError, RecursionError):
-            out[key.strip()] = raw
-    return out
 
 
 class ConfigResult(Result):

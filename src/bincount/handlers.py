@@ -15,24 +15,13 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-from bincount.config import Settings
 from bincount.errors import BincountError
 
 SIBLINGS = ("inference", "net", "epochlog")  # modules an artifact's code/ may import by bare name
 _LOAD_LOCK = threading.Lock()
 
 
-# -- the model: resolve it, load the artifact's own handlers --------------------------------
-def resolve_model(settings: Settings, model: Path | str | None = None, option: str = "--model") -> Path:
-    """The model to serve, as a local dir: `model`, else deploy.model_data, else the last trained model.
-
-    A model dir, model.tar.gz or s3:// URI; see artifacts.resolve_model.
-    """
-    from bincount.artifacts import resolve_model as resolve
-
-    return resolve(settings, model or settings.deploy.model_data, option)
-
-
+# -- the model: load the artifact's own handlers (artifacts.resolve_model finds it) --------------
 def load_handlers(model_dir: Path | str) -> ModuleType:
     """The artifact's code/inference.py as a module (code/ on sys.path for its `import net`).
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -213,62 +212,37 @@ class ModelTarget(Target):
 
 
 class HttpTarget(Target):
-    """An endpoint URL speaking the SageMaker contract; one keep-alive connection per thread."""
+    """An endpoint URL speaking the SageMaker contract (bincount.endpoint_client: a deadline per request, the
+    answer capped, redirects refused in the health check and the requests alike)."""
 
     def __init__(self, url: str, timeout: float = 60.0):
-        from urllib.parse import urlsplit
+        from bincount.endpoint_client import EndpointError, HttpClient, health
 
-        self.url = url.rstrip("/")
+        try:
+            self.client = HttpClient(url, timeout)
+        except EndpointError as exc:
+            raise BincountError(str(exc)) from None
+        self.url = self.client.url
         self.name = f"endpoint {self.url}"
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BincountError(f"bad endpoint URL {url!r}")
-        self._parts, self._timeout = parts, timeout
-        self._local = threading.local()
-        from bincount.serve import ping
-
-        if not ping(self.url, timeout=5.0):
-            raise BincountError(f"the endpoint at {self.url} does not answer GET /ping with 200; "
+        reason = health(self.url, timeout=5.0)
+        if reason is not None:
+            raise BincountError(f"the endpoint at {self.url} does not answer GET /ping with 200 ({reason}); "
                                 "is it running? (`bincount deploy` starts one)")
 
-    def _connection(self, fresh: bool = False) -> Any:
-        import http.client
-
-        conn = getattr(self._local, "conn", None)
-        if conn is None or fresh:
-            if conn is not None:
-                conn.close()
-            cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._parts.hostname, self._parts.port, timeout=self._timeout)
-            self._local.conn = conn
-        return conn
-
     def predict(self, body: bytes, content_type: str) -> dict:
-        import http.client
+        from bincount.endpoint_client import error_of
 
-        path = f"{self._parts.path}/invocations"
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
-        for attempt in (0, 1):  # a kept-alive connection the server closed: retry once on a new one
-            conn = self._connection(fresh=attempt == 1)
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                if attempt:
-                    raise ValueError("connection closed by the endpoint") from None
-            except OSError as exc:
-                conn.close()
-                self._local.conn = None
-                raise ValueError(f"cannot reach the endpoint: {exc}") from None
-        if resp.status != 200:
-            try:
-                message = json.loads(data).get("error") or data.decode(errors="replace")
-            except (ValueError, AttributeError):
-                message = data[:200].decode(errors="replace")
-            raise ValueError(f"HTTP {resp.status}: {message}")
-        return json.loads(data)
+        status, data = self.client.request("POST", "/invocations", body,
+                                           {"Content-Type": content_type, "Accept": "application/json"})
+        if status != 200:
+            raise ValueError(error_of(status, data))
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise ValueError(f"the endpoint's answer is not JSON: {data[:80]!r}") from None
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class SageMakerTarget(Target):
@@ -310,6 +284,34 @@ def resolve_target(settings: Settings, endpoint: str | None = None, model: Path 
     raise BincountError("nothing to predict with: run `bincount deploy`, or pass --endpoint URL|NAME or --model PATH")
 
 
+MAX_COUNT = 100_000  # no bin holds more: a bigger count is a broken endpoint
+
+
+def parse_answer(answer: Any) -> tuple[int, float, dict[str, float] | None]:
+    """An endpoint's answer for one image -> (count, confidence, probabilities), checked: ValueError otherwise."""
+    import math
+
+    if isinstance(answer, list) and len(answer) == 1:  # a batch answer to a single image
+        answer = answer[0]
+    if not isinstance(answer, dict):
+        raise ValueError(f"the endpoint answered {str(answer)[:60]!r}, not a prediction object")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    count, confidence, probabilities = answer.get("count"), answer.get("confidence"), answer.get("probabilities")
+    if not number(count) or count != int(count) or not 0 <= count <= MAX_COUNT:
+        raise ValueError(f"the endpoint answered count {count!r}: not a count (a whole number 0..{MAX_COUNT:,})")
+    if not number(confidence) or not 0 <= confidence <= 1:
+        raise ValueError(f"the endpoint answered confidence {confidence!r}: not a probability (0..1)")
+    if probabilities is not None:
+        if not isinstance(probabilities, dict) or not all(
+                isinstance(k, str) and number(v) and 0 <= v <= 1 for k, v in probabilities.items()):
+            raise ValueError(f"the endpoint answered probabilities {str(probabilities)[:60]!r}: "
+                             "not a map of count to probability (0..1)")
+    return int(count), float(confidence), probabilities
+
+
 def run_predictions(settings: Settings, sources: list[Source], target: Target, description: str = "predict") -> list[PredictItem]:
     """Predict every source concurrently (deploy.workers) with a progress bar; failures become items with an error."""
     from bincount.console import progress
@@ -318,11 +320,8 @@ def run_predictions(settings: Settings, sources: list[Source], target: Target, d
         if source.read is None:
             return PredictItem(image=source.name, error=source.error or "unreadable")
         try:
-            answer = target.predict(source.read(), source.content_type)
-            if isinstance(answer, list):  # a batch answer to a single image
-                answer = answer[0]
-            return PredictItem(image=source.name, count=int(answer["count"]), confidence=float(answer["confidence"]),
-                               probabilities=answer.get("probabilities"))
+            count, confidence, probabilities = parse_answer(target.predict(source.read(), source.content_type))
+            return PredictItem(image=source.name, count=count, confidence=confidence, probabilities=probabilities)
         except Exception as exc:  # noqa: BLE001 - every failure is reported per item
             return PredictItem(image=source.name, error=str(exc) or type(exc).__name__)
 

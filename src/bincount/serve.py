@@ -1,11 +1,13 @@
 """The local endpoint's HTTP server: SageMaker's serving contract (GET /ping, POST /invocations) on gunicorn.
 
-One gunicorn master and one gthread worker process (one copy of the model) with `deploy.threads`
-threads, at most `deploy.max_connections` connections held, a `deploy.backlog` listen queue, HTTP/1.1
-keep-alive, and graceful SIGTERM: the worker takes what is already queued, stops listening, finishes
-every request it took (up to `deploy.graceful_timeout_s`) and the server exits 0. Every answer is JSON:
-{"error": "...", "status": N} for 400 bad input, 404 unknown path, 405 wrong method, 408 slow body,
-413 too large, 415 content type, 406 Accept, 503 busy, 500 a handler bug.
+One gunicorn master and one worker process (one copy of the model) whose HTTP front (bincount.front)
+reads whole requests on an event loop, under total deadlines for the head and the body, and runs them on
+`deploy.threads` inference threads; at most `deploy.max_connections` connections held (`deploy.max_idle`
+idle), a `deploy.backlog` listen queue, HTTP/1.1 keep-alive, and graceful SIGTERM: the worker takes what
+is already queued, stops listening, finishes every request it took (up to `deploy.graceful_timeout_s`)
+and the server exits 0. Every answer is JSON: {"error": "...", "status": N} for 400 bad input, 404
+unknown path, 405 wrong method, 408 slow head or body, 413 too large, 415 content type, 406 Accept,
+431 head too large, 503 busy, 500 a handler bug.
 
 Requests go through the artifact's own code/inference.py (bincount.handlers), which also bounds the
 pixels decoded at once (deploy.pixel_budget, deploy.queue_timeout_s).
@@ -26,9 +28,11 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from bincount.artifacts import resolve_model
 from bincount.config import DeploySettings, Settings
+from bincount.endpoint_client import ping
 from bincount.errors import BincountError
-from bincount.handlers import Handlers, client_status, resolve_model
+from bincount.handlers import Handlers, client_status
 from bincount.results import Result
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
@@ -42,30 +46,29 @@ class HttpError(Exception):
         self.status = status
 
 
-# -- the WSGI app ---------------------------------------------------------------------------
+# -- the app: routes and the handlers, behind the HTTP front (bincount.front) -----------------
 class Endpoint:
-    """The WSGI app: GET /ping and POST /invocations over one model's handlers; every answer JSON."""
+    """GET /ping and POST /invocations over one model's handlers; every answer JSON."""
 
-    def __init__(self, handlers: Handlers, read_timeout: float = 30.0):
+    def __init__(self, handlers: Handlers):
         self.handlers = handlers
-        self.read_timeout = read_timeout
 
-    def __call__(self, environ: dict, start_response: Any) -> list[bytes]:
-        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
-        headers = []
+    def route(self, method: str, path: str) -> tuple[int, dict, bytes | None]:
+        """(status, headers, answer) for everything but a valid /invocations request (answer None: invoke it)."""
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            return 404, {}, error_body(404, f"no such path {path!r}: use GET /ping or POST /invocations")
+        if method not in allowed:
+            message = f"{method} is not allowed on {path}; use {' or '.join(allowed)}"
+            return 405, {"Allow": ", ".join(allowed)}, error_body(405, message)
+        if path == "/ping":
+            return 200, {}, b'{"status": "ok"}'
+        return 200, {}, None
+
+    def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> tuple[int, bytes]:
+        """(status, JSON answer) for one request body (runs in an inference thread)."""
         try:
-            allowed = ROUTES.get(path)
-            if allowed is None:
-                raise HttpError(404, f"no such path {path!r}: use GET /ping or POST /invocations")
-            if method not in allowed:
-                headers.append(("Allow", ", ".join(allowed)))
-                raise HttpError(405, f"{method} is not allowed on {path}; use {' or '.join(allowed)}")
-            if path == "/ping":
-                status, body = 200, b'{"status": "ok"}'
-            else:
-                status, body = 200, self.invoke(environ).encode()
-        except HttpError as exc:
-            status, body = exc.status, error_body(exc.status, str(exc))
+            return 200, self.handlers.invoke(body, content_type or None, accept or None).encode()
         except Exception as exc:  # noqa: BLE001 - one request never takes the server down
             status = client_status(exc)
             if status is None:
@@ -75,41 +78,7 @@ class Endpoint:
                 status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
             else:
                 message = str(exc)
-            body = error_body(status, message)
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        start_response(f"{status} {phrase(status)}", headers)
-        return [] if method == "HEAD" else [body]
-
-    def invoke(self, environ: dict) -> str:
-        body = self.read_body(environ)
-        return self.handlers.invoke(body, environ.get("CONTENT_TYPE") or None, environ.get("HTTP_ACCEPT") or None)
-
-    def read_body(self, environ: dict) -> bytes:
-        """The request body, at most MAX_BODY_BYTES; a bigger one is drained (so the client reads the 413)."""
-        from gunicorn.http.errors import NoMoreData, ParseException
-
-        stream, length = environ["wsgi.input"], environ.get("CONTENT_LENGTH")
-        sock = environ.get("gunicorn.socket")
-        if sock is not None:
-            sock.settimeout(self.read_timeout)  # gunicorn makes it blocking again for the next request
-        size = int(length) if length else None  # gunicorn has checked it is a number
-        limit = f"over the {MAX_BODY_BYTES:,} byte limit (SageMaker's real-time payload limit)"
-        if size is not None and size > DRAIN_BYTES:
-            raise HttpError(413, f"body is {size:,} bytes, {limit}")
-        try:
-            body = stream.read(MAX_BODY_BYTES + 1)
-            if len(body) > MAX_BODY_BYTES:
-                drained = len(body)
-                while drained <= DRAIN_BYTES and (chunk := stream.read(1 << 20)):
-                    drained += len(chunk)
-                raise HttpError(413, f"body is {size or drained:,} bytes, {limit}")
-        except (TimeoutError, socket.timeout):
-            raise HttpError(408, f"the request body did not arrive within {self.read_timeout:g}s") from None
-        except (NoMoreData, ConnectionError):
-            raise HttpError(400, "body shorter than its Content-Length") from None
-        except ParseException as exc:
-            raise HttpError(400, f"malformed body: {exc}") from None
-        return body
+            return status, error_body(status, message)
 
 
 def phrase(status: int) -> str:
@@ -123,69 +92,11 @@ def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error": message, "status": status}).encode()
 
 
-# -- gunicorn: one gthread worker that answers in JSON and stops gracefully -----------------
+# -- gunicorn: the master (restarts a killed worker, relays signals) over one front worker ----
 def _gunicorn_classes():
-    """The gunicorn worker, logger and application classes (gunicorn is imported only to serve)."""
+    """The gunicorn application and arbiter classes (gunicorn is imported only to serve)."""
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
-    from gunicorn.glogging import Logger
-    from gunicorn.http import errors
-    from gunicorn.workers.gthread import TConn, ThreadWorker
-
-    statuses = {errors.LimitRequestLine: 414, errors.LimitRequestHeaders: 431, errors.ExpectationFailed: 417,
-                errors.UnsupportedTransferCoding: 501, errors.ForbiddenProxyRequest: 403}
-
-    class Worker(ThreadWorker):
-        """gthread, plus: malformed HTTP gets a JSON error; SIGINT stops gracefully like SIGTERM; on stopping,
-        the connections waiting in the listen queue are taken (and served) before the socket stops listening."""
-
-        def init_signals(self) -> None:
-            super().init_signals()
-            signal.signal(signal.SIGINT, self.handle_exit)
-
-        def set_accept_enabled(self, enabled: bool) -> None:
-            super().set_accept_enabled(enabled)
-            if not enabled and not self.alive and self.sockets:
-                for listener in self.sockets:
-                    self._take_queued(listener)
-                    try:
-                        listener.shutdown(socket.SHUT_RD)  # stop listening, in the master's copy too
-                    except OSError:
-                        pass
-                self.sockets = []
-
-        def _take_queued(self, listener: Any) -> None:
-            listener.setblocking(False)
-            while True:
-                try:
-                    client, addr = listener.accept()
-                except OSError:  # EAGAIN: the queue is empty
-                    return
-                self.nr_conns += 1
-                self.enqueue_req(TConn(self.cfg, client, addr, listener.getsockname()))
-
-        def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-            if isinstance(exc, errors.ParseException) and not isinstance(exc, errors.InvalidResponseHeader):
-                status = next((s for cls, s in statuses.items() if isinstance(exc, cls)), 400)
-                message = f"malformed HTTP request: {exc}"
-                self.log.warning("bad request from %s: %s", addr[0] if addr else "?", exc)
-            else:
-                status, message = 500, f"internal error: {type(exc).__name__}"
-                self.log.exception("error handling request")
-            body = error_body(status, message)
-            head = (f"HTTP/1.1 {status} {phrase(status)}\r\nConnection: close\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-            try:
-                client.sendall(head.encode() + body)
-            except OSError:
-                pass
-
-    class AccessLog(Logger):
-        """gunicorn's logger, minus the health checks in the access log."""
-
-        def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
-            if environ.get("PATH_INFO") != "/ping":
-                super().access(resp, req, environ, request_time)
 
     class Application(BaseApplication):
         def __init__(self, options: dict, load: Any):
@@ -212,7 +123,7 @@ def _gunicorn_classes():
             self.stopped_by = "SIGINT"
             super().handle_term()
 
-    return Worker, AccessLog, Application, StopArbiter
+    return Application, StopArbiter
 
 
 def listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -243,7 +154,7 @@ def serve_forever(settings: Settings, model: Path | None = None) -> ServeResult:
     from bincount.console import log
 
     deploy = settings.deploy
-    model_dir = resolve_model(settings, model)
+    model_dir = resolve_model(settings, model or settings.deploy.model_data)  # else the last trained
     sock = listen(deploy.host, deploy.port, deploy.backlog)
     url = url_of(sock)
     # the decode budget of code/inference.py, read where it is imported (the worker)
@@ -258,10 +169,10 @@ def serve_forever(settings: Settings, model: Path | None = None) -> ServeResult:
             failure.write_text(str(exc) if isinstance(exc, BincountError) else f"{type(exc).__name__}: {exc}")
             sys.exit(4)  # gunicorn's APP_LOAD_ERROR: the master stops with it
         log(f"bincount serve: ready on {url}: GET /ping, POST /invocations")
-        return Endpoint(handlers, deploy.read_timeout_s)
+        return Endpoint(handlers)
 
-    Worker, AccessLog, Application, StopArbiter = _gunicorn_classes()
-    arbiter = StopArbiter(Application(gunicorn_options(deploy, sock, Worker, AccessLog), load))
+    Application, StopArbiter = _gunicorn_classes()
+    arbiter = StopArbiter(Application(gunicorn_options(deploy, sock), load))
     master = os.getpid()
     try:
         arbiter.run()
@@ -280,28 +191,21 @@ def serve_forever(settings: Settings, model: Path | None = None) -> ServeResult:
     return ServeResult(url=url, model_dir=str(model_dir), stopped_by=arbiter.stopped_by)
 
 
-def gunicorn_options(deploy: DeploySettings, sock: socket.socket, worker: type, logger: type) -> dict:
+def gunicorn_options(deploy: DeploySettings, sock: socket.socket) -> dict:
+    from bincount.front import FrontWorker
+
+    limits = {key: getattr(deploy, key) for key in ("head_timeout_s", "read_timeout_s", "keepalive_s", "queue_timeout_s",
+                                                    "max_connections", "max_idle", "threads")}
+    worker = type("Worker", (FrontWorker,), {"options": limits})
     return {
-        "bind": [f"fd://{sock.detach()}"], "workers": 1, "worker_class": worker, "threads": deploy.threads,
-        "worker_connections": deploy.max_connections, "backlog": deploy.backlog, "keepalive": deploy.keepalive_s,
+        "bind": [f"fd://{sock.detach()}"], "workers": 1, "worker_class": worker, "backlog": deploy.backlog,
         "graceful_timeout": deploy.graceful_timeout_s,
-        "timeout": 600,  # the worker's heartbeat; its main loop never blocks on a request, only loading may be slow
-        "accesslog": "-", "errorlog": "-", "logger_class": logger, "proc_name": "bincount-serve",
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(B)s %(M)sms', "control_socket_disable": True,
+        "timeout": 600,  # the worker's heartbeat; its event loop never blocks on a request, only loading may be slow
+        "accesslog": "-", "errorlog": "-", "proc_name": "bincount-serve", "control_socket_disable": True,
     }
 
 
 # -- clients: health check, and a server in a child process for tests and benchmarks --------
-def ping(url: str, timeout: float = 2.0) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/ping", timeout=timeout) as resp:
-            return resp.status == 200
-    except Exception:  # noqa: BLE001 - any failure means not ready
-        return False
-
-
 class Server:
     """`bincount serve` in a child process (tests, benchmarks): `.url`, `.pid`, `.stop()`."""
 

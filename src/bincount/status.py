@@ -78,17 +78,10 @@ def _known(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ping(url: str) -> str:
-    import urllib.error
-    import urllib.request
+    from bincount.endpoint_client import health
 
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local endpoint: never via a proxy
-    try:
-        with opener.open(url.rstrip("/") + "/ping", timeout=2) as response:
-            return "up" if response.status == 200 else f"unhealthy (HTTP {response.status})"
-    except urllib.error.HTTPError as exc:
-        return f"unhealthy (HTTP {exc.code})"
-    except (OSError, ValueError) as exc:
-        return f"down ({getattr(exc, 'reason', exc)})"
+    reason = health(url)
+    return "up" if reason is None else f"unhealthy ({reason})" if reason.startswith("HTTP") else f"down ({reason})"
 
 
 class _Live:

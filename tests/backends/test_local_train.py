@@ -1,10 +1,8 @@
-"""`bincount train` on the local backend, then `bincount evaluate`, on a small workdir of synthetic bins."""
+"""`bincount train` on the local backend on a small workdir of synthetic bins (the run itself: the session's trained_run)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,28 +10,10 @@ import pytest
 from bincount.config import load_settings
 from bincount.errors import BincountError
 from bincount.state import LocalTraining, LocalTuning
-from bincount.workspace import Workspace, write_jsonl
+from bincount.workspace import Workspace
 
 FAST = {"train.arch": "mobilenet_v3_small", "train.image_size": 32, "train.batch_size": 32, "train.epochs": 2,
         "train.warmup_epochs": 0, "train.lr": 0.003}
-
-
-def make_workdir(synth_source: Path, root: Path) -> Path:
-    """A workdir as fetch + split leave it: raw/, manifest.jsonl, splits/{train,val,test}.jsonl."""
-    shutil.copytree(synth_source, root / "raw")
-    rows = []
-    for label in sorted((root / "raw" / "metadata").glob("*.json")):
-        image = root / "raw" / "bin-images" / f"{label.stem}.jpg"
-        data = image.read_bytes()
-        rows.append({"id": label.stem, "count": json.loads(label.read_text())["EXPECTED_QUANTITY"],
-                     "image": f"raw/bin-images/{label.stem}.jpg", "label": f"raw/metadata/{label.name}",
-                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    ws = Workspace(root)
-    write_jsonl(ws.manifest, rows)
-    write_jsonl(ws.split("train"), rows[:72])
-    write_jsonl(ws.split("val"), rows[72:96])
-    write_jsonl(ws.split("test"), rows[96:])
-    return root
 
 
 def settings_for(workdir: Path, **overrides):
@@ -59,60 +39,32 @@ def test_use_best_without_a_tuning_result_is_an_error(tmp_path):
     assert hp["lr"] == 0.05 and hp["batch_size"] == 16 and "_tuning_objective_metric" not in hp
 
 
-def test_script_failure_is_one_line_bincount_error(synth_source, tmp_path):
+def test_script_failure_is_one_line_bincount_error(splits_workdir, tmp_path):
     from bincount.backends.local.train import make_channels, run_script
 
-    workdir = make_workdir(synth_source, tmp_path / "w")
+    workdir = splits_workdir(tmp_path / "w")
     settings = settings_for(workdir)
     hp = {**settings.train.hyperparameters(5), "pretrained": "missing-weights.pth"}
     with pytest.raises(BincountError, match="training failed .*weights file missing-weights.pth not found"):
         run_script(hp, tmp_path / "run", make_channels(settings))
 
 
-@pytest.mark.slow
-def test_train_then_evaluate(synth_source, tmp_path, cli):
-    workdir = make_workdir(synth_source, tmp_path / "w")
-    res = cli("train", "--workdir", workdir, "--json", "--arch", "mobilenet_v3_small", "--image-size", "32",
-              "--epochs", "2", "--batch-size", "32", "--set", "train.warmup_epochs=0")
-    assert res.exit_code == 0, res.stderr
-    out = json.loads(res.stdout)
+def test_train_prints_epochs_and_records_the_run(trained_run):
+    """`bincount train --json` (the session's trained run): its result, epoch lines, files and state."""
+    out, workdir = trained_run.out, trained_run.workdir
     assert out["epochs"] == 2 and out["best_epoch"] in (1, 2)
     # stderr is not a terminal here: one plain line per epoch, as a log file or CI gets it
-    epoch_lines = [line for line in res.stderr.splitlines() if line.startswith("epoch ")]
-    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"], res.stderr
-    assert "val_acc" in epoch_lines[0] and "\x1b" not in res.stderr
+    epoch_lines = [line for line in trained_run.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"], trained_run.stderr
+    assert "val_acc" in epoch_lines[0] and "\x1b" not in trained_run.stderr
     assert 0 <= out["metrics"]["val_acc"] <= 1 and 0 <= out["metrics"]["test_acc"] <= 1
-    run = workdir / "models" / out["run"]
-    assert Path(out["model_data"]) == (run / "model.tar.gz").resolve()
-    assert [json.loads(line)["epoch"] for line in (run / "epochs.jsonl").read_text().splitlines()] == [1, 2]
+    assert Path(out["model_data"]) == (trained_run.run / "model.tar.gz").resolve()
+    assert [json.loads(line)["epoch"] for line in (trained_run.run / "epochs.jsonl").read_text().splitlines()] == [1, 2]
     assert (workdir / "channels" / "train" / "manifest.jsonl").is_file()
 
     state = Workspace(workdir).state()
     assert isinstance(state.training, LocalTraining) and state.training.model_data == out["model_data"]
     assert state.training_pending is None
-
-    # Debugger findings over the run's smdebug tensors, saved to reports/rules.json.
-    rules = {f["rule"]: f for f in out["rules"]}
-    assert set(rules) == {"VanishingGradient", "PoorWeightInitialization", "LossNotDecreasing", "Overfit",
-                          "Overtraining"}
-    assert rules["VanishingGradient"]["source"] == "smdebug"
-    assert rules["VanishingGradient"]["status"] == "NoIssuesFound"
-    assert rules["PoorWeightInitialization"]["status"] == "NoIssuesFound"
-    assert rules["LossNotDecreasing"]["source"] == "smdebug"
-    saved = json.loads((workdir / "reports" / "rules.json").read_text())
-    assert saved["run"] == out["run"] and len(saved["findings"]) == 5
-
-    # Evaluate the recorded model on the test split, then the archive given explicitly.
-    res = cli("evaluate", "--workdir", workdir, "--json")
-    assert res.exit_code == 0, res.stderr
-    metrics = json.loads(res.stdout)
-    assert metrics["n"] == 24 and sum(r["n"] for r in metrics["per_count"]) == 24
-    assert metrics["accuracy"] == pytest.approx(out["metrics"]["test_acc"], abs=1e-6)
-    for name in ("metrics.json", "confusion-matrix.png", "training-curve.png"):
-        assert (workdir / "reports" / name).stat().st_size > 0
-    res = cli("evaluate", "--workdir", workdir, "--model", out["model_data"])
-    assert res.exit_code == 0, res.stderr
-    assert "55.67% accuracy, RMSE 0.930" in res.stdout
 
 
 def _children_listed() -> bool:
@@ -137,14 +89,14 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _children_listed(), reason="needs Linux /proc/PID/task/TID/children")
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
-def test_killing_bincount_train_does_not_orphan_train_py(synth_source, tmp_path, signal_name):
+def test_killing_bincount_train_does_not_orphan_train_py(splits_workdir, tmp_path, signal_name):
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    workdir = make_workdir(synth_source, tmp_path / "w")
+    workdir = splits_workdir(tmp_path / "w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BINCOUNT_")}
     import bincount
 
@@ -181,10 +133,10 @@ def test_killing_bincount_train_does_not_orphan_train_py(synth_source, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_non_finite_loss_is_one_line_from_the_local_backend(synth_source, tmp_path):
+def test_a_non_finite_loss_is_one_line_from_the_local_backend(splits_workdir, tmp_path):
     from bincount.backends.local.train import make_channels, run_script
 
-    workdir = make_workdir(synth_source, tmp_path / "w")
+    workdir = splits_workdir(tmp_path / "w")
     settings = settings_for(workdir, **{"train.epochs": 1, "train.ema_decay": 0})
     hp = {**settings.train.hyperparameters(5), "lr": 1e20}
     with pytest.raises(BincountError, match=r"training failed \(exit 2\): the loss is not finite at epoch 1") as err:
@@ -194,12 +146,12 @@ def test_a_non_finite_loss_is_one_line_from_the_local_backend(synth_source, tmp_
 
 
 @pytest.mark.slow
-def test_a_replan_after_the_first_epoch_resumes_the_run_with_the_new_epochs(synth_source, tmp_path):
+def test_a_replan_after_the_first_epoch_resumes_the_run_with_the_new_epochs(splits_workdir, tmp_path):
     """The demo sizes training to a budget: after epoch 1 the measured time may change the plan; the run stops
     there (its checkpoint written) and goes on to the new number of epochs, not from scratch."""
-    from bincount.backends.local_train import train
+    from bincount.backends.local.train import train
 
-    work = make_workdir(synth_source, tmp_path / "work")
+    work = splits_workdir(tmp_path / "work")
     seen: list[float] = []
 
     def replan(first_epoch_s: float) -> int:

@@ -209,8 +209,8 @@ def test_imagenet_weights_not_cached_are_downloaded_by_the_job_unless_isolated(s
 
 
 def test_the_training_source_dir_ships_every_container_module_the_scripts_import():
-    """train.py runs on SageMaker from the source_dir alone: a sibling module it imports but the job does not
-    ship is a ModuleNotFoundError on AWS (shards.py once was)."""
+    """train.py runs on SageMaker from the source_dir alone: a sibling module it imports, directly or through
+    another sibling, but the job does not ship is a ModuleNotFoundError on AWS (shards.py once was)."""
     import ast
 
     from bincount.backends.sagemaker.estimator import TRAINING_FILES
@@ -218,13 +218,22 @@ def test_the_training_source_dir_ships_every_container_module_the_scripts_import
 
     folder = container_dir()
     siblings = {p.stem for p in folder.glob("*.py")}
-    for script in ("train.py", "inference.py"):
-        imported = set()
-        for node in ast.walk(ast.parse((folder / script).read_text())):
+
+    def imports(name: str) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
             if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
+                found |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
-                imported |= {node.module.split(".")[0]} if node.level == 0 and node.module else \
-                            {alias.name for alias in node.names}
-        missing = {f"{name}.py" for name in imported & siblings} - set(TRAINING_FILES)
+                found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        return found & siblings
+
+    for script in ("train", "inference"):
+        needed, todo = set(), [script]
+        while todo:  # every sibling reachable from the script
+            name = todo.pop()
+            if name not in needed:
+                needed.add(name)
+                todo += imports(name)
+        missing = {f"{name}.py" for name in needed} - set(TRAINING_FILES)
         assert not missing, f"{script} imports {sorted(missing)}, which the training job does not ship"

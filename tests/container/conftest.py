@@ -160,7 +160,8 @@ class TrainingContainer:
             "TRAINING_JOB_NAME": self.job, "TRAINING_JOB_ARN": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{self.job}",
             "SM_STUDIO_LOCAL_MODE": "true", "SM_CHECKPOINT_DIR": str(self.checkpoints),
             "SMDEBUG_CONFIG_FILE_PATH": str(self.root / "input" / "config" / "debughookconfig.json"),
-            "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_DRY_RUN": "1", "OMP_NUM_THREADS": "2",
+            "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_DRY_RUN": "1",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         })
         env.update(self.request.get("Environment") or {})
         command = [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"]

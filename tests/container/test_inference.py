@@ -189,3 +189,36 @@ def test_the_pixel_budget_makes_requests_wait_then_answers_503_and_is_given_back
     with pytest.raises(inference.RequestError) as err:
         inference.input_fn(image_bytes("PNG", (60, 60)), "image/png")
     assert err.value.status == 413 and "budget" in str(err.value)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"image_size": 12000}, "image_size is 12000"),  # 13.5 GB to predict one 64x64 image
+    ({"image_size": "224"}, "image_size"),
+    ({"std": [0, 0.224, 0.225]}, "std is"),  # NaN answers
+    ({"std": [0.229, float("nan"), 0.225]}, "std is"),
+    ({"mean": [0.5, 0.5]}, "mean is"),
+    ({"num_classes": 10**9, "classes": [0, 1]}, "num_classes is 1000000000"),
+    ({"classes": [0, 1, 2, 3, 4, -5]}, "classes is"),
+    ({"classes": [0, 0, 1, 2, 3, 4]}, "classes is"),
+    ({"arch": "vit_h_14"}, "arch is 'vit_h_14'"),
+    ({"tta": "yes"}, "tta is 'yes'"),
+])
+def test_meta_json_values_are_checked_on_load(tmp_path, change, words):
+    model_dir = write_model_dir(tmp_path / "m", "mobilenet_v3_small")
+    meta = json.loads((model_dir / "meta.json").read_text())
+    (model_dir / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(ValueError, match="meta.json: ") as info:
+        inference.model_fn(str(model_dir))
+    assert words in str(info.value)
+
+
+def test_a_model_that_answers_nan_gets_an_error_never_a_nan_in_the_json(bundle):
+    import torch
+
+    class Broken(torch.nn.Module):  # weights gone NaN
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.shape[0], 6), float("nan"))
+
+    broken = {**bundle, "model": Broken().eval()}
+    with pytest.raises(ValueError, match="non-finite probability"):
+        serve(image_bytes(), "image/jpeg", broken)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -236,3 +237,122 @@ def test_a_reader_without_items_ends_instead_of_spinning(synth_source, tmp_path)
     for _ in range(2):
         assert [len(y) for _, y in batches.iterate([0, 1, 2], drop_last_single=True)] == [2]  # the lone third dropped
         assert sorted(len(y) for _, y in batches.iterate([0, 1, 2])) == [1, 2]  # evaluation: each item once
+
+
+# -- hostile shards: each is train.py's one-line error (exit 2) naming the shard and the member or sidecar ------------
+def _tar(members: list[tuple[str, bytes]]) -> tuple[bytes, list[int]]:
+    """A tar (as the writer makes it) of members, and each .jpg header's offset."""
+    out, offsets = io.BytesIO(), []
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name.endswith(".jpg"):
+                offsets.append(tar.offset)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue(), offsets
+
+
+def _shard(folder: Path, truth: list[tuple[str, int]], members: list[tuple[str, bytes]], data: bytes | None = None,
+           **override) -> Path:
+    """train-000000.tar of members (or raw `data`) with a truthful sidecar for `truth` (id, count), then `override` applied."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tar, offsets = _tar(members)
+    tar = tar if data is None else data
+    counts: dict[str, int] = {}
+    for _, count in truth:
+        counts[str(count)] = counts.get(str(count), 0) + 1
+    sidecar = {"format": sh.FORMAT, "items": len(truth), "counts": counts, "bytes": len(tar), "max_side": 64,
+               "rows": [[i, c, "0" * 64] for i, c in truth], "offsets": offsets, "skipped": [], **override}
+    (folder / "train-000000.tar").write_bytes(tar)
+    (folder / "train-000000.json").write_text(json.dumps({k: v for k, v in sidecar.items() if v is not None}))
+    return folder / "train-000000.tar"
+
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (width, height)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _hostile(case: str, folder: Path, images: list[tuple[str, bytes]]) -> str:
+    """Writes the hostile shard `case` into folder; returns the regex its error line must match."""
+    rows = [(ident, n % 6) for n, (ident, _) in enumerate(images)]
+    members = [m for (ident, jpg), (_, count) in zip(images, rows) for m in ((f"{ident}.jpg", jpg), (f"{ident}.cls", str(count).encode()))]
+    victim = images[3][0]
+    at = 2 * 3  # the victim's .jpg member
+    tar_name = re.escape(str(folder / "train-000000.tar"))
+    side_name = re.escape(str(folder / "train-000000.json"))
+    if case == "garbage cls":
+        members[at + 1] = (f"{victim}.cls", b"\xff\x00 three")
+        _shard(folder, rows, members)
+        return rf"{tar_name}: member {victim}\.cls holds b'\\xff\\x00 three', the sidecar says 3"
+    if case == "out-of-range cls":
+        rows[3] = (victim, 9)
+        members[at + 1] = (f"{victim}.cls", b"9")
+        _shard(folder, rows, members)
+        return rf"train channel: {tar_name}: item {victim}: count 9 outside 0\.\.5"
+    if case == "cls disagrees with the sidecar":
+        members[at + 1] = (f"{victim}.cls", b"5")
+        _shard(folder, rows, members)
+        return rf"{tar_name}: member {victim}\.cls holds b'5', the sidecar says 3"
+    if case == "not an image":
+        members[at] = (f"{victim}.jpg", b"<html>not a picture</html>")
+        _shard(folder, rows, members)
+        return rf"{tar_name}: member {victim}\.jpg is not a usable image \(UnidentifiedImageError"
+    if case == "decompression bomb":
+        members[at] = (f"{victim}.jpg", _png(6000, 6000))  # 36M pixels from a few kB
+        _shard(folder, rows, members)
+        return rf"{tar_name}: member {victim}\.jpg is 6000x6000 pixels, over the 16,777,216 pixel limit"
+    if case == "member over the image cap":  # a header claiming 64 MiB: refused before anything is read
+        info = tarfile.TarInfo(f"{images[0][0]}.jpg")
+        info.size = 64 * 2**20
+        data = info.tobuf(tarfile.USTAR_FORMAT) + b"\xff\xd8" + b"\0" * 4094
+        _shard(folder, rows[:1], members[:2], data=data, offsets=[0])
+        return rf"{tar_name}: member {images[0][0]}\.jpg is 67,108,864 bytes, over the 16,777,216 byte image limit"
+    if case == "truncated tar":
+        whole, _ = _tar(members)
+        _shard(folder, rows, members, data=whole[: len(whole) * 3 // 5], bytes=len(whole))
+        return rf"train channel: {side_name}: says {len(whole)} bytes, train-000000\.tar has {len(whole) * 3 // 5}"
+    if case == "truncated tar, sidecar without offsets":
+        whole, _ = _tar(members)
+        cut = whole[: len(whole) * 3 // 5]
+        _shard(folder, rows, members, data=cut, bytes=len(cut), offsets=None)  # a sidecar from before offsets
+        return rf"train channel: {tar_name}: truncated at member \d+\.(jpg|cls)"
+    if case == "malformed sidecar":
+        _shard(folder, rows, members)
+        (folder / "train-000000.json").write_text('{"format": "bincount-shards/1", "items": ')
+        return rf"train channel: {side_name}: not a shard sidecar \(Expecting value"
+    if case == "sidecar rows of the wrong shape":
+        _shard(folder, rows, members, rows=[["00001", "three"]], items=1, counts={"three": 1})
+        return rf"train channel: {side_name}: row 1 is not \[id, count, sha256\]"
+    if case == "sidecar claims 100,000 items":
+        fake = rows + [(f"{n:06d}", 0) for n in range(100_000 - len(rows))]
+        _shard(folder, fake, members, offsets=[n * sh.MIN_ITEM_BYTES for n in range(100_000)])
+        return rf"train channel: {side_name}: its offsets do not fit train-000000\.tar \(\d+ bytes, 100000 items\)"
+    if case == "sidecar claims 100,000 items, no offsets":
+        fake = rows + [(f"{n:06d}", 0) for n in range(100_000 - len(rows))]
+        _shard(folder, fake, members, offsets=None)
+        return rf"train channel: {tar_name}: no tar header at member 000000\.jpg"
+    raise AssertionError(case)
+
+
+HOSTILE = ["garbage cls", "out-of-range cls", "cls disagrees with the sidecar", "not an image", "decompression bomb",
+           "member over the image cap", "truncated tar", "truncated tar, sidecar without offsets", "malformed sidecar",
+           "sidecar rows of the wrong shape", "sidecar claims 100,000 items", "sidecar claims 100,000 items, no offsets"]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_shard_stops_training_with_one_line_naming_shard_and_member(case, synth_source, tmp_path):
+    from .conftest import run_train
+
+    images = [(p.stem, p.read_bytes()) for p in sorted((synth_source / "bin-images").glob("*.jpg"))[:12]]
+    expected = _hostile(case, tmp_path / "train", images)
+    val = tmp_path / "val"
+    _shard(val, [(i, 1) for i, _ in images[:4]], [m for i, jpg in images[:4] for m in ((f"{i}.jpg", jpg), (f"{i}.cls", b"1"))])
+    res = run_train({"train": tmp_path / "train", "val": val}, tmp_path / "run", "--epochs", "1", "--batch_size", "4",
+                    "--num_workers", "1", timeout=180)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(f"error: {expected}.*", last), last

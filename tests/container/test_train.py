@@ -125,7 +125,8 @@ def test_container_imports_only_allowed_modules():
     only in some containers) and boto3 (shards.py's Processing script, for s3:// URIs) only where a missing
     module is survivable: in a function or a try block."""
     required = set(sys.stdlib_module_names) | {"torch", "torchvision", "PIL", "numpy", "__future__",
-                                               "inference", "net", "epochlog", "smdebug_compat", "shards"}
+                                               "inference", "net", "epochlog", "smdebug_compat", "shards",
+                                               *(p.stem for p in CONTAINER.glob("*.py"))}
     optional = required | {"smdebug", "sagemaker_inference", "boto3", "botocore"}
 
     def imported(node) -> list[str]:
@@ -165,26 +166,26 @@ def test_hyperparameters_from_settings_parse_as_sagemaker_passes_them():
 def test_warmup_then_cosine_and_count_preserving_augmentation():
     import torch
 
-    from bincount.container import train
+    from bincount.container import batches, loop
 
-    factor = train.warmup_cosine(10, 110)
+    factor = loop.warmup_cosine(10, 110)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(60) == pytest.approx(0.505) and factor(110) == pytest.approx(0.01)
     images = torch.rand(8, 3, 16, 16)
-    out = train.augment(images.clone(), torch.Generator().manual_seed(0))
+    out = batches.augment(images.clone(), torch.Generator().manual_seed(0))
     assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
     # Flips and transposes move pixels but never drop any: sorted per-image values match up to jitter.
-    weights = train.class_weights(torch.tensor([0, 0, 0, 1]), 3)
+    weights = loop.class_weights(torch.tensor([0, 0, 0, 1]), 3)
     assert weights.tolist() == pytest.approx([2 / 3, 2.0, 1.0])
 
 
 def test_checkpoint_writer_saves_a_snapshot_in_the_background(tmp_path):
     import torch
 
-    from bincount.container import train
+    from bincount.container import checkpoints
 
     live = {"model": {"w": torch.zeros(3)}, "history": [{"epoch": 1}], "epoch": 1}
-    writer = train.CheckpointWriter(tmp_path / "checkpoint.pt")
+    writer = checkpoints.CheckpointWriter(tmp_path / "checkpoint.pt")
     writer.save(live)
     live["model"]["w"].add_(1.0)  # training goes on mutating the live tensors
     live["history"].append({"epoch": 2})
@@ -193,7 +194,7 @@ def test_checkpoint_writer_saves_a_snapshot_in_the_background(tmp_path):
     assert saved["model"]["w"].tolist() == [0.0, 0.0, 0.0] and saved["history"] == [{"epoch": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
 
-    failing = train.CheckpointWriter(tmp_path / "missing" / "checkpoint.pt")
+    failing = checkpoints.CheckpointWriter(tmp_path / "missing" / "checkpoint.pt")
     failing.save(live)
     with pytest.raises(RuntimeError, match="does not exist"):
         failing.close()  # a failed write is not lost in the thread
@@ -222,20 +223,28 @@ def test_test_time_augmentation_averages_the_eight_training_views():
 def test_ema_counting_loss_and_small_stem():
     import torch
 
-    from bincount.container import net, train
+    from bincount.container import loop, net, train
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    ema = train.EMA(model, decay=0.5)
+    ema = loop.make_ema(model, decay=0.5)  # torch's AveragedModel, starting at the initial weights
+    averaged = ema.module
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    before = ema.state["0.weight"].clone()
-    ema.update(model)  # first step: decay min(0.5, 2/11)
-    assert torch.allclose(ema.state["0.weight"], before + 9 / 11)
-    assert ema.state["1.num_batches_tracked"] == model[1].num_batches_tracked
+    model[1].num_batches_tracked += 3
+    before = averaged[0].weight.detach().clone()
+    ema.update_parameters(model)  # first step: the decay ramps, min(0.5, 2/11)
+    assert torch.allclose(averaged[0].weight, before + 9 / 11)
+    assert averaged[1].num_batches_tracked == model[1].num_batches_tracked == 3  # integer buffers are copied
+    ema.update_parameters(model)  # second step: min(0.5, 3/12); then the decay itself
+    assert torch.allclose(averaged[0].weight, before + 9 / 11 + (2 / 11) * 0.75)
+    for _ in range(20):
+        ema.update_parameters(model)
+    assert torch.allclose(averaged[0].weight, model[0].weight, atol=1e-5)
+    assert int(ema.n_averaged) == 23 and set(ema.state_dict()) >= {"n_averaged", "module.0.weight"}
 
     logits, target = torch.tensor([[0.0, 0.0, 10.0]]), torch.tensor([0])
-    ce = train.CountingLoss(None, 0.0, 0.0)(logits, target)
-    assert train.CountingLoss(None, 0.0, 1.0)(logits, target) == pytest.approx(ce.item() + 2.0, abs=1e-3)
+    ce = loop.CountingLoss(None, 0.0, 0.0)(logits, target)
+    assert loop.CountingLoss(None, 0.0, 1.0)(logits, target) == pytest.approx(ce.item() + 2.0, abs=1e-3)
 
     # small stem: 4x the feature-map area, same parameter names (debugger, pretrained files).
     standard, small = net.build_model("resnet18", 6), net.build_model("resnet18", 6, stem="small")
@@ -247,9 +256,9 @@ def test_ema_counting_loss_and_small_stem():
 def test_mixed_precision_on_cpu_is_bfloat16_where_native_and_trains():
     import torch
 
-    from bincount.container import net, train
+    from bincount.container import loop, net, train
 
-    assert isinstance(train.cpu_bf16(), bool)  # AVX512-BF16/AMX: on; elsewhere off (emulated would be slower)
+    assert isinstance(loop.cpu_bf16(), bool)  # AVX512-BF16/AMX: on; elsewhere off (emulated would be slower)
     # train.py's autocast takes torch's per-device default: bfloat16 on the CPU, float16 on CUDA
     assert torch.get_autocast_dtype("cpu") is torch.bfloat16
     assert torch.get_autocast_dtype("cuda") is torch.float16
@@ -258,7 +267,7 @@ def test_mixed_precision_on_cpu_is_bfloat16_where_native_and_trains():
     x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
-        loss = train.CountingLoss(None, 0.05, 0.5)(logits, torch.tensor([0, 1, 2, 5]))
+        loss = loop.CountingLoss(None, 0.05, 0.5)(logits, torch.tensor([0, 1, 2, 5]))
     loss.backward()
     assert logits.dtype is torch.bfloat16 and loss.dtype is torch.float32 and torch.isfinite(loss)
     assert model.fc.weight.grad.dtype is torch.float32 and torch.isfinite(model.fc.weight.grad).all()
@@ -331,18 +340,18 @@ def test_jobs_resume_only_their_own_checkpoint_with_the_same_settings(channels, 
 def test_a_checkpoint_of_other_data_or_without_a_fingerprint_is_not_resumed(tmp_path, channels):
     import torch
 
-    from bincount.container import train
+    from bincount.container import checkpoints, loop, train
 
     args = train.parse_args(["--train", str(channels["train"]), "--val", str(channels["val"])])
-    expected = train.fingerprint(args, None)
-    dist = train.Dist()
-    torch.save({"epoch": 1, "fingerprint": expected}, tmp_path / train.CHECKPOINT)
-    assert train.load_checkpoint(tmp_path, dist, expected)["epoch"] == 1
-    other_data = train.fingerprint(train.parse_args(["--train", str(channels["val"]), "--val", str(channels["val"])]), None)
-    assert train.load_checkpoint(tmp_path, dist, other_data) is None
-    assert "train data changed" in train.mismatch(expected, other_data)
-    torch.save({"epoch": 1}, tmp_path / train.CHECKPOINT)  # written before checkpoints recorded what they are
-    assert train.load_checkpoint(tmp_path, dist, expected) is None
+    expected = checkpoints.fingerprint(args, None)
+    dist = loop.Dist()
+    torch.save({"epoch": 1, "fingerprint": expected}, tmp_path / checkpoints.CHECKPOINT)
+    assert checkpoints.load_checkpoint(tmp_path, dist, expected)["epoch"] == 1
+    other_data = checkpoints.fingerprint(train.parse_args(["--train", str(channels["val"]), "--val", str(channels["val"])]), None)
+    assert checkpoints.load_checkpoint(tmp_path, dist, other_data) is None
+    assert "train data changed" in checkpoints.mismatch(expected, other_data)
+    torch.save({"epoch": 1}, tmp_path / checkpoints.CHECKPOINT)  # written before checkpoints recorded what they are
+    assert checkpoints.load_checkpoint(tmp_path, dist, expected) is None
 
 
 def _weights_file(path: Path, arch: str) -> Path:

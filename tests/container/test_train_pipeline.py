@@ -19,17 +19,17 @@ def items_of(synth_source: Path, n: int) -> list[tuple[Path, int]]:
 def test_cached_by_processes_threads_and_streamed_batches_agree(synth_source, monkeypatch):
     import torch
 
-    from bincount.container import train
+    from bincount.container import batches, net
 
     items = items_of(synth_source, 10)
-    threads = train.Batches(items, 24, 4, cache_mb=64, num_workers=2)
-    monkeypatch.setattr(train, "CACHE_PROCESSES_FROM", 1)  # the path big data sets take
-    processes = train.Batches(items, 24, 4, cache_mb=64, num_workers=2)
-    streamed = train.Batches(items, 24, 4, cache_mb=0, num_workers=1)
+    threads = batches.Batches(items, 24, 4, cache_mb=64, num_workers=2)
+    monkeypatch.setattr(batches, "CACHE_PROCESSES_FROM", 1)  # the path big data sets take
+    processes = batches.Batches(items, 24, 4, cache_mb=64, num_workers=2)
+    streamed = batches.Batches(items, 24, 4, cache_mb=0, num_workers=1)
     assert threads.cached and processes.cached and not streamed.cached
     assert torch.equal(threads.images, processes.images)
     assert threads.images.dtype == torch.uint8 and threads.images.shape == (10, 24, 24, 3)
-    assert torch.equal(next(threads.iterate([4]))[0][0], train.decode(items[4][0], 24))  # [3, S, S] as decoded
+    assert torch.equal(next(threads.iterate([4]))[0][0], net.decode(items[4][0], 24))  # [3, S, S] as decoded
     images, _ = next(streamed.iterate([0, 1]))
     assert images.shape == (2, 3, 24, 24) and images.is_contiguous(memory_format=torch.channels_last)
     for order in ([9, 3, 0, 5, 1, 2, 7], [1, 0, 4, 8, 6, 2, 3]):  # one loader, two passes: workers persist
@@ -41,40 +41,39 @@ def test_cached_by_processes_threads_and_streamed_batches_agree(synth_source, mo
     assert sum(len(y) for _, y in threads.iterate(list(range(9)), drop_last_single=True)) == 8
 
 
-def test_large_jpegs_decode_at_reduced_size_with_the_same_picture(tmp_path):
+def test_only_jpegs_over_4_megapixels_decode_at_reduced_size_with_the_same_picture(tmp_path):
     import torch
     from PIL import Image
 
-    from bincount.container import net, train
+    from bincount.container import net
 
-    big = Image.radial_gradient("L").resize((640, 512)).convert("RGB")
-    big.save(tmp_path / "big.jpg", quality=95)
+    Image.radial_gradient("L").resize((640, 512)).convert("RGB").save(tmp_path / "photo.jpg", quality=95)
+    with Image.open(tmp_path / "photo.jpg") as image:
+        assert torch.equal(net.decode(tmp_path / "photo.jpg", 64), net.to_uint8(image, 64))  # decoded whole
+    Image.radial_gradient("L").resize((4096, 3072)).convert("RGB").save(tmp_path / "big.jpg", quality=95)
     with Image.open(tmp_path / "big.jpg") as image:
-        full = net.to_uint8(image, 64)  # no draft: the whole image decoded, then resized
-    drafted = train.decode(tmp_path / "big.jpg", 64)
-    assert drafted.shape == full.shape == (3, 64, 64)
+        full = net.to_uint8(image, 224)  # no draft: the whole image decoded, then resized
+    drafted = net.decode(tmp_path / "big.jpg", 224)
+    assert drafted.shape == full.shape == (3, 224, 224)
     assert (drafted.float() - full.float()).abs().mean() < 2.0  # the same picture, a few levels apart at most
     with Image.open(tmp_path / "big.jpg") as image:
-        image.draft("RGB", (64, 64))
-        assert image.size == (80, 64)  # 1/8 scale: both sides still >= 64, then resized like any image
-    small = train.decode(tmp_path / "big.jpg", 400)  # not twice the size: decoded whole
-    with Image.open(tmp_path / "big.jpg") as image:
-        assert torch.equal(small, net.to_uint8(image, 400))
+        net.draft(image)
+        assert image.size == (2048, 1536)  # 1/2 scale: both sides still >= 1024, then resized like any image
 
 
 def test_epoch_loss_is_summed_on_the_device_and_read_once(synth_source, monkeypatch):
     import torch
 
-    from bincount.container import net, train
+    from bincount.container import batches, loop, net, train
 
     items = items_of(synth_source, 9)
-    data = train.Batches(items, 16, 4, cache_mb=64, num_workers=0)
+    data = batches.Batches(items, 16, 4, cache_mb=64, num_workers=0)
     model = net.build_model("resnet18", 6).to(memory_format=torch.channels_last)
     args = train.parse_args(["--optimizer", "sgd"])  # AdamW on the CPU reads its step counters (no sync there)
-    optimizer = train.make_optimizer(model, args)
+    optimizer = loop.make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss_fn = train.CountingLoss(None, 0.05, 0.5)
+    loss_fn = loop.CountingLoss(None, 0.05, 0.5)
     reads = []
     item = torch.Tensor.item
 
@@ -83,8 +82,8 @@ def test_epoch_loss_is_summed_on_the_device_and_read_once(synth_source, monkeypa
         return item(tensor)
 
     monkeypatch.setattr(torch.Tensor, "item", counted)
-    loss = train.train_epoch(model, data, list(range(9)), optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                             scaler=scaler, device=torch.device("cpu"), channels_last=True, amp=False,
-                             generator=torch.Generator().manual_seed(0), dist=train.Dist(), ema=train.EMA(model, 0.9))
+    loss = loop.train_epoch(model, data, list(range(9)), optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                            scaler=scaler, device=torch.device("cpu"), channels_last=True, amp=False,
+                            generator=torch.Generator().manual_seed(0), dist=loop.Dist(), ema=loop.make_ema(model, 0.9))
     assert loss > 0 and len(reads) == 1  # 2 steps (the lone 9th item dropped), one read of the summed loss
     assert scheduler.last_epoch == 2

@@ -13,7 +13,7 @@ import pytest
 from bincount.container import shards as sh
 from bincount.workspace import Workspace, read_jsonl
 
-from .conftest import s3
+from .conftest import ODD_IDS, s3
 
 SCRIPT = Path(sh.__file__)
 
@@ -49,7 +49,7 @@ def test_shard_builds_channels_from_the_splits_with_their_labels(fetched, tmp_pa
         got = {i: c for tar in sorted(folder.glob("*.tar")) for i, _, c in sh.iter_tar(tar)}
         assert got == {r["id"]: r["count"] for r in rows}
         # the same digest train.py records for the image-file channel of these rows
-        from bincount.container.train import manifest_digest
+        from bincount.container.batches import manifest_digest
 
         (tmp_path / split).mkdir()
         (tmp_path / split / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -125,3 +125,97 @@ def test_build_script_reads_the_bucket_and_writes_shards_to_another(s3_server, a
     assert [s[0] for m in sh.read_sidecars(local) for s in m["skipped"]] == ["00203"]
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["present"] == 3  # resumable
+
+
+def test_shard_writes_beside_its_destination_so_no_rename_crosses_file_systems(fetched, tmp_path, monkeypatch):
+    """The system temp dir on another file system (a tmpfs /tmp, a work dir on another volume): a rename
+    out of it fails with EXDEV, as the kernel's does; shard must not need one."""
+    import errno
+    import os
+    import tempfile
+
+    from bincount.data.shard import shard
+
+    settings = fetched()
+    real_replace, real_rename = os.replace, os.rename
+
+    def same_folder_only(real):
+        def move(src, dst, *args, **kwargs):
+            if Path(src).resolve().parent != Path(dst).resolve().parent:
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "replace", same_folder_only(real_replace))
+    monkeypatch.setattr(os, "rename", same_folder_only(real_rename))
+    other = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path / "elsewhere"
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    result = shard(settings)
+    assert result.items == 120
+    folder = tmp_path / "work" / "shards"
+    assert not [p for p in folder.rglob("*") if p.name.startswith(".")]  # no temp file left behind
+    assert {p.stat().st_mode & 0o777 for p in folder.rglob("*.tar")} == {0o644}
+
+
+def test_a_full_disk_during_shard_is_one_line_and_a_rerun_resumes(fetched, tmp_path, cli, monkeypatch):
+    import errno
+
+    fetched()
+    real = sh._member
+    calls = {"n": 0}
+
+    def full_after_two_shards(tar, name, data):
+        calls["n"] += 1
+        if calls["n"] > 2 * 2 * 20 + 5:  # two 20-item shards of .jpg + .cls, then some of the third
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tar, name, data)
+
+    monkeypatch.setattr(sh, "_member", full_after_two_shards)
+    args = ["shard", "--workdir", tmp_path / "work", "--set", "shard.max_side=40", "--set", "shard.items_per_shard=20", "--json"]
+    out = cli(*args)
+    folder = tmp_path / "work" / "shards" / "train"
+    assert out.exit_code == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot write {folder}/train-000002.tar: No space left on device (finished shards are kept")
+    assert sorted(p.name for p in folder.iterdir()) == ["_build.json", *(f"train-00000{k}.{e}" for k in (0, 1) for e in ("json", "tar"))]
+    monkeypatch.setattr(sh, "_member", real)
+    again = cli(*args)
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["items"] == 120 - 40  # the two finished shards were kept, not rebuilt
+    rows = read_jsonl(Workspace(tmp_path / "work").split("train"))
+    assert {i: c for tar in sorted(folder.glob("*.tar")) for i, _, c in sh.iter_tar(tar)} == {r["id"]: r["count"] for r in rows}
+
+
+@pytest.mark.parametrize("bad", ['"three"', "-1", "2.5", "true", "null"])
+def test_a_bad_count_in_a_split_is_one_line_naming_the_file_and_line(fetched, tmp_path, cli, bad):
+    fetched()
+    path = Workspace(tmp_path / "work").split("val")
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[4])
+    lines[4] = json.dumps(row).replace(f'"count": {row["count"]}', f'"count": {bad}')
+    path.write_text("\n".join(lines) + "\n")
+    out = cli("shard", "--workdir", tmp_path / "work")
+    assert out.exit_code == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f'error: {path}:5: a row needs an integer "count" >= 0'
+    assert not (tmp_path / "work" / "shards").exists()  # checked before anything is built
+
+
+def test_a_split_from_the_index_is_sharded_from_the_bucket_through_the_data_source(make_settings, count_requests, tmp_path):
+    """No fetch: the local build reads data.source through data/source.py, with fetch's client and settings
+    (before, container/shards.Store made its own client, with the region of the environment)."""
+    from bincount.data.index import index
+    from bincount.data.shard import shard
+    from bincount.data.split import split
+
+    calls, _ = count_requests
+    settings = make_settings(**{"data.balanced": True, "data.counts": "0-5", "shard.max_side": 40,
+                                "shard.items_per_shard": 20, "shard.workers": 4, "train.image_size": 32})
+    index(settings)
+    split(settings, from_index=True)
+    calls.clear()
+    result = shard(settings)
+    wanted = {r["id"] for s in ("train", "val", "test") for r in read_jsonl(settings.workdir / "splits" / f"{s}.jsonl")}
+    bad = int(ODD_IDS["truncated"] in wanted)  # its label is fine (the index keeps it); its image does not decode
+    assert result.items == len(wanted) - bad and result.skipped == bad
+    assert not (settings.workdir / "raw").exists()
+    assert sorted(calls) == sorted(f"bin-images/{i}.jpg" for i in wanted)  # each image once, through the source

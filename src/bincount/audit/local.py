@@ -73,10 +73,10 @@ class TargetScorer:
                 records.append(result_record(b, error=error_text(exc)))
                 continue
             try:
-                answer = self.target.predict(*self.reader.image(b.path))
-                if isinstance(answer, list):
-                    answer = answer[0]
-                records.append(result_record(b, expected, predicted=int(answer["count"]), confidence=float(answer["confidence"])))
+                from bincount.predict import parse_answer
+
+                count, confidence, _ = parse_answer(self.target.predict(*self.reader.image(b.path)))
+                records.append(result_record(b, expected, predicted=count, confidence=confidence))
             except Exception as exc:  # noqa: BLE001
                 records.append(result_record(b, expected, error=error_text(exc)))
         return records

@@ -21,6 +21,7 @@ It starts with a word no metric regex matches, so SageMaker's metric definitions
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 METRICS = ("train_loss", "val_loss", "val_acc", "val_rmse", "lr")
@@ -94,3 +95,8 @@ class StepTicker:
             self.last = now
             rate = self.images / max(now - self.started, 1e-9)
             self.emit(format_progress_line(self.epoch, self.step_count, self.steps, rate), flush=True)
+
+
+def log(message: str) -> None:
+    """train.py's other lines: stderr, prefixed "[train]" (stdout carries only the lines above)."""
+    print(f"[train] {message}", file=sys.stderr, flush=True)

@@ -44,8 +44,7 @@ MAX_BODY_BYTES = 6 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # decoded pixels per request, all images together
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded pixels per image: a bigger PNG (no draft mode) is refused
 MAX_SOURCE_PIXELS = 64_000_000  # pixels a JPEG's header may claim (draft mode still reads all of it)
-DRAFT_ABOVE = 2048 * 2048  # JPEGs over this many pixels are decoded at a reduced scale ...
-DRAFT_SIDE = 1024  # ... the smallest of 1/2, 1/4, 1/8 that keeps both sides at least this long
+DRAFT_ABOVE, DRAFT_SIDE = net.DRAFT_ABOVE, net.DRAFT_SIDE  # net.draft(): JPEGs over 4 MP decode at a reduced scale
 MAX_BATCH = 64
 FORWARD_BATCH = 32  # images per forward pass (bounds memory for big batches)
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/octet-stream")
@@ -160,9 +159,9 @@ def _open(data: bytes, what: str = "body"):
     width, height = image.size
     if width < 1 or height < 1:
         raise RequestError(f"{what}: image is {width}x{height} pixels")
-    if image.format == "JPEG" and DRAFT_ABOVE < width * height <= MAX_SOURCE_PIXELS:
+    if width * height <= MAX_SOURCE_PIXELS:
         try:
-            image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+            net.draft(image)  # the decode training, evaluate and the shard reader use (net.decode)
         except Exception as exc:  # noqa: BLE001
             raise RequestError(f"{what}: truncated or corrupt image ({type(exc).__name__}: {exc})") from None
     pixels = image.size[0] * image.size[1]
@@ -251,8 +250,8 @@ def predict_fn(images: list, bundle: dict) -> Batch:
         with torch.inference_mode():
             for start in range(0, len(images), FORWARD_BATCH):
                 chunk = images[start:start + FORWARD_BATCH]
-                batch = torch.stack([net.preprocess(im, meta["image_size"], meta["mean"], meta["std"]) for im in chunk])
-                probs = net.predict_proba(model, batch, bool(meta.get("tta")))
+                batch = torch.stack([net.to_uint8(im, meta["image_size"]) for im in chunk])
+                probs = net.probabilities(model, batch, meta["mean"], meta["std"], bool(meta.get("tta")))
                 for row in probs.tolist():
                     best = max(range(len(row)), key=row.__getitem__)
                     out.append({"count": classes[best], "confidence": row[best],
@@ -269,4 +268,8 @@ def output_fn(prediction: list, accept: str = "application/json") -> str:
     if not any(m.split(";")[0].strip().lower() in ("application/json", "*/*", "application/*", "") for m in media):
         raise RequestError(f"cannot answer in {accept!r}; this endpoint answers application/json", 406)
     batch = getattr(prediction, "batch", len(prediction) != 1)
-    return json.dumps(list(prediction) if batch else prediction[0])
+    try:
+        return json.dumps(list(prediction) if batch else prediction[0], allow_nan=False)
+    except ValueError:  # NaN or infinity is not JSON: a broken model, never an answer
+        raise ValueError("the model produced a non-finite probability (NaN or infinity): its weights or "
+                         "meta.json are broken") from None

@@ -98,6 +98,42 @@ def _is_head(key: str) -> bool:
     return key.startswith(("fc.", "classifier.3.", "classifier.6."))
 
 
+DRAFT_ABOVE = 2048 * 2048  # JPEGs over this many pixels are decoded at a reduced scale ...
+DRAFT_SIDE = 1024  # ... the smallest of 1/2, 1/4, 1/8 that keeps both sides at least this long
+
+
+def draft(image) -> None:
+    """Set an opened, not yet decoded JPEG over DRAFT_ABOVE pixels to decode at 1/2, 1/4 or 1/8 scale (libjpeg
+    scales while decoding: less memory, several times faster), keeping both sides >= DRAFT_SIDE; else nothing.
+
+    The rule does not depend on the model's image_size, so the serving handlers (which decode before they
+    see the model) apply it exactly as training, evaluation and the shard reader do.
+    """
+    if image.format == "JPEG" and image.size[0] * image.size[1] > DRAFT_ABOVE:
+        image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+
+
+def decode(source, image_size: int) -> torch.Tensor:
+    """THE image decode: a path, bytes or an opened (not yet decoded) PIL image -> uint8 [3, S, S].
+
+    draft() then to_uint8(): train.py (files), the shard reader, `bincount evaluate` and the serving
+    handlers (input_fn drafts and decodes, predict_fn calls preprocess) all go through these two steps,
+    so they see the same pixels (tests/container/test_decode.py compares the four).
+    """
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    if isinstance(source, Image.Image):
+        draft(source)
+        return to_uint8(source, image_size)
+    with Image.open(source) as image:
+        draft(image)
+        return to_uint8(image, image_size)
+
+
 def to_uint8(image, image_size: int) -> torch.Tensor:
     """PIL image -> uint8 tensor [3, S, S]: the whole picture resized once (nothing cropped away).
 
@@ -147,13 +183,54 @@ def predict_proba(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> t
     return torch.stack([model(v).float().softmax(1) for v in views(batch)]).mean(0)
 
 
+def probabilities(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  tta: bool = False) -> torch.Tensor:
+    """THE scoring of decoded images: uint8 [B, 3, S, S] -> softmax over the counts [B, num_classes], in
+    float32 (no autocast), as the endpoint (predict_fn), `bincount evaluate` and train.py's test metrics
+    all compute it, so a model scores the same everywhere (tests/test_evaluate.py checks train.py's
+    test_rmse against evaluate's)."""
+    return predict_proba(model, normalize(images.contiguous(), mean, std), tta)
+
+
+def check_meta(meta: object) -> dict:
+    """meta.json's values within sane bounds (it sizes the model and every input), else ValueError naming the first
+    bad one: an artifact whose code passes the trust rule may still carry image_size 12000 (13.5 GB for one
+    prediction) or std 0 (NaN answers)."""
+    import math
+
+    def number(v: object, lo: float, hi: float) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+    def whole(v: object, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json: not a JSON object")
+    n = meta.get("num_classes")
+    rules = {
+        "arch": (lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
+        "stem": (lambda v: v in STEMS, f"one of {', '.join(STEMS)}"),
+        "num_classes": (lambda v: whole(v, 1, 1000), "a whole number 1..1000"),
+        "classes": (lambda v: isinstance(v, list) and len(v) == n and len(set(map(repr, v))) == len(v)
+                    and all(whole(c, 0, 100_000) for c in v), "num_classes distinct whole numbers 0..100000"),
+        "image_size": (lambda v: whole(v, 16, 1024), "a whole number of pixels 16..1024"),
+        "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(number(x, 0, 1) for x in v), "3 numbers 0..1"),
+        "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(number(x, 1e-3, 10) for x in v),
+                "3 numbers 0.001..10"),
+        "tta": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    defaults = {"stem": "standard", "tta": False, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    for key, (ok, want) in rules.items():
+        value = meta.get(key, defaults.get(key))
+        if not ok(value):
+            raise ValueError(f"meta.json: {key} is {repr(value)[:40]}; expected {want}")
+    return meta
+
+
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Load model.pth (weights_only) and meta.json from a model dir; returns (model in eval mode, meta)."""
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "meta.json").read_text())
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or len(classes) != meta["num_classes"]:
-        raise ValueError(f"meta.json: classes {str(classes)[:40]} do not match num_classes={meta['num_classes']}")
+    meta = check_meta(json.loads((model_dir / "meta.json").read_text()))
     model = build_model(meta["arch"], meta["num_classes"], "none", meta.get("stem", "standard"))
     state = torch.load(model_dir / "model.pth", map_location=device, weights_only=True)
     model.load_state_dict(state)

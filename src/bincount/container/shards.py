@@ -177,6 +177,7 @@ def write_shard(name: str, rows: list[dict], source: Store, dest: Store, max_sid
             return row, None, None, f"bad_image: {type(exc).__name__}: {exc}"
 
     fd, tmp_name = tempfile.mkstemp(dir=tmp, prefix=f".{name}.", suffix=PART)
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would stay on the shard
     os.close(fd)
     side = Path(tmp) / f".{name}.json{PART}"
     kept, skipped, counts, offsets = [], [], {}, []
@@ -199,7 +200,8 @@ def write_shard(name: str, rows: list[dict], source: Store, dest: Store, max_sid
         side.write_text(json.dumps(sidecar) + "\n")
         dest.put_file(f"{name}.json", side)  # last: the shard now counts as done
     except OSError as exc:  # a full disk, a failed upload: one line naming the shard; a rerun resumes here
-        raise ShardError(f"{name}.tar: {exc.strerror or exc}") from None
+        raise ShardError(f"cannot write {dest.uri}/{name}.tar: {exc.strerror or exc} (finished shards are kept: "
+                         "run the same command again)") from None
     finally:
         Path(tmp_name).unlink(missing_ok=True)
         side.unlink(missing_ok=True)
@@ -450,7 +452,7 @@ def decode_item(shard: str, ident: str, jpg: bytes, image_size: int):
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ShardError(f"{shard}: member {ident}.jpg is {image.width}x{image.height} pixels, "
                                  f"over the {MAX_IMAGE_PIXELS:,} pixel limit")
-            return net.to_uint8(image, image_size).permute(1, 2, 0)
+            return net.decode(image, image_size).permute(1, 2, 0)  # the one decode: train, serve, evaluate
     except ShardError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a file that is not an image

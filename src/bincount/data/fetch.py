@@ -256,7 +256,7 @@ class _IdRange:
     """The ids of --ids, lazily (`1-100000000` is not a list of 100 million strings)."""
 
     def __init__(self, spec: str):
-        from bincount.config import IntRanges
+        from bincount.ranges import IntRanges
 
         self.numbers = IntRanges(spec)
 
@@ -288,7 +288,7 @@ def _candidates(data: DataSettings) -> tuple[Iterable[str] | None, dict[str, int
 def _index_candidates(index: Any, data: Any, counts: list[int]) -> tuple[list[str], dict[str, int | None], dict[int, list[str]]]:
     """Ids from the index (usable, count selected, named by --ids/--id-file if given), their hints,
     and the same ids per indexed count."""
-    from bincount.config import parse_int_set
+    from bincount.ranges import parse_int_set
 
     try:
         if data.ids and data.id_file:

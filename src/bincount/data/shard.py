@@ -2,7 +2,8 @@
 
 - local backend: <workdir>/shards/<split>/, built on this machine by container/shards.py's build().
   Images come from raw/ when fetch put every listed image there, else straight from data.source (a
-  folder or bucket in the ABID layout: splits made by `split --from-index` need no fetch at all).
+  folder or bucket in the ABID layout, read through data/source.py as fetch reads it: splits made by
+  `split --from-index` need no fetch at all).
   Local training and `upload` then use these shards (shard.channels: auto).
 - sagemaker backend (bincount.backends.sagemaker.processing): a SageMaker Processing job runs container/shards.py (standard library, Pillow,
   boto3 only) on the PyTorch training image; it reads data.source (the public bucket) and writes the
@@ -25,7 +26,7 @@ from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
-from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_jsonl
+from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_manifest
 
 BUILD_FILE = "_build.json"  # what a shard folder was built from; a change means a rebuild
 
@@ -88,7 +89,7 @@ def split_rows(ws: Workspace) -> dict[str, list[dict]]:
             if split == "test":
                 continue
             raise BincountError(f"{path} not found: run `bincount split` first")
-        rows[split] = read_jsonl(path)
+        rows[split] = read_manifest(path, need=("id", "count"))  # a bad row: one line naming file and line
         if not rows[split] and split != "test":
             raise BincountError(f"{path} is empty")
     return rows
@@ -97,6 +98,19 @@ def split_rows(ws: Workspace) -> dict[str, list[dict]]:
 def _local_source(ws: Workspace, rows: dict[str, list[dict]]) -> bool:
     """Are all listed images in raw/ (the bucket layout fetch mirrors)?"""
     return all("image" in r and (ws.raw / "bin-images" / f"{r['id']}.jpg").is_file() for part in rows.values() for r in part)
+
+
+class _SourceImages:
+    """What build() reads images with (container/shards.Store's read), over data/source.py: data.source
+    with the data settings (region, endpoint, unsigned, timeout, data.retries), as fetch reads it."""
+
+    def __init__(self, settings: Settings):
+        from bincount.data.source import open_source
+
+        self.source = open_source(settings)
+
+    def read(self, name: str) -> bytes | None:
+        return self.source.read(name, b"".join)
 
 
 def shard(settings: Settings) -> ShardResult:
@@ -112,10 +126,10 @@ def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardRe
     data, cfg = settings.data, settings.shard
     side = max_side(settings)
     if _local_source(ws, rows):
-        source = sh.Store(str(ws.raw))
+        source: Any = sh.Store(str(ws.raw))
     else:
         log(f"images not all in {ws.raw}: reading them from {data.source}")
-        source = sh.Store(data.source, data.endpoint_url, unsigned=data.unsigned, workers=cfg.workers)
+        source = _SourceImages(settings)
     total = {"items": 0, "skipped": 0, "bytes": 0}
     channels, counts = {}, {}
     for split, items in rows.items():
@@ -132,8 +146,8 @@ def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardRe
             stats = sh.build([{"id": r["id"], "count": r["count"]} for r in items], split, source, sh.Store(str(folder)),
                              items_per_shard=cfg.items_per_shard, max_side=side, quality=cfg.quality,
                              workers=cfg.workers, seed=cfg.seed, log=log)
-        except sh.ShardError as exc:
-            raise BincountError(f"{ws.split(split)}: {exc}") from None
+        except sh.ShardError as exc:  # the splits were checked: a shard that cannot be written (a full disk)
+            raise BincountError(str(exc)) from None
         for key in total:
             total[key] += stats[key]
         channels[split] = str(folder)

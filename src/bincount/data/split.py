@@ -52,7 +52,7 @@ def stratified_split(rows: list[dict], ratios: dict[str, float], seed: int) -> d
 
 def index_rows(settings: Settings) -> list[dict]:
     """The rows `split --from-index` splits: usable indexed bins, selected like fetch selects."""
-    from bincount.config import parse_int_set
+    from bincount.ranges import parse_int_set
     from bincount.data.index import open_index
     from bincount.data.manifest import balanced_pools, balanced_size, image_id, parse_id_file
 

@@ -224,7 +224,7 @@ def synth(settings: Settings, out: Path | None = None, n: int = 600, image_size:
           counts: str | None = None, seed: int = 0, start_id: int = 1) -> SynthResult:
     """CLI stage: synthesise into `out` (default <workdir>/synth); counts: a range like 1-5 (default
     0..data.max_count)."""
-    from bincount.config import parse_int_set
+    from bincount.ranges import parse_int_set
     from bincount.console import progress
     from bincount.errors import BincountError
 

@@ -17,7 +17,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.console import confirm
 from bincount.errors import BincountError
-from bincount.handlers import resolve_model
+from bincount.artifacts import resolve_model
 from bincount.results import Result, key_value_table
 from bincount.serve import ping, wait_ready
 from bincount.state import LocalEndpoint, SageMakerEndpoint
@@ -56,14 +56,15 @@ def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointRes
         stop(current.pid, settings.deploy.graceful_timeout_s)
         ws.update_state(endpoint=None)
 
-    model_dir = resolve_model(settings, option="--model")  # deploy.model_data, else the last trained
+    model_dir = resolve_model(settings, settings.deploy.model_data, option="--model")  # else the last trained
     log_path = ws.reports / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
     cmd = [sys.executable, "-m", "bincount", "serve", "--model", str(model_dir),
            "--workdir", str(Path(settings.workdir).resolve()),
            "--host", settings.deploy.host, "--port", str(settings.deploy.port)]
-    for key in ("threads", "max_connections", "backlog", "keepalive_s", "read_timeout_s", "graceful_timeout_s",
+    for key in ("threads", "max_connections", "max_idle", "backlog", "keepalive_s", "head_timeout_s", "read_timeout_s",
+                "graceful_timeout_s",
                 "pixel_budget", "queue_timeout_s", "trust_code"):
         cmd += ["--set", f"deploy.{key}={getattr(settings.deploy, key)}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import weakref
@@ -15,7 +14,7 @@ from bincount.backends.tuning import best_train_settings
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
-from bincount.workspace import Workspace
+from bincount.workspace import Workspace, file_sha256
 
 
 def train_hyperparameters(settings: Settings, epochs: int | None = None) -> dict[str, Any]:
@@ -43,7 +42,8 @@ def check_instances(settings: Settings) -> None:
 
 
 # The training job's source_dir: the script, the modules it imports and copies into the model's code/.
-TRAINING_FILES = ("train.py", "net.py", "epochlog.py", "shards.py", "inference.py", "smdebug_compat.py")
+TRAINING_FILES = ("train.py", "hparams.py", "batches.py", "checkpoints.py", "loop.py", "debughook.py", "net.py",
+                  "epochlog.py", "shards.py", "inference.py", "smdebug_compat.py")
 
 
 # container/requirements.txt (smdebug and the two pyinstrument packages it imports) reaches a job only when the
@@ -114,7 +114,7 @@ def job_inputs(aws: Aws, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any
     elif pretrained.startswith("s3://"):
         uri, hp["pretrained"] = pretrained, "channel"
     else:
-        uri, hp["pretrained"] = upload_weights(aws, Path(pretrained)), "channel"
+        uri, hp["pretrained"] = upload_weights(aws, settings.train.weights_file), "channel"
     hp["weights_source"] = uri
     inputs["weights"] = TrainingInput(uri, distribution="FullyReplicated")
     return inputs, hp
@@ -127,11 +127,7 @@ def upload_weights(aws: Aws, path: Path) -> str:
     from bincount.aws import parse_s3_uri
 
     settings = aws.settings
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    uri = jobs.s3_uri(settings, "weights", f"{path.stem}-{digest.hexdigest()[:16]}{path.suffix}")
+    uri = jobs.s3_uri(settings, "weights", f"{path.stem}-{file_sha256(path)[:16]}{path.suffix}")
     bucket, key = parse_s3_uri(uri)
     s3 = aws.s3()
     try:

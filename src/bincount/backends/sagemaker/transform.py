@@ -37,7 +37,7 @@ from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 from bincount.state import SageMakerTransform
-from bincount.workspace import Workspace
+from bincount.workspace import Workspace, file_sha256
 
 TERMINAL = ("Completed", "Failed", "Stopped")
 CONTENT_TYPE = "image/jpeg"
@@ -162,8 +162,6 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
 
 def model_ref(settings: Settings) -> str | None:
     """What identifies the artifact before any upload: a local model.tar.gz's sha256, else its S3 URI."""
-    import hashlib
-
     training = Workspace(settings.workdir).state().training
     source = settings.deploy.model_data or (training.model_data if training else None)
     if not source:
@@ -173,11 +171,7 @@ def model_ref(settings: Settings) -> str | None:
     path = Path(source)
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(path)}"
 
 
 def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
