@@ -42,36 +42,55 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     return {t for t in targets if t in known and t != name}
 
 
-def cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of the graph (as a path that returns to its start), else None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with a cycle (Tarjan): each a set of modules that import each other."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
 
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state and (found := visit(nxt)):
-                return found
-        state[node] = 2
-        path.pop()
-        return None
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
 
     for node in sorted(graph):
-        if node not in state and (found := visit(node)):
-            return found
-    return None
+        if node not in index:
+            visit(node)
+    return found
+
+
+# Cycles that exist on main today, each with who removes it. The list may only shrink: a cycle not listed
+# fails the test, and so does a listed one that has gone (remove its line).
+KNOWN = {
+    frozenset({"bincount.serve", "bincount.front"}): "serve: front.py imports serve's error body and limits back",
+}
 
 
 def test_the_package_has_no_import_cycles():
     known = modules()
     graph = {name: imports(name, path, known) for name, path in known.items()}
     assert "bincount.audit.core" in graph["bincount.backends.sagemaker.transform"]  # the graph sees real edges
-    assert cycle(graph) is None, " -> ".join(cycle(graph))
+    found = {frozenset(c) for c in cycles(graph)}
+    assert not found - set(KNOWN), f"import cycles: {[sorted(c) for c in found - set(KNOWN)]}"
+    assert not set(KNOWN) - found, f"gone, remove from KNOWN: {[sorted(c) for c in set(KNOWN) - found]}"
 
 
-def test_the_cycle_finder_finds_a_cycle():
-    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
-    assert cycle({"a": {"b"}, "b": set()}) is None
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}
+    assert sorted(map(sorted, cycles(graph))) == [["a", "b", "c"], ["d", "e"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
