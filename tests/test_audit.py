@@ -300,3 +300,58 @@ def test_report_refuses_duplicate_or_foreign_bins(tmp_path):
     assert not (tmp_path / "r.csv").exists()
     assert audit_mod.report(iter({**record, "n": n} for n in range(3)), tmp_path / "r.csv", source="x", target="t",
                             threshold=0.5, top=3, total=3).bins == 3
+
+
+def test_a_resumed_audit_scores_again_the_images_that_changed(work, random_model, monkeypatch):
+    """Saved results are keyed by the image's sha256 (issue 22.3): an image edited between the interrupted
+    run and the resumed one is scored again; the unchanged ones are kept."""
+    from PIL import Image
+
+    from bincount.audit import local as audit_mod
+    from bincount.config import load_settings
+
+    settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
+    scored: list[str] = []
+    real_score = audit_mod.ModelScorer.score
+
+    def score(self, bins):
+        if len(scored) == 3 and stop:
+            raise KeyboardInterrupt
+        scored.extend(b.id for b in bins)
+        return real_score(self, bins)
+
+    monkeypatch.setattr(audit_mod.ModelScorer, "score", score)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        audit_mod.audit(settings, model=random_model)
+    first, scored[:] = list(scored), []
+    changed = first[1]
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(work / "raw" / "bin-images" / f"{changed}.jpg")  # same path
+    stop = False
+    resumed = audit_mod.audit(settings, model=random_model)
+    assert resumed.resumed == 2 and resumed.bins == 6
+    assert sorted(scored) == sorted({"00001", "00002", "00003", "00004", "00005", "00006"} - set(first) | {changed})
+
+
+def test_names_that_a_spreadsheet_would_run_as_formulas_are_escaped(tmp_path):
+    """A file name or id starting with = + - @ tab or CR becomes text in audit.csv, not a formula (issue 22.13)."""
+    from bincount.audit import core as audit_mod
+    from bincount.predict import PredictItem, items_csv
+    from bincount.results import csv_cell
+
+    hostile = ["=HYPERLINK(\"http://x\",\"y\").jpg", "+cmd|' /C calc'!A0.jpg", "-2+3.jpg", "@SUM(A1).jpg",
+               "\tx.jpg"]
+    records = [{"n": n, "id": name.removesuffix(".jpg"), "image": name, "expected": 1, "predicted": None,
+                "confidence": None, "error": "=1+1" if n == 0 else "bad"} for n, name in enumerate(hostile)]
+    records.append({"n": 5, "id": "plain", "image": "plain.jpg", "expected": 1, "predicted": 1, "confidence": 0.9,
+                    "error": None})
+    audit_mod.report(iter(records), tmp_path / "r.csv", source="x", target="t", threshold=0.5, top=10, total=6)
+    rows = _csv_rows(tmp_path / "r.csv")
+    for row in rows:
+        for key in ("id", "image", "error"):
+            assert row[key][:1] not in ("=", "+", "-", "@", "\t", "\r"), row
+    assert {r["image"] for r in rows} == {"'" + name for name in hostile} | {"plain.jpg"}
+    assert "'=1+1" in {r["error"] for r in rows}
+    assert csv_cell("\r=1") == "'\r=1" and csv_cell("a=1") == "a=1" and csv_cell("") == ""
+    text = items_csv([PredictItem(image="=evil.jpg", error="@x"), PredictItem(image="ok.jpg", count=1, confidence=0.5)])
+    assert "'=evil.jpg,,,'@x" in text and "\nok.jpg,1," in text

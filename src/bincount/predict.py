@@ -84,12 +84,14 @@ class Raw:
 
 
 def items_csv(items: list[PredictItem]) -> str:
+    from bincount.results import csv_cell
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["image", "count", "confidence", "error"])
     for item in items:
         conf = "" if item.confidence is None else f"{item.confidence:.6f}"
-        writer.writerow([item.image, "" if item.count is None else item.count, conf, item.error or ""])
+        writer.writerow([csv_cell(item.image), "" if item.count is None else item.count, conf, csv_cell(item.error or "")])
     return buf.getvalue()
 
 

@@ -83,6 +83,15 @@ class Workspace:
                                 "fix or delete it") from None
         return State.load(raw, self.state_path)
 
+    def identity(self) -> str:
+        """This work dir's id (made once, kept in state.json): what it creates on AWS is tagged with it."""
+        import uuid
+
+        def make(state: State) -> dict[str, Any]:
+            return {} if state.workdir_id else {"workdir_id": uuid.uuid4().hex}
+
+        return self.state().workdir_id or self.update_state(make).workdir_id  # type: ignore[return-value]
+
     def update_state(self, change: Callable[[State], dict[str, Any]] | None = None,
                      **changes: Record | dict[str, Any] | None) -> State:
         """Set sections of state.json (None removes one), validate the whole, and write it atomically, all

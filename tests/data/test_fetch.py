@@ -273,6 +273,24 @@ def test_a_corrupt_image_of_the_right_size_is_not_trusted_on_resume(make_setting
     assert row["sha256"] == hashlib.sha256(original).hexdigest()
 
 
+def test_a_locally_edited_label_is_not_trusted_on_resume(make_settings, synth_source):
+    """Labels are re-checked on resume as images are (issue 22.3): an edited label (still valid JSON, another
+    count) is read from the source again, and the manifest keeps the source's count."""
+    settings = make_settings(data__ids="1-4")
+    fetch(settings)
+    label = settings.workdir / "raw" / "metadata" / "00002.json"
+    original = label.read_bytes()
+    edited = json.loads(original)
+    edited["EXPECTED_QUANTITY"] = (edited["EXPECTED_QUANTITY"] + 1) % 6
+    edited["BIN_FCSKU_DATA"] = {}
+    label.write_text(json.dumps(edited))
+    fetch(settings)
+    assert label.read_bytes() == original
+    row = {r["id"]: r for r in read_jsonl(settings.workdir / "manifest.jsonl")}["00002"]
+    assert row["count"] == json.loads(original)["EXPECTED_QUANTITY"]
+    assert row["label_sha256"] == hashlib.sha256(original).hexdigest()
+
+
 def test_a_full_disk_stops_fetch_with_one_line_and_keeps_the_manifest(cli, one_line_error, abid_bucket, s3_server,
                                                                       monkeypatch, tmp_path):
     import errno

@@ -20,13 +20,14 @@ from typing import Any
 
 from bincount.config import Settings
 from bincount.errors import BincountError
-from bincount.results import Result, key_value_table
+from bincount.results import Result, csv_cell, key_value_table
 from bincount.workspace import Workspace, temp_beside
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
 COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SORT_RUN = 5000  # rows sorted in memory at a time when ranking (then merged from disk)
+RESUME_READERS = 8  # threads re-reading the images of kept results on resume
 
 
 class AuditRow(Result):
@@ -216,8 +217,11 @@ class Inputs:
 
 # -- scoring: one chunk of bins -> one result record per bin ------------------------------------
 def result_record(b: Bin, expected: int | None = None, **values: Any) -> dict[str, Any]:
+    """A result: the bin, its prediction or error, and what it was scored from (the image's path and sha256,
+    the label's path) so a resumed audit keeps it only while that image is unchanged."""
     return {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected if expected is None else expected,
-            "predicted": values.get("predicted"), "confidence": values.get("confidence"), "error": values.get("error")}
+            "predicted": values.get("predicted"), "confidence": values.get("confidence"), "error": values.get("error"),
+            "path": b.path, "label": b.label, "sha256": values.get("sha256")}
 
 
 class Reader:
@@ -282,19 +286,45 @@ def partial_path(ws: Workspace, key: str) -> Path:
     return ws.reports / "audit-partial" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
 
 
-def resume(path: Path) -> set[int]:
-    """Keep the scored records of an interrupted run (errors are retried; a torn last line is dropped)."""
+def resume(path: Path, settings: Settings) -> set[int]:
+    """Keep the scored records of an interrupted run whose image still has the sha256 it was scored with
+    (an image changed since is scored again; its expected quantity is read again from its label). Errors
+    are retried; a torn last line is dropped."""
     done: set[int] = set()
     if not path.exists():
         return done
-    tmp = path.with_suffix(".tmp")
-    with path.open() as src, tmp.open("w") as dst:
-        for line in src:
+    reader = Reader(settings)
+
+    def still(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept = []
+        for record in records:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                if hashlib.sha256(reader.image(record["path"])[0]).hexdigest() != record["sha256"]:
+                    continue
+                if record.get("label") and record.get("expected") is not None:
+                    record["expected"] = reader.expected(record["label"])
+            except Exception:  # noqa: BLE001 - gone or unreadable now: scored again (and reported there)
                 continue
-            if isinstance(record, dict) and record.get("error") is None and isinstance(record.get("n"), int):
+            kept.append(record)
+        return kept
+
+    def scored() -> Iterator[dict[str, Any]]:
+        with path.open() as src:
+            for line in src:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (isinstance(record, dict) and record.get("error") is None and isinstance(record.get("n"), int)
+                        and isinstance(record.get("path"), str) and isinstance(record.get("sha256"), str)):
+                    yield record
+
+    from bincount.data.source import bounded_map
+
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as dst:
+        for _, records in bounded_map(still, chunks(scored(), 32), RESUME_READERS):
+            for record in records:
                 done.add(record["n"])
                 dst.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
@@ -353,9 +383,9 @@ def csv_line(row: dict[str, Any]) -> str:
     buf = io.StringIO()
     conf = row.get("confidence")
     csv.writer(buf, lineterminator="\n").writerow([
-        row["id"], row["image"], "" if row["expected"] is None else row["expected"],
+        csv_cell(str(row["id"])), csv_cell(row["image"]), "" if row["expected"] is None else row["expected"],
         "" if row["predicted"] is None else row["predicted"], "" if conf is None else f"{conf:.6f}",
-        "" if row["agree"] is None else int(row["agree"]), row["action"], row["error"] or ""])
+        "" if row["agree"] is None else int(row["agree"]), row["action"], csv_cell(row["error"] or "")])
     return buf.getvalue()
 
 

@@ -43,7 +43,7 @@ class ModelScorer:
                 body, content_type = self.reader.image(b.path)
                 images.extend(self.module.input_fn(body, content_type))
                 slots.append(len(records))
-                records.append(result_record(b, expected))
+                records.append(result_record(b, expected, sha256=hashlib.sha256(body).hexdigest()))
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
                 records.append(result_record(b, expected, error=error_text(exc)))
         if images:
@@ -75,8 +75,10 @@ class TargetScorer:
             try:
                 from bincount.predict import parse_answer
 
-                count, confidence, _ = parse_answer(self.target.predict(*self.reader.image(b.path)))
-                records.append(result_record(b, expected, predicted=count, confidence=confidence))
+                body, content_type = self.reader.image(b.path)
+                count, confidence, _ = parse_answer(self.target.predict(body, content_type))
+                records.append(result_record(b, expected, predicted=count, confidence=confidence,
+                                       sha256=hashlib.sha256(body).hexdigest()))
             except Exception as exc:  # noqa: BLE001
                 records.append(result_record(b, expected, error=error_text(exc)))
         return records
@@ -85,12 +87,36 @@ class TargetScorer:
 _WORKER: ModelScorer | None = None  # the scorer of a worker process
 
 
-def _init_worker(settings_json: str, model_dir: str, threads: int) -> None:
+def _init_worker(settings_json: str, model_dir: str, threads: int, parent: int) -> None:
     import signal
 
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    die_with_parent(parent)
     _WORKER = ModelScorer(Settings.model_validate_json(settings_json), model_dir, threads)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this worker process when `parent` dies, however it dies (SIGKILL included), so no worker (~1 GB
+    with its model) outlives an audit: prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux (the pool starts its
+    workers from the main thread), and everywhere a watchdog thread that checks the parent every second."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _score_in_worker(bins: list[Bin]) -> list[dict[str, Any]]:
@@ -152,7 +178,7 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     model_dir = str(target.handlers.model_dir)
     target.handlers = None  # each worker loads its own copy; free this one
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(settings.model_dump_json(), model_dir, threads))
+                               initargs=(settings.model_dump_json(), model_dir, threads, os.getpid()))
     try:
         for _, records in bounded_map(_score_in_worker, work, workers, pool=pool):
             for record in records:
@@ -202,7 +228,7 @@ def audit_local(settings: Settings, source: str | Path | None, *, threshold: flo
     try:
         partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
         partial.parent.mkdir(parents=True, exist_ok=True)
-        done = resume(partial)
+        done = resume(partial, settings)
         if done:
             from bincount.console import log
 

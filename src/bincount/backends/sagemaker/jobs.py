@@ -131,9 +131,14 @@ def output_path(settings: Settings) -> str:
     return settings.sagemaker.output_path or s3_uri(settings, "output")
 
 
-def tags(settings: Settings) -> list[dict[str, str]] | None:
-    """settings.sagemaker.tags as the API takes them (on jobs, models, endpoint configs and endpoints)."""
-    return [{"Key": k, "Value": v} for k, v in settings.sagemaker.tags.items()] or None
+OWNER_TAG = "bincount:workdir"  # its value: the work dir's id; `bincount cleanup` deletes only what carries it
+
+
+def tags(settings: Settings) -> list[dict[str, str]]:
+    """settings.sagemaker.tags as the API takes them (on jobs, models, endpoint configs and endpoints), and
+    bincount's own tag naming the work dir that made them."""
+    own = {"Key": OWNER_TAG, "Value": Workspace(settings.workdir).identity()}
+    return [{"Key": k, "Value": v} for k, v in settings.sagemaker.tags.items() if k != OWNER_TAG] + [own]
 
 
 def check_image_uri(uri: str, job_region: str, key: str) -> str:

@@ -139,7 +139,7 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
     t = settings.transform
     options = dict(instance_count=t.instance_count, instance_type=t.instance_type, strategy=t.batch_strategy,
                    output_path=output_path, accept="application/json", max_concurrent_transforms=t.max_concurrent_transforms,
-                   max_payload=t.max_payload_mb, tags=[{"Key": k, "Value": v} for k, v in settings.sagemaker.tags.items()] or None)
+                   max_payload=t.max_payload_mb, tags=jobs.tags(settings))
     ref = model_ref(settings)
     if recorded and ref and recorded.model_ref == ref:
         name = recorded.model_name
