@@ -83,7 +83,7 @@ def test_upload_sends_the_shards_as_channels_and_records_their_format(fetched, s
 
 @pytest.mark.slow
 def test_local_training_reads_the_shards(fetched, tmp_path):
-    from bincount.backends.local_train import make_channels, train
+    from bincount.backends.local.train import make_channels, train
     from bincount.data.shard import shard
 
     shard(fetched())
