@@ -220,10 +220,14 @@ def test_shard_channel_with_a_count_beyond_num_classes_is_a_clear_error(built):
 
 def test_build_script_rejects_bad_items_with_one_line(tmp_path):
     items = tmp_path / "train.jsonl"
-    items.write_text('{"id": "00001"}\n')
-    done = subprocess.run([sys.executable, str(SCRIPT), "--items", str(items), "--source", str(tmp_path),
-                           "--dest", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and done.stderr.startswith("error: item 1: needs an id and an integer count")
+    for bad in ('{"id": "00001"}', '{"id": "00001", "count": true}', '{"id": "../../etc/passwd", "count": 1}',
+                '{"id": "a/b", "count": 1}', '{"count": 1}'):
+        items.write_text(bad + "\n")
+        done = subprocess.run([sys.executable, str(SCRIPT), "--items", str(items), "--source", str(tmp_path),
+                               "--dest", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.startswith(
+            "error: item 1: needs an id (letters, digits, _ . -; no / or ..) and an integer count >= 0, got {"), done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_reader_without_items_ends_instead_of_spinning(synth_source, tmp_path):

@@ -219,3 +219,18 @@ def test_a_split_from_the_index_is_sharded_from_the_bucket_through_the_data_sour
     assert result.items == len(wanted) - bad and result.skipped == bad
     assert not (settings.workdir / "raw").exists()
     assert sorted(calls) == sorted(f"bin-images/{i}.jpg" for i in wanted)  # each image once, through the source
+
+
+@pytest.mark.parametrize("bad", ["../../outside", "a/b", ".."])
+def test_an_id_that_would_leave_its_folder_is_refused(fetched, tmp_path, cli, bad):
+    """An edited split's id becomes raw/bin-images/<id>.jpg, a source key and a tar member name."""
+    fetched()
+    path = Workspace(tmp_path / "work").split("train")
+    rows = read_jsonl(path)
+    rows[4]["id"] = bad
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = cli("shard", "--workdir", tmp_path / "work")
+    assert out.exit_code == 1 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}") and "5" in last and "no / or .." in last, last
+    assert not list((tmp_path / "work" / "shards").rglob("*.tar"))
