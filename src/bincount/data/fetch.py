@@ -9,8 +9,8 @@
   after MAX_GAP consecutive ids without a label (the end of the bucket). --limit always keeps the
   lowest usable ids (in id order), so a run is deterministic; --balanced picks per count with
   data.seed, and replaces an item whose image is bad by a spare of the same count.
-- Concurrent (a thread pool of data.workers over one boto3 client, data/source.py), with botocore's
-  adaptive retries: data.retries attempts per object in all, a re-read of a body that broke off
+- Concurrent (a thread pool of data.workers over the source's client, data/source.py: for anonymous
+  reads the lean client of data/s3get.py, else boto3), with botocore's retry rules: data.retries attempts per object in all, a re-read of a body that broke off
   included. Bodies stream to a temp file that is renamed into place, so a file under its final name
   is always complete; stale *.part files are removed.
   One os.sync() before the manifest is written replaces an fsync per file.
