@@ -7,6 +7,7 @@ Unknown keys and bad values are errors that name the key.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,6 +129,15 @@ class S3Settings(Section):
     @classmethod
     def _endpoint_url(cls, value: str | None) -> str | None:
         return _check_url(value)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str | None) -> str | None:
+        # S3's naming rules: 3-63 of a-z 0-9 . -, a letter or digit at each end
+        if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+            raise ValueError(f"{value!r} is not an S3 bucket name (3-63 characters: a-z, 0-9, . and -, "
+                             "a letter or digit first and last)")
+        return value
 
 
 def resolve_pretrained(value: str) -> str:

@@ -37,6 +37,7 @@ from bincount.config import DataSettings, Settings
 from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.data.index import open_index
+from bincount.data.jpeg import scan_data_problem
 from bincount.data.source import Source, bounded_map, is_request_error, open_source, read_label
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
@@ -105,6 +106,9 @@ def inspect_image(path: Path, sha256: str | None = None) -> dict:
             if width * height > MAX_PIXELS:
                 raise _BadImage(f"the header says {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit")
             img.verify()
+        problem = scan_data_problem(path.read_bytes()) if img.format == "JPEG" else None
+        if problem:
+            raise _BadImage(problem)
         with Image.open(path) as img:
             img.load()
     except _BadImage:
