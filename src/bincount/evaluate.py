@@ -127,7 +127,7 @@ def predict_counts(model_dir: Path, paths: list[Path], tta: bool | None = None,
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:  # from the header: a decompression bomb is not decoded
                     return None
-                return net.to_uint8(image, size)
+                return net.decode(image, size)  # the decode training, serving and the shard reader use
         except Exception:  # noqa: BLE001 - unreadable, truncated or a bomb PIL refuses: skipped and counted
             return None
 
@@ -138,8 +138,7 @@ def predict_counts(model_dir: Path, paths: list[Path], tta: bool | None = None,
             good = [t for t in tensors if t is not None]
             preds = iter([])
             if good:
-                batch = net.normalize(torch.stack(good), mean, std)
-                preds = iter(net.predict_proba(model, batch, tta).argmax(1).tolist())
+                preds = iter(net.probabilities(model, torch.stack(good), mean, std, tta).argmax(1).tolist())
             out += [None if t is None else classes[next(preds)] for t in tensors]
             if advance is not None:
                 advance(len(tensors))

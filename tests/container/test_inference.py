@@ -189,3 +189,79 @@ def test_the_pixel_budget_makes_requests_wait_then_answers_503_and_is_given_back
     with pytest.raises(inference.RequestError) as err:
         inference.input_fn(image_bytes("PNG", (60, 60)), "image/png")
     assert err.value.status == 413 and "budget" in str(err.value)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"image_size": 12000}, "image_size is 12000"),  # 13.5 GB to predict one 64x64 image
+    ({"image_size": "224"}, "image_size"),
+    ({"std": [0, 0.224, 0.225]}, "std is"),  # NaN answers
+    ({"std": [0.229, float("nan"), 0.225]}, "std is"),
+    ({"mean": [0.5, 0.5]}, "mean is"),
+    ({"num_classes": 10**9, "classes": [0, 1]}, "num_classes is 1000000000"),
+    ({"classes": [0, 1, 2, 3, 4, -5]}, "classes is"),
+    ({"classes": [0, 0, 1, 2, 3, 4]}, "classes is"),
+    ({"arch": "vit_h_14"}, "arch is 'vit_h_14'"),
+    ({"tta": "yes"}, "tta is 'yes'"),
+])
+def test_meta_json_values_are_checked_on_load(tmp_path, change, words):
+    model_dir = write_model_dir(tmp_path / "m", "mobilenet_v3_small")
+    meta = json.loads((model_dir / "meta.json").read_text())
+    (model_dir / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(ValueError, match="meta.json: ") as info:
+        inference.model_fn(str(model_dir))
+    assert words in str(info.value)
+
+
+def test_a_model_that_answers_nan_gets_an_error_never_a_nan_in_the_json(bundle):
+    import torch
+
+    class Broken(torch.nn.Module):  # weights gone NaN
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.shape[0], 6), float("nan"))
+
+    broken = {**bundle, "model": Broken().eval()}
+    with pytest.raises(ValueError, match="non-finite probability"):
+        serve(image_bytes(), "image/jpeg", broken)
+
+
+def test_decode_cost_counts_what_decoding_really_takes():
+    """Measured peak RSS of one decode (MB): progressive JPEG 8000x8000 4:2:0 199 (draft mode does not help: libjpeg
+    buffers every coefficient), baseline 16; PNG 4096x4096 RGB 64, RGBA 128, palette 80; WebP 4096x4096 259.
+    decode_cost (pixels of 4 bytes) says the same within 5%, so the budget and the limits bound real memory."""
+    from PIL import Image
+
+    def cost_mb(image: Image.Image, fmt: str, **kw) -> float:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        data = buf.getvalue()
+        opened = Image.open(io.BytesIO(data))
+        if fmt == "JPEG":
+            opened.draft("RGB", (1024, 1024))
+        return inference.decode_cost(opened, data, *image.size) * 4 / 2**20
+
+    big, side = Image.new("RGB", (8000, 8000), (90, 140, 60)), Image.new("RGB", (4096, 4096), (90, 140, 60))
+    measured = {"progressive": (cost_mb(big, "JPEG", progressive=True), 199), "baseline": (cost_mb(big, "JPEG"), 16),
+                "rgb png": (cost_mb(side, "PNG"), 64), "rgba png": (cost_mb(side.convert("RGBA"), "PNG"), 128),
+                "palette png": (cost_mb(side.convert("P"), "PNG"), 80),
+                "webp": (cost_mb(side, "WEBP", lossless=True), 259)}
+    for kind, (cost, rss) in measured.items():
+        assert abs(cost - rss) <= 0.05 * rss + 1, (kind, cost, rss)
+
+
+def test_hostile_images_are_refused_by_what_they_cost_to_decode():
+    from PIL import Image
+
+    def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    big = Image.new("RGB", (8000, 8000), (90, 140, 60))
+    with pytest.raises(inference.RequestError, match="several scans.*MB a request may use") as info:
+        inference.input_fn(encoded(big, "JPEG", progressive=True), "image/jpeg")
+    assert info.value.status == 413
+    assert len(inference.input_fn(encoded(big, "JPEG"), "image/jpeg")) == 1  # baseline: draft mode really is cheap
+    with pytest.raises(inference.RequestError, match="WEBP"):
+        inference.input_fn(encoded(Image.new("RGB", (4096, 4096)), "WEBP", lossless=True), "application/x-image")
+    assert inference._jpeg_scans(encoded(Image.new("RGB", (64, 64)), "JPEG", progressive=True)) > 1
+    assert inference._jpeg_scans(encoded(Image.new("RGB", (64, 64)), "JPEG")) == 1

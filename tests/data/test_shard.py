@@ -13,7 +13,7 @@ import pytest
 from bincount.container import shards as sh
 from bincount.workspace import Workspace, read_jsonl
 
-from .conftest import s3
+from .conftest import ODD_IDS, s3
 
 SCRIPT = Path(sh.__file__)
 
@@ -83,7 +83,7 @@ def test_upload_sends_the_shards_as_channels_and_records_their_format(fetched, s
 
 @pytest.mark.slow
 def test_local_training_reads_the_shards(fetched, tmp_path):
-    from bincount.backends.local_train import make_channels, train
+    from bincount.backends.local.train import make_channels, train
     from bincount.data.shard import shard
 
     shard(fetched())
@@ -198,3 +198,42 @@ def test_a_bad_count_in_a_split_is_one_line_naming_the_file_and_line(fetched, tm
     assert out.exit_code == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines()[-1] == f'error: {path}:5: a row needs an integer "count" >= 0'
     assert not (tmp_path / "work" / "shards").exists()  # checked before anything is built
+
+
+def test_a_split_from_the_index_is_sharded_from_the_bucket_through_the_data_source(make_settings, count_requests, tmp_path):
+    """No fetch: the local build reads data.source through data/source.py, with fetch's client and settings
+    (before, container/shards.Store made its own client, with the region of the environment)."""
+    from bincount.data.index import index
+    from bincount.data.shard import shard
+    from bincount.data.split import split
+
+    calls, _ = count_requests
+    settings = make_settings(**{"data.balanced": True, "data.counts": "0-5", "shard.max_side": 40,
+                                "shard.items_per_shard": 20, "shard.workers": 4, "train.image_size": 32})
+    index(settings)
+    split(settings, from_index=True)
+    calls.clear()
+    result = shard(settings)
+    wanted = {r["id"] for s in ("train", "val", "test") for r in read_jsonl(settings.workdir / "splits" / f"{s}.jsonl")}
+    bad = int(ODD_IDS["truncated"] in wanted)  # its label is fine (the index keeps it); its image does not decode
+    assert result.items == len(wanted) - bad and result.skipped == bad
+    assert not (settings.workdir / "raw").exists()
+    assert sorted(calls) == sorted(f"bin-images/{i}.jpg" for i in wanted)  # each image once, through the source
+
+
+@pytest.mark.parametrize("bad", ["../../../etc/passwd", "sub/00001"])
+def test_an_id_that_would_read_outside_the_source_is_refused(fetched, tmp_path, cli, bad):
+    """An edited split whose id holds / or .. (a file read outside raw/) stops shard in one line naming
+    the file and line, before anything is built (issue 22.12)."""
+    fetched()
+    path = Workspace(tmp_path / "work").split("train")
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["id"] = bad
+    lines[2] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    out = cli("shard", "--workdir", tmp_path / "work")
+    assert out.exit_code == 1 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}:3: id ") and "not a safe item id" in last, last
+    assert not (tmp_path / "work" / "shards").exists()

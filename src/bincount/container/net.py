@@ -192,13 +192,45 @@ def probabilities(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, st
     return predict_proba(model, normalize(images.contiguous(), mean, std), tta)
 
 
+def check_meta(meta: object) -> dict:
+    """meta.json's values within sane bounds (it sizes the model and every input), else ValueError naming the first
+    bad one: an artifact whose code passes the trust rule may still carry image_size 12000 (13.5 GB for one
+    prediction) or std 0 (NaN answers)."""
+    import math
+
+    def number(v: object, lo: float, hi: float) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+    def whole(v: object, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json: not a JSON object")
+    n = meta.get("num_classes")
+    rules = {
+        "arch": (lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
+        "stem": (lambda v: v in STEMS, f"one of {', '.join(STEMS)}"),
+        "num_classes": (lambda v: whole(v, 1, 1000), "a whole number 1..1000"),
+        "classes": (lambda v: isinstance(v, list) and len(v) == n and len(set(map(repr, v))) == len(v)
+                    and all(whole(c, 0, 100_000) for c in v), "num_classes distinct whole numbers 0..100000"),
+        "image_size": (lambda v: whole(v, 16, 1024), "a whole number of pixels 16..1024"),
+        "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(number(x, 0, 1) for x in v), "3 numbers 0..1"),
+        "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(number(x, 1e-3, 10) for x in v),
+                "3 numbers 0.001..10"),
+        "tta": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    defaults = {"stem": "standard", "tta": False, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    for key, (ok, want) in rules.items():
+        value = meta.get(key, defaults.get(key))
+        if not ok(value):
+            raise ValueError(f"meta.json: {key} is {repr(value)[:40]}; expected {want}")
+    return meta
+
+
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Load model.pth (weights_only) and meta.json from a model dir; returns (model in eval mode, meta)."""
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "meta.json").read_text())
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or len(classes) != meta["num_classes"]:
-        raise ValueError(f"meta.json: classes {str(classes)[:40]} do not match num_classes={meta['num_classes']}")
+    meta = check_meta(json.loads((model_dir / "meta.json").read_text()))
     model = build_model(meta["arch"], meta["num_classes"], "none", meta.get("stem", "standard"))
     state = torch.load(model_dir / "model.pth", map_location=device, weights_only=True)
     model.load_state_dict(state)
