@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bincount.artifacts import write_model_dir
-from bincount.audit import AuditRow, rank
+from bincount.audit.core import AuditRow, rank
 from bincount.workspace import write_jsonl
 
 CONFIDENCE = 0.8007  # softmax of logits (0, 0, 3, 0, 0, 0): e^3 / (e^3 + 5)
@@ -168,7 +168,7 @@ def test_workers_score_like_one_thread(cli, synth_source, tmp_path, random_model
 
 
 def test_interrupted_audit_resumes_without_rescoring(work, random_model, tmp_path, monkeypatch):
-    from bincount import audit as audit_mod
+    from bincount.audit import local as audit_mod
     from bincount.config import load_settings
 
     settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
@@ -205,7 +205,7 @@ def test_interrupted_audit_resumes_without_rescoring(work, random_model, tmp_pat
 
 def test_partial_results_are_keyed_by_model(work, random_model, sure_of_two, monkeypatch):
     """Results of another model are never reused: an interrupted run of one model, then a run of the other."""
-    from bincount import audit as audit_mod
+    from bincount.audit import local as audit_mod
     from bincount.config import load_settings
 
     settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
@@ -230,7 +230,7 @@ def test_ranking_from_disk_runs_matches_in_memory_rank(tmp_path, monkeypatch):
     """The external sort (runs of SORT_RUN rows merged from disk) ranks exactly as sorting in memory."""
     import random
 
-    from bincount import audit as audit_mod
+    from bincount.audit import core as audit_mod
 
     monkeypatch.setattr(audit_mod, "SORT_RUN", 7)
     rng = random.Random(0)
@@ -270,7 +270,7 @@ def test_s3_prefix_source_reads_images_and_labels_from_s3(cli, s3_server, synth_
 def test_a_report_that_misses_a_bin_is_not_written(work, sure_of_two, monkeypatch):
     """If the results cover fewer bins than the input (another writer took some), audit fails in one line
     and writes no report (before: exit 0 with 2,904 of 3,000 bins and no warning)."""
-    from bincount import audit as audit_mod
+    from bincount.audit import local as audit_mod
     from bincount.config import load_settings
     from bincount.errors import BincountError
 
@@ -289,7 +289,7 @@ def test_a_report_that_misses_a_bin_is_not_written(work, sure_of_two, monkeypatc
 
 
 def test_report_refuses_duplicate_or_foreign_bins(tmp_path):
-    from bincount import audit as audit_mod
+    from bincount.audit import core as audit_mod
     from bincount.errors import BincountError
 
     record = {"id": "a", "image": "a.jpg", "expected": 1, "predicted": 1, "confidence": 0.9, "error": None}
@@ -300,3 +300,58 @@ def test_report_refuses_duplicate_or_foreign_bins(tmp_path):
     assert not (tmp_path / "r.csv").exists()
     assert audit_mod.report(iter({**record, "n": n} for n in range(3)), tmp_path / "r.csv", source="x", target="t",
                             threshold=0.5, top=3, total=3).bins == 3
+
+
+def test_a_resumed_audit_scores_again_the_images_that_changed(work, random_model, monkeypatch):
+    """Saved results are keyed by the image's sha256 (issue 22.3): an image edited between the interrupted
+    run and the resumed one is scored again; the unchanged ones are kept."""
+    from PIL import Image
+
+    from bincount.audit import local as audit_mod
+    from bincount.config import load_settings
+
+    settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
+    scored: list[str] = []
+    real_score = audit_mod.ModelScorer.score
+
+    def score(self, bins):
+        if len(scored) == 3 and stop:
+            raise KeyboardInterrupt
+        scored.extend(b.id for b in bins)
+        return real_score(self, bins)
+
+    monkeypatch.setattr(audit_mod.ModelScorer, "score", score)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        audit_mod.audit(settings, model=random_model)
+    first, scored[:] = list(scored), []
+    changed = first[1]
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(work / "raw" / "bin-images" / f"{changed}.jpg")  # same path
+    stop = False
+    resumed = audit_mod.audit(settings, model=random_model)
+    assert resumed.resumed == 2 and resumed.bins == 6
+    assert sorted(scored) == sorted({"00001", "00002", "00003", "00004", "00005", "00006"} - set(first) | {changed})
+
+
+def test_names_that_a_spreadsheet_would_run_as_formulas_are_escaped(tmp_path):
+    """A file name or id starting with = + - @ tab or CR becomes text in audit.csv, not a formula (issue 22.13)."""
+    from bincount.audit import core as audit_mod
+    from bincount.predict import PredictItem, items_csv
+    from bincount.results import csv_cell
+
+    hostile = ["=HYPERLINK(\"http://x\",\"y\").jpg", "+cmd|' /C calc'!A0.jpg", "-2+3.jpg", "@SUM(A1).jpg",
+               "\tx.jpg"]
+    records = [{"n": n, "id": name.removesuffix(".jpg"), "image": name, "expected": 1, "predicted": None,
+                "confidence": None, "error": "=1+1" if n == 0 else "bad"} for n, name in enumerate(hostile)]
+    records.append({"n": 5, "id": "plain", "image": "plain.jpg", "expected": 1, "predicted": 1, "confidence": 0.9,
+                    "error": None})
+    audit_mod.report(iter(records), tmp_path / "r.csv", source="x", target="t", threshold=0.5, top=10, total=6)
+    rows = _csv_rows(tmp_path / "r.csv")
+    for row in rows:
+        for key in ("id", "image", "error"):
+            assert row[key][:1] not in ("=", "+", "-", "@", "\t", "\r"), row
+    assert {r["image"] for r in rows} == {"'" + name for name in hostile} | {"plain.jpg"}
+    assert "'=1+1" in {r["error"] for r in rows}
+    assert csv_cell("\r=1") == "'\r=1" and csv_cell("a=1") == "a=1" and csv_cell("") == ""
+    text = items_csv([PredictItem(image="=evil.jpg", error="@x"), PredictItem(image="ok.jpg", count=1, confidence=0.5)])
+    assert "'=evil.jpg,,,'@x" in text and "\nok.jpg,1," in text

@@ -136,7 +136,7 @@ def test_default_targets_come_from_state(cli, model_dir, images, expected, tmp_p
 
 def test_an_endpoint_name_goes_to_sagemaker(cli, model_dir, images, expected, tmp_path, monkeypatch):
     """sagemaker-runtime cannot run here: its invoke is stubbed with the same handlers; the routing is real."""
-    import bincount.backends.sagemaker as sm
+    import bincount.backends.sagemaker.runtime as sm
 
     handlers = Handlers(model_dir)
     calls = []

@@ -7,6 +7,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 
+def csv_cell(text: str) -> str:
+    """Text for a CSV cell: one starting with = + - @ tab or CR would run as a formula in Excel, LibreOffice
+    or Sheets, so it gets a leading ' (OWASP's advice against CSV injection)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 class Result(BaseModel):
     """Base for stage results. Override `rich()` for a custom view; `--json` prints `model_dump`."""
 

@@ -118,6 +118,7 @@ _KINDS: dict[str, dict[str, type[Record]]] = {
 class State(Record):
     """The whole of state.json. A section that is None is absent from the file."""
 
+    workdir_id: str | None = None  # this work dir's id: the bincount:workdir tag on what it made on AWS
     channels: dict[str, str] = {}  # split -> s3:// URI
     channel_format: Literal["files", "shards"] | None = None  # what the channels hold (None: files, older work dirs)
     training_pending: PendingTraining | None = None

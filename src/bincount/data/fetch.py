@@ -9,8 +9,8 @@
   after MAX_GAP consecutive ids without a label (the end of the bucket). --limit always keeps the
   lowest usable ids (in id order), so a run is deterministic; --balanced picks per count with
   data.seed, and replaces an item whose image is bad by a spare of the same count.
-- Concurrent (a thread pool of data.workers over one boto3 client, data/source.py), with botocore's
-  adaptive retries: data.retries attempts per object in all, a re-read of a body that broke off
+- Concurrent (a thread pool of data.workers over the source's client, data/source.py: for anonymous
+  reads the lean client of data/s3get.py, else boto3), with botocore's retry rules: data.retries attempts per object in all, a re-read of a body that broke off
   included. Bodies stream to a temp file that is renamed into place, so a file under its final name
   is always complete; stale *.part files are removed.
   One os.sync() before the manifest is written replaces an fsync per file.
@@ -37,6 +37,7 @@ from bincount.config import DataSettings, Settings
 from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.data.index import open_index
+from bincount.data.jpeg import scan_data_problem
 from bincount.data.source import Source, bounded_map, is_request_error, open_source, read_label
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
@@ -88,6 +89,7 @@ class Outcome:
     detail: str | None = None
     count: int | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
+    label_sha256: str | None = None
 
 
 def inspect_image(path: Path, sha256: str | None = None) -> dict:
@@ -104,6 +106,9 @@ def inspect_image(path: Path, sha256: str | None = None) -> dict:
             if width * height > MAX_PIXELS:
                 raise _BadImage(f"the header says {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit")
             img.verify()
+        problem = scan_data_problem(path.read_bytes()) if img.format == "JPEG" else None
+        if problem:
+            raise _BadImage(problem)
         with Image.open(path) as img:
             img.load()
     except _BadImage:
@@ -124,10 +129,13 @@ class Fetcher:
 
     def label(self, ident: str) -> Outcome:
         path = self.ws.raw / mf.label_key(ident)
-        label = None
+        label, digest = None, None
         if path.is_file():
-            try:
-                label = mf.parse_label(path.read_bytes())
+            raw = path.read_bytes()
+            digest = file_sha256(path)
+            listed = (self.previous.get(ident) or {}).get("label_sha256")
+            try:  # a label the last manifest lists is trusted only if its bytes are still the listed ones
+                label = mf.parse_label(raw) if listed in (None, digest) else None
             except mf.LabelError:
                 pass  # perhaps damaged here (a crash before os.sync): read it from the source again
         if label is None:
@@ -141,7 +149,7 @@ class Fetcher:
                 if self.scan:
                     return Outcome(ident, "absent")
                 return Outcome(ident, "rejected", reason=mf.MISSING_LABEL, detail=f"no {mf.label_key(ident)} in the source")
-            write_atomic(path, [raw])
+            digest = write_atomic(path, [raw])
             try:
                 label = mf.parse_label(raw)
             except mf.LabelError as exc:
@@ -149,7 +157,7 @@ class Fetcher:
         if label.count not in self.counts:
             return Outcome(ident, "rejected", reason=mf.COUNT_NOT_SELECTED, count=label.count,
                            detail=f"count {label.count} is not in the selection {self.counts_text}")
-        out = Outcome(ident, "labelled", count=label.count)
+        out = Outcome(ident, "labelled", count=label.count, label_sha256=digest)
         if label.note:
             out.notes.append((mf.COUNT_MISMATCH, label.note))
         hint = self.hints.get(ident)
@@ -194,7 +202,8 @@ class Fetcher:
                 return Outcome(ident, "rejected", reason=mf.BAD_IMAGE, count=out.count, detail=str(exc))
         note = "; ".join(text for _, text in out.notes) or None
         row = mf.manifest_row(ident, out.count, rel, f"raw/{mf.label_key(ident)}", info["bytes"], info["sha256"],
-                              width=info.get("width"), height=info.get("height"), note=note)
+                              width=info.get("width"), height=info.get("height"), note=note,
+                              label_sha256=out.label_sha256)
         return Outcome(ident, status, row=row, count=out.count, notes=out.notes)
 
     def item(self, ident: str) -> Outcome:

@@ -1,12 +1,14 @@
-"""`bincount cleanup`: delete what bincount made on AWS, after one confirmation.
+"""`bincount cleanup`: delete what this work dir made on AWS, after one confirmation.
 
 What goes, in this order (all listed in the question first):
 - the recorded training and tuning jobs, stopped if still running (a stopped job bills no more);
-- the recorded endpoint and every endpoint, endpoint config and model named `<sagemaker.base_job_name>-...`,
-  the way `bincount deploy` names them (with an endpoint: its config and its models);
+- the endpoints, endpoint configs and models this work dir recorded in state.json, or that carry its
+  tag (`bincount:workdir` = its id; every deploy, audit and job tags what it makes): named
+  `<sagemaker.base_job_name>-...` is not enough, so another team's `bincount-*` in a shared account stays;
 - every S3 object under s3://<s3.bucket>/<s3.prefix>/ (channels, weights, code, outputs, Debugger and
   profiler data, checkpoints), under sagemaker.output_path and sagemaker.checkpoint_s3_uri where they lie
   elsewhere, and the repacked model.tar.gz the SDK wrote beside each deleted model (s3://<bucket>/<model>/).
+  Listed under `<prefix>/` (never `<prefix>X/`); an empty prefix (the whole bucket) is refused.
 The bucket and the IAM role stay: the README's walk-through deletes them with the aws cli.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bincount.backends import sm_estimator as sme
+from bincount.backends.sagemaker import jobs
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
@@ -36,20 +38,37 @@ class CleanupResult(Result):
         return "cleanup (sagemaker)"
 
 
-def _named(items: list[dict[str, Any]], key: str, base: str) -> list[str]:
-    return [item[key] for item in items if item[key].startswith(f"{base}-")]
-
-
-def _list_all(client: Any, operation: str, key: str, name_key: str, base: str) -> list[str]:
-    names: list[str] = []
+def _listed(client: Any, operation: str, key: str, name_key: str, arn_key: str, base: str) -> dict[str, str]:
+    """name -> ARN of every resource named `<base>-...` (candidates only: see _ours)."""
+    found: dict[str, str] = {}
     for page in client.get_paginator(operation).paginate(NameContains=base):
-        names += _named(page.get(key, []), name_key, base)
-    return names
+        found.update({item[name_key]: item[arn_key] for item in page.get(key, []) if item[name_key].startswith(f"{base}-")})
+    return found
 
 
-def _s3_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+def _ours(sm: Any, arn: str, owner: str) -> bool:
+    """Whether the resource carries this work dir's tag."""
+    tags = sm.list_tags(ResourceArn=arn).get("Tags", [])
+    return any(t.get("Key") == jobs.OWNER_TAG and t.get("Value") == owner for t in tags)
+
+
+def _prefix(uri: str, setting: str) -> str:
+    """s3://bucket/key/ with a trailing slash; the bucket's root is refused (it would delete everything)."""
+    from bincount.aws import parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    if not key:
+        raise BincountError(f"{setting} is the root of s3://{bucket}: cleanup deletes only under a prefix that is "
+                            f"bincount's alone (set {setting} to one, e.g. bincount)")
+    return f"s3://{bucket}/{key}/"
+
+
+def _s3_keys(s3: Any, uri: str) -> list[str]:
+    from bincount.aws import parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
     keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/"):
         keys += [obj["Key"] for obj in page.get("Contents", [])]
     return keys
 
@@ -58,63 +77,85 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
     """Stop the recorded jobs and delete bincount's endpoints, endpoint configs, models and S3 data."""
     from botocore.exceptions import ClientError
 
-    from bincount.aws import client as aws_client
-    from bincount.aws import job_region, parse_s3_uri, s3_client
-    from bincount.backends.sagemaker import _job_status, _missing
+    from bincount.aws import Aws, parse_s3_uri
     from bincount.console import confirm
 
-    region = job_region(settings)
-    bucket = sme.require_bucket(settings)
+    aws = Aws(settings)
+    region = aws.job_region
+    bucket = jobs.require_bucket(settings)
     base = settings.sagemaker.base_job_name
     ws = Workspace(settings.workdir)
     state = ws.state()
-    sm = aws_client("sagemaker", region=region)
-    s3 = s3_client(settings)
-    with sme.aws_errors("sagemaker cleanup"):
+    prefixes = [_prefix(jobs.s3_uri(settings), "s3.prefix")]  # refused before anything is listed or deleted
+    for setting in ("output_path", "checkpoint_s3_uri"):
+        extra = getattr(settings.sagemaker, setting)
+        if extra and not _prefix(extra, f"sagemaker.{setting}").startswith(prefixes[0]):
+            prefixes.append(_prefix(extra, f"sagemaker.{setting}"))
+    owner = state.workdir_id or ""
+    sm = aws.client("sagemaker", region=region)
+    s3 = aws.s3()
+    with jobs.aws_errors("sagemaker cleanup"):
         # -- what exists ----------------------------------------------------------------------------
         running = []
         for record in (state.training, state.tuning):
             if isinstance(record, (SageMakerTraining, SageMakerTuning)):
-                found = _job_status(sm, record.job)
+                found = jobs.job_status(sm, record.job)
                 if found and found[1] == "InProgress":
                     running.append((found[0], record.job))
-        endpoint = state.endpoint
-        endpoints = _list_all(sm, "list_endpoints", "Endpoints", "EndpointName", base)
-        if isinstance(endpoint, SageMakerEndpoint) and endpoint.name not in endpoints:
-            try:
-                sm.describe_endpoint(EndpointName=endpoint.name)
-                endpoints.append(endpoint.name)
+        # recorded here, or tagged with this work dir's id; another owner's bincount-* stays
+        recorded: set[str] = set()
+        if isinstance(state.endpoint, SageMakerEndpoint):
+            recorded |= {n for n in (state.endpoint.name, state.endpoint.config_name, state.endpoint.model_name) if n}
+        if state.transform is not None:
+            recorded.add(state.transform.model_name)
+        listed = {kind: _listed(sm, *how, base) for kind, how in (
+            ("endpoint", ("list_endpoints", "Endpoints", "EndpointName", "EndpointArn")),
+            ("config", ("list_endpoint_configs", "EndpointConfigs", "EndpointConfigName", "EndpointConfigArn")),
+            ("model", ("list_models", "Models", "ModelName", "ModelArn")))}
+        mine = {kind: [n for n, arn in found.items() if n in recorded or (owner and _ours(sm, arn, owner))]
+                for kind, found in listed.items()}
+        endpoints, configs, models = mine["endpoint"], mine["config"], mine["model"]
+        if isinstance(state.endpoint, SageMakerEndpoint) and state.endpoint.name not in endpoints:
+            try:  # recorded under a name outside <base>-*
+                sm.describe_endpoint(EndpointName=state.endpoint.name)
+                endpoints.append(state.endpoint.name)
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
-        configs = _list_all(sm, "list_endpoint_configs", "EndpointConfigs", "EndpointConfigName", base)
-        models = _list_all(sm, "list_models", "Models", "ModelName", base)
-        for name in endpoints:
+        for name in endpoints:  # an endpoint of ours: its config and models, if recorded or tagged
             config = sm.describe_endpoint(EndpointName=name)["EndpointConfigName"]
-            configs.append(config)
             try:
-                variants = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
-                models += [v["ModelName"] for v in variants if v.get("ModelName")]
+                desc = sm.describe_endpoint_config(EndpointConfigName=config)
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
+                continue
+            if config in recorded or (owner and _ours(sm, desc["EndpointConfigArn"], owner)):
+                configs.append(config)
+            for variant in desc.get("ProductionVariants", []):
+                model = variant.get("ModelName")
+                if model and model not in models:
+                    try:
+                        arn = sm.describe_model(ModelName=model)["ModelArn"]
+                    except ClientError as exc:
+                        if not jobs.missing(exc):
+                            raise
+                        continue
+                    if model in recorded or (owner and _ours(sm, arn, owner)):
+                        models.append(model)
         configs, models = list(dict.fromkeys(configs)), list(dict.fromkeys(models))
-        prefixes = [sme.s3_uri(settings) + "/"]
-        for extra in (settings.sagemaker.output_path, settings.sagemaker.checkpoint_s3_uri):
-            if extra and not extra.rstrip("/").startswith(prefixes[0].rstrip("/")):
-                prefixes.append(extra.rstrip("/") + "/")
         for model in models:  # the SDK repacks model.tar.gz with the serving code to s3://<bucket>/<model>/
             try:
                 desc = sm.describe_model(ModelName=model)
             except ClientError as exc:
-                if _missing(exc):
+                if jobs.missing(exc):
                     continue
                 raise
             container = desc.get("PrimaryContainer") or (desc.get("Containers") or [{}])[0]
             url = container.get("ModelDataUrl") or ""
             if url.startswith(f"s3://{bucket}/{model}/"):
                 prefixes.append(f"s3://{bucket}/{model}/")
-        objects = {p: _s3_keys(s3, *parse_s3_uri(p)) for p in prefixes}
+        objects = {p: _s3_keys(s3, p) for p in prefixes}
         objects = {p: keys for p, keys in objects.items() if keys}
         count = sum(len(keys) for keys in objects.values())
 
@@ -123,7 +164,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
         plan += [f"model {n}" for n in models] + [f"{len(keys)} objects under {p}" for p, keys in objects.items()]
         result = CleanupResult(region=region, s3_prefixes=list(objects))
         if not plan:
-            log(f"nothing of bincount's to clean up in {region} (s3://{bucket}, names {base}-*)")
+            log(f"nothing of this work dir's to clean up in {region} (s3://{bucket}, {prefixes[0]})")
             return result
         if not confirm(f"In {region}: {'; '.join(plan)}. Delete all this?", yes):
             log("kept everything")
@@ -146,7 +187,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 result.deleted.append(f"{kind} {name}")
                 log(f"deleted {kind} {name}")
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
         for prefix, keys in objects.items():
             bucket_name = parse_s3_uri(prefix)[0]
