@@ -150,13 +150,12 @@ def _print(result: Any, json_out: bool) -> None:
     if json_out:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:
-        from rich.console import Console
-
+        from bincount.console import make_console
         from bincount.results import plain_boxes
 
         # markup off: paths, ids and errors in results are printed as they are (`[/]` in a file name is no tag);
-        # a result styles its cells with rich Text, not markup
-        console = Console(soft_wrap=not sys.stdout.isatty(), markup=False)
+        # a result styles its cells with rich Text, not markup; control characters are shown escaped
+        console = make_console(soft_wrap=not sys.stdout.isatty(), markup=False)
         view = result.rich()
         console.print(view if console.is_terminal else plain_boxes(view))
     sys.stdout.flush()
