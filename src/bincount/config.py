@@ -390,7 +390,7 @@ class SageMakerSettings(Section):
     region: str | None = Field(None, description="AWS region for SageMaker jobs and endpoints; default AWS_REGION, "
                                "AWS_DEFAULT_REGION, the profile's region, else us-east-1")
     instance_type: str = Field("ml.g4dn.xlarge", description="training instance type")
-    instance_count: int = Field(1, ge=1, description=">1 runs torch_distributed (DDP)")
+    instance_count: int = Field(1, ge=1, description="instances; >1 needs a GPU type (every GPU instance runs torch_distributed: one process per GPU)")
     volume_size_gb: int = Field(30, ge=1, description="training volume size")
     max_run_s: int = Field(24 * 3600, ge=60, description="training time limit in seconds")
     framework_version: str = Field("2.8.0", description="SageMaker PyTorch training container (the newest SDK 2.257 knows)")
