@@ -93,6 +93,46 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     assert again.returncode == 0 and "resuming after epoch 1" in again.stderr + again.stdout
 
 
+def test_every_gpu_of_the_instance_gets_a_training_process(sagemaker_requests, tmp_path):
+    """ml.g5.12xlarge has 4 GPUs: the job must start train.py once per GPU (torchrun through the toolkit's
+    torch_distributed), not train on cuda:0 alone as it did when distribution was set only for instance_count > 1.
+    The toolkit counts GPUs with nvidia-smi and launches torchrun: both are stand-ins on PATH here (no GPU), the
+    second recording the command the real toolkit built from the real request."""
+    import os
+    import stat
+    import sys
+
+    import boto3
+
+    from bincount.backends.sagemaker import training
+    from bincount.workspace import Workspace
+
+    instance, gpus = "ml.g5.12xlarge", 4
+    settings = settings_for(tmp_path / "work", **{"sagemaker.instance_type": instance,
+                                                   "sagemaker.use_spot_instances": False})
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for split in ("train", "val"):
+        s3.put_object(Bucket=BUCKET, Key=f"bincount/{split}/manifest.jsonl", Body=b'{"count": 1, "image": "images/1.jpg"}\n')
+    Workspace(settings.workdir).update_state(channels={s: f"s3://{BUCKET}/bincount/{s}/" for s in ("train", "val")})
+    training.train(settings)
+    request = last(sagemaker_requests, "CreateTrainingJob")
+    assert request["ResourceConfig"]["InstanceType"] == instance
+    assert request["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "torchrun.json"
+    bin_dir.mkdir()
+    fakes = {"nvidia-smi": "\n".join(f"print('GPU {i}: NVIDIA A10G (UUID: GPU-{i})')" for i in range(gpus)),
+             "torchrun": f"import json, sys; json.dump(sys.argv[1:], open({str(record)!r}, 'w'))"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    container = TrainingContainer(request, tmp_path / "job").layout()
+    run = container.run(env_extra={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    argv = json.loads(record.read_text())
+    assert argv[:4] == ["--nnodes", "1", "--nproc_per_node", str(gpus)] and argv[4].endswith("train.py")
+
+
 def _images() -> dict[str, bytes]:
     from PIL import Image
 
