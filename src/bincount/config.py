@@ -166,7 +166,7 @@ class ShardSettings(Section):
     channels: Literal["auto", "files", "shards"] = Field("auto", description="what upload and local training use: "
                                                           "auto = the shards when `bincount shard` built them, else the image files")
     items_per_shard: int = Field(4000, ge=1, description="items per tar file (~200-300 MB at 448 px)")
-    max_side: int | None = Field(None, ge=16, description="longest side of the stored images (resized, never cropped); "
+    max_side: int | None = Field(None, ge=16, le=4096, description="longest side of the stored images (resized, never cropped); "
                                  "default 2 x train.image_size")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of re-encoded images")
     workers: int = Field(32, ge=1, le=512, description="concurrent image reads and encodes")

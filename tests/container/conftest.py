@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -42,19 +44,44 @@ def channels(synth_source: Path, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def run_train(channels: dict[str, Path], run: Path, *args: str, env: dict[str, str] | None = None,
-              launcher: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run train.py as SageMaker does: SM_* variables and --name value hyperparameters."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
-    full_env.update({
+def sm_env(channels: dict[str, Path], run: Path) -> dict[str, str]:
+    """The SM_* variables SageMaker sets for train.py: output folders under `run`, the train and val channels."""
+    return {
         "SM_MODEL_DIR": str(run / "model"), "SM_OUTPUT_DATA_DIR": str(run / "output" / "data"),
         "SM_OUTPUT_DIR": str(run / "output"), "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1",
         "SM_NUM_GPUS": "0", "SM_CHANNEL_TRAIN": str(channels["train"]), "SM_CHANNEL_VAL": str(channels["val"]),
         "SM_CHECKPOINT_DIR": str(run / "checkpoints"),
-    })
+    }
+
+
+def run_train(channels: dict[str, Path], run: Path, *args: str, env: dict[str, str] | None = None,
+              launcher: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run train.py as SageMaker does: its own process, SM_* variables and --name value hyperparameters.
+    One test per contract of the script runs it so; tests of a code path inside it use train_here."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    full_env.update(sm_env(channels, run))
     full_env.update(env or {})
     command = [*(launcher or [sys.executable]), str(SCRIPT), *FAST, *args]
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_here(channels: dict[str, Path], run: Path, *args: str,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """train.py's main() in this process with what run_train gives the script (SM_* variables, FAST, args): the
+    same exit code, stdout and stderr without a new interpreter and torch import; os.environ is restored."""
+    from bincount.container import train
+
+    saved, out, err = dict(os.environ), io.StringIO(), io.StringIO()
+    try:
+        for name in [n for n in os.environ if n.startswith("SM_")]:
+            del os.environ[name]
+        os.environ.update({**sm_env(channels, run), **(env or {})})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main([*FAST, *args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["train.py", *FAST, *args], code, out.getvalue(), err.getvalue())
 
 
 # -- SageMaker's own container code: the training toolkit and the inference handler chain ---------------------------

@@ -579,8 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint_url", default=None, help="S3-compatible endpoint (both source and dest)")
     p.add_argument("--signed_source", action="store_true", help="sign source requests (default: anonymous, a public bucket)")
     args = p.parse_args(argv)
-    if args.items_per_shard < 1 or args.max_side < 16 or not 1 <= args.quality <= 100 or args.workers < 1:
-        print("error: need items_per_shard >= 1, max_side >= 16, quality 1..100, workers >= 1", file=sys.stderr)
+    if args.items_per_shard < 1 or not 16 <= args.max_side <= 4096 or not 1 <= args.quality <= 100 or args.workers < 1:
+        print("error: need items_per_shard >= 1, max_side 16..4096, quality 1..100, workers >= 1", file=sys.stderr)
         return 2
     source = Store(args.source, args.endpoint_url, unsigned=not args.signed_source, workers=args.workers)
     part = _part()
