@@ -66,6 +66,7 @@ class _Tuning(Record):
     status: str  # Completed, or the tuning job's status when last seen
     best_hyperparameters: dict[str, Any] | None = None
     best_value: float | None = None
+    hyperparameters: dict[str, Any] | None = None  # what every trial ran with besides the tuned ones (image_size, ...)
 
 
 class LocalTuning(_Tuning):
