@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if s is None:
                     print(f"  {label:44s}: not installed (awscli is not a dependency)")
                     continue
-                print(f"  {label:44s}: {s.seconds:6.2f} s {rate(s.seconds):6.0f} objects/s  peak RSS "
-                      f"{s.rss_mib:6.1f} MiB  load {s.load:4.1f} others {s.others:3.1f} cores  (runs {s.times()})")
+                print(f"  {label:44s}: {s.seconds:6.2f} s {rate(s.seconds):6.0f} objects/s  {s.cpu_ms(len(keys)):4.2f} ms "
+                      f"CPU/object  peak RSS {s.rss_mib:6.1f} MiB  load {s.load:4.1f} others {s.others:3.1f} cores  "
+                      f"(runs {s.times()})")
             flat = small.rss_mib / ours.rss_mib
             print(f"  bincount fetch peak RSS: {small.rss_mib:.1f} MiB for {args.small} items, {ours.rss_mib:.1f} MiB "
                   f"for {args.items} (ratio {flat:.2f}, goal >= {MEMORY_GOAL})")
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "note": f"{latency:g} ms: {small.rss_mib:.0f} MiB at {args.small} items, {ours.rss_mib:.0f} MiB "
                                  f"at {args.items} (s5cmd {peer.rss_mib:.0f} MiB)", "comparable": True})
             report["latencies"][latency] = {
+                "fetch_cpu_ms_per_object": ours.cpu_ms(len(keys)), "s5cmd_cpu_ms_per_object": peer.cpu_ms(len(keys)),
                 "fetch_s": ours.seconds, "fetch_runs_s": [r.seconds for r in ours.runs], "s5cmd_s": peer.seconds,
                 "s5cmd_runs_s": [r.seconds for r in peer.runs], "s5cmd_same_workers_s": same.seconds,
                 "aws_s": series["aws"].seconds if "aws" in series else None, "server_cpu_s": server.cpu_s,

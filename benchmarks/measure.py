@@ -144,6 +144,10 @@ class Series:
     def rss_mib(self) -> float:
         return max(r.rss_mib for r in self.runs)
 
+    def cpu_ms(self, units: int) -> float:
+        """Median CPU milliseconds per unit of work (object, label): what the command costs, whatever the load."""
+        return statistics.median(r.cpu_s for r in self.runs) / units * 1000
+
     def times(self) -> str:
         return ", ".join(f"{r.seconds:.2f}" for r in self.runs)
 

@@ -1,11 +1,17 @@
-"""Benchmark: shard channels. Building (items/s and CPU seconds per item, re-encoding to the bounded
-size) and reading (train.py's ShardBatches vs its file-per-image Batches, streamed, on the same
-images, same worker count), measured in one run on synthetic bins of --size px.
+"""Benchmark: shard channels. Reading: train.py's shard reader (ShardBatches) against its file reader
+(Batches, streamed: one JPEG file per image) on the same synthetic bins, the same DataLoader workers and
+batch size, interleaved (shards, files, shards, files, ...: drift in the machine's load hits both; see
+benchmarks/measure.py), each a full pass after a warm-up pass (page cache and persistent workers warm),
+the median of --repeat rounds. Building: items/s and CPU seconds per item (re-encoding to the bounded size).
 
-The per-item CPU cost is what the README's whole-dataset estimates scale from (535K bins on named
-instance types): those estimates are computed from these numbers, not measured on AWS.
+Per pass it records the wall time, the CPU seconds of this process and its DataLoader workers (so CPU ms
+per image, the per-core cost, which load disturbs less than the wall time) and the load average at its start.
+Goal row: shard images/s / file images/s >= 1.0. Every row prints the load it was measured under; a row
+whose passes started above one runnable process per core is "not comparable", whatever its ratio.
 
-    .venv/bin/python benchmarks/shards.py [--items 300] [--size 640] [--image-size 224] [--workers 2]
+The per-item CPU costs are what the whole-dataset estimates in docs/ scale from.
+
+    .venv/bin/python benchmarks/shards.py [--items 300] [--size 640] [--image-size 224] [--workers 2] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -13,72 +19,108 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402  (benchmarks/measure.py)
+
+GOAL = 1.0
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's live children (the persistent DataLoader workers)."""
+    me, total = os.getpid(), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+                total += measure.process_cpu(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def timed_pass(batches, order) -> tuple[measure.Run, int]:
+    """One full evaluation-order pass: (its Run, images read)."""
+    load_at, busy = measure.load(), measure._busy_seconds()
+    cpu = time.process_time() + children_cpu()
+    started = time.perf_counter()
+    n = sum(len(y) for _, y in batches.iterate(order))
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() + children_cpu() - cpu
+    others = max(0.0, (measure._busy_seconds() - busy - cpu) / seconds)
+    return measure.Run(seconds, 0.0, cpu, load_at, others), n
+
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=300)
     p.add_argument("--size", type=int, default=640, help="side of the synthetic source images")
     p.add_argument("--image-size", type=int, default=224, help="training resolution (shards keep 2x)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for both readers")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv or [])
     import torch
 
     from bincount.container import shards as sh
-    from bincount.container.train import Batches
+    from bincount.container.batches import Batches
     from bincount.data.synth import synthesize
 
-    with tempfile.TemporaryDirectory() as tmp:
+    torch.set_num_threads(1)
+    print(f"{args.items} bins of {args.size} px at {args.image_size} px, {args.workers} workers; {measure.machine()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bincount-bench-shards-") as tmp:
         root = Path(tmp)
         synthesize(root / "src", n=args.items, image_size=args.size, max_count=5, seed=0)
         items = [{"id": f.stem, "count": json.loads(f.read_text())["EXPECTED_QUANTITY"]}
                  for f in sorted((root / "src" / "metadata").glob("*.json"))]
         src_bytes = sum(f.stat().st_size for f in (root / "src" / "bin-images").glob("*.jpg"))
-
         cpu, wall = time.process_time(), time.perf_counter()
         stats = sh.build(items, "train", sh.Store(str(root / "src")), sh.Store(str(root / "shards")),
                          items_per_shard=100, max_side=2 * args.image_size, workers=os.cpu_count() or 1, log=lambda _: None)
         build_s, build_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
-        def rate(batches, order) -> float:
-            list(batches.iterate(order[:64], drop_last_single=False))  # warm the page cache and the workers
-            started = time.perf_counter()
-            n = sum(len(y) for _, y in batches.iterate(order, drop_last_single=False))
-            return n / (time.perf_counter() - started)
-
-        torch.set_num_threads(1)
-        import io
-
-        from PIL import Image
-
-        from bincount.container import net
-
-        samples = [jpg for tar in sorted((root / "shards").glob("*.tar")) for _, jpg, _ in sh.iter_tar(tar)]
-        cpu = time.process_time()
-        for jpg in samples:
-            with Image.open(io.BytesIO(jpg)) as image:
-                net.to_uint8(image, args.image_size)
-        decode_cpu = (time.process_time() - cpu) / len(samples)
-        order = list(range(len(items)))
-        shard_rate = rate(sh.ShardBatches(root / "shards", args.image_size, 32, 6, args.workers), order)
         files = [(root / "src" / "bin-images" / f"{r['id']}.jpg", r["count"]) for r in items]
-        file_rate = rate(Batches(files, args.image_size, 32, 0, args.workers), order)
+        readers = {"shards": sh.ShardBatches(root / "shards", args.image_size, args.batch_size, 6, args.workers,
+                                             log=lambda _: None),
+                   "files": Batches(files, args.image_size, args.batch_size, 0, args.workers)}
+        order = list(range(len(items)))
+        for batches in readers.values():
+            list(batches.iterate(order))  # warm: page cache, persistent workers
 
+        def contestant(name):
+            def one(_round: int) -> measure.Run:
+                run, n = timed_pass(readers[name], order)
+                assert n == len(items), (name, n)
+                print(f"  {name:6s} {n / run.seconds:7.1f} images/s  {1000 * run.cpu_s / n:6.2f} ms CPU/image  "
+                      f"load {run.load:4.1f} others {run.others:3.1f} cores", flush=True)
+                return run
+            return one
+
+        series = measure.interleave({name: contestant(name) for name in readers}, args.repeat)
+        del readers
+    shard_s, file_s = series["shards"], series["files"]
+    shard_rate, file_rate = len(items) / shard_s.seconds, len(items) / file_s.seconds
+    cpu_ms = {name: 1000 * statistics.median(r.cpu_s for r in s.runs) / len(items) for name, s in series.items()}
     report = {
-        "items": args.items, "source_px": args.size, "max_side": 2 * args.image_size,
+        "items": args.items, "source_px": args.size, "max_side": 2 * args.image_size, "workers": args.workers,
         "build_items_per_s": round(stats["items"] / build_s, 1), "build_cpu_ms_per_item": round(1000 * build_cpu / stats["items"], 1),
         "source_kb_per_item": round(src_bytes / args.items / 1024, 1), "shard_kb_per_item": round(stats["bytes"] / stats["items"] / 1024, 1),
         "read_shards_images_per_s": round(shard_rate, 1), "read_files_images_per_s": round(file_rate, 1),
-        "decode_cpu_ms_per_image": round(decode_cpu * 1000, 2), "reader_workers": args.workers, "cores": os.cpu_count(),
+        "read_shards_cpu_ms_per_image": round(cpu_ms["shards"], 2), "read_files_cpu_ms_per_image": round(cpu_ms["files"], 2),
+        "load": max(shard_s.load, file_s.load), "machine": measure.machine(),
     }
     print(json.dumps(report, indent=2))
-    return {"name": "shard reader vs file reader", "ratio": shard_rate / file_rate, "goal": None,
-            "note": f"{shard_rate:.0f} vs {file_rate:.0f} images/s at {args.image_size} px from {args.size} px sources; "
-                    f"build {report['build_cpu_ms_per_item']} ms CPU/item", "report": report}
+    note = (f"{shard_rate:.0f} vs {file_rate:.0f} images/s, {cpu_ms['shards']:.1f} vs {cpu_ms['files']:.1f} ms CPU/image, "
+            f"{args.workers} workers, {args.image_size} px from {args.size} px; {measure.load_note(shard_s, file_s)}")
+    rows = [{"name": "shard reader vs file reader (images/s)", "ratio": shard_rate / file_rate, "goal": GOAL,
+             "note": note, "comparable": measure.comparable(shard_s, file_s)},
+            {"name": "shard reader vs file reader (CPU per image)", "ratio": cpu_ms["files"] / cpu_ms["shards"], "goal": None,
+             "note": f"build {report['build_cpu_ms_per_item']} ms CPU/item", "comparable": measure.comparable(shard_s, file_s)}]
+    return {**rows[0], "rows": rows, "report": report}
 
 
 if __name__ == "__main__":

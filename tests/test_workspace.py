@@ -177,3 +177,30 @@ def test_what_bincount_writes_is_readable_as_the_umask_says(tmp_path, umask, mon
     for path in (tmp_path / "reports" / "audit.csv", tmp_path / "state.json", tar, unpacked / "meta.json"):
         assert path.stat().st_mode & 0o777 == file_mode, path
     assert unpacked.stat().st_mode & 0o777 == dir_mode
+
+
+@pytest.mark.parametrize("ident", ["00001", "1044", "bin_7", "a.b-c", 42])
+def test_safe_ids_pass(ident):
+    from bincount.workspace import check_id
+
+    assert check_id(ident, "x") == str(ident)
+
+
+def test_no_accepted_id_leaves_its_folder():
+    """Whatever text check_id accepts, <folder>/<id>.jpg stays a direct child of the folder."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from bincount.workspace import check_id
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(min_size=1, max_size=40))
+    def check(text):
+        try:
+            ident = check_id(text, "x")
+        except BincountError:
+            return
+        folder = Path("/w/raw/bin-images")
+        assert (folder / f"{ident}.jpg").resolve().parent == folder and "/" not in ident and ".." not in ident
+
+    check()

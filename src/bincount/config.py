@@ -7,6 +7,7 @@ Unknown keys and bad values are errors that name the key.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +63,7 @@ class DataSettings(Section):
     ids: str | None = Field(None, description="an id range or list, e.g. \"1-5000\" or \"4,9915,100313\"")
     id_file: Path | None = Field(None, description="plain ids (one a line) or the capstone JSON {\"1\": [\"data/metadata/100313.json\", ...]}")
     balanced: bool = Field(False, description="equal numbers per count (labels are read first, then images fetched)")
-    workers: int = Field(32, ge=1, le=512, description="concurrent requests: sized for network latency, not CPU")
+    workers: int = Field(64, ge=1, le=512, description="concurrent requests: sized for network latency (a GET waits tens of ms), not CPU")
     retries: int = Field(8, ge=1, le=50, description="attempts per object in all (botocore's retries with backoff on throttling "
                          "and connection errors, and a re-read of a body that broke off)")
     seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")
@@ -128,6 +129,15 @@ class S3Settings(Section):
     @classmethod
     def _endpoint_url(cls, value: str | None) -> str | None:
         return _check_url(value)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str | None) -> str | None:
+        # S3's naming rules: 3-63 of a-z 0-9 . -, a letter or digit at each end
+        if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+            raise ValueError(f"{value!r} is not an S3 bucket name (3-63 characters: a-z, 0-9, . and -, "
+                             "a letter or digit first and last)")
+        return value
 
 
 def resolve_pretrained(value: str) -> str:

@@ -170,7 +170,7 @@ class _Doctor:
             self.add("bucket", "ok", f"s3://{bucket} is reachable, in {found}")
 
     def instances(self) -> None:
-        from bincount.backends.sm_estimator import check_instances, is_gpu_instance
+        from bincount.backends.sagemaker.estimator import check_instances, is_gpu_instance
         from bincount.errors import BincountError
 
         sm = self.settings.sagemaker

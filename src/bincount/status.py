@@ -111,7 +111,7 @@ class _Live:
             out["model_data"] = (desc.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
         if desc.get("FailureReason"):
             out["failure"] = desc["FailureReason"]
-        from bincount.backends.sm_estimator import rule_statuses
+        from bincount.backends.sagemaker.debugger import rule_statuses
 
         rules = rule_statuses(desc)
         if rules:  # the Debugger and profiler rule verdicts, which come minutes after the job ends
@@ -127,7 +127,7 @@ class _Live:
             return recorded.profiler_report
         try:
             from bincount.aws import s3_client
-            from bincount.backends.sm_estimator import download_profiler_report
+            from bincount.backends.sagemaker.debugger import download_profiler_report
 
             s3 = s3_client(self.settings, max_attempts=2)
             report = download_profiler_report(self.settings, s3, desc)

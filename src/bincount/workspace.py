@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -345,6 +346,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return list(iter_jsonl(path))
 
 
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_id(ident: Any, where: str) -> str:
+    """An item id that is safe as a file name and an S3 key part (it becomes raw/bin-images/<id>.jpg,
+    <channel>/images/<id>.jpg, a shard member): letters, digits, _ . - (not first: . -), at most 128, no
+    "..". Anything else (a "/" or ".." from an edited split) is a BincountError naming `where`."""
+    text = str(ident)
+    if not _SAFE_ID.fullmatch(text) or ".." in text:
+        raise BincountError(f"{where}: id {text[:80]!r} is not a safe item id (letters, digits, _ . -; "
+                            "no / or ..): it would become a file or S3 key outside its folder")
+    return text
+
+
 def read_manifest(path: Path, need: tuple[str, ...] = ("image", "count")) -> list[dict[str, Any]]:
     """A manifest's rows, each checked for the keys a stage needs: "id" (text or a number), "image" (a path
     or s3:// URI) and "count" (an integer >= 0). A bad row is a BincountError naming the file and line."""
@@ -353,6 +368,8 @@ def read_manifest(path: Path, need: tuple[str, ...] = ("image", "count")) -> lis
         ident, image, count = row.get("id"), row.get("image"), row.get("count")
         if "id" in need and (isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == ""):
             raise BincountError(f"{path}:{number}: a row needs an \"id\" (text or a number)")
+        if "id" in need:
+            check_id(ident, f"{path}:{number}")
         if "image" in need and (not isinstance(image, str) or not image.strip() or "\x00" in image):
             raise BincountError(f"{path}:{number}: a row needs an \"image\" (a path or s3:// URI)")
         if "count" in need and (isinstance(count, bool) or not isinstance(count, int) or count < 0):

@@ -222,3 +222,46 @@ def test_a_model_that_answers_nan_gets_an_error_never_a_nan_in_the_json(bundle):
     broken = {**bundle, "model": Broken().eval()}
     with pytest.raises(ValueError, match="non-finite probability"):
         serve(image_bytes(), "image/jpeg", broken)
+
+
+def test_decode_cost_counts_what_decoding_really_takes():
+    """Measured peak RSS of one decode (MB): progressive JPEG 8000x8000 4:2:0 199 (draft mode does not help: libjpeg
+    buffers every coefficient), baseline 16; PNG 4096x4096 RGB 64, RGBA 128, palette 80; WebP 4096x4096 259.
+    decode_cost (pixels of 4 bytes) says the same within 5%, so the budget and the limits bound real memory."""
+    from PIL import Image
+
+    def cost_mb(image: Image.Image, fmt: str, **kw) -> float:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        data = buf.getvalue()
+        opened = Image.open(io.BytesIO(data))
+        if fmt == "JPEG":
+            opened.draft("RGB", (1024, 1024))
+        return inference.decode_cost(opened, data, *image.size) * 4 / 2**20
+
+    big, side = Image.new("RGB", (8000, 8000), (90, 140, 60)), Image.new("RGB", (4096, 4096), (90, 140, 60))
+    measured = {"progressive": (cost_mb(big, "JPEG", progressive=True), 199), "baseline": (cost_mb(big, "JPEG"), 16),
+                "rgb png": (cost_mb(side, "PNG"), 64), "rgba png": (cost_mb(side.convert("RGBA"), "PNG"), 128),
+                "palette png": (cost_mb(side.convert("P"), "PNG"), 80),
+                "webp": (cost_mb(side, "WEBP", lossless=True), 259)}
+    for kind, (cost, rss) in measured.items():
+        assert abs(cost - rss) <= 0.05 * rss + 1, (kind, cost, rss)
+
+
+def test_hostile_images_are_refused_by_what_they_cost_to_decode():
+    from PIL import Image
+
+    def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    big = Image.new("RGB", (8000, 8000), (90, 140, 60))
+    with pytest.raises(inference.RequestError, match="several scans.*MB a request may use") as info:
+        inference.input_fn(encoded(big, "JPEG", progressive=True), "image/jpeg")
+    assert info.value.status == 413
+    assert len(inference.input_fn(encoded(big, "JPEG"), "image/jpeg")) == 1  # baseline: draft mode really is cheap
+    with pytest.raises(inference.RequestError, match="WEBP"):
+        inference.input_fn(encoded(Image.new("RGB", (4096, 4096)), "WEBP", lossless=True), "application/x-image")
+    assert inference._jpeg_scans(encoded(Image.new("RGB", (64, 64)), "JPEG", progressive=True)) > 1
+    assert inference._jpeg_scans(encoded(Image.new("RGB", (64, 64)), "JPEG")) == 1

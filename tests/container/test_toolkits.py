@@ -35,7 +35,7 @@ def last(requests, operation: str) -> dict:
 
 @pytest.mark.slow
 def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_requests, synth_source, tmp_path):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
     from bincount.data.fetch import fetch
     from bincount.data.split import split
     from bincount.data.upload import upload
@@ -44,7 +44,7 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     fetch(settings)
     split(settings)
     upload(settings)
-    backend.train(settings)
+    training.train(settings)
     request = last(sagemaker_requests, "CreateTrainingJob")
 
     first = TrainingContainer(request, tmp_path / "job-1").layout()
@@ -81,7 +81,7 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     # The job's checkpoint went to its own prefix; a second job (same settings) does not resume it.
     first.sync_checkpoints()
     assert request["CheckpointConfig"]["S3Uri"].endswith(f"/{request['TrainingJobName']}/")
-    backend.train(settings)
+    training.train(settings)
     second_request = last(sagemaker_requests, "CreateTrainingJob")
     second = TrainingContainer(second_request, tmp_path / "job-2").layout()
     assert not any(second.checkpoints.rglob("*.pt"))  # nothing restored from the first job's prefix
@@ -113,13 +113,13 @@ def test_the_deployed_model_serves_through_the_sagemaker_inference_handler_chain
     import sagemaker.session
 
     from bincount.artifacts import package_model, write_model_dir
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import endpoint as sm_endpoint
     from bincount.container import inference
 
     monkeypatch.setattr(sagemaker.session.time, "sleep", lambda seconds: None)  # moto endpoints are ready at once
     model_dir = write_model_dir(tmp_path / "trained", "mobilenet_v3_small", seed=5)
     tar = package_model(model_dir, tmp_path / "model.tar.gz")
-    backend.deploy(settings_for(tmp_path / "work", **{"deploy.model_data": str(tar)}))
+    sm_endpoint.deploy(settings_for(tmp_path / "work", **{"deploy.model_data": str(tar)}))
     server = model_server(last(sagemaker_requests, "CreateModel"))
     assert (server.model_dir / "code" / "inference.py").is_file() and not (server.model_dir / "code" / "train.py").exists()
 

@@ -152,7 +152,7 @@ def test_requirements_install_smdebug_for_the_hook():
 
 
 def test_hyperparameters_from_settings_parse_as_sagemaker_passes_them():
-    from bincount.backends.local_train import format_args
+    from bincount.backends.local.train import format_args
     from bincount.config import load_settings
     from bincount.container import train
 
@@ -403,7 +403,7 @@ def test_the_debugger_hook_saves_activations_under_either_cpu_precision(channels
     """SageMaker's hook config with PoorWeightInitialization's relu_input collection, on both sides of the CPU
     check: with bfloat16 autocast the saved activations are bfloat16, which NumPy cannot hold (every job on a
     CPU with native bfloat16 failed at its first step with "Got unsupported ScalarType BFloat16")."""
-    from bincount.backends.sm_estimator import activation_inputs_regex
+    from bincount.backends.sagemaker.debugger import activation_inputs_regex
 
     tensors = tmp_path / "tensors"
     config = tmp_path / "debughookconfig.json"

@@ -83,7 +83,7 @@ def test_upload_sends_the_shards_as_channels_and_records_their_format(fetched, s
 
 @pytest.mark.slow
 def test_local_training_reads_the_shards(fetched, tmp_path):
-    from bincount.backends.local_train import make_channels, train
+    from bincount.backends.local.train import make_channels, train
     from bincount.data.shard import shard
 
     shard(fetched())
@@ -219,3 +219,21 @@ def test_a_split_from_the_index_is_sharded_from_the_bucket_through_the_data_sour
     assert result.items == len(wanted) - bad and result.skipped == bad
     assert not (settings.workdir / "raw").exists()
     assert sorted(calls) == sorted(f"bin-images/{i}.jpg" for i in wanted)  # each image once, through the source
+
+
+@pytest.mark.parametrize("bad", ["../../../etc/passwd", "sub/00001"])
+def test_an_id_that_would_read_outside_the_source_is_refused(fetched, tmp_path, cli, bad):
+    """An edited split whose id holds / or .. (a file read outside raw/) stops shard in one line naming
+    the file and line, before anything is built (issue 22.12)."""
+    fetched()
+    path = Workspace(tmp_path / "work").split("train")
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["id"] = bad
+    lines[2] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    out = cli("shard", "--workdir", tmp_path / "work")
+    assert out.exit_code == 1 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}:3: id ") and "not a safe item id" in last, last
+    assert not (tmp_path / "work" / "shards").exists()

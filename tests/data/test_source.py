@@ -11,44 +11,86 @@ from bincount.data.source import LocalSource, bounded_map, open_source, read_lab
 from bincount.workspace import read_jsonl
 
 
-@pytest.fixture
-def inject(monkeypatch):
-    """Failures injected into every GetObject attempt of the S3 clients bincount makes, by botocore's
-    before-send hook: plan[key] is a list of "503" (a SlowDown answer), "short" (a body that breaks off)
-    or "real" (the request goes to the local S3 server), consumed one per attempt; once it is empty,
-    "503" for ever. Returns (plan, attempts per key)."""
+@pytest.fixture(params=["boto3", "lean"])
+def inject(monkeypatch, request):
+    """Failures injected into every GetObject attempt of the source's S3 client: plan[key] is a list of
+    "503" (a SlowDown answer), "short" (a body that breaks off) or "real" (the request goes to the local
+    S3 server), consumed one per attempt; once it is empty, "503" for ever. Returns (plan, attempts per
+    key). Run for both clients the source reads with: boto3 (by botocore's before-send hook) and the
+    lean anonymous client of data/s3get.py (at its one request function)."""
     import bincount.aws
     from botocore.awsrequest import AWSResponse
 
-    real = bincount.aws.client
+    from bincount.data import s3get
+
     plan: dict[str, list[str]] = {}
     attempts: dict[str, int] = {}
     lock = threading.Lock()
 
-    def wrapped(*args, **kwargs):
-        client = real(*args, **kwargs)
-
-        def before_send(request, **_):
-            key = request.url.split("?")[0].split("/", 4)[-1]
-            if key not in plan:
-                return None
-            with lock:
-                attempts[key] = attempts.get(key, 0) + 1
-                what = plan[key].pop(0) if plan[key] else "503"
-            if what == "503":
-                body = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                return AWSResponse(request.url, 503, {"Content-Type": "application/xml"}, _Raw(body))
-            if what == "short":
-                return AWSResponse(request.url, 200, {"Content-Length": "5000", "Content-Type": "image/jpeg"}, _Raw(b"x" * 10))
+    def planned(key: str) -> str | None:
+        if key not in plan:
             return None
+        with lock:
+            attempts[key] = attempts.get(key, 0) + 1
+            return plan[key].pop(0) if plan[key] else "503"
 
-        client.meta.events.register("before-send.s3.GetObject", before_send)
-        return client
+    slow_down = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+    if request.param == "boto3":
+        real = bincount.aws.client
+        monkeypatch.setattr(s3get, "usable", lambda *args: False)
 
-    monkeypatch.setattr(bincount.aws, "client", wrapped)
+        def wrapped(*args, **kwargs):
+            client = real(*args, **kwargs)
+
+            def before_send(request, **_):
+                what = planned(request.url.split("?")[0].split("/", 4)[-1])
+                if what == "503":
+                    return AWSResponse(request.url, 503, {"Content-Type": "application/xml"}, _Raw(slow_down))
+                if what == "short":
+                    return AWSResponse(request.url, 200, {"Content-Length": "5000", "Content-Type": "image/jpeg"}, _Raw(b"x" * 10))
+                return None
+
+            client.meta.events.register("before-send.s3.GetObject", before_send)
+            return client
+
+        monkeypatch.setattr(bincount.aws, "client", wrapped)
+    else:
+        real_send = s3get.PublicBucket._send
+
+        def send(self, path):
+            what = planned(path.split("?")[0].split("/", 2)[-1])
+            if what == "503":
+                return _FakeConnection(), _FakeAnswer(503, slow_down, {})
+            if what == "short":
+                return _FakeConnection(), _FakeAnswer(200, b"x" * 10, {"Content-Length": "5000"})
+            return real_send(self, path)
+
+        monkeypatch.setattr(s3get.PublicBucket, "_send", send)
+        monkeypatch.setattr(s3get.PublicBucket, "_backoff", staticmethod(lambda attempt: None))
     monkeypatch.setattr("bincount.data.source.backoff", lambda attempt: 0.0)
     monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0.0)
     return plan, attempts
+
+
+class _FakeConnection:
+    sock = None
+
+    def close(self):
+        pass
+
+
+class _FakeAnswer(io.BytesIO):
+    """What the lean client reads of an http.client answer."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str]):
+        super().__init__(body)
+        self.status, self.reason, self.headers = status, "injected", headers
+
+    def getheader(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def isclosed(self):
+        return self.tell() == len(self.getvalue())
 
 
 class _Raw(io.BytesIO):

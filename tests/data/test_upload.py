@@ -75,3 +75,28 @@ def test_upload_cli_and_errors(split_workdir, channels_bucket, s3_server, cli, t
     assert res.exit_code == 1 and "run `bincount split` first" in res.stderr
     with pytest.raises(BincountError, match="does not exist"):
         upload(settings_for(split_workdir, "no-such-bucket-here", s3_server))
+
+
+@pytest.mark.parametrize("bad", ["../../escape", "a/b", "/abs", "..", "x\\\\y", ".hidden"])
+def test_an_id_that_would_escape_its_channel_is_refused(split_workdir, channels_bucket, s3_server, cli, bad):
+    """An edited split whose id holds / or .. (an S3 key outside the channel) stops upload in one line
+    naming the file and line, before anything is sent (issue 22.12)."""
+    path = Workspace(split_workdir).split("val")
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[1])
+    row["id"] = bad
+    lines[1] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    res = cli("upload", "--workdir", split_workdir, "--bucket", channels_bucket, "--endpoint-url", s3_server)
+    assert res.exit_code == 1 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}:2: id ") and "not a safe item id" in last, last
+    assert "Contents" not in s3(s3_server).list_objects_v2(Bucket=channels_bucket)
+
+
+def test_a_bad_bucket_name_is_one_line(split_workdir, cli):
+    res = cli("upload", "--workdir", split_workdir, "--bucket", "bad name!")
+    assert res.exit_code == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: invalid setting s3.bucket: 'bad name!' is not an S3 bucket name (3-63 characters: a-z, 0-9, . and -, "
+        "a letter or digit first and last) (from --set or a flag)"]

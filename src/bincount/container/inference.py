@@ -16,10 +16,12 @@ endpoint answers the same 4xx there; any other handler exception becomes a 500 w
 Limits, all checked from the image header before decoding (decompression bombs are refused cheaply):
 6 MB per request body (SageMaker's real-time limit); 64 images per batch; a JPEG over 4 megapixels is
 decoded in draft mode, at 1/2, 1/4 or 1/8 scale (libjpeg scales while decoding: less memory, faster);
-at most 16.8 megapixels decoded per image (4096x4096; a bigger PNG is refused with 413) and 40 per
-request; and a budget on the pixels decoded at once in this process (INFERENCE_PIXEL_BUDGET, default
-48 megapixels): a request waits for room, up to INFERENCE_QUEUE_TIMEOUT_S (default 30) seconds, then
-gets a 503. Images up to 4 megapixels decode exactly as before, so their answers do not change.
+at most 16.8 megapixels decoded per image (4096x4096; a bigger PNG is refused with 413). What decoding
+really costs is counted in pixels of 4 bytes (decode_cost: the mode's bytes per pixel and the RGB copy,
+libwebp's buffer, a progressive JPEG's full-size coefficients): at most 40 M per request (160 MB), and
+a budget on what is decoded at once in this process (INFERENCE_PIXEL_BUDGET, default 48 M, 192 MB): a
+request waits for room, up to INFERENCE_QUEUE_TIMEOUT_S (default 30) seconds, then gets a 503. Images
+up to 4 megapixels decode exactly as before, so their answers do not change.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ except ImportError:  # SageMaker: code/ is on sys.path
     import net
 
 MAX_BODY_BYTES = 6 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # decoded pixels per request, all images together
+MAX_PIXELS = 40_000_000  # decode cost per request (pixels of 4 bytes, see decode_cost), all images together
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded pixels per image: a bigger PNG (no draft mode) is refused
 MAX_SOURCE_PIXELS = 64_000_000  # pixels a JPEG's header may claim (draft mode still reads all of it)
 DRAFT_ABOVE, DRAFT_SIDE = net.DRAFT_ABOVE, net.DRAFT_SIDE  # net.draft(): JPEGs over 4 MP decode at a reduced scale
@@ -168,7 +170,60 @@ def _open(data: bytes, what: str = "body"):
     if pixels > MAX_IMAGE_PIXELS:
         raise RequestError(f"{what}: image is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
                            f"per image (JPEGs up to {MAX_SOURCE_PIXELS:,} pixels are decoded at reduced scale)", 413)
-    return image, pixels
+    cost = decode_cost(image, data, width, height)
+    if cost > MAX_PIXELS:
+        raise RequestError(f"{what}: decoding this {width}x{height} {image.format} ({image.mode}"
+                           f"{', several scans' if _coefficient_bytes(image, data, width, height) else ''}) would take "
+                           f"{cost * 4 / 2**20:,.0f} MB, over the {MAX_PIXELS * 4 / 2**20:,.0f} MB a request may use", 413)
+    return image, cost
+
+
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2}  # PIL's storage per pixel; others 4
+WEBP_EXTRA_BYTES = 12  # libwebp decodes into its own RGBA buffer, then PIL copies it (measured 15.4 B/pixel in all)
+
+
+def decode_cost(image, data: bytes, width: int, height: int) -> int:
+    """What decoding `image` costs in memory, in pixels of 4 bytes (the unit of the budget and the limits).
+
+    The decoded pixels at their mode's size, plus an RGB copy when the mode is not RGB (RGBA, palette, grey),
+    plus libwebp's own buffer for WebP, plus, for a JPEG of several scans (progressive), the coefficients
+    libjpeg holds for the whole source image, 2 bytes each, whatever the draft scale (measured: a progressive
+    8000x8000 JPEG decoded at 1/4 scale took 199 MB, a baseline one 16 MB).
+    """
+    pixels = image.size[0] * image.size[1]
+    total = pixels * MODE_BYTES.get(image.mode, 4) + (0 if image.mode == "RGB" else pixels * 4)
+    if image.format == "WEBP":
+        total += pixels * WEBP_EXTRA_BYTES
+    total += _coefficient_bytes(image, data, width, height)
+    return -(-total // 4)
+
+
+def _coefficient_bytes(image, data: bytes, width: int, height: int) -> int:
+    """The DCT coefficients libjpeg buffers for a JPEG of several scans (0 for a single-scan one)."""
+    if image.format != "JPEG" or not (image.info.get("progressive") or _jpeg_scans(data) > 1):
+        return 0
+    layers = [(h, v) for _, h, v, *_ in getattr(image, "layer", None) or []] or [(1, 1)] * 3
+    hmax, vmax = max(h for h, _ in layers) or 1, max(v for _, v in layers) or 1
+    return sum(-(-(-(-width * h // hmax)) // 8) * -(-(-(-height * v // vmax)) // 8) * 64 * 2 for h, v in layers)
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS markers) the main JPEG image has: its segments are walked (an EXIF thumbnail inside
+    APP1 is skipped), then the entropy-coded data, where a marker byte cannot occur unstuffed, is searched."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return 1
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+        elif marker == 0xDA:
+            return 1 + data.count(b"\xff\xda", i + 2)
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return 1
 
 
 def _load(image, what: str = "body"):
@@ -225,10 +280,10 @@ def input_fn(body, content_type: str = "application/x-image") -> Batch:
             except (binascii.Error, ValueError):
                 raise RequestError(f"instances[{i}] is not valid base64") from None
             opened.append(_open(data, f"instances[{i}]"))
-    pixels = sum(n for _, n in opened)
+    pixels = sum(n for _, n in opened)  # what decoding costs, in pixels of 4 bytes (decode_cost)
     if pixels > MAX_PIXELS:
-        raise RequestError(f"the request holds {pixels:,} pixels in all, over the {MAX_PIXELS:,} pixel limit; "
-                           "send fewer or smaller images", 413)
+        raise RequestError(f"the request's images take {pixels * 4 / 2**20:,.0f} MB to decode in all, over the "
+                           f"{MAX_PIXELS * 4 / 2**20:,.0f} MB ({MAX_PIXELS:,} pixel) limit; send fewer or smaller images", 413)
     PIXEL_BUDGET.acquire(pixels)
     images = Batch(batch=media not in IMAGE_TYPES)
     images.hold(PIXEL_BUDGET, pixels)

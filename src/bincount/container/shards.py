@@ -252,15 +252,12 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # an image claiming more is refused before it is
 
 
 def is_shard_channel(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return not (folder / "manifest.jsonl").is_file() and any(folder.glob("*.tar"))
+    return not (Path(folder) / "manifest.jsonl").is_file() and any(Path(folder).glob("*.tar"))
 
 
 def _checked(meta, side: Path, tar: Path) -> dict:
     """A sidecar checked against itself and its tar: rows, counts, byte size and member offsets agree."""
-    def bad(why: str) -> ShardError:
-        return ShardError(f"{side}: {why}")
-
+    bad = lambda why: ShardError(f"{side}: {why}")  # noqa: E731
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise bad(f"not a {FORMAT} sidecar")
     rows = meta.get("rows")
@@ -289,8 +286,7 @@ def _checked(meta, side: Path, tar: Path) -> dict:
 
 
 def read_sidecars(folder: str | Path) -> list[dict]:
-    """The channel's complete shards (sidecar with its tar), sorted by name, each checked against its tar;
-    each gets "path" (the tar) and "offsets" (where each item's .jpg header starts)."""
+    """The channel's complete shards (sidecar with its tar, checked against it) by name, with "path" (the tar)."""
     folder = Path(folder)
     out = []
     for side in sorted(folder.glob("*.json")):
@@ -363,8 +359,7 @@ def tar_offsets(path: Path, ids: list[str]) -> list[int]:
 
 
 def read_items(shard: dict, first: int, stop: int, max_bytes: int = MAX_MEMBER_BYTES):
-    """(id, jpeg bytes, count) of items first..stop-1 of a shard: seeks to the first one's offset and reads
-    only those members (two reads per item), each checked against its sidecar row."""
+    """(id, jpeg bytes, count) of a shard's items first..stop-1: two reads each, checked against the sidecar."""
     path, rows, offsets = shard["path"], shard["rows"], shard["offsets"]
     try:
         with open(path, "rb", buffering=0) as f:
@@ -392,13 +387,10 @@ def read_items(shard: dict, first: int, stop: int, max_bytes: int = MAX_MEMBER_B
 
 
 def epoch_plan(sizes: list[int], seed: int | None, rank: int, world: int, workers: int, batch: int) -> list[list[tuple[int, int, int]]]:
-    """Each DataLoader worker's (shard, first, stop) item ranges of this rank's share of one pass.
-
-    A pass is the shards' items one after another, the shards in a seeded order in training (the same on
-    every rank). Ranks take contiguous equal shares (training drops the last total % world items and a lone
-    last sample, as the file reader does; evaluation covers every item once); a rank's share is cut into
-    whole batches, a contiguous run of them per worker. So every item is read once per pass, by one reader,
-    which reads only its byte ranges: a shard can feed any number of readers."""
+    """Each DataLoader worker's (shard, first, stop) item ranges of this rank's share of one pass: the shards'
+    items one after another (in a seeded order in training, the same on every rank), a contiguous equal share
+    per rank (training drops the last total % world items and a lone last sample, as the file reader does),
+    cut into whole batches, a contiguous run of them per worker: each item read once per pass, by one reader."""
     order = list(range(len(sizes)))
     total = sum(sizes)
     if seed is not None:
@@ -488,14 +480,10 @@ def _torch_dataset():
 
 
 class ShardBatches:
-    """train.py's batch source for a shard channel (the same interface as its file Batches).
-
-    iterate(order, drop_last_single=True) is a training pass: this rank's equal share of the items, each
-    once, the shards in a new seeded order every epoch (len(order) must be that share, as train.py's
-    shard() makes it); iterate(order) without drop_last_single is an evaluation pass over this rank's share
-    of every item once. Batches are channels_last views [B, 3, S, S] of [B, S, S, 3], as the file reader's.
-    Labels come from the sidecars (for class weights and the sample count). The DataLoader workers persist
-    across passes; num_workers=None: train.py passes its loader_workers() (the CPUs per GPU)."""
+    """train.py's batch source for a shard channel (the file Batches' interface): iterate(order, True) is a
+    training pass over this rank's equal share (the shards in a new seeded order each epoch), iterate(order)
+    an evaluation pass over its share of every item once; batches are channels_last views [B, 3, S, S] of
+    [B, S, S, 3], labels come from the sidecars, and the DataLoader workers persist across passes."""
 
     cached = False
 

@@ -46,7 +46,7 @@ item by persistent DataLoader workers (on a GPU: all CPUs but one; on the CPU: m
 the loop never waits for the host: uint8 batches are copied asynchronously from pinned memory and
 augmented/normalised there, the optimizer is fused, the loss is summed on the device.
 
-The script is split along its seams, siblings shipped with it (sm_estimator.TRAINING_FILES): hparams.py
+The script is split along its seams, siblings shipped with it (backends/sagemaker/estimator.TRAINING_FILES): hparams.py
 (the hyperparameter table bincount's settings also read), batches.py (channels, decoding, batches,
 augmentation), loop.py (processes, loss, EMA, one epoch, evaluation), checkpoints.py, debughook.py.
 """

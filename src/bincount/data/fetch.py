@@ -9,8 +9,8 @@
   after MAX_GAP consecutive ids without a label (the end of the bucket). --limit always keeps the
   lowest usable ids (in id order), so a run is deterministic; --balanced picks per count with
   data.seed, and replaces an item whose image is bad by a spare of the same count.
-- Concurrent (a thread pool of data.workers over one boto3 client, data/source.py), with botocore's
-  adaptive retries: data.retries attempts per object in all, a re-read of a body that broke off
+- Concurrent (a thread pool of data.workers over the source's client, data/source.py: for anonymous
+  reads the lean client of data/s3get.py, else boto3), with botocore's retry rules: data.retries attempts per object in all, a re-read of a body that broke off
   included. Bodies stream to a temp file that is renamed into place, so a file under its final name
   is always complete; stale *.part files are removed.
   One os.sync() before the manifest is written replaces an fsync per file.
@@ -37,6 +37,7 @@ from bincount.config import DataSettings, Settings
 from bincount.console import log, progress
 from bincount.data import manifest as mf
 from bincount.data.index import open_index
+from bincount.data.jpeg import scan_data_problem
 from bincount.data.source import Source, bounded_map, is_request_error, open_source, read_label
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table, per_class_table
@@ -105,6 +106,9 @@ def inspect_image(path: Path, sha256: str | None = None) -> dict:
             if width * height > MAX_PIXELS:
                 raise _BadImage(f"the header says {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit")
             img.verify()
+        problem = scan_data_problem(path.read_bytes()) if img.format == "JPEG" else None
+        if problem:
+            raise _BadImage(problem)
         with Image.open(path) as img:
             img.load()
     except _BadImage:

@@ -3,6 +3,8 @@
 
 - `open_source(settings)`: S3Source for s3://bucket[/prefix] (anonymous unless data.unsigned is false),
   LocalSource for a folder. Both list keys with their sizes (`list`) and read an object (`read`).
+  S3Source reads anonymously (data.unsigned, no proxy) with the lean client of data/s3get.py (GET and
+  LIST at a fifth of botocore's CPU, the same errors, retries and hooks), else with boto3.
 - Retries are botocore's own (its retry config: backoff on throttling, 5xx and connection errors),
   with data.retries as the total number of attempts for one object: botocore's attempts and any
   re-read of a body that broke off while streaming (which botocore cannot retry) share that budget.
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 from bincount.aws import error_code, error_message
 from bincount.config import Settings
 from bincount.data import manifest as mf
+from bincount.data import s3get
 from bincount.errors import BincountError
 
 T = TypeVar("T")
@@ -85,6 +88,13 @@ class S3Source:
         self.stall_s, self.last_answer = 3 * data.timeout, time.monotonic()
         self._budget = threading.local()  # attempts left for the object this thread reads (None: no budget)
         self.client.meta.events.register_first("needs-retry.s3", self._on_attempt)
+        self.reader = self.client  # GetObject: boto3, or for anonymous reads the lean client of data/s3get.py
+        if s3get.usable(data.endpoint_url, data.unsigned):
+            self.reader = s3get.PublicBucket(
+                self.bucket, endpoint_url=data.endpoint_url, region=self.client.meta.region_name,
+                connections=data.workers, connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout,
+                attempts=data.retries, on_attempt=self._on_attempt, events=self.client.meta.events,
+                service_model=self.client.meta.service_model)
 
     def _on_attempt(self, response: Any = None, caught_exception: Any = None, operation: Any = None, **_: Any) -> None:
         """botocore's hook after every attempt: note answers, give up on a silent endpoint, and stop
@@ -116,7 +126,7 @@ class S3Source:
         from botocore.exceptions import ClientError, EndpointConnectionError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(key))
+            return self.reader.get_object(Bucket=self.bucket, Key=self.key(key))
         except ClientError as exc:
             code = error_code(exc)
             if code in MISSING_CODES:
@@ -152,9 +162,14 @@ class S3Source:
         """(name, bytes) of the objects under <folder>/<start>, and the LIST calls that took."""
         prefix = self.key(f"{folder}/{start}")
         out, calls = [], 0
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        if isinstance(self.reader, s3get.PublicBucket):
+            pages = self.reader.list_objects(prefix)
+        else:
+            pages = ([(o["Key"], o["Size"]) for o in page.get("Contents", [])]
+                     for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix))
+        for page in pages:
             calls += 1
-            out += [(obj["Key"][len(prefix) - len(start):], int(obj["Size"])) for obj in page.get("Contents", [])]
+            out += [(key[len(prefix) - len(start):], int(size)) for key, size in page]
         return out, calls
 
 
