@@ -149,8 +149,12 @@ class State(Record):
         old = self.training
         if old is not None and (old.backend, old.job) == (new.backend, new.job):
             return {"training": old.model_copy(update=new.model_dump(exclude_unset=True))}
-        runs = [r for r in self.runs if (r.backend, r.job) != (new.backend, new.job)]
-        return {"training": new, "runs": [*runs, *([old] if old else [])]}
+        for i, run in enumerate(self.runs):  # news of an older run (e.g. deploy describing a pinned job): it stays older
+            if (run.backend, run.job) == (new.backend, new.job):
+                runs = list(self.runs)
+                runs[i] = run.model_copy(update=new.model_dump(exclude_unset=True))
+                return {"training": old, "runs": runs}
+        return {"training": new, "runs": [*self.runs, *([old] if old else [])]}
 
     @classmethod
     def load(cls, raw: Any, path: Path | str = "state.json") -> State:

@@ -83,7 +83,7 @@ def test_a_split_older_than_the_manifest_is_one_line_before_training(splits_work
     """Issue 23.6: a fetch after the split added items; train says so, with `bincount split` as the fix."""
     import os
 
-    from bincount.backends import local_train
+    from bincount.backends.local import train as local_train
     from bincount.workspace import read_jsonl, write_jsonl
 
     workdir = splits_workdir(tmp_path / "w")

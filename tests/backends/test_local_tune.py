@@ -126,7 +126,7 @@ def test_use_best_says_which_hyperparameters_it_used(tmp_path, capsys):
 def _fake_trials(monkeypatch, outcomes):
     """run_script replaced by one that plays `outcomes` in turn: a val_acc (a finished trial, meta.json written),
     or an Exception to raise (what run_script raises when train.py exits non-zero). Returns the hp it got."""
-    from bincount.backends import local_train
+    from bincount.backends.local import train as local_train
     from bincount.container.epochlog import format_best_line, format_epoch_line
 
     calls = []
@@ -163,7 +163,7 @@ def _splits(tmp_path, train: int, val_counts: list[int]):
 
 def test_a_diverged_trial_fails_and_is_never_the_best_and_checkpoints_go(tmp_path, monkeypatch):
     """Issue 23.5: a trial train.py stopped as diverged (or as non-finite) fails; the search goes on without it."""
-    from bincount.backends import local_tune
+    from bincount.backends.local import tune as local_tune
 
     _splits(tmp_path, 360, [0, 1, 2, 3, 4, 5] * 10)
     diverged = BincountError("training failed (exit 2): training diverged at epoch 1 (val_loss=1.2e+10, over 429, "
@@ -186,7 +186,7 @@ def test_a_diverged_trial_fails_and_is_never_the_best_and_checkpoints_go(tmp_pat
 def test_the_search_space_stays_within_the_data_and_a_best_at_chance_warns(tmp_path, monkeypatch, capsys):
     """Issue 23.5: 360 train images search batch sizes up to 90 (4 steps an epoch), not 512 (one step); a best trial
     at chance says so; everything --use-best needs (image_size, arch, epochs) is recorded with the best."""
-    from bincount.backends import local_tune
+    from bincount.backends.local import tune as local_tune
     from bincount.backends.tuning import best_train_settings
 
     _splits(tmp_path, 360, [0, 1, 2, 3, 4, 5] * 10)

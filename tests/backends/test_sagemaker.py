@@ -298,7 +298,8 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     ranges = config["ParameterRanges"]
     assert {r["Name"]: r["ScalingType"] for r in ranges["ContinuousParameterRanges"]} == {
         "lr": "Logarithmic", "weight_decay": "Logarithmic"}
-    assert [json.loads(v) for v in ranges["CategoricalParameterRanges"][0]["Values"]] == ["32", "64", "128", "256", "512"]
+    # ~21 train images: no batch size of the default choices gives 4 steps an epoch, so the smallest alone (issue 23.5)
+    assert [json.loads(v) for v in ranges["CategoricalParameterRanges"][0]["Values"]] == ["32"]
     definition = req["TrainingJobDefinition"]
     assert {"lr", "weight_decay", "batch_size"}.isdisjoint(definition["StaticHyperParameters"])
     assert definition["StaticHyperParameters"]["epochs"] == "1"
@@ -877,3 +878,61 @@ def test_shard_processing_job_needs_an_s3_source(sm, tmp_path, cli):
     out = cli("shard", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
               "--set", f"sagemaker.role={ROLE}", "--set", f"data.source={tmp_path}")
     assert out.exit_code == 1 and "reads the images from S3" in out.stderr
+
+
+def test_tuning_keeps_the_search_within_the_data_and_records_what_use_best_reproduces(sm, tmp_path, capsys):
+    """Issue 23.5 on SageMaker: batch sizes capped by the train split (360 images: an epoch of at least 4 steps), the
+    request within the API's rules (CategoricalParameterRange: 1-30 values of 1-256 characters); what the trials ran
+    with (image_size, arch, epochs) recorded with the best, and train --use-best runs that way; a best trial near
+    chance on val warns. A diverged trial fails in train.py (tests/container/test_loop.py), so it is never the best."""
+    from bincount.backends.sagemaker import training, tuning
+    from bincount.workspace import Workspace, write_jsonl
+
+    ws = Workspace(tmp_path)
+    write_jsonl(ws.split("train"), [{"id": str(i), "count": i % 6, "image": f"{i}.jpg"} for i in range(360)])
+    write_jsonl(ws.split("val"), [{"id": f"v{i}", "count": 0 if i < 90 else 1, "image": f"v{i}.jpg"}
+                                  for i in range(100)])  # 90% zeros: the best trial's val_acc 0.75 is below chance
+    settings = make_settings(tmp_path, **{"train.image_size": 96, "train.arch": "resnet34", "tune.epochs": 3,
+                                          "tune.batch_size": [32, 64, 128, 256, 512]})
+    record_channels(settings)
+    result = tuning.tune(settings)
+    config = sm.last("CreateHyperParameterTuningJob")["HyperParameterTuningJobConfig"]
+    [categorical] = config["ParameterRanges"]["CategoricalParameterRanges"]
+    assert categorical["Name"] == "batch_size" and [json.loads(v) for v in categorical["Values"]] == ["32", "64"]
+    assert 1 <= len(categorical["Values"]) <= 30 and all(1 <= len(v) <= 256 for v in categorical["Values"])
+    err = capsys.readouterr().err
+    assert "batch sizes 128, 256, 512 left out of the search: 360 train images" in err
+    assert result.warning and "near chance (0.900" in result.warning and "near chance" in err
+    recorded = ws.state().tuning
+    assert recorded.hyperparameters["image_size"] == 96 and recorded.hyperparameters["arch"] == "resnet34"
+    assert recorded.hyperparameters["epochs"] == 3 and "lr" not in recorded.hyperparameters
+
+    mine = {"workdir": tmp_path, "backend": "sagemaker", "s3.bucket": BUCKET, "sagemaker.role": ROLE,
+            "train.use_best": True, "train.wait": False}  # no train.image_size, arch or epochs of the user's
+    training.train(load_settings(overrides=mine, environ={}))
+    hp = sm.last("CreateTrainingJob")["HyperParameters"]
+    assert (json.loads(hp["image_size"]), json.loads(hp["arch"]), json.loads(hp["epochs"])) == (96, "resnet34", 3)
+    assert hp["lr"] == "0.0123" and hp["batch_size"] == "16"
+    training.train(load_settings(overrides={**mine, "train.image_size": 64}, environ={}))  # the user's own wins
+    assert json.loads(sm.last("CreateTrainingJob")["HyperParameters"]["image_size"]) == 64
+    assert "your settings win over the trials' image_size=64 (trials: 96)" in capsys.readouterr().err
+
+
+def test_stop_finds_a_running_job_behind_a_pinned_run(sm, tmp_path, monkeypatch, cli):
+    """Issue 23.4: `runs --use` pins an older run while a newer job runs; stop, status and cleanup still find it."""
+    from bincount.backends.sagemaker import training
+    from bincount.workspace import Workspace
+
+    settings = make_settings(tmp_path, **{"train.wait": False})
+    record_channels(settings)
+    _training_running(monkeypatch)
+    stops = _stop_requests(monkeypatch, sm)
+    first = training.train(settings).job
+    second = training.train(settings).job
+    ws = Workspace(tmp_path)
+    ws.update_state(use=first)
+    assert [r.job for r in ws.state().all_runs()] == [first, second]
+    out = cli("stop", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}", "--yes", "--json")
+    assert out.exit_code == 0, out.stderr
+    assert sorted(json.loads(out.stdout)["stopped"]) == sorted([f"training job {first}", f"training job {second}"])
+    assert len(stops) == 2

@@ -182,7 +182,11 @@ def record(settings: Settings, result: TuneResult) -> None:
     """state.json "tuning": backend, job, objective, status, best_hyperparameters, best_value, and what the trials
     ran with besides the tuned ones (hyperparameters)."""
     kind = SageMakerTuning if result.backend == "sagemaker" else LocalTuning
-    Workspace(settings.workdir).update_state(tuning=kind(
-        job=result.job, objective=result.objective, status=result.status,
-        best_hyperparameters=result.best_hyperparameters or None, best_value=result.best_value,
-        hyperparameters=result.trial_hyperparameters or None))
+
+    def change(state: Any) -> dict[str, Any]:
+        known = state.tuning.hyperparameters if state.tuning and state.tuning.job == result.job else None
+        return {"tuning": kind(job=result.job, objective=result.objective, status=result.status,
+                               best_hyperparameters=result.best_hyperparameters or None, best_value=result.best_value,
+                               hyperparameters=result.trial_hyperparameters or known)}
+
+    Workspace(settings.workdir).update_state(change)

@@ -21,7 +21,7 @@ from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result
-from bincount.state import SageMakerEndpoint, SageMakerTraining, SageMakerTuning
+from bincount.state import SageMakerEndpoint
 from bincount.workspace import Workspace
 
 
@@ -97,11 +97,10 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
     with jobs.aws_errors("sagemaker cleanup"):
         # -- what exists ----------------------------------------------------------------------------
         running = []
-        for record in (state.training, state.tuning):
-            if isinstance(record, (SageMakerTraining, SageMakerTuning)):
-                found = jobs.job_status(sm, record.job)
-                if found and found[1] == "InProgress":
-                    running.append((found[0], record.job))
+        for record in jobs.recorded_jobs(state):
+            found = jobs.job_status(sm, record.job)
+            if found and found[1] == "InProgress":
+                running.append((found[0], record.job))
         # recorded here, or tagged with this work dir's id; another owner's bincount-* stays
         recorded: set[str] = set()
         if isinstance(state.endpoint, SageMakerEndpoint):

@@ -12,6 +12,7 @@ from bincount.config import Settings
 from bincount.console import confirm, log
 from bincount.errors import BincountError
 from bincount.results import Result
+from bincount.runs import used_training
 from bincount.state import SageMakerEndpoint, SageMakerTraining
 from bincount.workspace import Workspace
 
@@ -43,7 +44,7 @@ def resolve_model_data(settings: Settings, sm_session: Any) -> str:
     """settings.deploy.model_data, else the recorded training artifact; local files are uploaded to S3."""
     model_data = settings.deploy.model_data
     if not model_data:
-        training = Workspace(settings.workdir).state().training
+        training = used_training(Workspace(settings.workdir))  # the newest run, or the one `runs --use` pinned
         model_data = training.model_data if training else None
         if not model_data and isinstance(training, SageMakerTraining):
             desc = sm_session.sagemaker_client.describe_training_job(TrainingJobName=training.job)

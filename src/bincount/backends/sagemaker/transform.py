@@ -36,6 +36,7 @@ from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
+from bincount.runs import used_training
 from bincount.state import SageMakerTransform
 from bincount.workspace import Workspace, file_sha256
 
@@ -162,7 +163,7 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
 
 def model_ref(settings: Settings) -> str | None:
     """What identifies the artifact before any upload: a local model.tar.gz's sha256, else its S3 URI."""
-    training = Workspace(settings.workdir).state().training
+    training = used_training(Workspace(settings.workdir))
     source = settings.deploy.model_data or (training.model_data if training else None)
     if not source:
         return None
