@@ -74,12 +74,6 @@ def job_name(settings: Settings) -> str:
     return f"{settings.sagemaker.base_job_name[:30].rstrip('-')}-audit-{jobs.timestamp()}-{secrets.token_hex(2)}"
 
 
-def s3_client(settings: Settings) -> Any:
-    from bincount.aws import s3_client as make
-
-    return make(settings, max_pool_connections=JOIN_WORKERS)
-
-
 def _bucket_region(settings: Settings, bucket: str) -> str:
     from bincount.aws import is_source_bucket, job_region
 
@@ -175,17 +169,18 @@ def model_ref(settings: Settings) -> str | None:
     return f"sha256:{file_sha256(path)}"
 
 
-def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
+def start(aws: Aws, inputs: Inputs) -> SageMakerTransform:
     """Write and upload the manifest, CreateModel if needed, CreateTransformJob; the transform record (in state.json)."""
-    from bincount.aws import job_region, parse_s3_uri
+    from bincount.aws import parse_s3_uri
 
+    settings = aws.settings
     jobs.load_sdk()
     ws = Workspace(settings.workdir)
     job = job_name(settings)
     folder = ws.reports / "transform" / job
     folder.mkdir(parents=True, exist_ok=True)
     bucket, prefix, count = write_selection(settings, inputs, folder)
-    region, jobs_in = _bucket_region(settings, bucket), job_region(settings)
+    region, jobs_in = _bucket_region(settings, bucket), aws.job_region
     if region != jobs_in:
         raise BincountError(f"the bins are in s3://{bucket} ({region}) but transform jobs run in sagemaker.region "
                             f"{jobs_in} and read S3 in their own region: use "
@@ -193,8 +188,8 @@ def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
     manifest_uri = jobs.s3_uri(settings, "transform", "input", f"{job}.manifest")
     out_bucket, out_key = parse_s3_uri(manifest_uri)
     with jobs.aws_errors("sagemaker audit"), jobs.sdk_output():
-        s3_client(settings).upload_file(str(folder / "input.manifest"), out_bucket, out_key)
-        sm_session = jobs.session(Aws(settings))
+        aws.s3(max_pool_connections=JOIN_WORKERS).upload_file(str(folder / "input.manifest"), out_bucket, out_key)
+        sm_session = jobs.session(aws)
         recorded = ws.state().transform
         output_path = _output_path(settings, job)
         transformer, model_name, model_data = _transformer(settings, sm_session, output_path, recorded)
@@ -215,20 +210,18 @@ def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
 
 
 # -- waiting and joining ---------------------------------------------------------------------------
-def describe(settings: Settings, job: str) -> dict[str, Any]:
-    from bincount.aws import client, job_region
-
+def describe(aws: Aws, job: str) -> dict[str, Any]:
     with jobs.aws_errors(f"describe transform job {job}"):
-        return client("sagemaker", region=job_region(settings), max_attempts=4).describe_transform_job(
+        return aws.client("sagemaker", region=aws.job_region, max_attempts=4).describe_transform_job(
             TransformJobName=job)
 
 
-def wait(settings: Settings, job: str) -> dict[str, Any]:
+def wait(aws: Aws, job: str) -> dict[str, Any]:
     """Poll DescribeTransformJob until the job ends or transform.max_wait_s passes; the last description."""
-    t = settings.transform
+    t = aws.settings.transform
     started, last = time.monotonic(), None
     while True:
-        desc = describe(settings, job)
+        desc = describe(aws, job)
         status = desc.get("TransformJobStatus", "?")
         if status != last:
             log(f"transform job {job}: {status} ({time.monotonic() - started:.0f} s)")
@@ -261,14 +254,14 @@ def _read_output(s3: Any, uri: str) -> dict[str, Any]:
     return answer
 
 
-def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *, threshold: float, out: Path,
+def join(aws: Aws, record: SageMakerTransform, desc: dict[str, Any], *, threshold: float, out: Path,
          top: int) -> AuditResult:
     """Each bin with its <name>.out (read concurrently) and expected quantity, ranked into the audit report."""
     from bincount.aws import parse_s3_uri
 
     status = desc.get("TransformJobStatus", "?")
     why = f"no output (job {status}" + (f": {desc['FailureReason']}" if desc.get("FailureReason") else "") + ")"
-    s3, reader = s3_client(settings), Reader(settings)
+    s3, reader = aws.s3(max_pool_connections=JOIN_WORKERS), Reader(aws.settings)
     prefix = record.input_key_prefix
     output = record.output_path.rstrip("/") + "/"
 
@@ -324,7 +317,7 @@ def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0
 def batch_audit(settings: Settings, source: str | Path | None, *, threshold: float, out: Path, top: int,
                 collect: bool = False) -> AuditResult | TransformResult:
     """Run (or join) a Batch Transform audit; see the module docstring."""
-    ws = Workspace(settings.workdir)
+    aws, ws = Aws(settings), Workspace(settings.workdir)
     recorded = ws.state().transform
     if collect:
         if recorded is None:
@@ -338,8 +331,8 @@ def batch_audit(settings: Settings, source: str | Path | None, *, threshold: flo
             log(f"joining transform job {recorded.job}, started earlier over the same bins")
             record = recorded
         else:
-            record = start(settings, inputs)
-    desc = wait(settings, record.job) if settings.transform.wait else describe(settings, record.job)
+            record = start(aws, inputs)
+    desc = wait(aws, record.job) if settings.transform.wait else describe(aws, record.job)
     status = desc.get("TransformJobStatus", "?")
     record = record.model_copy(update={"status": status})
     ws.update_state(transform=record)
@@ -348,7 +341,7 @@ def batch_audit(settings: Settings, source: str | Path | None, *, threshold: flo
                 "once it has ended")
         return TransformResult(job=record.job, status=status, bins=record.bins, model_name=record.model_name,
                                input_manifest=record.input_manifest, output_path=record.output_path, note=note)
-    result = join(settings, record, desc, threshold=threshold, out=out, top=top)
+    result = join(aws, record, desc, threshold=threshold, out=out, top=top)
     ws.update_state(transform=record.model_copy(update={"joined": True}))
     return result
 

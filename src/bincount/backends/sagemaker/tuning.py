@@ -53,7 +53,7 @@ def tune(settings: Settings) -> TuneResult:
         job = _tuning_job_name(settings.sagemaker.base_job_name)
         static = estimator.train_hyperparameters(settings, epochs)
         inputs, hp = estimator.job_inputs(aws, static)
-        est = estimator.estimator(settings, sm_session, hp, job)
+        est = estimator.estimator(settings, sm_session, hp, job, tuning=True)
         jobs.check_bucket_region(aws)
         warm = _warm_start(settings, sm_session.sagemaker_client)
         tuner = HyperparameterTuner(
