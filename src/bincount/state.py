@@ -91,6 +91,7 @@ class SageMakerEndpoint(Record):
     model_data: str
     config_name: str | None = None
     model_name: str | None = None
+    model_ref: str | None = None  # the artifact before upload (sha256:<local file digest>, or its S3 URI)
 
 
 class SageMakerTransform(Record):

@@ -19,6 +19,7 @@ import pytest
 from bincount.config import load_settings
 from bincount.errors import BincountError
 from bincount.state import SageMakerEndpoint, SageMakerTraining
+from bincount.workspace import Workspace
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 BUCKET = "bincount-test"
@@ -936,3 +937,90 @@ def test_stop_finds_a_running_job_behind_a_pinned_run(sm, tmp_path, monkeypatch,
     assert out.exit_code == 0, out.stderr
     assert sorted(json.loads(out.stdout)["stopped"]) == sorted([f"training job {first}", f"training job {second}"])
     assert len(stops) == 2
+
+
+def _update_endpoint_requests(monkeypatch):
+    """moto has no UpdateEndpoint: check the request as SageMaker does (the endpoint and the new endpoint config
+    must exist), point the moto endpoint at the new config, record the request."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+    from moto.sagemaker import models as sm_models
+
+    updates = []
+
+    def handler(model, params, **_):
+        params = json.loads(params["body"])
+        sm = boto3.client("sagemaker", region_name="us-east-1")
+        sm.describe_endpoint_config(EndpointConfigName=params["EndpointConfigName"])  # raises if it does not exist
+        assert set(params) == {"EndpointName", "EndpointConfigName"}
+        for backend in sm_models.sagemaker_backends.values():
+            for region in backend.values():
+                endpoint = region.endpoints[params["EndpointName"]]  # KeyError: no such endpoint
+                endpoint.endpoint_config_name = params["EndpointConfigName"]
+        updates.append(params)
+        return AWSResponse("https://api.sagemaker", 200, {}, None), {
+            "EndpointArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint/{params['EndpointName']}",
+            "ResponseMetadata": {"HTTPStatusCode": 200}}
+
+    import botocore.session
+
+    real_create = botocore.session.Session.create_client
+
+    def create_client(self, *args, **kwargs):
+        client = real_create(self, *args, **kwargs)
+        if client.meta.service_model.service_name == "sagemaker":
+            client.meta.events.register("before-call.sagemaker.UpdateEndpoint", handler)
+        return client
+
+    monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
+    return updates
+
+
+def test_deploy_a_new_model_updates_the_running_endpoint(sm, tmp_path, monkeypatch):
+    """Issue 23.6 on SageMaker: deploy --model NEW while the recorded endpoint runs updates it to a new endpoint
+    config over a new model (before: a second endpoint, the first left running and forgotten); the same model again
+    changes nothing; the old config and model are deleted."""
+    import io
+    import re
+    import tarfile
+
+    import boto3
+
+    from bincount.backends.sagemaker import endpoint as sm_endpoint
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for key in ("a/model.tar.gz", "b/model.tar.gz"):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            info = tarfile.TarInfo("meta.json")
+            info.size = len(key)
+            tar.addfile(info, io.BytesIO(key.encode()))
+        s3.put_object(Bucket=BUCKET, Key=key, Body=buf.getvalue())
+    updates = _update_endpoint_requests(monkeypatch)
+    first = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/a/model.tar.gz"}))
+    assert first.action == "created" and len(sm.calls("CreateEndpoint")) == 1
+    same = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/a/model.tar.gz"}))
+    assert same.action == "already deployed" and len(sm.calls("CreateModel")) == 1
+
+    second = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/b/model.tar.gz"}))
+    assert second.action == "updated" and second.endpoint == first.endpoint
+    assert len(sm.calls("CreateEndpoint")) == 1  # no second endpoint
+    [update] = updates
+    config = sm.last("CreateEndpointConfig")
+    assert update == {"EndpointName": first.endpoint, "EndpointConfigName": config["EndpointConfigName"]}
+    # the API's rules: names of 1-63 characters [a-zA-Z0-9-]; one variant with the new model and an instance type
+    for value in (config["EndpointConfigName"], sm.last("CreateModel")["ModelName"]):
+        assert re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", value), value
+    [variant] = config["ProductionVariants"]
+    assert variant["ModelName"] == second.model_name != first.model_name
+    assert variant["InstanceType"] == "ml.m5.large" and variant["InitialInstanceCount"] == 1
+    assert sm.last("DeleteEndpointConfig") == {"EndpointConfigName": first.config_name}
+    assert sm.last("DeleteModel") == {"ModelName": first.model_name}
+    state = Workspace(tmp_path).state().endpoint
+    assert state.model_data == f"s3://{BUCKET}/b/model.tar.gz" and state.config_name == config["EndpointConfigName"]
+
+    serverless = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/b/model.tar.gz",
+                                                               "deploy.mode": "serverless"}))
+    assert serverless.action == "updated" and len(updates) == 2
+    [variant] = sm.last("CreateEndpointConfig")["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 5} and "InstanceType" not in variant

@@ -61,6 +61,10 @@ def tune(settings: Settings) -> TuneResult:
     sizes, size_note = batch_sizes(settings)
     if size_note:
         log(f"note: {size_note}")
+    from bincount.data.split import stale_note
+
+    if stale := stale_note(ws):
+        log(stale)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(

@@ -42,6 +42,10 @@ def tune(settings: Settings) -> TuneResult:
     sizes, size_note = batch_sizes(settings)  # an epoch of several steps: not 512 on 360 images
     if size_note:
         log(f"note: {size_note}")
+    from bincount.data.split import stale_note
+
+    if stale := stale_note(Workspace(settings.workdir)):
+        log(stale)
     ranges = {
         "lr": ContinuousParameter(t.lr.min, t.lr.max, scaling_type=scale[t.lr.scale]),
         "weight_decay": ContinuousParameter(t.weight_decay.min, t.weight_decay.max, scaling_type=scale[t.weight_decay.scale]),
