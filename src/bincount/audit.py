@@ -157,6 +157,8 @@ class Inputs:
                     row = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise BincountError(f"{path}:{number}: not valid JSON ({exc})") from None
+                except RecursionError:
+                    raise BincountError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
                 if not isinstance(row, dict):
                     raise BincountError(f"{path}:{number}: expected a JSON object")
                 count, image = row.get("count"), row.get("image")
@@ -662,7 +664,7 @@ def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0
         raise BincountError("pass --source or --manifest, not both")
     top = settings.audit.top if top is None else top
     ws = Workspace(settings.workdir)
-    out = Path(out) if out else ws.reports / "audit.csv"
+    out = check_out(Path(out)) if out else ws.reports / "audit.csv"
     if settings.backend == "sagemaker" and not endpoint and not model:
         from bincount.backends import sm_transform
 
@@ -672,17 +674,42 @@ def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0
     return audit_local(settings, source or manifest, threshold=threshold, endpoint=endpoint, model=model, out=out, top=top)
 
 
+def check_out(out: Path) -> Path:
+    """--out must name a file in a folder that exists and can be written: checked before any scoring."""
+    if out.is_dir():
+        raise BincountError(f"--out {out} is a folder: give the report's file name, e.g. --out {out / 'audit.csv'}")
+    if not out.parent.is_dir():
+        raise BincountError(f"--out {out}: the folder {out.parent} does not exist (create it, or pick another)")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise BincountError(f"--out {out}: cannot write there (permission denied)")
+    return out
+
+
 def audit_local(settings: Settings, source: str | Path | None, *, threshold: float, endpoint: str | None,
                 model: Path | None, out: Path, top: int) -> AuditResult:
-    from bincount.console import progress
     from bincount.predict import resolve_target
 
     ws = Workspace(settings.workdir)
     inputs = Inputs(settings, source)
     target = resolve_target(settings, endpoint, model)
+    partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
+    try:
+        return _score_and_report(settings, ws, inputs, target, partial, threshold=threshold, out=out, top=top)
+    except OSError as exc:  # a full disk or a read-only one: what was scored stays in `partial` for the rerun
+        from bincount.workspace import disk_error
+
+        error = disk_error(Path(exc.filename or partial), exc)
+        if error is exc:
+            raise
+        raise error from None
+
+
+def _score_and_report(settings: Settings, ws: Workspace, inputs: Inputs, target: Any, partial: Path, *,
+                      threshold: float, out: Path, top: int) -> AuditResult:
+    from bincount.console import progress
+
     started = time.perf_counter()
     try:
-        partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
         partial.parent.mkdir(parents=True, exist_ok=True)
         done = resume(partial, settings)
         if done:
