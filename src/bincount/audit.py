@@ -675,11 +675,13 @@ def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0
 
 
 def check_out(out: Path) -> Path:
-    """--out must name a file in a folder that exists and can be written: checked before any scoring."""
+    """--out must name a file that can be written (its folder is made if missing): checked before any scoring."""
     if out.is_dir():
         raise BincountError(f"--out {out} is a folder: give the report's file name, e.g. --out {out / 'audit.csv'}")
-    if not out.parent.is_dir():
-        raise BincountError(f"--out {out}: the folder {out.parent} does not exist (create it, or pick another)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BincountError(f"--out {out}: cannot make the folder {out.parent} ({exc.strerror or exc})") from None
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise BincountError(f"--out {out}: cannot write there (permission denied)")
     return out

@@ -225,9 +225,11 @@ def test_a_deeply_nested_manifest_is_one_line(tmp_path):
              f"{bins}:1", "nested too deeply")
 
 
-@pytest.mark.parametrize("where", ["missing/audit.csv", "a-folder"])
+@pytest.mark.parametrize("where", ["a-file/audit.csv", "a-file/missing/audit.csv", "a-folder", "/proc/no/audit.csv"])
 def test_audit_out_is_checked_before_scoring(tmp_path, where, endpoint, synth_source):
+    """--out onto a folder, or where no folder can be made (a missing folder is made, before scoring)."""
     (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
     bins = tmp_path / "bins.jsonl"
     write_jsonl(bins, [{"id": "1", "image": str(synth_source / "bin-images" / "00001.jpg"), "count": 1}])
     out = tmp_path / where
