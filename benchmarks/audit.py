@@ -85,7 +85,7 @@ def cpu_seconds_per_image(model_dir: Path, bodies: list[bytes]) -> float:
 
 def run_audit(work: Path, source: Path, model_dir: Path, **sets) -> tuple[int, float]:
     """(bins, seconds) of the whole audit stage: worker start-up, reading, scoring, partial file, ranked CSV."""
-    from bincount.audit import audit
+    from bincount.audit.local import audit
     from bincount.config import load_settings
 
     settings = load_settings(overrides={"workdir": str(work), **{f"audit.{k}": v for k, v in sets.items()}})
@@ -98,7 +98,8 @@ def run_audit(work: Path, source: Path, model_dir: Path, **sets) -> tuple[int, f
 
 def steady_rate(work: Path, source: Path, model_dir: Path, **sets) -> float:
     """images/s once the workers are up: from the result after the first 2 chunks per worker to the last."""
-    from bincount.audit import Inputs, score_local
+    from bincount.audit.core import Inputs
+    from bincount.audit.local import score_local
     from bincount.config import load_settings
     from bincount.predict import ModelTarget
 
@@ -113,7 +114,7 @@ def steady_rate(work: Path, source: Path, model_dir: Path, **sets) -> float:
 MEMORY_CHILD = """
 import resource, sys
 from pathlib import Path
-from bincount.audit import audit
+from bincount.audit.local import audit
 from bincount.config import load_settings
 work, source, model = map(Path, sys.argv[1:4])
 settings = load_settings(overrides={"workdir": str(work), "audit.workers": 2})
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args([] if argv is None else argv)
 
     from bincount.artifacts import write_model_dir
-    from bincount.audit import cpu_count
+    from bincount.audit.local import cpu_count
     from bincount.data.synth import synthesize
 
     cores = cpu_count()

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bincount.artifacts import write_model_dir
     from bincount.config import load_settings
     from bincount.data.synth import synthesize
-    from bincount.backends.local_endpoint import deploy_local, undeploy_local
+    from bincount.backends.local.endpoint import deploy_local, undeploy_local
     from bincount.handlers import Handlers
     from bincount.predict import HttpTarget
 

@@ -70,7 +70,7 @@ def cpu_name() -> str:
 
 
 def learning(root: Path, args) -> dict:
-    from bincount.backends.local_train import train
+    from bincount.backends.local.train import train
     from bincount.config import load_settings
     from bincount.data.fetch import fetch
     from bincount.data.split import split

@@ -163,13 +163,13 @@ def captured_sagemaker_requests(monkeypatch) -> list[tuple[str, dict]]:
     """A list that fills with (operation, params) of every SageMaker request the SDK sessions send."""
     import json
 
-    from bincount.backends import sm_estimator
+    from bincount.backends.sagemaker import jobs
 
     requests: list[tuple[str, dict]] = []
-    real_session = sm_estimator.session
+    real_session = jobs.session
 
-    def capturing_session(settings):
-        session = real_session(settings)
+    def capturing_session(aws):
+        session = real_session(aws)
 
         def capture(params, model, **_):
             requests.append((model.name, json.loads(json.dumps(params, default=str))))
@@ -177,7 +177,7 @@ def captured_sagemaker_requests(monkeypatch) -> list[tuple[str, dict]]:
         session.sagemaker_client.meta.events.register("provide-client-params.sagemaker", capture)
         return session
 
-    monkeypatch.setattr(sm_estimator, "session", capturing_session)
+    monkeypatch.setattr(jobs, "session", capturing_session)
     return requests
 
 
@@ -185,9 +185,9 @@ def captured_sagemaker_requests(monkeypatch) -> list[tuple[str, dict]]:
 def sagemaker_requests(monkeypatch, captured_sagemaker_requests):
     """moto's SageMaker and S3 in-process with the bucket `bincount-test`; yields the list of (operation,
     params) of every SageMaker request the CLI sends (what reaches the API, after the SDK built it)."""
-    from bincount.backends import sm_estimator
+    from bincount.backends.sagemaker import jobs
 
-    sm_estimator.load_sdk()
+    jobs.load_sdk()
     import boto3
     import sagemaker.telemetry.telemetry_logging as telemetry
     from moto import mock_aws

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bincount.artifacts import write_model_dir
-from bincount.audit import AuditRow, rank
+from bincount.audit.core import AuditRow, rank
 from bincount.workspace import write_jsonl
 
 CONFIDENCE = 0.8007  # softmax of logits (0, 0, 3, 0, 0, 0): e^3 / (e^3 + 5)
@@ -168,7 +168,7 @@ def test_workers_score_like_one_thread(cli, synth_source, tmp_path, random_model
 
 
 def test_interrupted_audit_resumes_without_rescoring(work, random_model, tmp_path, monkeypatch):
-    from bincount import audit as audit_mod
+    from bincount.audit import local as audit_mod
     from bincount.config import load_settings
 
     settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
@@ -205,7 +205,7 @@ def test_interrupted_audit_resumes_without_rescoring(work, random_model, tmp_pat
 
 def test_partial_results_are_keyed_by_model(work, random_model, sure_of_two, monkeypatch):
     """Results of another model are never reused: an interrupted run of one model, then a run of the other."""
-    from bincount import audit as audit_mod
+    from bincount.audit import local as audit_mod
     from bincount.config import load_settings
 
     settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
@@ -230,7 +230,7 @@ def test_ranking_from_disk_runs_matches_in_memory_rank(tmp_path, monkeypatch):
     """The external sort (runs of SORT_RUN rows merged from disk) ranks exactly as sorting in memory."""
     import random
 
-    from bincount import audit as audit_mod
+    from bincount.audit import core as audit_mod
 
     monkeypatch.setattr(audit_mod, "SORT_RUN", 7)
     rng = random.Random(0)
@@ -270,7 +270,7 @@ def test_s3_prefix_source_reads_images_and_labels_from_s3(cli, s3_server, synth_
 def test_a_report_that_misses_a_bin_is_not_written(work, sure_of_two, monkeypatch):
     """If the results cover fewer bins than the input (another writer took some), audit fails in one line
     and writes no report (before: exit 0 with 2,904 of 3,000 bins and no warning)."""
-    from bincount import audit as audit_mod
+    from bincount.audit import local as audit_mod
     from bincount.config import load_settings
     from bincount.errors import BincountError
 
@@ -289,7 +289,7 @@ def test_a_report_that_misses_a_bin_is_not_written(work, sure_of_two, monkeypatc
 
 
 def test_report_refuses_duplicate_or_foreign_bins(tmp_path):
-    from bincount import audit as audit_mod
+    from bincount.audit import core as audit_mod
     from bincount.errors import BincountError
 
     record = {"id": "a", "image": "a.jpg", "expected": 1, "predicted": 1, "confidence": 0.9, "error": None}
@@ -307,7 +307,7 @@ def test_a_resumed_audit_scores_again_the_images_that_changed(work, random_model
     run and the resumed one is scored again; the unchanged ones are kept."""
     from PIL import Image
 
-    from bincount import audit as audit_mod
+    from bincount.audit import local as audit_mod
     from bincount.config import load_settings
 
     settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
@@ -335,7 +335,7 @@ def test_a_resumed_audit_scores_again_the_images_that_changed(work, random_model
 
 def test_names_that_a_spreadsheet_would_run_as_formulas_are_escaped(tmp_path):
     """A file name or id starting with = + - @ tab or CR becomes text in audit.csv, not a formula (issue 22.13)."""
-    from bincount import audit as audit_mod
+    from bincount.audit import core as audit_mod
     from bincount.predict import PredictItem, items_csv
     from bincount.results import csv_cell
 

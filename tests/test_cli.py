@@ -48,14 +48,22 @@ def test_error_with_brackets_is_printed_verbatim(cli, tmp_path):
 
 
 def test_every_command_runs_one_stage_from_the_table():
-    from bincount.cli import STAGES, app, stage
+    from bincount.cli import BACKENDS, COMMANDS, app, stage
 
     commands = {info.name or info.callback.__name__ for info in app.registered_commands}
-    assert commands == set(STAGES)
-    for command in STAGES:
-        for backend in ("local", "sagemaker"):
+    assert commands == set(COMMANDS)
+    for command in COMMANDS:
+        for backend in BACKENDS:
             assert callable(stage(command, backend))
-    assert stage("train", "sagemaker").__module__ == "bincount.backends.sagemaker"
+    assert stage("train", "sagemaker").__module__ == "bincount.backends.sagemaker.training"
+
+
+def test_a_command_without_the_chosen_backend_is_a_one_line_error(cli, one_line_error, monkeypatch, tmp_path):
+    from bincount import cli as cli_module
+
+    monkeypatch.setitem(cli_module.COMMANDS, "train", {"local": cli_module.COMMANDS["train"]["local"]})
+    res = cli("train", "--backend", "sagemaker", "--workdir", tmp_path)
+    one_line_error(res, "`bincount train` has no sagemaker backend: use --backend local")
 
 
 def test_version_and_short_help(cli):

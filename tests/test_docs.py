@@ -14,6 +14,7 @@ ROOT = Path(__file__).parents[1]
 def test_generated_references_are_current():
     reference = (ROOT / "docs" / "reference.md").read_text()
     assert "<!-- BEGIN GENERATED: cli -->" in reference and "<!-- BEGIN GENERATED: config -->" in reference
+    assert "<!-- BEGIN GENERATED: commands -->" in (ROOT / "docs" / "architecture.md").read_text()
     for document in docs.documents(ROOT):
         text = document.read_text()
         assert docs.render_readme(text) == text, f"{document.relative_to(ROOT)} is stale: run `make docs`"

@@ -136,7 +136,7 @@ def test_default_targets_come_from_state(cli, model_dir, images, expected, tmp_p
 
 def test_an_endpoint_name_goes_to_sagemaker(cli, model_dir, images, expected, tmp_path, monkeypatch):
     """sagemaker-runtime cannot run here: its invoke is stubbed with the same handlers; the routing is real."""
-    import bincount.backends.sagemaker as sm
+    import bincount.backends.sagemaker.runtime as sm
 
     handlers = Handlers(model_dir)
     calls = []
@@ -172,3 +172,24 @@ def test_paths_with_markup_characters_are_printed_as_they_are(cli, model_dir, im
     assert "Traceback" not in res.stderr
     flat = "".join(res.stdout.split())  # the table may fold long paths across lines
     assert "odd[bold][/]x[/].jpg" in flat and "[/]nope.jpg" in flat and "notfound" in flat
+
+
+def test_terminal_escape_sequences_in_file_names_and_errors_are_shown_escaped(cli, model_dir, images, tmp_path,
+                                                                              monkeypatch):
+    """A file named to clear the screen and retitle the terminal: printed as \\x1b..., never raw (issue 22.13)."""
+    monkeypatch.setenv("COLUMNS", "500")  # no folding of the long names in the table
+    folder = tmp_path / "evil\x1b]0;pwned\x07"
+    folder.mkdir()
+    shutil.copy(next(images.glob("*.jpg")), folder / "\x1b[2J\x1b[31mred\r\u202egpj.jpg")
+    missing = str(tmp_path / "\x1b[5mgone.jpg")
+    for fmt in ("table", "csv"):
+        res = cli("predict", "--workdir", tmp_path, "--model", model_dir, folder, missing, "--format", fmt)
+        assert res.exit_code == 1
+        for text in (res.stdout, res.stderr):
+            assert not any(c in text for c in "\x1b\x07\r\u202e"), repr(text)
+        flat = "".join(res.stdout.split())
+        assert "\\x1b[2J\\x1b[31mred" in flat and "\\u202egpj.jpg" in flat and "\\x1b[5mgone.jpg" in flat
+    res = cli("predict", images, "--workdir", tmp_path, "--model", tmp_path / "no\x1b[31mmodel")
+    assert res.exit_code == 1 and "\x1b" not in res.stderr and "no\\x1b[31mmodel" in res.stderr
+    out = json.loads(cli("predict", missing, "--workdir", tmp_path, "--model", model_dir, "--json").stdout)
+    assert out["items"][0]["image"] == missing  # JSON keeps the name exact (json escapes it)

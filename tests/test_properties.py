@@ -139,7 +139,7 @@ def model_dir(tmp_path_factory) -> Path:
 @FEWER
 @given(content=manifests)
 def test_manifests_of_any_bytes_through_split_evaluate_audit_and_channels(content: bytes, model_dir: Path):
-    from bincount.backends.local_train import make_channels
+    from bincount.backends.local.train import make_channels
     from bincount.config import load_settings
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -115,8 +115,8 @@ class Aws:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._clients: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
+        self._clients: dict[Any, Any] = {}
+        self._lock = threading.RLock()
 
     @cached_property
     def region(self) -> str:
@@ -131,12 +131,12 @@ class Aws:
     def client(self, service: str, **options: Any) -> Any:
         """A client of `service` in `region` (default: self.region)."""
         options.setdefault("region", self.region)
-        return self._once((service, *sorted(options.items())), lambda: client(service, **options))
+        return self.once((service, *sorted(options.items())), lambda: client(service, **options))
 
     def s3(self, bucket: str | None = None, *, source: bool = False, **options: Any) -> Any:
         """The S3 client for `bucket` (see `s3_client`): the work bucket unless it is the source bucket."""
         source = source or (bucket is not None and is_source_bucket(self.settings, bucket))
-        return self._once(("s3", source, *sorted(options.items())),
+        return self.once(("s3", source, *sorted(options.items())),
                           lambda: s3_client(self.settings, source=source, **options))
 
     @property
@@ -155,7 +155,8 @@ class Aws:
 
         return boto3.Session(region_name=self.job_region)
 
-    def _once(self, key: tuple, make: Any) -> Any:
+    def once(self, key: Any, make: Any) -> Any:
+        """make(), the first time `key` is asked for; the same object after that."""
         with self._lock:
             if key not in self._clients:
                 self._clients[key] = make()

@@ -65,36 +65,44 @@ def main(
     configure(quiet=quiet, verbose=verbose)
 
 
-# Every command and the stage it runs, as "module:function". A stage is imported only when its command
-# runs, so --help stays instant. {backend} is settings.backend: bincount.backends.local or .sagemaker,
-# each a bincount.backends.Backend.
-STAGES: dict[str, str] = {
-    "synth": "bincount.data.synth:synth",
-    "index": "bincount.data.index:index",
-    "fetch": "bincount.data.fetch:fetch",
-    "split": "bincount.data.split:split",
-    "shard": "bincount.data.shard:shard",
-    "upload": "bincount.data.upload:upload",
-    "tune": "bincount.backends.{backend}:tune",
-    "train": "bincount.backends.{backend}:train",
-    "evaluate": "bincount.evaluate:evaluate",
-    "deploy": "bincount.backends.{backend}:deploy",
-    "predict": "bincount.predict:predict",
-    "audit": "bincount.audit:audit",
-    "undeploy": "bincount.backends.{backend}:undeploy",
-    "doctor": "bincount.doctor:doctor",
-    "stop": "bincount.backends.sagemaker:stop",
-    "cleanup": "bincount.backends.sm_cleanup:cleanup",
-    "serve": "bincount.serve:serve_forever",
-    "status": "bincount.backends.{backend}:status",
-    "demo": "bincount.demo:demo",
-    "config": "bincount.config:show",
+# Every command and, per backend, the function it runs ("module:function"; "*": any backend). A function
+# is imported only when its command runs, so --help stays instant. The backend is settings.backend
+# (--backend, default local); a command with no row for it is a one-line error. docs/architecture.md's
+# command table is generated from this map (bincount.docs).
+COMMANDS: dict[str, dict[str, str]] = {
+    "synth": {"*": "bincount.data.synth:synth"},
+    "index": {"*": "bincount.data.index:index"},
+    "fetch": {"*": "bincount.data.fetch:fetch"},
+    "split": {"*": "bincount.data.split:split"},
+    "shard": {"local": "bincount.data.shard:shard", "sagemaker": "bincount.backends.sagemaker.processing:shard"},
+    "upload": {"*": "bincount.data.upload:upload"},
+    "tune": {"local": "bincount.backends.local.tune:tune", "sagemaker": "bincount.backends.sagemaker.tuning:tune"},
+    "train": {"local": "bincount.backends.local.train:train", "sagemaker": "bincount.backends.sagemaker.training:train"},
+    "evaluate": {"*": "bincount.evaluate:evaluate"},
+    "deploy": {"local": "bincount.backends.local.endpoint:deploy_local",
+               "sagemaker": "bincount.backends.sagemaker.endpoint:deploy"},
+    "predict": {"local": "bincount.predict:predict", "sagemaker": "bincount.backends.sagemaker.endpoint:predict"},
+    "audit": {"local": "bincount.audit.local:audit", "sagemaker": "bincount.backends.sagemaker.transform:audit"},
+    "undeploy": {"local": "bincount.backends.local.endpoint:undeploy_local",
+                 "sagemaker": "bincount.backends.sagemaker.endpoint:undeploy"},
+    "doctor": {"*": "bincount.doctor:doctor"},
+    "stop": {"*": "bincount.backends.sagemaker.jobs:stop"},
+    "cleanup": {"*": "bincount.backends.sagemaker.cleanup:cleanup"},
+    "serve": {"*": "bincount.serve:serve_forever"},
+    "status": {"*": "bincount.status:status"},
+    "demo": {"*": "bincount.demo:demo"},
+    "config": {"*": "bincount.config:show"},
 }
+BACKENDS = ("local", "sagemaker")
 
 
 def stage(command: str, backend: str = "local") -> Callable[..., Any]:
-    """The function `command` runs (with settings.backend = `backend`)."""
-    module, _, function = STAGES[command].format(backend=backend).partition(":")
+    """The function `command` runs with settings.backend = `backend`; a BincountError if it has none there."""
+    rows = COMMANDS[command]
+    target = rows.get(backend) or rows.get("*")
+    if target is None:
+        raise BincountError(f"`bincount {command}` has no {backend} backend: use --backend {' or '.join(rows)}")
+    module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
 
 
@@ -142,13 +150,12 @@ def _print(result: Any, json_out: bool) -> None:
     if json_out:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:
-        from rich.console import Console
-
+        from bincount.console import make_console
         from bincount.results import plain_boxes
 
         # markup off: paths, ids and errors in results are printed as they are (`[/]` in a file name is no tag);
-        # a result styles its cells with rich Text, not markup
-        console = Console(soft_wrap=not sys.stdout.isatty(), markup=False)
+        # a result styles its cells with rich Text, not markup; control characters are shown escaped
+        console = make_console(soft_wrap=not sys.stdout.isatty(), markup=False)
         view = result.rich()
         console.print(view if console.is_terminal else plain_boxes(view))
     sys.stdout.flush()

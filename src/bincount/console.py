@@ -7,22 +7,45 @@ SageMaker SDKs' own INFO logs, which are otherwise kept quiet.
 from __future__ import annotations
 
 import logging
+import re
 from functools import cache
+from typing import Any
+
+
+# control characters a terminal would act on (ESC starts colour, title and screen-clearing sequences; CR
+# overwrites the line; C1 controls; bidi overrides reorder what is shown): shown escaped, as \x1b, \u202e
+CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text safe to print on a terminal: every control character but tab and newline shown escaped."""
+    return CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
+def make_console(**options: Any):
+    """A rich Console that prints text from files, endpoints and errors with its control characters escaped
+    (`printable`): a file name or an endpoint's answer never drives the terminal. rich's own styling is kept."""
+    from rich.console import Console
+    from rich.segment import Segment
+
+    class SafeConsole(Console):
+        def _render_buffer(self, buffer: Any) -> str:
+            return super()._render_buffer(
+                seg if seg.control else Segment(printable(seg.text), seg.style, seg.control) for seg in buffer)
+
+    return SafeConsole(**options)
 
 
 @cache
 def err_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 @cache
 def error_console():
     """stderr for the one-line errors: never silenced by --quiet."""
-    from rich.console import Console
-
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 def configure(quiet: bool = False, verbose: bool = False) -> None:

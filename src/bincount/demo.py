@@ -117,12 +117,12 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
     """
     import os
 
-    from bincount import audit as audit_stage
+    from bincount.audit import local as audit_stage
     from bincount import evaluate as evaluate_stage
     from bincount import quality
     from bincount import predict as predict_stage
-    from bincount.backends import local_endpoint
-    from bincount.backends import local_train
+    from bincount.backends.local import endpoint as local_endpoint
+    from bincount.backends.local import train as local_train
     from bincount.data import fetch, split, synth
     from bincount.workspace import Workspace, read_jsonl
 

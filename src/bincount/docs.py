@@ -3,7 +3,8 @@ reference and configs/default.yaml (from the settings' own descriptions), and do
 Schema of every result `--json` prints).
 
 `make docs` (python -m bincount.docs) rewrites the marked blocks of README.md and docs/*.md (the references
-live in docs/reference.md) and configs/default.yaml; tests fail when they disagree with the code.
+live in docs/reference.md, the command table in docs/architecture.md) and configs/default.yaml; tests fail
+when they disagree with the code.
 """
 
 from __future__ import annotations
@@ -121,7 +122,21 @@ def result_schemas() -> dict[str, str]:
             for name, cls in sorted(found.items())}
 
 
-BLOCKS = {"cli": cli_reference, "config": config_reference}
+def command_table() -> str:
+    """docs/architecture.md's table of what each command runs on each backend, from bincount.cli.COMMANDS."""
+    from bincount.cli import BACKENDS, COMMANDS
+
+    rows = ["| command | " + " | ".join(BACKENDS) + " |", "| --- |" + " --- |" * len(BACKENDS)]
+    for command, targets in COMMANDS.items():
+        cells = []
+        for backend in BACKENDS:
+            target = targets.get(backend) or targets.get("*")
+            cells.append(f"`{target.removeprefix('bincount.')}`" if target else "(none: an error)")
+        rows.append(f"| `{command}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+BLOCKS = {"cli": cli_reference, "config": config_reference, "commands": command_table}
 
 
 def render_readme(text: str) -> str:

@@ -86,7 +86,9 @@ def _imagenet_cache(arch: str):
 
 class _Doctor:
     def __init__(self, settings: Settings):
-        self.settings = settings
+        from bincount.aws import Aws
+
+        self.settings, self.aws = settings, Aws(settings)  # one per run: each client made once
         self.checks: list[Check] = []
         self.account: str | None = None
         self.region: str | None = None
@@ -95,11 +97,9 @@ class _Doctor:
         self.checks.append(Check(check=check, status=status, detail=detail))
 
     def client(self, service: str) -> Any:
-        from bincount.aws import client, s3_client
-
         if service == "s3":  # the work bucket's client
-            return s3_client(self.settings, max_attempts=2)
-        return client(service, region=self.region, max_attempts=2)
+            return self.aws.s3(max_attempts=2)
+        return self.aws.client(service, region=self.region, max_attempts=2)
 
     def credentials(self) -> None:
         try:
@@ -170,7 +170,7 @@ class _Doctor:
             self.add("bucket", "ok", f"s3://{bucket} is reachable, in {found}")
 
     def instances(self) -> None:
-        from bincount.backends.sm_estimator import check_instances, is_gpu_instance
+        from bincount.backends.sagemaker.estimator import check_instances, is_gpu_instance
         from bincount.errors import BincountError
 
         sm = self.settings.sagemaker
@@ -180,7 +180,8 @@ class _Doctor:
             self.add("training instance", "fail", str(exc))
             return
         kind = "GPU" if is_gpu_instance(sm.instance_type) else "CPU (no CUDA: training runs on the CPU)"
-        ddp = f", {sm.instance_count} instances under torch_distributed" if sm.instance_count > 1 else ""
+        ddp = (f", {sm.instance_count} instances," if sm.instance_count > 1 else "") + \
+            (" one training process per GPU (torch_distributed)" if is_gpu_instance(sm.instance_type) else "")
         self.add("training instance", "ok", f"{sm.instance_type}: {kind}{ddp}")
         d = self.settings.deploy
         if d.mode == "serverless":

@@ -1,8 +1,9 @@
 """Count the objects in bin images: files, folders (recursive) or s3:// URIs, sent concurrently.
 
 Targets, first match wins: --model (the artifact's handlers in this process, no server); --endpoint
-(an http(s):// URL of a local endpoint, or a SageMaker endpoint name); with backend sagemaker,
-deploy.endpoint_name; the endpoint recorded in state.json; else the last trained model, in-process.
+(an http(s):// URL of a local endpoint, or a SageMaker endpoint name); with --backend sagemaker,
+deploy.endpoint_name (bincount.backends.sagemaker.endpoint.predict); the endpoint recorded in
+state.json; else the last trained model, in-process.
 
 s3:// images are read with the data settings (data.endpoint_url, data.region, data.unsigned) when the
 bucket is the data source's bucket (e.g. the public ABID bucket), else with the s3 settings (your
@@ -14,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -249,21 +249,22 @@ class HttpTarget(Target):
 
 class SageMakerTarget(Target):
     def __init__(self, settings: Settings, endpoint_name: str):
-        from bincount.backends.sagemaker import invoke_endpoint
+        from bincount.aws import Aws
+        from bincount.backends.sagemaker.runtime import invoke_endpoint
 
-        self.settings, self.endpoint_name = settings, endpoint_name
+        self.aws, self.endpoint_name = Aws(settings), endpoint_name
         self.name = f"SageMaker endpoint {endpoint_name}"
         self._invoke = invoke_endpoint
 
     def predict(self, body: bytes, content_type: str) -> dict:
         try:
-            return self._invoke(self.settings, self.endpoint_name, body, content_type)
+            return self._invoke(self.aws, self.endpoint_name, body, content_type)
         except BincountError as exc:
             raise ValueError(str(exc)) from None
 
 
 def resolve_target(settings: Settings, endpoint: str | None = None, model: Path | str | None = None) -> Target:
-    """The first of: --model, --endpoint, deploy.endpoint_name (sagemaker), the recorded endpoint, the last model."""
+    """The first of: --model, --endpoint, the recorded endpoint, the last model."""
     from bincount.artifacts import resolve_model
     from bincount.console import log
 
@@ -273,8 +274,6 @@ def resolve_target(settings: Settings, endpoint: str | None = None, model: Path 
         if endpoint.startswith(("http://", "https://")):
             return HttpTarget(endpoint)
         return SageMakerTarget(settings, endpoint)
-    if settings.backend == "sagemaker" and settings.deploy.endpoint_name:
-        return SageMakerTarget(settings, settings.deploy.endpoint_name)
     state = Workspace(settings.workdir).state()
     if isinstance(state.endpoint, LocalEndpoint):
         return HttpTarget(state.endpoint.url)

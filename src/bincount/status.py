@@ -88,15 +88,15 @@ class _Live:
     """Describe calls against SageMaker, made only when something recorded lives there."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
+        from bincount.aws import Aws
+
+        self.settings, self.aws = settings, Aws(settings)
         self._client = None
 
     def _describe(self, method: str, **kwargs: Any) -> dict[str, Any] | str:
         try:
             if self._client is None:
-                from bincount.aws import client
-
-                self._client = client("sagemaker", region=self.settings.sagemaker.region, max_attempts=2)
+                self._client = self.aws.client("sagemaker", max_attempts=2)
             return getattr(self._client, method)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - status must show what it can
             return f"unknown ({error_message(exc) or type(exc).__name__})"
@@ -111,7 +111,7 @@ class _Live:
             out["model_data"] = (desc.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
         if desc.get("FailureReason"):
             out["failure"] = desc["FailureReason"]
-        from bincount.backends.sm_estimator import rule_statuses
+        from bincount.backends.sagemaker.debugger import rule_statuses
 
         rules = rule_statuses(desc)
         if rules:  # the Debugger and profiler rule verdicts, which come minutes after the job ends
@@ -126,10 +126,9 @@ class _Live:
         if isinstance(recorded, SageMakerTraining) and recorded.profiler_report:
             return recorded.profiler_report
         try:
-            from bincount.aws import s3_client
-            from bincount.backends.sm_estimator import download_profiler_report
+            from bincount.backends.sagemaker.debugger import download_profiler_report
 
-            s3 = s3_client(self.settings, max_attempts=2)
+            s3 = self.aws.s3(max_attempts=2)
             report = download_profiler_report(self.settings, s3, desc)
         except Exception as exc:  # noqa: BLE001 - status must show what it can
             return f"unknown ({error_message(exc) or type(exc).__name__})"

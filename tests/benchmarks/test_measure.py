@@ -70,3 +70,12 @@ def test_run_all_shows_not_comparable_rows_as_neither_pass_nor_miss(monkeypatch,
     assert "2 rows were measured above one runnable process per core" in capsys.readouterr().out
     rows[2]["ratio"] = 0.5
     assert run_all.main(["f"]) == 1
+
+
+def test_the_index_benchmark_runs_small_and_reports_rows_with_their_load():
+    index = load("index")
+    out = index.main(["--items", "30", "--latency-ms", "1", "--repeat", "1", "--workers", "4"])
+    row = out["rows"][0]
+    assert out["name"] == "index" and out["goal"] == 0.8 and row["ratio"] > 0 and row["latency_ms"] == 1
+    assert "load" in row["note"] and isinstance(row["comparable"], bool) and row["load"] >= 0
+    assert out["latencies"][1.0]["client_cpu_ms_per_label"] > 0 and out["computed_full_bucket"]

@@ -219,3 +219,16 @@ def test_ping_never_goes_through_http_proxy(monkeypatch, image, tmp_path):
             res, _ = predict_cli(image, server.url, tmp_path)
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["items"][0]["count"] == 2
+
+
+def test_escape_sequences_in_an_endpoints_error_reach_the_terminal_escaped(image, tmp_path):
+    def evil(sock: socket.socket) -> None:
+        body = json.dumps({"error": "\x1b]0;owned\x1b\\\x1b[2J\x1b[31mgotcha", "status": 400}).encode()
+        sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+    with Hostile(evil) as server:
+        res = subprocess.run([sys.executable, "-m", "bincount", "predict", str(image), "--endpoint", server.url,
+                              "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "COLUMNS": "300"})
+    assert res.returncode == 1 and "\x1b" not in res.stdout + res.stderr
+    assert "\\x1b[2J\\x1b[31mgotcha" in res.stdout

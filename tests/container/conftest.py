@@ -150,7 +150,7 @@ class TrainingContainer:
             s3_download_prefix(req["CheckpointConfig"]["S3Uri"], self.checkpoints)
         return self
 
-    def run(self, timeout: int = 600) -> subprocess.CompletedProcess:
+    def run(self, timeout: int = 600, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         if not (TOOLKITS / "sagemaker_training").is_dir():
             pytest.fail(f"the SageMaker training toolkit is not in {TOOLKITS}: run make install")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_", "PIP_"))}
@@ -164,6 +164,7 @@ class TrainingContainer:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         })
         env.update(self.request.get("Environment") or {})
+        env.update(env_extra or {})
         command = [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"]
         return subprocess.run(command, env=env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
 

@@ -25,7 +25,7 @@ def test_the_train_settings_are_the_hyperparameter_table():
 
 
 def test_train_py_takes_every_setting_with_the_same_default_and_value():
-    from bincount.backends.local_train import format_args
+    from bincount.backends.local.train import format_args
     from bincount.config import load_settings
     from bincount.container import train
 

@@ -47,7 +47,7 @@ def served(tmp_path_factory, synth_source) -> dict:
 def realtime(served) -> dict[str, dict]:
     from bincount.config import load_settings
     from bincount.predict import HttpTarget
-    from bincount.backends.local_endpoint import deploy_local, undeploy_local
+    from bincount.backends.local.endpoint import deploy_local, undeploy_local
 
     settings = load_settings(overrides={"workdir": str(served["root"] / "work"), "deploy.port": 0,
                                         "deploy.model_data": str(served["tar"])})

@@ -35,7 +35,7 @@ def last(requests, operation: str) -> dict:
 
 @pytest.mark.slow
 def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_requests, synth_source, tmp_path):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
     from bincount.data.fetch import fetch
     from bincount.data.split import split
     from bincount.data.upload import upload
@@ -44,7 +44,7 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     fetch(settings)
     split(settings)
     upload(settings)
-    backend.train(settings)
+    training.train(settings)
     request = last(sagemaker_requests, "CreateTrainingJob")
 
     first = TrainingContainer(request, tmp_path / "job-1").layout()
@@ -81,7 +81,7 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     # The job's checkpoint went to its own prefix; a second job (same settings) does not resume it.
     first.sync_checkpoints()
     assert request["CheckpointConfig"]["S3Uri"].endswith(f"/{request['TrainingJobName']}/")
-    backend.train(settings)
+    training.train(settings)
     second_request = last(sagemaker_requests, "CreateTrainingJob")
     second = TrainingContainer(second_request, tmp_path / "job-2").layout()
     assert not any(second.checkpoints.rglob("*.pt"))  # nothing restored from the first job's prefix
@@ -91,6 +91,46 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     restarted = TrainingContainer(request, tmp_path / "job-1-restarted").layout()
     again = restarted.run()
     assert again.returncode == 0 and "resuming after epoch 1" in again.stderr + again.stdout
+
+
+def test_every_gpu_of_the_instance_gets_a_training_process(sagemaker_requests, tmp_path):
+    """ml.g5.12xlarge has 4 GPUs: the job must start train.py once per GPU (torchrun through the toolkit's
+    torch_distributed), not train on cuda:0 alone as it did when distribution was set only for instance_count > 1.
+    The toolkit counts GPUs with nvidia-smi and launches torchrun: both are stand-ins on PATH here (no GPU), the
+    second recording the command the real toolkit built from the real request."""
+    import os
+    import stat
+    import sys
+
+    import boto3
+
+    from bincount.backends.sagemaker import training
+    from bincount.workspace import Workspace
+
+    instance, gpus = "ml.g5.12xlarge", 4
+    settings = settings_for(tmp_path / "work", **{"sagemaker.instance_type": instance,
+                                                   "sagemaker.use_spot_instances": False})
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for split in ("train", "val"):
+        s3.put_object(Bucket=BUCKET, Key=f"bincount/{split}/manifest.jsonl", Body=b'{"count": 1, "image": "images/1.jpg"}\n')
+    Workspace(settings.workdir).update_state(channels={s: f"s3://{BUCKET}/bincount/{s}/" for s in ("train", "val")})
+    training.train(settings)
+    request = last(sagemaker_requests, "CreateTrainingJob")
+    assert request["ResourceConfig"]["InstanceType"] == instance
+    assert request["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "torchrun.json"
+    bin_dir.mkdir()
+    fakes = {"nvidia-smi": "\n".join(f"print('GPU {i}: NVIDIA A10G (UUID: GPU-{i})')" for i in range(gpus)),
+             "torchrun": f"import json, sys; json.dump(sys.argv[1:], open({str(record)!r}, 'w'))"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    container = TrainingContainer(request, tmp_path / "job").layout()
+    run = container.run(env_extra={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    argv = json.loads(record.read_text())
+    assert argv[:4] == ["--nnodes", "1", "--nproc_per_node", str(gpus)] and argv[4].endswith("train.py")
 
 
 def _images() -> dict[str, bytes]:
@@ -113,13 +153,13 @@ def test_the_deployed_model_serves_through_the_sagemaker_inference_handler_chain
     import sagemaker.session
 
     from bincount.artifacts import package_model, write_model_dir
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import endpoint as sm_endpoint
     from bincount.container import inference
 
     monkeypatch.setattr(sagemaker.session.time, "sleep", lambda seconds: None)  # moto endpoints are ready at once
     model_dir = write_model_dir(tmp_path / "trained", "mobilenet_v3_small", seed=5)
     tar = package_model(model_dir, tmp_path / "model.tar.gz")
-    backend.deploy(settings_for(tmp_path / "work", **{"deploy.model_data": str(tar)}))
+    sm_endpoint.deploy(settings_for(tmp_path / "work", **{"deploy.model_data": str(tar)}))
     server = model_server(last(sagemaker_requests, "CreateModel"))
     assert (server.model_dir / "code" / "inference.py").is_file() and not (server.model_dir / "code" / "train.py").exists()
 

@@ -152,7 +152,7 @@ def test_requirements_install_smdebug_for_the_hook():
 
 
 def test_hyperparameters_from_settings_parse_as_sagemaker_passes_them():
-    from bincount.backends.local_train import format_args
+    from bincount.backends.local.train import format_args
     from bincount.config import load_settings
     from bincount.container import train
 
@@ -403,7 +403,7 @@ def test_the_debugger_hook_saves_activations_under_either_cpu_precision(channels
     """SageMaker's hook config with PoorWeightInitialization's relu_input collection, on both sides of the CPU
     check: with bfloat16 autocast the saved activations are bfloat16, which NumPy cannot hold (every job on a
     CPU with native bfloat16 failed at its first step with "Got unsupported ScalarType BFloat16")."""
-    from bincount.backends.sm_estimator import activation_inputs_regex
+    from bincount.backends.sagemaker.debugger import activation_inputs_regex
 
     tensors = tmp_path / "tensors"
     config = tmp_path / "debughookconfig.json"
@@ -427,3 +427,49 @@ def test_the_debugger_hook_saves_activations_under_either_cpu_precision(channels
     assert names, "no activation inputs saved"
     value = trial.tensor(names[0]).value(trial.steps()[0])
     assert value.dtype.name == "float32" and value.size > 0
+
+
+def test_train_py_reports_the_test_metrics_that_bincount_evaluate_computes(channels, tmp_path):
+    """One scoring path (issue 23.6): train.py's test_acc/test_rmse are evaluate's for the same model and images,
+    even when training ran under bfloat16 autocast (forced here, so the check holds on every CPU)."""
+    from bincount.config import load_settings
+    from bincount.evaluate import evaluate
+
+    run = tmp_path / "run"
+    res = run_train(channels, run, "--arch", "resnet18", "--epochs", "1", "--lr", "1e-6", "--test",
+                    str(channels["train"]), env={"TRAIN_CPU_BF16": "1"})  # near its initial, close-call weights
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((run / "model" / "meta.json").read_text())
+    assert meta["train_precision"] == "bfloat16"
+    settings = load_settings(overrides={"workdir": str(tmp_path / "work")}, environ={})
+    result = evaluate(settings, manifest=channels["train"] / "manifest.jsonl", model=run / "model")
+    assert (result.n, result.skipped, result.tta) == (72, 0, False)
+    assert (meta["metrics"]["test_acc"], meta["metrics"]["test_rmse"]) == \
+        pytest.approx((result.accuracy, result.rmse), abs=1e-12)
+
+
+def test_the_test_pass_scores_near_ties_as_evaluate_does(channels, tmp_path):
+    """A model whose top two counts are close on every image: bfloat16 autocast or another decode would flip
+    some of them (the validation pass may; the test pass, loop.score, must not)."""
+    import torch
+
+    from bincount.artifacts import write_model_dir
+    from bincount.container import batches, loop, net
+    from bincount.evaluate import compute_metrics, predict_counts
+
+    items = batches.read_channel(str(channels["train"]), "train", 6)
+    data = batches.Batches(items, 32, 16, cache_mb=64, num_workers=0)
+    torch.manual_seed(0)
+    model = net.build_model("resnet18", 6).eval()
+    with torch.no_grad():  # counts 2 and 3 lead on every image, half of them each, by a few hundredths
+        x = torch.cat([net.normalize(images.contiguous()) for images, _ in data.iterate(list(range(len(items))))])
+        model.fc.bias[2:4] += 10.0
+        logits = model(x)
+        model.fc.bias[3] -= (logits[:, 3] - logits[:, 2]).median()
+    model_dir = write_model_dir(tmp_path / "model", "resnet18", model=model)
+    predicted, _ = predict_counts(model_dir, [path for path, _ in items], tta=False)
+    expected = compute_metrics([count for _, count in items], predicted, list(range(6)))
+    assert set(predicted) == {2, 3}  # a near tie that falls both ways
+    loaded, _ = net.load_model(model_dir)
+    test = loop.score(loaded, data, loop.CountingLoss(None, 0.05, 0.5), torch.device("cpu"), loop.Dist(), tta=False)
+    assert (test["acc"], test["rmse"]) == pytest.approx((expected["accuracy"], expected["rmse"]), abs=1e-12)

@@ -1,34 +1,13 @@
 """Backends run the same stages on this machine (`local`) or on AWS SageMaker (`sagemaker`).
 
-Each backend is a module, bincount.backends.<name>, whose functions make it a `Backend`;
-bincount.cli.STAGES sends `train`, `tune`, `deploy`, `undeploy` and `status` to the one that
-settings.backend names.
+bincount.cli.COMMANDS names, per command, the function each backend runs; a test checks that every
+row resolves and that a command's functions take the same parameters on both backends.
+
+local/      train.py (container/train.py in a subprocess), tune.py (Optuna trials of it),
+            endpoint.py (`bincount serve` in the background: deploy, undeploy)
+sagemaker/  one module per AWS resource: training.py, tuning.py, estimator.py (the PyTorch estimator
+            both use), endpoint.py (deploy, undeploy, predict), runtime.py (InvokeEndpoint),
+            transform.py (the Batch Transform audit), processing.py (the shard job), debugger.py
+            (rules, profiler report), jobs.py (what every job shares; stop), cleanup.py
+tuning.py   the tuning result and record both backends share
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from bincount.config import Settings
-    from bincount.results import Result
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """What a backend module offers: settings in, a Result out (each records what it did in state.json)."""
-
-    def train(self, settings: Settings) -> Result:
-        """Train with container/train.py; record the model."""
-
-    def tune(self, settings: Settings) -> Result:
-        """Search hyperparameters; record the best."""
-
-    def deploy(self, settings: Settings) -> Result:
-        """Start an endpoint for the recorded (or given) model; record it."""
-
-    def undeploy(self, settings: Settings, yes: bool = False) -> Result:
-        """Stop the recorded endpoint (`yes` skips a confirmation); forget it."""
-
-    def status(self, settings: Settings) -> Result:
-        """Where the recorded data, jobs and endpoint stand."""

@@ -1,4 +1,4 @@
-"""The SageMaker source_dir: train.py and its siblings (backends/sm_estimator.TRAINING_FILES), inference.py,
+"""The SageMaker source_dir: train.py and its siblings (backends/sagemaker/estimator.TRAINING_FILES), inference.py,
 net.py, epochlog.py, requirements.txt.
 
 These files import only the standard library, torch, torchvision, PIL (and smdebug when present),

@@ -46,7 +46,7 @@ item by persistent DataLoader workers (on a GPU: all CPUs but one; on the CPU: m
 the loop never waits for the host: uint8 batches are copied asynchronously from pinned memory and
 augmented/normalised there, the optimizer is fused, the loss is summed on the device.
 
-The script is split along its seams, siblings shipped with it (sm_estimator.TRAINING_FILES): hparams.py
+The script is split along its seams, siblings shipped with it (backends/sagemaker/estimator.TRAINING_FILES): hparams.py
 (the hyperparameter table bincount's settings also read), batches.py (channels, decoding, batches,
 augmentation), loop.py (processes, loss, EMA, one epoch, evaluation), checkpoints.py, debughook.py.
 """
@@ -74,7 +74,7 @@ try:
     from .epochlog import log
     from .hparams import UsageError
     from .loop import (CountingLoss, Dist, better, check_finite, class_weights, clone_state, cpu_bf16, evaluate,
-                       make_ema, make_optimizer, shard, train_epoch, warmup_cosine)
+                       make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
 except ImportError:  # run as a script: this folder is on sys.path
     import epochlog
     import hparams
@@ -86,7 +86,7 @@ except ImportError:  # run as a script: this folder is on sys.path
     from epochlog import log
     from hparams import UsageError
     from loop import (CountingLoss, Dist, better, check_finite, class_weights, clone_state, cpu_bf16, evaluate,
-                      make_ema, make_optimizer, shard, train_epoch, warmup_cosine)
+                      make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
 
 CODE_FILES = ("inference.py", "net.py", "epochlog.py")
 PROGRESS_S = float(os.environ.get("TRAIN_PROGRESS_S") or 30)  # seconds between progress lines inside an epoch
@@ -287,8 +287,10 @@ def run(args: argparse.Namespace) -> dict:
     if dist.main:  # tuners score a job by the last value of the objective: make it the kept epoch's
         print(epochlog.format_best_line(best_metrics), flush=True)
     if args.test:
-        model.load_state_dict(best_state)
-        test = evaluate(model, channel_batches(args.test, "test", args, device), loss_fn, device, channels_last, amp, dist, args.tta)
+        shipped = net.build_model(args.arch, args.num_classes, "none", args.stem)  # as evaluate and serving load it
+        shipped.load_state_dict(best_state)
+        test_data = channel_batches(args.test, "test", args, device)
+        test = score(shipped.to(device), test_data, loss_fn, device, dist, args.tta)
         best_metrics.update({"test_loss": test["loss"], "test_acc": test["acc"], "test_rmse": test["rmse"]})
         if dist.main:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")

@@ -108,7 +108,9 @@ class PublicBucket:
         return http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
-        if conn.sock is not None and len(self._idle) < self.connections:
+        """Keep an open connection for the next request, unless the pool is full or it goes to a host left
+        behind by a redirect (it was in flight while another thread followed one)."""
+        if conn.sock is not None and conn.host == self.host and len(self._idle) < self.connections:
             self._idle.append(conn)
         else:
             conn.close()

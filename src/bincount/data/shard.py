@@ -5,7 +5,7 @@
   folder or bucket in the ABID layout, read through data/source.py as fetch reads it: splits made by
   `split --from-index` need no fetch at all).
   Local training and `upload` then use these shards (shard.channels: auto).
-- sagemaker backend: a SageMaker Processing job runs container/shards.py (standard library, Pillow,
+- sagemaker backend (bincount.backends.sagemaker.processing): a SageMaker Processing job runs container/shards.py (standard library, Pillow,
   boto3 only) on the PyTorch training image; it reads data.source (the public bucket) and writes the
   shards to s3://<s3.bucket>/<s3.prefix>/shards/<split>/, so no image passes through this machine.
   The channels are recorded in state.json with their format, and training reads them in FastFile mode.
@@ -81,7 +81,7 @@ def local_shards(settings: Any) -> dict[str, Path] | None:
     return None
 
 
-def _split_rows(ws: Workspace) -> dict[str, list[dict]]:
+def split_rows(ws: Workspace) -> dict[str, list[dict]]:
     rows = {}
     for split in SPLITS:
         path = ws.split(split)
@@ -116,10 +116,7 @@ class _SourceImages:
 def shard(settings: Settings) -> ShardResult:
     """Build shard channels from the splits (see the module docstring)."""
     ws = Workspace(settings.workdir)
-    rows = _split_rows(ws)
-    if settings.backend == "sagemaker":
-        return _processing_job(settings, ws, rows)
-    return _local(settings, ws, rows)
+    return _local(settings, ws, split_rows(ws))
 
 
 def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardResult:
@@ -149,8 +146,8 @@ def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardRe
             stats = sh.build([{"id": r["id"], "count": r["count"]} for r in items], split, source, sh.Store(str(folder)),
                              items_per_shard=cfg.items_per_shard, max_side=side, quality=cfg.quality,
                              workers=cfg.workers, seed=cfg.seed, log=log)
-        except sh.ShardError as exc:  # the splits were checked: a shard that cannot be written (a full disk)
-            raise BincountError(str(exc)) from None
+        except sh.ShardError as exc:  # a shard that cannot be written (a full disk) names itself, a bad item its split
+            raise BincountError(str(exc) if str(exc).startswith("cannot write") else f"{ws.split(split)}: {exc}") from None
         for key in total:
             total[key] += stats[key]
         channels[split] = str(folder)
@@ -165,60 +162,3 @@ def _items_digest(items: list[dict]) -> str:
 
     return hashlib.sha256(json.dumps(sorted([str(r["id"]), int(r["count"])] for r in items)).encode()).hexdigest()
 
-
-def _processing_job(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardResult:
-    """Start (and with shard.wait, wait for) a Processing job that builds the shards from data.source in S3."""
-    import tempfile
-
-    from bincount.backends import sm_estimator as sme
-
-    data, cfg, smc = settings.data, settings.shard, settings.sagemaker
-    if not data.source.startswith("s3://"):
-        raise BincountError(f"the sagemaker backend reads the images from S3, and data.source is {data.source}: "
-                            "pass --source s3://bucket (the public one is s3://aft-vbi-pds), or shard locally")
-    role = sme.require_role(settings)
-    dest = sme.s3_uri(settings, "shards")
-    side = max_side(settings)
-    sme.load_sdk()
-    from sagemaker import image_uris
-    from sagemaker.processing import ProcessingInput, ScriptProcessor
-    from sagemaker.utils import name_from_base
-
-    started = time.perf_counter()
-    with sme.aws_errors("sagemaker shard"), sme.sdk_output(), tempfile.TemporaryDirectory() as tmp:
-        items_dir = Path(tmp)
-        for split, items in rows.items():  # only what the job needs: id and count
-            (items_dir / f"{split}.jsonl").write_text("".join(json.dumps({"id": r["id"], "count": r["count"]}) + "\n" for r in items))
-        sm_session = sme.session(settings)
-        image = image_uris.retrieve("pytorch", sm_session.boto_region_name, version=smc.framework_version, py_version=smc.py_version,
-                                    instance_type=cfg.instance_type, image_scope="training")
-        processor = ScriptProcessor(
-            role=role, image_uri=image, command=["python3"], instance_type=cfg.instance_type,
-            instance_count=cfg.instance_count, volume_size_in_gb=cfg.volume_size_gb,
-            max_runtime_in_seconds=cfg.max_runtime_s, base_job_name=f"{smc.base_job_name}-shards",
-            sagemaker_session=sm_session, tags=[{"Key": k, "Value": v} for k, v in smc.tags.items()] or None)
-        job = name_from_base(f"{smc.base_job_name}-shards")
-        arguments = ["--items", *(f"/opt/ml/processing/input/items/{split}.jsonl" for split in rows),
-                     "--source", data.source, "--dest", dest, "--items_per_shard", str(cfg.items_per_shard),
-                     "--max_side", str(side), "--quality", str(cfg.quality), "--workers", str(cfg.workers),
-                     "--seed", str(cfg.seed)]
-        if not data.unsigned:
-            arguments.append("--signed_source")
-        processor.run(code=str(sme.container_dir() / "shards.py"), job_name=job, arguments=arguments, wait=False, logs=False,
-                      inputs=[ProcessingInput(source=str(items_dir), destination="/opt/ml/processing/input/items",
-                                              input_name="items")])
-        log(f"processing job [bold]{job}[/] started: shards to {dest}")
-        channels = {split: f"{dest}/{split}" for split in rows}
-        Workspace(settings.workdir).update_state(channels=channels, channel_format="shards")
-        status = "InProgress"
-        if cfg.wait:
-            processor.latest_job.wait(logs=False)
-            status = sm_session.sagemaker_client.describe_processing_job(ProcessingJobName=job)["ProcessingJobStatus"]
-            if status != "Completed":
-                raise BincountError(f"processing job {job} ended {status}: see its CloudWatch logs")
-    seconds = time.perf_counter() - started
-    per_shard = cfg.items_per_shard
-    shards = {split: -(-len(items) // per_shard) for split, items in rows.items()}
-    return ShardResult(backend="sagemaker", channels=channels, shards=shards, items=sum(map(len, rows.values())),
-                       skipped=0, bytes=0, max_side=side, seconds=round(seconds, 3), items_per_second=0.0,
-                       job=job, status=status)

@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.audit import AuditResult, Bin, Inputs, Reader, chunks, read_records, report
-from bincount.backends import sm_estimator as sme
+from bincount.audit.core import AuditResult, Bin, Inputs, Reader, chunks, options, read_records, report
+from bincount.aws import Aws
+from bincount.backends.sagemaker import jobs
+from bincount.backends.sagemaker.endpoint import resolve_model_data, serving_code
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
@@ -68,13 +70,7 @@ def job_name(settings: Settings) -> str:
     """<base>-audit-yyyymmdd-HHMMSS-xxxx: unique, within SageMaker's 63 characters."""
     import secrets
 
-    return f"{settings.sagemaker.base_job_name[:30].rstrip('-')}-audit-{sme.timestamp()}-{secrets.token_hex(2)}"
-
-
-def s3_client(settings: Settings) -> Any:
-    from bincount.aws import s3_client as make
-
-    return make(settings, max_pool_connections=JOIN_WORKERS)
+    return f"{settings.sagemaker.base_job_name[:30].rstrip('-')}-audit-{jobs.timestamp()}-{secrets.token_hex(2)}"
 
 
 def _bucket_region(settings: Settings, bucket: str) -> str:
@@ -125,7 +121,7 @@ def write_selection(settings: Settings, inputs: Inputs, folder: Path) -> tuple[s
 
 
 def _output_path(settings: Settings, job: str) -> str:
-    return sme.s3_uri(settings, "transform", job) + "/"
+    return jobs.s3_uri(settings, "transform", job) + "/"
 
 
 def _transformer(settings: Settings, sm_session: Any, output_path: str,
@@ -134,12 +130,10 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
     from sagemaker.pytorch import PyTorchModel
     from sagemaker.transformer import Transformer
 
-    from bincount.backends.sagemaker import _resolve_model_data
-
     t = settings.transform
     options = dict(instance_count=t.instance_count, instance_type=t.instance_type, strategy=t.batch_strategy,
                    output_path=output_path, accept="application/json", max_concurrent_transforms=t.max_concurrent_transforms,
-                   max_payload=t.max_payload_mb, tags=sme.tags(settings))
+                   max_payload=t.max_payload_mb, tags=jobs.tags(settings))
     ref = model_ref(settings)
     if recorded and ref and recorded.model_ref == ref:
         name = recorded.model_name
@@ -149,11 +143,11 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
             return Transformer(model_name=name, sagemaker_session=sm_session, **options), name, recorded.model_data
         except Exception:  # noqa: BLE001 - deleted since: create it again
             pass
-    model_data = _resolve_model_data(settings, sm_session)
-    name = f"{settings.sagemaker.base_job_name[:30].rstrip('-')}-audit-model-{sme.timestamp()}"
+    model_data = resolve_model_data(settings, sm_session)
+    name = f"{settings.sagemaker.base_job_name[:30].rstrip('-')}-audit-model-{jobs.timestamp()}"
     with tempfile.TemporaryDirectory() as serving_dir:
-        model = PyTorchModel(model_data=model_data, role=sme.require_role(settings), entry_point="inference.py",
-                             source_dir=str(sme.serving_code(Path(serving_dir))),
+        model = PyTorchModel(model_data=model_data, role=jobs.require_role(settings), entry_point="inference.py",
+                             source_dir=str(serving_code(Path(serving_dir))),
                              framework_version=settings.deploy.framework_version, py_version=settings.deploy.py_version,
                              name=name, sagemaker_session=sm_session)
         transformer = model.transformer(**options)
@@ -174,26 +168,27 @@ def model_ref(settings: Settings) -> str | None:
     return f"sha256:{file_sha256(path)}"
 
 
-def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
+def start(aws: Aws, inputs: Inputs) -> SageMakerTransform:
     """Write and upload the manifest, CreateModel if needed, CreateTransformJob; the transform record (in state.json)."""
-    from bincount.aws import job_region, parse_s3_uri
+    from bincount.aws import parse_s3_uri
 
-    sme.load_sdk()
+    settings = aws.settings
+    jobs.load_sdk()
     ws = Workspace(settings.workdir)
     job = job_name(settings)
     folder = ws.reports / "transform" / job
     folder.mkdir(parents=True, exist_ok=True)
     bucket, prefix, count = write_selection(settings, inputs, folder)
-    region, jobs_in = _bucket_region(settings, bucket), job_region(settings)
+    region, jobs_in = _bucket_region(settings, bucket), aws.job_region
     if region != jobs_in:
         raise BincountError(f"the bins are in s3://{bucket} ({region}) but transform jobs run in sagemaker.region "
                             f"{jobs_in} and read S3 in their own region: use "
                             f"--set sagemaker.region={region}, or copy the images to a bucket in {jobs_in}")
-    manifest_uri = sme.s3_uri(settings, "transform", "input", f"{job}.manifest")
+    manifest_uri = jobs.s3_uri(settings, "transform", "input", f"{job}.manifest")
     out_bucket, out_key = parse_s3_uri(manifest_uri)
-    with sme.aws_errors("sagemaker audit"), sme.sdk_output():
-        s3_client(settings).upload_file(str(folder / "input.manifest"), out_bucket, out_key)
-        sm_session = sme.session(settings)
+    with jobs.aws_errors("sagemaker audit"), jobs.sdk_output():
+        aws.s3(max_pool_connections=JOIN_WORKERS).upload_file(str(folder / "input.manifest"), out_bucket, out_key)
+        sm_session = jobs.session(aws)
         recorded = ws.state().transform
         output_path = _output_path(settings, job)
         transformer, model_name, model_data = _transformer(settings, sm_session, output_path, recorded)
@@ -214,20 +209,18 @@ def start(settings: Settings, inputs: Inputs) -> SageMakerTransform:
 
 
 # -- waiting and joining ---------------------------------------------------------------------------
-def describe(settings: Settings, job: str) -> dict[str, Any]:
-    from bincount.aws import client, job_region
-
-    with sme.aws_errors(f"describe transform job {job}"):
-        return client("sagemaker", region=job_region(settings), max_attempts=4).describe_transform_job(
+def describe(aws: Aws, job: str) -> dict[str, Any]:
+    with jobs.aws_errors(f"describe transform job {job}"):
+        return aws.client("sagemaker", region=aws.job_region, max_attempts=4).describe_transform_job(
             TransformJobName=job)
 
 
-def wait(settings: Settings, job: str) -> dict[str, Any]:
+def wait(aws: Aws, job: str) -> dict[str, Any]:
     """Poll DescribeTransformJob until the job ends or transform.max_wait_s passes; the last description."""
-    t = settings.transform
+    t = aws.settings.transform
     started, last = time.monotonic(), None
     while True:
-        desc = describe(settings, job)
+        desc = describe(aws, job)
         status = desc.get("TransformJobStatus", "?")
         if status != last:
             log(f"transform job {job}: {status} ({time.monotonic() - started:.0f} s)")
@@ -260,14 +253,14 @@ def _read_output(s3: Any, uri: str) -> dict[str, Any]:
     return answer
 
 
-def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *, threshold: float, out: Path,
+def join(aws: Aws, record: SageMakerTransform, desc: dict[str, Any], *, threshold: float, out: Path,
          top: int) -> AuditResult:
     """Each bin with its <name>.out (read concurrently) and expected quantity, ranked into the audit report."""
     from bincount.aws import parse_s3_uri
 
     status = desc.get("TransformJobStatus", "?")
     why = f"no output (job {status}" + (f": {desc['FailureReason']}" if desc.get("FailureReason") else "") + ")"
-    s3, reader = s3_client(settings), Reader(settings)
+    s3, reader = aws.s3(max_pool_connections=JOIN_WORKERS), Reader(aws.settings)
     prefix = record.input_key_prefix
     output = record.output_path.rstrip("/") + "/"
 
@@ -308,10 +301,22 @@ def join(settings: Settings, record: SageMakerTransform, desc: dict[str, Any], *
 
 
 # -- the stage ------------------------------------------------------------------------------------
-def audit(settings: Settings, source: str | Path | None, *, threshold: float, out: Path, top: int,
+def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0.6, endpoint: str | None = None,
+          model: Path | None = None, out: Path | None = None, top: int | None = None, source: str | None = None,
           collect: bool = False) -> AuditResult | TransformResult:
+    """`bincount audit --backend sagemaker`: a Batch Transform audit; with --endpoint or --model, the local one."""
+    source, out, top = options(settings, manifest, source, threshold, out, top)
+    if endpoint or model:
+        from bincount.audit.local import audit_local
+
+        return audit_local(settings, source, threshold=threshold, endpoint=endpoint, model=model, out=out, top=top)
+    return batch_audit(settings, source, threshold=threshold, out=out, top=top, collect=collect)
+
+
+def batch_audit(settings: Settings, source: str | Path | None, *, threshold: float, out: Path, top: int,
+                collect: bool = False) -> AuditResult | TransformResult:
     """Run (or join) a Batch Transform audit; see the module docstring."""
-    ws = Workspace(settings.workdir)
+    aws, ws = Aws(settings), Workspace(settings.workdir)
     recorded = ws.state().transform
     if collect:
         if recorded is None:
@@ -325,8 +330,8 @@ def audit(settings: Settings, source: str | Path | None, *, threshold: float, ou
             log(f"joining transform job {recorded.job}, started earlier over the same bins")
             record = recorded
         else:
-            record = start(settings, inputs)
-    desc = wait(settings, record.job) if settings.transform.wait else describe(settings, record.job)
+            record = start(aws, inputs)
+    desc = wait(aws, record.job) if settings.transform.wait else describe(aws, record.job)
     status = desc.get("TransformJobStatus", "?")
     record = record.model_copy(update={"status": status})
     ws.update_state(transform=record)
@@ -335,7 +340,7 @@ def audit(settings: Settings, source: str | Path | None, *, threshold: float, ou
                 "once it has ended")
         return TransformResult(job=record.job, status=status, bins=record.bins, model_name=record.model_name,
                                input_manifest=record.input_manifest, output_path=record.output_path, note=note)
-    result = join(settings, record, desc, threshold=threshold, out=out, top=top)
+    result = join(aws, record, desc, threshold=threshold, out=out, top=top)
     ws.update_state(transform=record.model_copy(update={"joined": True}))
     return result
 

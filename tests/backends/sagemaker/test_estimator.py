@@ -40,9 +40,9 @@ def record_channels(settings) -> None:
 
 
 def start_job(settings, requests) -> dict:
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
 
-    backend.train(settings)
+    training.train(settings)
     return [p for op, p in requests if op == "CreateTrainingJob"][-1]
 
 
@@ -66,7 +66,7 @@ def source_dir(request: dict) -> dict[str, bytes]:
 
 
 def test_each_training_job_and_each_tuning_job_has_its_own_checkpoint_prefix(sagemaker_requests, tmp_path):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import tuning
 
     settings = make_settings(tmp_path, **{"sagemaker.use_spot_instances": True})
     record_channels(settings)
@@ -81,10 +81,26 @@ def test_each_training_job_and_each_tuning_job_has_its_own_checkpoint_prefix(sag
 
     # A tuning job's trials share one CheckpointConfig: the tuning job's prefix (train.py keeps each trial
     # in a subfolder named by TRAINING_JOB_NAME; tests/container/test_train.py runs that).
-    tuned = backend.tune(settings)
+    tuned = tuning.tune(settings)
     definition = [p for op, p in sagemaker_requests if op == "CreateHyperParameterTuningJob"][-1]["TrainingJobDefinition"]
     assert definition["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/checkpoints/{tuned.job}/"
-    assert definition["Environment"]["PIP_NO_DEPS"] == "1"  # trials install smdebug the same way
+
+
+def test_tuning_trials_install_nothing(sagemaker_requests, tmp_path):
+    """A tuning job's trials carry no Debugger hook or rules (its TrainingJobDefinition has no DebugHookConfig), so
+    smdebug is never used there: shipping requirements.txt cost minutes per trial and failed every trial in a VPC
+    without a NAT."""
+    from bincount.backends.sagemaker import tuning
+
+    settings = make_settings(tmp_path)  # every tensor rule on, as by default
+    record_channels(settings)
+    tuning.tune(settings)
+    definition = [p for op, p in sagemaker_requests if op == "CreateHyperParameterTuningJob"][-1]["TrainingJobDefinition"]
+    assert "DebugHookConfig" not in definition and "DebugRuleConfigurations" not in definition
+    files = source_dir({"HyperParameters": definition["StaticHyperParameters"],
+                        "InputDataConfig": definition["InputDataConfig"]})
+    assert "train.py" in files and "requirements.txt" not in files
+    assert "PIP_NO_DEPS" not in (definition.get("Environment") or {})
 
 
 def test_requirements_reach_a_job_only_when_the_debugger_hook_needs_smdebug(sagemaker_requests, tmp_path):
@@ -160,7 +176,7 @@ def torch_home(tmp_path, monkeypatch) -> Path:
 def test_imagenet_weights_reach_the_job_as_a_channel_uploaded_once(sagemaker_requests, tmp_path, torch_home, monkeypatch):
     import hashlib
 
-    from bincount.backends import sm_estimator
+    from bincount.backends.sagemaker import estimator
     from bincount.container import net
 
     cached = net.imagenet_cache_file("resnet18")
@@ -169,7 +185,7 @@ def test_imagenet_weights_reach_the_job_as_a_channel_uploaded_once(sagemaker_req
     cached.write_bytes(b"pretend resnet18 ImageNet weights")
     digest = hashlib.sha256(cached.read_bytes()).hexdigest()
     logged = []
-    monkeypatch.setattr(sm_estimator, "log", logged.append)
+    monkeypatch.setattr(estimator, "log", logged.append)
 
     settings = make_settings(tmp_path, **{"train.pretrained": "imagenet", "sagemaker.enable_network_isolation": True})
     record_channels(settings)
@@ -213,7 +229,8 @@ def test_the_training_source_dir_ships_every_container_module_the_scripts_import
     another sibling, but the job does not ship is a ModuleNotFoundError on AWS (shards.py once was)."""
     import ast
 
-    from bincount.backends.sm_estimator import TRAINING_FILES, container_dir
+    from bincount.backends.sagemaker.estimator import TRAINING_FILES
+    from bincount.backends.sagemaker.jobs import container_dir
 
     folder = container_dir()
     siblings = {p.stem for p in folder.glob("*.py")}

@@ -46,9 +46,9 @@ class _FastTime:
 @pytest.fixture
 def sm(monkeypatch, captured_sagemaker_requests):
     """moto's SageMaker/S3 (in-process), a bucket, captured SageMaker requests, no way out to the network."""
-    from bincount.backends import sm_estimator
+    from bincount.backends.sagemaker import jobs
 
-    sm_estimator.load_sdk()
+    jobs.load_sdk()
     import boto3
     import sagemaker.session
     import sagemaker.telemetry.telemetry_logging as telemetry
@@ -204,7 +204,7 @@ def test_training_request_has_rules_profiler_metrics_and_hyperparameters(sm, tmp
 
 
 def test_spot_distribution_rule_switches_and_actions(sm, tmp_path):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
 
     settings = make_settings(tmp_path, **{
         "sagemaker.instance_count": 2, "sagemaker.use_spot_instances": True, "sagemaker.max_wait_s": 100000,
@@ -213,7 +213,7 @@ def test_spot_distribution_rule_switches_and_actions(sm, tmp_path):
         "sagemaker.rules.stop_training_on_failure": True, "sagemaker.subnets": ["subnet-1"],
         "sagemaker.security_group_ids": ["sg-1"], "sagemaker.volume_kms_key": "key-1", "train.wait": False})
     record_channels(settings)
-    result = backend.train(settings)
+    result = training.train(settings)
     assert result.status == "InProgress"
 
     req = sm.last("CreateTrainingJob")
@@ -231,22 +231,22 @@ def test_spot_distribution_rule_switches_and_actions(sm, tmp_path):
 
 
 def test_clear_errors_without_role_channels_or_yes(tmp_path, cli):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
     from bincount.workspace import Workspace
 
     with pytest.raises(BincountError, match="run bincount upload first"):
-        backend.train(make_settings(tmp_path))
+        training.train(make_settings(tmp_path))
     Workspace(tmp_path).update_state(channels={"train": f"s3://{BUCKET}/bincount/train/"})
     with pytest.raises(BincountError, match="no S3 val channel"):
-        backend.train(make_settings(tmp_path))
+        training.train(make_settings(tmp_path))
     Workspace(tmp_path).update_state(channels={"train": f"s3://{BUCKET}/bincount/train/",
                                                "val": f"s3://{BUCKET}/bincount/val/"})
     with pytest.raises(BincountError, match="set sagemaker.role"):
-        backend.train(load_settings(overrides={"workdir": tmp_path, "s3.bucket": BUCKET}, environ={}))
+        training.train(load_settings(overrides={"workdir": tmp_path, "s3.bucket": BUCKET}, environ={}))
     with pytest.raises(BincountError, match="role ARN"):
         load_settings(overrides={"sagemaker.role": "SageMakerRole"}, environ={})
     with pytest.raises(BincountError, match="no best hyperparameters"):
-        backend.train(make_settings(tmp_path, **{"train.use_best": True}))
+        training.train(make_settings(tmp_path, **{"train.use_best": True}))
 
     Workspace(tmp_path).update_state(endpoint=SageMakerEndpoint(name="ep-1", mode="realtime", model_data="s3://b/m.tar.gz"))
     out = cli("undeploy", "--backend", "sagemaker", "--workdir", tmp_path)
@@ -257,7 +257,7 @@ def test_clear_errors_without_role_channels_or_yes(tmp_path, cli):
 def _local_model(workdir: Path, synth_source: Path) -> Path:
     """A real model.tar.gz: the real train.py run locally (1 epoch, 32 px) on synthetic bins, then packaged."""
     from bincount.artifacts import package_model
-    from bincount.backends.local_train import make_channels, run_script
+    from bincount.backends.local.train import make_channels, run_script
     from bincount.data.fetch import fetch
     from bincount.data.split import split
 
@@ -277,7 +277,8 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     import boto3
 
     from bincount.artifacts import extract_model
-    from bincount.backends import sagemaker as backend
+    from bincount.aws import Aws
+    from bincount.backends.sagemaker import endpoint as sm_endpoint, runtime, training, tuning
     from bincount.container import inference
     from bincount.data.upload import upload
     from bincount.workspace import Workspace
@@ -288,7 +289,7 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     assert upload(settings).channels["train"].startswith(f"s3://{BUCKET}/bincount/train")
 
     # tune: the tuning request, the degraded trial table, the best trial recorded
-    first = backend.tune(settings)
+    first = tuning.tune(settings)
     req = sm.last("CreateHyperParameterTuningJob")
     config = req["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == "Bayesian" and config["TrainingJobEarlyStoppingType"] == "Auto"
@@ -307,14 +308,14 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     assert first.best_value == 0.75 and first.note and "unavailable" in first.note
     assert ws.state().tuning.best_hyperparameters["batch_size"] == 16
 
-    second = backend.tune(settings)  # warm start from the first
+    second = tuning.tune(settings)  # warm start from the first
     warm = sm.last("CreateHyperParameterTuningJob")["WarmStartConfig"]
     assert warm == {"ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": first.job}],
                     "WarmStartType": "IdenticalDataAndAlgorithm"}
     assert ws.state().tuning.job == second.job
 
     # train --use-best: the best hyperparameters reach the job (typed, internal keys gone)
-    trained = backend.train(make_settings(tmp_path, **{"train.use_best": True}))
+    trained = training.train(make_settings(tmp_path, **{"train.use_best": True}))
     hp = sm.last("CreateTrainingJob")["HyperParameters"]
     assert hp["lr"] == "0.0123" and hp["batch_size"] == "16" and "_tuning_objective_metric" not in hp
 
@@ -323,7 +324,7 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     boto3.client("s3", region_name="us-east-1").upload_file(str(tar), bucket, key)
 
     # deploy realtime, then serverless under another name
-    endpoint = backend.deploy(settings)
+    endpoint = sm_endpoint.deploy(settings)
     assert endpoint.status == "InService"
     cfg = sm.last("CreateEndpointConfig")
     assert cfg["ProductionVariants"][0]["InstanceType"] == "ml.m5.large"
@@ -345,7 +346,7 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     assert "code/train.py" not in names and "smdebug" not in requirements
     assert ws.state().endpoint.name == endpoint.endpoint
 
-    serverless = backend.deploy(make_settings(tmp_path, **{"deploy.mode": "serverless", "deploy.endpoint_name": "bincount-sls"}))
+    serverless = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.mode": "serverless", "deploy.endpoint_name": "bincount-sls"}))
     variant = sm.last("CreateEndpointConfig")["ProductionVariants"][0]
     assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 5}
     assert "InstanceType" not in variant and serverless.mode == "serverless"
@@ -359,7 +360,7 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
 
     requests.post("http://motoapi.amazonaws.com/moto-api/static/sagemaker/endpoint-results",
                   json={"results": [{"Body": answer, "ContentType": "application/json"}]}, timeout=5)
-    got = backend.invoke_endpoint(settings, "bincount-sls", image.read_bytes(), "image/jpeg")
+    got = runtime.invoke_endpoint(Aws(settings), "bincount-sls", image.read_bytes(), "image/jpeg")
     assert got == json.loads(answer)
     out = cli("predict", str(image), "--backend", "sagemaker", "--endpoint", "bincount-sls", "--workdir", tmp_path, "--json")
     assert out.exit_code == 0, out.stderr
@@ -372,11 +373,11 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     assert shown["tuning"]["status"] == "Completed" and shown["data"]["train"] > 0
 
     # undeploy: endpoint, config and model gone; the recorded endpoint (the last deployed) forgotten
-    realtime = backend.undeploy(make_settings(tmp_path, **{"deploy.endpoint_name": endpoint.endpoint}), yes=True)
+    realtime = sm_endpoint.undeploy(make_settings(tmp_path, **{"deploy.endpoint_name": endpoint.endpoint}), yes=True)
     assert realtime.deleted == [f"endpoint {endpoint.endpoint}", f"endpoint config {endpoint.config_name}",
                                 f"model {endpoint.model_name}"]
     assert ws.state().endpoint.name == "bincount-sls"
-    gone = backend.undeploy(settings, yes=True)
+    gone = sm_endpoint.undeploy(settings, yes=True)
     assert gone.endpoint == "bincount-sls" and len(gone.deleted) == 3
     client = boto3.client("sagemaker", region_name="us-east-1")
     assert client.list_endpoints()["Endpoints"] == [] and client.list_models()["Models"] == []
@@ -388,18 +389,19 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
 def test_invoke_endpoint_rejects_non_json(sm, tmp_path):
     import requests
 
-    from bincount.backends import sagemaker as backend
+    from bincount.aws import Aws
+    from bincount.backends.sagemaker import runtime
 
     requests.post("http://motoapi.amazonaws.com/moto-api/static/sagemaker/endpoint-results",
                   json={"results": [{"Body": "<html>oops</html>", "ContentType": "text/html"}]}, timeout=5)
     with pytest.raises(BincountError, match="not JSON"):
-        backend.invoke_endpoint(make_settings(tmp_path), "ep", base64.b64decode("/9j/"), "image/jpeg")
+        runtime.invoke_endpoint(Aws(make_settings(tmp_path)), "ep", base64.b64decode("/9j/"), "image/jpeg")
 
 
 # -- the control side of issue 14: requests SageMaker would reject, waits, stops, tags, regions -------------
 
 def test_gpu_instance_families():
-    from bincount.backends.sm_estimator import is_gpu_instance
+    from bincount.backends.sagemaker.estimator import is_gpu_instance
 
     gpu = ["ml.g4dn.xlarge", "ml.g5.12xlarge", "ml.g6e.2xlarge", "ml.p3.2xlarge", "ml.p4d.24xlarge", "ml.p5.48xlarge"]
     other = ["ml.m5.xlarge", "ml.c5.2xlarge", "ml.trn1.32xlarge", "ml.inf2.xlarge", "ml.r5.large", "ml.t3.medium"]
@@ -421,13 +423,13 @@ def test_ddp_on_a_cpu_instance_is_refused_before_any_request(sm, tmp_path, cli):
 
 
 def test_hyperband_request_and_grid_refused(sm, tmp_path):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import tuning
 
     settings = make_settings(tmp_path, **{"tune.strategy": "Hyperband", "tune.epochs": 12, "train.warmup_epochs": 2,
                                           "tune.wait": False, "sagemaker.tags": {"team": "vision"}})
     record_channels(settings)
-    first = backend.tune(settings)
-    second = backend.tune(settings)  # a Hyperband job takes no warm start
+    first = tuning.tune(settings)
+    second = tuning.tune(settings)  # a Hyperband job takes no warm start
     req = sm.last("CreateHyperParameterTuningJob")
     config = req["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == "Hyperband" and config["TrainingJobEarlyStoppingType"] == "Off"
@@ -438,20 +440,20 @@ def test_hyperband_request_and_grid_refused(sm, tmp_path):
     assert {"Key": "team", "Value": "vision"} in req["Tags"]
 
     for strategy in ("Bayesian", "Random"):  # no StrategyConfig outside Hyperband
-        backend.tune(make_settings(tmp_path, **{"tune.strategy": strategy, "tune.warm_start": False, "tune.wait": False}))
+        tuning.tune(make_settings(tmp_path, **{"tune.strategy": strategy, "tune.warm_start": False, "tune.wait": False}))
         config = sm.last("CreateHyperParameterTuningJob")["HyperParameterTuningJobConfig"]
         assert config["Strategy"] == strategy and "StrategyConfig" not in config
         assert config["TrainingJobEarlyStoppingType"] == "Auto"
     count = len(sm.calls("CreateHyperParameterTuningJob"))
     with pytest.raises(BincountError, match="Grid.*categorical"):
-        backend.tune(make_settings(tmp_path, **{"tune.strategy": "Grid"}))
+        tuning.tune(make_settings(tmp_path, **{"tune.strategy": "Grid"}))
     assert len(sm.calls("CreateHyperParameterTuningJob")) == count
 
 
 def test_warm_start_only_from_an_ended_parent(sm, tmp_path, monkeypatch):
     from moto.sagemaker import models as sm_models
 
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import tuning
 
     settings = make_settings(tmp_path, **{"tune.wait": False})
     record_channels(settings)
@@ -463,14 +465,14 @@ def test_warm_start_only_from_an_ended_parent(sm, tmp_path, monkeypatch):
         self.hyper_parameter_tuning_job_status = status["value"]
 
     monkeypatch.setattr(sm_models.HyperParameterTuningJob, "__init__", init)
-    first = backend.tune(settings)
-    backend.tune(settings)  # the first still runs: no parent
+    first = tuning.tune(settings)
+    tuning.tune(settings)  # the first still runs: no parent
     assert "WarmStartConfig" not in sm.last("CreateHyperParameterTuningJob")
 
     status["value"] = "Stopped"
-    parent = backend.tune(settings)
+    parent = tuning.tune(settings)
     assert parent.job != first.job
-    backend.tune(settings)  # the recorded one (parent) has stopped: it is the parent
+    tuning.tune(settings)  # the recorded one (parent) has stopped: it is the parent
     warm = sm.last("CreateHyperParameterTuningJob")["WarmStartConfig"]
     assert warm["ParentHyperParameterTuningJobs"] == [{"HyperParameterTuningJobName": parent.job}]
 
@@ -480,7 +482,7 @@ def _rules_finish_later(monkeypatch, polls_needed: int):
     import boto3
     from moto.sagemaker import models as sm_models
 
-    from bincount.backends import sm_estimator
+    from bincount.backends.sagemaker import debugger
 
     jobs = []
     real_init = sm_models.FakeTrainingJob.__init__
@@ -513,18 +515,18 @@ def _rules_finish_later(monkeypatch, polls_needed: int):
                 finish(jobs[-1])
 
     monkeypatch.setattr(sm_models.FakeTrainingJob, "__init__", init)
-    monkeypatch.setattr(sm_estimator, "time", Clock())
+    monkeypatch.setattr(debugger, "time", Clock())
     return jobs, finish, sleeps
 
 
 def test_rule_evaluations_are_waited_for_then_the_report_fetched(sm, tmp_path, monkeypatch):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
     from bincount.workspace import Workspace
 
     settings = make_settings(tmp_path)
     record_channels(settings)
     _, _, sleeps = _rules_finish_later(monkeypatch, polls_needed=2)
-    result = backend.train(settings)
+    result = training.train(settings)
     assert len(sleeps) == 2  # polled until the rules ended
     assert {"rule": "Overfit", "status": "IssuesFound", "detail": "val loss rising", "source": "SageMaker"} in result.rules
     report = Path(result.profiler_report) / "ProfilerReport" / "profiler-output" / "profiler-report.html"
@@ -535,12 +537,12 @@ def test_rule_evaluations_are_waited_for_then_the_report_fetched(sm, tmp_path, m
 
 
 def test_rules_unfinished_after_the_bound_show_in_status_later(sm, tmp_path, monkeypatch, cli):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
 
     settings = make_settings(tmp_path, **{"sagemaker.rules.wait_s": 0})
     record_channels(settings)
     jobs, finish, sleeps = _rules_finish_later(monkeypatch, polls_needed=10**6)
-    result = backend.train(settings)
+    result = training.train(settings)
     assert sleeps == [] and result.profiler_report is None
     assert {r["status"] for r in result.rules} == {"InProgress"}
 
@@ -602,7 +604,7 @@ def test_ctrl_c_during_a_waited_train_offers_to_stop_the_job(sm, tmp_path, monke
     import sagemaker.estimator
     import typer
 
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import jobs, training
 
     settings = make_settings(tmp_path)
     record_channels(settings)
@@ -621,24 +623,24 @@ def test_ctrl_c_during_a_waited_train_offers_to_stop_the_job(sm, tmp_path, monke
     assert f"bincount stop --job {job}" in out.stderr and "billing" in out.stderr and "resume" not in out.stderr
 
     # at a terminal: asked, and a yes stops it
-    monkeypatch.setattr(backend.sys.stdin, "isatty", lambda: True, raising=False)
-    monkeypatch.setattr(backend.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(jobs.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(jobs.sys.stderr, "isatty", lambda: True, raising=False)
     asked = []
     monkeypatch.setattr(typer, "confirm", lambda question, **kw: asked.append(question) or True)
     with pytest.raises(KeyboardInterrupt, match="stopping training job"):
-        backend.train(settings)
+        training.train(settings)
     job = sm.last("CreateTrainingJob")["TrainingJobName"]
     assert stops == [("StopTrainingJob", {"TrainingJobName": job})] and job in asked[0]
 
 
 def test_stop_command_stops_a_no_wait_job(sm, tmp_path, monkeypatch, cli):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
 
     settings = make_settings(tmp_path, **{"train.wait": False})
     record_channels(settings)
     _training_running(monkeypatch)
     stops = _stop_requests(monkeypatch, sm)
-    job = backend.train(settings).job
+    job = training.train(settings).job
 
     base = ("--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}")
     out = cli("stop", *base)  # not a terminal and no --yes: refuses, stops nothing
@@ -659,7 +661,7 @@ def test_tags_and_images_reach_model_endpoint_config_and_endpoint(sm, tmp_path):
 
     import boto3
 
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import endpoint as sm_endpoint
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -670,7 +672,7 @@ def test_tags_and_images_reach_model_endpoint_config_and_endpoint(sm, tmp_path):
     image = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.7.1-cpu-py312-ubuntu22.04-sagemaker"
     settings = make_settings(tmp_path, **{"sagemaker.tags": {"team": "vision", "cost": "bins"},
                                           "deploy.model_data": f"s3://{BUCKET}/m/model.tar.gz", "deploy.image_uri": image})
-    backend.deploy(settings)
+    sm_endpoint.deploy(settings)
     tags = [{"Key": "team", "Value": "vision"}, {"Key": "cost", "Value": "bins"}]
     for operation in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint"):
         assert all(t in sm.last(operation).get("Tags", []) for t in tags), operation
@@ -680,17 +682,17 @@ def test_tags_and_images_reach_model_endpoint_config_and_endpoint(sm, tmp_path):
     for bad, message in (("pytorch-inference:2.7.1", "not an ECR image"),
                          (image.replace("us-east-1", "eu-west-1"), "in eu-west-1 but")):
         with pytest.raises(BincountError, match=message):
-            backend.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/m/model.tar.gz",
+            sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/m/model.tar.gz",
                                                       "deploy.image_uri": bad}))
 
 
 def test_training_image_uri_overrides_the_framework_version(sm, tmp_path):
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
 
     image = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker"
     settings = make_settings(tmp_path, **{"sagemaker.image_uri": image, "train.wait": False})
     record_channels(settings)
-    backend.train(settings)
+    training.train(settings)
     assert sm.last("CreateTrainingJob")["AlgorithmSpecification"]["TrainingImage"] == image
 
 
@@ -699,7 +701,7 @@ def test_activation_inputs_regex_matches_each_architectures_activations():
 
     import torch.nn as nn
 
-    from bincount.backends.sm_estimator import activation_inputs_regex
+    from bincount.backends.sagemaker.debugger import activation_inputs_regex
     from bincount.config import TrainSettings
     from bincount.container.net import build_model
 
@@ -716,12 +718,12 @@ def test_activation_inputs_regex_matches_each_architectures_activations():
 
 
 def test_poor_weight_initialization_reads_the_mobilenet_activations(sm, tmp_path):
-    from bincount.backends import sagemaker as backend
-    from bincount.backends.sm_estimator import activation_inputs_regex
+    from bincount.backends.sagemaker import training
+    from bincount.backends.sagemaker.debugger import activation_inputs_regex
 
     settings = make_settings(tmp_path, **{"train.arch": "mobilenet_v3_small", "train.wait": False})
     record_channels(settings)
-    backend.train(settings)
+    training.train(settings)
     req = sm.last("CreateTrainingJob")
     regex = activation_inputs_regex("mobilenet_v3_small")
     collections = {c["CollectionName"]: c["CollectionParameters"] for c in req["DebugHookConfig"]["CollectionConfigurations"]}
@@ -752,7 +754,7 @@ def test_region_precedence(monkeypatch, tmp_path):
     assert resolve_region() == "us-east-1"
     # the settings no longer pin a region over the environment
     monkeypatch.setenv("AWS_REGION", "eu-central-1")
-    from bincount.backends.sm_estimator import region
+    from bincount.aws import job_region as region
 
     assert region(load_settings(environ={})) == "eu-central-1"
     assert region(load_settings(overrides={"sagemaker.region": "us-west-2"}, environ={})) == "us-west-2"
@@ -761,16 +763,16 @@ def test_region_precedence(monkeypatch, tmp_path):
 def test_bucket_and_job_regions_must_agree(sm, tmp_path):
     import boto3
 
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import training
 
     settings = make_settings(tmp_path)
     record_channels(settings)
     with pytest.raises(BincountError, match="s3.region=eu-west-1 but the SageMaker jobs run in us-east-1"):
-        backend.train(make_settings(tmp_path, **{"s3.region": "eu-west-1"}))
+        training.train(make_settings(tmp_path, **{"s3.region": "eu-west-1"}))
     boto3.client("s3", region_name="eu-west-1").create_bucket(
         Bucket="bincount-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     with pytest.raises(BincountError, match="bucket bincount-eu is in eu-west-1 but the SageMaker jobs run in us-east-1"):
-        backend.train(make_settings(tmp_path, **{"s3.bucket": "bincount-eu"}))
+        training.train(make_settings(tmp_path, **{"s3.bucket": "bincount-eu"}))
     assert sm.calls("CreateTrainingJob") == []
 
 
@@ -780,7 +782,7 @@ def test_cleanup_deletes_what_bincount_made_after_one_confirmation(sm, tmp_path,
 
     import boto3
 
-    from bincount.backends import sagemaker as backend
+    from bincount.backends.sagemaker import endpoint as sm_endpoint, training
     from bincount.workspace import Workspace
 
     s3 = boto3.client("s3", region_name="us-east-1")
@@ -793,9 +795,9 @@ def test_cleanup_deletes_what_bincount_made_after_one_confirmation(sm, tmp_path,
     s3.put_object(Bucket=BUCKET, Key="someone-else/keep.txt", Body=b"not ours")
     settings = make_settings(tmp_path, **{"train.wait": False, "deploy.model_data": f"s3://{BUCKET}/bincount/models/model.tar.gz"})
     record_channels(settings)
-    backend.train(settings)
-    first = backend.deploy(settings)
-    second = backend.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/bincount/models/model.tar.gz",
+    training.train(settings)
+    first = sm_endpoint.deploy(settings)
+    second = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/bincount/models/model.tar.gz",
                                                        "deploy.endpoint_name": "bincount-second"}))
     client = boto3.client("sagemaker", region_name="us-east-1")
     client.create_model(ModelName="other-model", ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "x"})

@@ -27,7 +27,7 @@ def test_train_needs_splits(tmp_path, cli):
 
 
 def test_use_best_without_a_tuning_result_is_an_error(tmp_path):
-    from bincount.backends.local_train import hyperparameters
+    from bincount.backends.local.train import hyperparameters
 
     settings = settings_for(tmp_path, **{"train.use_best": True})
     with pytest.raises(BincountError, match="run `bincount tune` first"):
@@ -40,7 +40,7 @@ def test_use_best_without_a_tuning_result_is_an_error(tmp_path):
 
 
 def test_script_failure_is_one_line_bincount_error(splits_workdir, tmp_path):
-    from bincount.backends.local_train import make_channels, run_script
+    from bincount.backends.local.train import make_channels, run_script
 
     workdir = splits_workdir(tmp_path / "w")
     settings = settings_for(workdir)
@@ -134,7 +134,7 @@ def test_killing_bincount_train_does_not_orphan_train_py(splits_workdir, tmp_pat
 
 @pytest.mark.slow
 def test_a_non_finite_loss_is_one_line_from_the_local_backend(splits_workdir, tmp_path):
-    from bincount.backends.local_train import make_channels, run_script
+    from bincount.backends.local.train import make_channels, run_script
 
     workdir = splits_workdir(tmp_path / "w")
     settings = settings_for(workdir, **{"train.epochs": 1, "train.ema_decay": 0})
@@ -149,7 +149,7 @@ def test_a_non_finite_loss_is_one_line_from_the_local_backend(splits_workdir, tm
 def test_a_replan_after_the_first_epoch_resumes_the_run_with_the_new_epochs(splits_workdir, tmp_path):
     """The demo sizes training to a budget: after epoch 1 the measured time may change the plan; the run stops
     there (its checkpoint written) and goes on to the new number of epochs, not from scratch."""
-    from bincount.backends.local_train import train
+    from bincount.backends.local.train import train
 
     work = splits_workdir(tmp_path / "work")
     seen: list[float] = []

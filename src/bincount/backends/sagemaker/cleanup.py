@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bincount.backends import sm_estimator as sme
+from bincount.backends.sagemaker import jobs
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
@@ -49,7 +49,7 @@ def _listed(client: Any, operation: str, key: str, name_key: str, arn_key: str, 
 def _ours(sm: Any, arn: str, owner: str) -> bool:
     """Whether the resource carries this work dir's tag."""
     tags = sm.list_tags(ResourceArn=arn).get("Tags", [])
-    return any(t.get("Key") == sme.OWNER_TAG and t.get("Value") == owner for t in tags)
+    return any(t.get("Key") == jobs.OWNER_TAG and t.get("Value") == owner for t in tags)
 
 
 def _prefix(uri: str, setting: str) -> str:
@@ -77,30 +77,29 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
     """Stop the recorded jobs and delete bincount's endpoints, endpoint configs, models and S3 data."""
     from botocore.exceptions import ClientError
 
-    from bincount.aws import client as aws_client
-    from bincount.aws import job_region, parse_s3_uri, s3_client
-    from bincount.backends.sagemaker import _job_status, _missing
+    from bincount.aws import Aws, parse_s3_uri
     from bincount.console import confirm
 
-    region = job_region(settings)
-    bucket = sme.require_bucket(settings)
+    aws = Aws(settings)
+    region = aws.job_region
+    bucket = jobs.require_bucket(settings)
     base = settings.sagemaker.base_job_name
     ws = Workspace(settings.workdir)
     state = ws.state()
-    prefixes = [_prefix(sme.s3_uri(settings), "s3.prefix")]  # refused before anything is listed or deleted
+    prefixes = [_prefix(jobs.s3_uri(settings), "s3.prefix")]  # refused before anything is listed or deleted
     for setting in ("output_path", "checkpoint_s3_uri"):
         extra = getattr(settings.sagemaker, setting)
         if extra and not _prefix(extra, f"sagemaker.{setting}").startswith(prefixes[0]):
             prefixes.append(_prefix(extra, f"sagemaker.{setting}"))
     owner = state.workdir_id or ""
-    sm = aws_client("sagemaker", region=region)
-    s3 = s3_client(settings)
-    with sme.aws_errors("sagemaker cleanup"):
+    sm = aws.client("sagemaker", region=region)
+    s3 = aws.s3()
+    with jobs.aws_errors("sagemaker cleanup"):
         # -- what exists ----------------------------------------------------------------------------
         running = []
         for record in (state.training, state.tuning):
             if isinstance(record, (SageMakerTraining, SageMakerTuning)):
-                found = _job_status(sm, record.job)
+                found = jobs.job_status(sm, record.job)
                 if found and found[1] == "InProgress":
                     running.append((found[0], record.job))
         # recorded here, or tagged with this work dir's id; another owner's bincount-* stays
@@ -121,14 +120,14 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 sm.describe_endpoint(EndpointName=state.endpoint.name)
                 endpoints.append(state.endpoint.name)
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
         for name in endpoints:  # an endpoint of ours: its config and models, if recorded or tagged
             config = sm.describe_endpoint(EndpointName=name)["EndpointConfigName"]
             try:
                 desc = sm.describe_endpoint_config(EndpointConfigName=config)
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
                 continue
             if config in recorded or (owner and _ours(sm, desc["EndpointConfigArn"], owner)):
@@ -139,7 +138,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                     try:
                         arn = sm.describe_model(ModelName=model)["ModelArn"]
                     except ClientError as exc:
-                        if not _missing(exc):
+                        if not jobs.missing(exc):
                             raise
                         continue
                     if model in recorded or (owner and _ours(sm, arn, owner)):
@@ -149,7 +148,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
             try:
                 desc = sm.describe_model(ModelName=model)
             except ClientError as exc:
-                if _missing(exc):
+                if jobs.missing(exc):
                     continue
                 raise
             container = desc.get("PrimaryContainer") or (desc.get("Containers") or [{}])[0]
@@ -188,7 +187,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 result.deleted.append(f"{kind} {name}")
                 log(f"deleted {kind} {name}")
             except ClientError as exc:
-                if not _missing(exc):
+                if not jobs.missing(exc):
                     raise
         for prefix, keys in objects.items():
             bucket_name = parse_s3_uri(prefix)[0]

@@ -13,7 +13,7 @@ from bincount.state import LocalTuning
 
 
 def test_read_objective_takes_the_last_value_sagemaker_would(tmp_path):
-    from bincount.backends.local_tune import read_objective
+    from bincount.backends.local.tune import read_objective
 
     log = tmp_path / "train.log"
     log.write_text("[train] 30 train / 10 val images\n"
@@ -39,7 +39,8 @@ def test_coerce_best_hyperparameters_from_sagemaker():
 
 def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch, capsys):
     """The pruning path, with run_script replaced by one that emits epoch lines (no training needed here)."""
-    from bincount.backends import local_train, local_tune
+    from bincount.backends.local import train as local_train
+    from bincount.backends.local import tune as local_tune
     from bincount.container.epochlog import format_epoch_line
 
     calls = []
@@ -72,8 +73,8 @@ def test_pruned_trials_stop_and_are_reported(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_two_trial_search_records_the_best(tmp_path, synth_source, cli):
-    """`bincount tune` through the CLI (the STAGES entry to the local backend), then its record."""
-    from bincount.backends.local_tune import read_objective
+    """`bincount tune` through the CLI (the COMMANDS entry to the local backend), then its record."""
+    from bincount.backends.local.tune import read_objective
     from bincount.backends.tuning import TuneResult
     from bincount.data.fetch import fetch
     from bincount.data.split import split

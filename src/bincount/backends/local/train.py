@@ -35,7 +35,7 @@ from bincount.results import Result, key_value_table
 from bincount.state import LocalTraining, PendingTraining
 from bincount.workspace import SPLITS, Workspace, atomic_write_text, read_manifest
 
-CONTAINER = Path(__file__).resolve().parent.parent / "container"
+CONTAINER = Path(__file__).resolve().parents[2] / "container"
 SCRIPT = CONTAINER / "train.py"
 
 

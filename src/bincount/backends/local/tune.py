@@ -1,6 +1,6 @@
 """`bincount tune --backend local`: an Optuna search (seeded TPE, median pruning) over real train.py runs.
 
-Each trial runs container/train.py through local_train.run_script, exactly as a local training does;
+Each trial runs container/train.py through local.train.run_script, exactly as a local training does;
 its objective is read from the trial's log with the SageMaker metric regexes (the last value, as
 SageMaker's tuner takes it), and per-epoch values feed the pruner, which stops hopeless trials.
 """
@@ -46,7 +46,7 @@ def tune(settings: Settings) -> TuneResult:
     """Run tune.max_jobs trials one after another; record the best in state.json (backend local)."""
     import optuna
 
-    from bincount.backends.local_train import make_channels, run_script
+    from bincount.backends.local.train import make_channels, run_script
     from bincount.container.epochlog import OBJECTIVES
 
     t = settings.tune

@@ -193,7 +193,7 @@ def test_transform_settings_follow_the_api_rules(cli, tmp_path, sets, message):
 
 
 def test_common_prefix_of_keys():
-    from bincount.backends.sm_transform import common_prefix
+    from bincount.backends.sagemaker.transform import common_prefix
 
     prefix = None
     for key in ("wh/a/bin-images/1.jpg", "wh/a/bin-images/2.jpg", "wh/b/bin-images/3.jpg"):

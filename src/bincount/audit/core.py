@@ -1,20 +1,7 @@
-"""Audit recorded bin quantities against the model: which bins look miscounted, and which need a person.
+"""The audit's core: the bins to audit, their result records, the resumable partial file, the ranked CSV and summary.
 
-Bins (--source; default the test split):
-  a manifest: JSON Lines with "count" and "image" (relative to the workdir, absolute, or s3://);
-  a folder or an s3:// prefix of images in the bucket layout: the expected quantity of
-  bin-images/<id>.jpg is EXPECTED_QUANTITY in metadata/<id>.json (or <id>.json beside the image).
-Scoring: with the sagemaker backend (and no --endpoint/--model) a Batch Transform job
-(backends/sm_transform.py); otherwise here, by several worker processes (audit.workers, one per core)
-each running the artifact's own handlers, or by concurrent requests to an endpoint. Each result is
-appended to a partial file as it arrives; the partial file is named by the model and the input, so an
-interrupted audit run again skips what is done, and a different model or input starts afresh. The
-ranking is made at the end from that file (sorted runs on disk, merged), so memory stays flat.
-Actions:
-  ok          the model agrees with the record (confidence >= threshold)
-  investigate the model disagrees and is confident: a likely inventory error, most confident first
-  recount     the model's confidence is below the threshold: a person counts the bin instead
-  error       the bin could not be scored (reason given); makes the exit code 1
+Both audits build on it: bincount.audit.local (scored here, by worker processes or an endpoint) and
+bincount.backends.sagemaker.transform (a Batch Transform job). See bincount.audit for the whole story.
 """
 
 from __future__ import annotations
@@ -26,8 +13,7 @@ import io
 import json
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,7 +218,7 @@ class Inputs:
 
 
 # -- scoring: one chunk of bins -> one result record per bin ------------------------------------
-def _record(b: Bin, expected: int | None = None, **values: Any) -> dict[str, Any]:
+def result_record(b: Bin, expected: int | None = None, **values: Any) -> dict[str, Any]:
     """A result: the bin, its prediction or error, and what it was scored from (the image's path and sha256,
     the label's path) so a resumed audit keeps it only while that image is unchanged."""
     return {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected if expected is None else expected,
@@ -282,114 +268,8 @@ class Reader:
             raise ValueError(f"label {label}: {exc}") from None
 
 
-def _message(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-class ModelScorer:
-    """The artifact's handlers in this process: input_fn per image, one predict_fn per chunk."""
-
-    def __init__(self, settings: Settings, model_dir: str | Path, threads: int | None = None, handlers: Any = None):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        if handlers is None:
-            from bincount.handlers import Handlers
-
-            handlers = Handlers(model_dir)
-        self.module, self.bundle, self.reader = handlers.module, handlers.bundle, Reader(settings)
-
-    def score(self, bins: list[Bin]) -> list[dict[str, Any]]:
-        records, images, slots = [], [], []
-        for b in bins:
-            try:
-                expected = self.reader.expected(b.label) if b.expected is None else b.expected
-            except ValueError as exc:
-                records.append(_record(b, error=_message(exc)))
-                continue
-            try:
-                body, content_type = self.reader.image(b.path)
-                images.extend(self.module.input_fn(body, content_type))
-                slots.append(len(records))
-                records.append(_record(b, expected, sha256=hashlib.sha256(body).hexdigest()))
-            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
-                records.append(_record(b, expected, error=_message(exc)))
-        if images:
-            try:
-                predictions = self.module.predict_fn(images, self.bundle)
-            except Exception as exc:  # noqa: BLE001
-                for i in slots:
-                    records[i]["error"] = f"internal error: {type(exc).__name__}: {exc}"
-                return records
-            for i, answer in zip(slots, predictions):
-                records[i].update(predicted=int(answer["count"]), confidence=float(answer["confidence"]))
-        return records
-
-
-class TargetScorer:
-    """An endpoint (local URL or SageMaker) answering one image per request."""
-
-    def __init__(self, settings: Settings, target: Any):
-        self.target, self.reader = target, Reader(settings)
-
-    def score(self, bins: list[Bin]) -> list[dict[str, Any]]:
-        records = []
-        for b in bins:
-            try:
-                expected = self.reader.expected(b.label) if b.expected is None else b.expected
-            except ValueError as exc:
-                records.append(_record(b, error=_message(exc)))
-                continue
-            try:
-                from bincount.predict import parse_answer
-
-                body, content_type = self.reader.image(b.path)
-                count, confidence, _ = parse_answer(self.target.predict(body, content_type))
-                records.append(_record(b, expected, predicted=count, confidence=confidence,
-                                       sha256=hashlib.sha256(body).hexdigest()))
-            except Exception as exc:  # noqa: BLE001
-                records.append(_record(b, expected, error=_message(exc)))
-        return records
-
-
-_WORKER: ModelScorer | None = None  # the scorer of a worker process
-
-
-def _init_worker(settings_json: str, model_dir: str, threads: int, parent: int) -> None:
-    import signal
-
-    global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    die_with_parent(parent)
-    _WORKER = ModelScorer(Settings.model_validate_json(settings_json), model_dir, threads)
-
-
-def die_with_parent(parent: int) -> None:
-    """End this worker process when `parent` dies, however it dies (SIGKILL included), so no worker (~1 GB
-    with its model) outlives an audit: prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux (the pool starts its
-    workers from the main thread), and everywhere a watchdog thread that checks the parent every second."""
-    import signal
-    import sys
-    import threading
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:  # the parent died before the call above
-        os._exit(1)
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
-def _score_in_worker(bins: list[Bin]) -> list[dict[str, Any]]:
-    return _WORKER.score(bins)
 
 
 def chunks(items: Iterable[Bin], size: int) -> Iterator[list[Bin]]:
@@ -403,87 +283,7 @@ def chunks(items: Iterable[Bin], size: int) -> Iterator[list[Bin]]:
         yield chunk
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any, write: Callable[[dict], None]) -> None:
-    """Score `bins` and pass each result record to `write` as it arrives (in completion order).
-
-    An in-process model: audit.workers processes (or threads), each with its own copy of the model and
-    torch threads split between them; one bin chunk (audit.chunk) per task, 2 tasks per worker in flight.
-    An endpoint: deploy.workers concurrent requests.
-    """
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-
-    from bincount.data.source import bounded_map
-    from bincount.predict import ModelTarget
-
-    a = settings.audit
-    work = chunks(bins, a.chunk)
-    if not isinstance(target, ModelTarget):
-        scorer = TargetScorer(settings, target)
-        with ThreadPoolExecutor(settings.deploy.workers) as pool:
-            for _, records in bounded_map(scorer.score, work, settings.deploy.workers, pool=pool):
-                for record in records:
-                    write(record)
-        return
-    workers = min(a.workers or cpu_count(), max(1, -(-total // a.chunk)))
-    threads = a.threads or max(1, cpu_count() // workers)
-    if workers == 1 or a.pool == "thread":
-        import torch
-
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        scorer = ModelScorer(settings, target.handlers.model_dir, handlers=target.handlers)
-        try:
-            if workers == 1:
-                for chunk in work:
-                    for record in scorer.score(chunk):
-                        write(record)
-                return
-            pool: Any = ThreadPoolExecutor(workers)
-            with pool:
-                for _, records in bounded_map(scorer.score, work, workers, pool=pool):
-                    for record in records:
-                        write(record)
-            return
-        finally:
-            torch.set_num_threads(saved)
-    import multiprocessing
-
-    model_dir = str(target.handlers.model_dir)
-    target.handlers = None  # each worker loads its own copy; free this one
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(settings.model_dump_json(), model_dir, threads, os.getpid()))
-    try:
-        for _, records in bounded_map(_score_in_worker, work, workers, pool=pool):
-            for record in records:
-                write(record)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-
-
 # -- the partial results file: resumable, keyed by model and input -------------------------------
-def model_key(target: Any) -> str:
-    """What identifies the scorer: the digest of the artifact's weights, meta and handlers, else the endpoint."""
-    from bincount.predict import ModelTarget
-
-    if not isinstance(target, ModelTarget):
-        return target.name
-    from bincount.workspace import file_sha256
-
-    root = Path(target.handlers.model_dir)
-    files = [root / rel for rel in ("model.pth", "meta.json", "code/inference.py", "code/net.py")]
-    digests = "".join(f"{path.relative_to(root)}\t{file_sha256(path)}\n" for path in files if path.is_file())
-    return f"model:{hashlib.sha256(digests.encode()).hexdigest()}"
-
-
 def partial_path(ws: Workspace, key: str) -> Path:
     return ws.reports / "audit-partial" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
 
@@ -653,25 +453,17 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-# -- the stage -------------------------------------------------------------------------------------
-def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0.6, endpoint: str | None = None,
-          model: Path | None = None, out: Path | None = None, top: int | None = None, source: str | None = None,
-          collect: bool = False) -> Any:
-    """Score every bin and rank the disagreements; writes a CSV report (resumable, see the module docstring)."""
+# -- the options both audits take ------------------------------------------------------------------
+def options(settings: Settings, manifest: Path | None, source: str | None, threshold: float, out: Path | None,
+            top: int | None) -> tuple[str | Path | None, Path, int]:
+    """Check --threshold and --source/--manifest; (the source, the CSV path, rows to print)."""
     if not 0.0 <= threshold <= 1.0:
         raise BincountError(f"--threshold {threshold}: must be between 0 and 1")
     if manifest and source:
         raise BincountError("pass --source or --manifest, not both")
     top = settings.audit.top if top is None else top
-    ws = Workspace(settings.workdir)
-    out = check_out(Path(out)) if out else ws.reports / "audit.csv"
-    if settings.backend == "sagemaker" and not endpoint and not model:
-        from bincount.backends import sm_transform
-
-        return sm_transform.audit(settings, source or manifest, threshold=threshold, out=out, top=top, collect=collect)
-    if collect:
-        raise BincountError("--collect joins a SageMaker Batch Transform job: use it with --backend sagemaker")
-    return audit_local(settings, source or manifest, threshold=threshold, endpoint=endpoint, model=model, out=out, top=top)
+    out = check_out(Path(out)) if out else Workspace(settings.workdir).reports / "audit.csv"
+    return source or manifest, out, top
 
 
 def check_out(out: Path) -> Path:
@@ -685,52 +477,3 @@ def check_out(out: Path) -> Path:
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise BincountError(f"--out {out}: cannot write there (permission denied)")
     return out
-
-
-def audit_local(settings: Settings, source: str | Path | None, *, threshold: float, endpoint: str | None,
-                model: Path | None, out: Path, top: int) -> AuditResult:
-    from bincount.predict import resolve_target
-
-    ws = Workspace(settings.workdir)
-    inputs = Inputs(settings, source)
-    target = resolve_target(settings, endpoint, model)
-    partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
-    try:
-        return _score_and_report(settings, ws, inputs, target, partial, threshold=threshold, out=out, top=top)
-    except OSError as exc:  # a full disk or a read-only one: what was scored stays in `partial` for the rerun
-        from bincount.workspace import disk_error
-
-        error = disk_error(Path(exc.filename or partial), exc)
-        if error is exc:
-            raise
-        raise error from None
-
-
-def _score_and_report(settings: Settings, ws: Workspace, inputs: Inputs, target: Any, partial: Path, *,
-                      threshold: float, out: Path, top: int) -> AuditResult:
-    from bincount.console import progress
-
-    started = time.perf_counter()
-    try:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        done = resume(partial, settings)
-        if done:
-            from bincount.console import log
-
-            log(f"resuming: {len(done)} of {inputs.total} bins already scored ({partial})")
-        todo = (b for b in inputs if b.n not in done)
-        with progress(transient=True) as bar, partial.open("a") as fh:
-            task = bar.add_task("audit", total=inputs.total, completed=len(done))
-
-            def write(record: dict) -> None:
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
-                bar.advance(task)
-
-            score_local(settings, todo, inputs.total - len(done), target, write)
-    finally:
-        target.close()
-    result = report(read_records(partial), out, source=inputs.name, target=target.name, threshold=threshold, top=top,
-                    resumed=len(done), seconds=round(time.perf_counter() - started, 3), total=inputs.total)
-    partial.unlink(missing_ok=True)
-    return result
