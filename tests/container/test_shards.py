@@ -348,14 +348,14 @@ HOSTILE = ["garbage cls", "out-of-range cls", "cls disagrees with the sidecar", 
 
 @pytest.mark.parametrize("case", HOSTILE)
 def test_a_hostile_shard_stops_training_with_one_line_naming_shard_and_member(case, synth_source, tmp_path):
-    from .conftest import run_train
+    from .conftest import train_here  # train.py's main() in this process: a code path, not the script's contract
 
     images = [(p.stem, p.read_bytes()) for p in sorted((synth_source / "bin-images").glob("*.jpg"))[:12]]
     expected = _hostile(case, tmp_path / "train", images)
     val = tmp_path / "val"
     _shard(val, [(i, 1) for i, _ in images[:4]], [m for i, jpg in images[:4] for m in ((f"{i}.jpg", jpg), (f"{i}.cls", b"1"))])
-    res = run_train({"train": tmp_path / "train", "val": val}, tmp_path / "run", "--epochs", "1", "--batch_size", "4",
-                    "--num_workers", "1", timeout=180)
+    res = train_here({"train": tmp_path / "train", "val": val}, tmp_path / "run", "--epochs", "1", "--batch_size", "4",
+                     "--num_workers", "1")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
