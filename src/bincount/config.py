@@ -166,7 +166,7 @@ class ShardSettings(Section):
     channels: Literal["auto", "files", "shards"] = Field("auto", description="what upload and local training use: "
                                                           "auto = the shards when `bincount shard` built them, else the image files")
     items_per_shard: int = Field(4000, ge=1, description="items per tar file (~200-300 MB at 448 px)")
-    max_side: int | None = Field(None, ge=16, description="longest side of the stored images (resized, never cropped); "
+    max_side: int | None = Field(None, ge=16, le=4096, description="longest side of the stored images (resized, never cropped); "
                                  "default 2 x train.image_size")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of re-encoded images")
     workers: int = Field(32, ge=1, le=512, description="concurrent image reads and encodes")
@@ -390,7 +390,7 @@ class SageMakerSettings(Section):
     region: str | None = Field(None, description="AWS region for SageMaker jobs and endpoints; default AWS_REGION, "
                                "AWS_DEFAULT_REGION, the profile's region, else us-east-1")
     instance_type: str = Field("ml.g4dn.xlarge", description="training instance type")
-    instance_count: int = Field(1, ge=1, description=">1 runs torch_distributed (DDP)")
+    instance_count: int = Field(1, ge=1, description="instances; >1 needs a GPU type (every GPU instance runs torch_distributed: one process per GPU)")
     volume_size_gb: int = Field(30, ge=1, description="training volume size")
     max_run_s: int = Field(24 * 3600, ge=60, description="training time limit in seconds")
     framework_version: str = Field("2.8.0", description="SageMaker PyTorch training container (the newest SDK 2.257 knows)")

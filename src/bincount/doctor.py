@@ -180,7 +180,8 @@ class _Doctor:
             self.add("training instance", "fail", str(exc))
             return
         kind = "GPU" if is_gpu_instance(sm.instance_type) else "CPU (no CUDA: training runs on the CPU)"
-        ddp = f", {sm.instance_count} instances under torch_distributed" if sm.instance_count > 1 else ""
+        ddp = (f", {sm.instance_count} instances," if sm.instance_count > 1 else "") + \
+            (" one training process per GPU (torch_distributed)" if is_gpu_instance(sm.instance_type) else "")
         self.add("training instance", "ok", f"{sm.instance_type}: {kind}{ddp}")
         d = self.settings.deploy
         if d.mode == "serverless":

@@ -11,7 +11,8 @@ head or body, so a body trickled at 1 byte every 5 s never times out. Here, as a
 - at most max_connections connections are held (more wait in the listen backlog); at most max_idle of them
   idle between keep-alive requests (the oldest idle one is closed first); when the limit is reached and a
   client waits, the oldest connection that has not sent a whole request for EVICT_AFTER_S gives it its place
-  (idle: closed; half-sent: a 503). Slow clients hold only their own connection, never a thread;
+  (idle: closed; half-sent: a 503), and while clients wait, answers say `Connection: close` so busy
+  keep-alive clients take turns with them. Slow clients hold only their own connection, never a thread;
 - request bodies held in memory (read, or waiting for a thread) are bounded by BODY_BUDGET bytes;
 - /ping never waits for the inference threads;
 - SIGTERM: connections queued in the listen backlog are taken, listening stops, idle keep-alive connections
@@ -181,7 +182,7 @@ class Conn:
         from bincount.serve import phrase
 
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra.items()]
-        if self.front.stopping:
+        if self.front.stopping or self.front.pressure:  # clients wait for a place: this one reconnects behind them
             headers.append(("Connection", "close"))
         out = self.h.send(h11.Response(status_code=status, headers=headers, reason=phrase(status)))
         if method != "HEAD":
@@ -259,7 +260,7 @@ class Front:
         self.body_budget = BodyBudget(BODY_BUDGET)
         self.conns: dict[Conn, None] = {}  # insertion-ordered
         self.room = asyncio.Event()
-        self.stopping = False
+        self.stopping = self.pressure = False
 
     def start(self, sock: socket.socket, addr: Any) -> None:
         conn = Conn(self, sock, addr)
@@ -302,6 +303,7 @@ class Front:
         while not self.stopping:
             await self.readable(listener)
             while not self.stopping and len(self.conns) >= self.max_connections:
+                self.pressure = True
                 if self.evict_one():
                     await asyncio.sleep(0)
                     continue
@@ -311,6 +313,7 @@ class Front:
                         await self.room.wait()
                 except TimeoutError:
                     pass
+            self.pressure = False
             if self.stopping:
                 return
             self.take(listener, 64)

@@ -126,10 +126,10 @@ def test_a_huge_answer_is_refused_at_the_cap_not_read_whole(image, tmp_path):
             t0 = time.monotonic()
             res, peak_mb = predict_cli(image, server.url, tmp_path)
             took = time.monotonic() - t0
-        assert res.returncode == 1, res.stderr
+        assert res.returncode == 1 and res.stdout, res.stderr
         item = json.loads(res.stdout)["items"][0]
-        assert "byte limit" in item["error"] and item["count"] is None
-        assert peak_mb < 350 and took < 60, (peak_mb, took)
+        assert "byte limit" in item["error"] and item["count"] is None, item
+        assert peak_mb < 350 and took < 60, (peak_mb, took)  # measured: 47 MB for a normal answer
 
 
 def test_an_answer_trickled_a_byte_at_a_time_fails_at_the_whole_request_deadline():

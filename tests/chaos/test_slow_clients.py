@@ -196,3 +196,33 @@ def test_a_client_that_does_not_read_its_answers_holds_only_its_own_connection(s
     time.sleep(0.5)
     assert max(ping_s(server.url) for _ in range(5)) < 0.5
     raw.close()
+
+
+def test_more_keep_alive_clients_than_connections_all_get_answers(model, tmp_path):
+    """30 clients sending on kept-alive connections for 5 s to a server holding 20: while some wait in the listen
+    queue, answers say Connection: close, so every client is served within seconds, not only once the others
+    stop (as wrk -c 1500 against 1,000 connections)."""
+    with serve.Server(model, "deploy.max_connections=20", "deploy.threads=2", log=tmp_path / "serve.log") as srv:
+        first, errors = [None] * 30, []
+        t0 = time.monotonic()
+
+        def client(i: int) -> None:
+            conn = http.client.HTTPConnection(*srv.address, timeout=30)
+            try:
+                while time.monotonic() < t0 + 5:
+                    conn.request("GET", "/ping")
+                    resp = conn.getresponse()
+                    resp.read()
+                    if resp.status == 200 and first[i] is None:
+                        first[i] = time.monotonic() - t0
+                    if resp.getheader("Connection") == "close":
+                        conn.close()
+            except Exception as exc:  # noqa: BLE001 - counted
+                errors.append(repr(exc))
+            finally:
+                conn.close()
+
+        with ThreadPoolExecutor(30) as pool:
+            list(pool.map(client, range(30)))
+    assert errors == [] and None not in first, (errors[:3], first)
+    assert max(first) < 4, first  # before: the 10 queued clients waited until the others stopped, at 5 s

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,19 +44,44 @@ def channels(synth_source: Path, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def run_train(channels: dict[str, Path], run: Path, *args: str, env: dict[str, str] | None = None,
-              launcher: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run train.py as SageMaker does: SM_* variables and --name value hyperparameters."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
-    full_env.update({
+def sm_env(channels: dict[str, Path], run: Path) -> dict[str, str]:
+    """The SM_* variables SageMaker sets for train.py: output folders under `run`, the train and val channels."""
+    return {
         "SM_MODEL_DIR": str(run / "model"), "SM_OUTPUT_DATA_DIR": str(run / "output" / "data"),
         "SM_OUTPUT_DIR": str(run / "output"), "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1",
         "SM_NUM_GPUS": "0", "SM_CHANNEL_TRAIN": str(channels["train"]), "SM_CHANNEL_VAL": str(channels["val"]),
         "SM_CHECKPOINT_DIR": str(run / "checkpoints"),
-    })
+    }
+
+
+def run_train(channels: dict[str, Path], run: Path, *args: str, env: dict[str, str] | None = None,
+              launcher: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run train.py as SageMaker does: its own process, SM_* variables and --name value hyperparameters.
+    One test per contract of the script runs it so; tests of a code path inside it use train_here."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    full_env.update(sm_env(channels, run))
     full_env.update(env or {})
     command = [*(launcher or [sys.executable]), str(SCRIPT), *FAST, *args]
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_here(channels: dict[str, Path], run: Path, *args: str,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """train.py's main() in this process with what run_train gives the script (SM_* variables, FAST, args): the
+    same exit code, stdout and stderr without a new interpreter and torch import; os.environ is restored."""
+    from bincount.container import train
+
+    saved, out, err = dict(os.environ), io.StringIO(), io.StringIO()
+    try:
+        for name in [n for n in os.environ if n.startswith("SM_")]:
+            del os.environ[name]
+        os.environ.update({**sm_env(channels, run), **(env or {})})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main([*FAST, *args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["train.py", *FAST, *args], code, out.getvalue(), err.getvalue())
 
 
 # -- SageMaker's own container code: the training toolkit and the inference handler chain ---------------------------
@@ -95,7 +124,7 @@ class TrainingContainer:
     What SageMaker does before the image starts is done here from the request: input/config/
     hyperparameters.json, inputdataconfig.json, resourceconfig.json and debughookconfig.json; every channel
     copied from S3 as File mode lays it out (input/data/<channel>/); the CheckpointConfig prefix restored
-    into checkpoints/ (sync_checkpoints() uploads it back, as SageMaker does while the job runs). Then the
+    into checkpoints/ (run() mirrors it back while the job runs, deletions included, as SageMaker does). Then the
     image's entry point: sagemaker_training.cli.train with SAGEMAKER_TRAINING_MODULE=
     sagemaker_pytorch_container.training:main, which downloads sourcedir.tar.gz, pip-installs its
     requirements.txt (offline here: PIP_NO_INDEX, and --dry-run so the shared venv never changes) and runs
@@ -146,11 +175,16 @@ class TrainingContainer:
             hook = {**req["DebugHookConfig"], "LocalPath": str(self.tensors)}
             (config / "debughookconfig.json").write_text(json.dumps(hook))
         self.checkpoints.mkdir()
+        self._synced: dict[str, int] = {}  # checkpoint files in S3: relative path -> mtime when put there
         if "CheckpointConfig" in req:
-            s3_download_prefix(req["CheckpointConfig"]["S3Uri"], self.checkpoints)
+            for path in s3_download_prefix(req["CheckpointConfig"]["S3Uri"], self.checkpoints):
+                self._synced[path.relative_to(self.checkpoints).as_posix()] = path.stat().st_mtime_ns
         return self
 
-    def run(self, timeout: int = 600) -> subprocess.CompletedProcess:
+    def run(self, timeout: int = 600, env_extra: dict[str, str] | None = None,
+            interrupt_when: str | None = None) -> subprocess.CompletedProcess:
+        """Run the job, syncing checkpoints/ with the CheckpointConfig prefix while it runs and when it ends, as
+        SageMaker does. interrupt_when: kill the job once that file exists under checkpoints/ (a spot interruption)."""
         if not (TOOLKITS / "sagemaker_training").is_dir():
             pytest.fail(f"the SageMaker training toolkit is not in {TOOLKITS}: run make install")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_", "PIP_"))}
@@ -164,15 +198,50 @@ class TrainingContainer:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         })
         env.update(self.request.get("Environment") or {})
+        env.update(env_extra or {})
         command = [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"]
-        return subprocess.run(command, env=env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+        job = subprocess.Popen(command, env=env, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                out, err = job.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                self.sync_checkpoints()
+                if (interrupt_when and (self.checkpoints / interrupt_when).is_file()) or time.monotonic() > deadline:
+                    os.killpg(job.pid, signal.SIGKILL)
+                    out, err = job.communicate()
+                    if not interrupt_when:
+                        raise subprocess.TimeoutExpired(command, timeout, out, err) from None
+                    break
+        self.sync_checkpoints()
+        return subprocess.CompletedProcess(command, job.returncode, out, err)
 
     def sync_checkpoints(self) -> None:
-        """Upload checkpoints/ to the CheckpointConfig prefix, as SageMaker does during the job."""
+        """Mirror checkpoints/ to the CheckpointConfig prefix, as SageMaker does during the job: new and changed
+        files are uploaded, and a file deleted in the container is deleted in S3 too (the SageMaker guide's words)."""
+        if "CheckpointConfig" not in self.request:
+            return
         bucket, prefix = _split(self.request["CheckpointConfig"]["S3Uri"])
-        for path in self.checkpoints.rglob("*"):
-            if path.is_file():
-                _s3().upload_file(str(path), bucket, prefix + path.relative_to(self.checkpoints).as_posix())
+        local = {p.relative_to(self.checkpoints).as_posix(): p for p in self.checkpoints.rglob("*") if p.is_file()}
+        for rel, path in local.items():
+            try:
+                mtime = path.stat().st_mtime_ns
+                if self._synced.get(rel) != mtime:
+                    _s3().upload_file(str(path), bucket, prefix + rel)
+                    self._synced[rel] = mtime
+            except FileNotFoundError:  # renamed or removed while we looked (a .part file becoming the checkpoint)
+                pass
+        for rel in set(self._synced) - set(local):
+            _s3().delete_object(Bucket=bucket, Key=prefix + rel)
+            del self._synced[rel]
+
+    def checkpoint_keys(self) -> set[str]:
+        """The keys under the CheckpointConfig prefix, relative to it."""
+        bucket, prefix = _split(self.request["CheckpointConfig"]["S3Uri"])
+        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return {obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])}
 
 
 class ModelServer:

@@ -220,10 +220,14 @@ def test_shard_channel_with_a_count_beyond_num_classes_is_a_clear_error(built):
 
 def test_build_script_rejects_bad_items_with_one_line(tmp_path):
     items = tmp_path / "train.jsonl"
-    items.write_text('{"id": "00001"}\n')
-    done = subprocess.run([sys.executable, str(SCRIPT), "--items", str(items), "--source", str(tmp_path),
-                           "--dest", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and done.stderr.startswith("error: item 1: needs an id and an integer count")
+    for bad in ('{"id": "00001"}', '{"id": "00001", "count": true}', '{"id": "../../etc/passwd", "count": 1}',
+                '{"id": "a/b", "count": 1}', '{"count": 1}'):
+        items.write_text(bad + "\n")
+        done = subprocess.run([sys.executable, str(SCRIPT), "--items", str(items), "--source", str(tmp_path),
+                               "--dest", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.startswith(
+            "error: item 1: needs an id (letters, digits, _ . -; no / or ..) and an integer count >= 0, got {"), done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_reader_without_items_ends_instead_of_spinning(synth_source, tmp_path):
@@ -344,15 +348,52 @@ HOSTILE = ["garbage cls", "out-of-range cls", "cls disagrees with the sidecar", 
 
 @pytest.mark.parametrize("case", HOSTILE)
 def test_a_hostile_shard_stops_training_with_one_line_naming_shard_and_member(case, synth_source, tmp_path):
-    from .conftest import run_train
+    from .conftest import train_here  # train.py's main() in this process: a code path, not the script's contract
 
     images = [(p.stem, p.read_bytes()) for p in sorted((synth_source / "bin-images").glob("*.jpg"))[:12]]
     expected = _hostile(case, tmp_path / "train", images)
     val = tmp_path / "val"
     _shard(val, [(i, 1) for i, _ in images[:4]], [m for i, jpg in images[:4] for m in ((f"{i}.jpg", jpg), (f"{i}.cls", b"1"))])
-    res = run_train({"train": tmp_path / "train", "val": val}, tmp_path / "run", "--epochs", "1", "--batch_size", "4",
-                    "--num_workers", "1", timeout=180)
+    res = train_here({"train": tmp_path / "train", "val": val}, tmp_path / "run", "--epochs", "1", "--batch_size", "4",
+                     "--num_workers", "1")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert re.fullmatch(f"error: {expected}.*", last), last
+
+
+@pytest.mark.parametrize("gpus_per_host, workers", [(1, 47), (4, 11), (8, 5)])  # 48 vCPUs (ml.g5.12xlarge: 4 GPUs)
+def test_shard_readers_get_the_cpus_per_gpu_as_the_file_reader_does(built, monkeypatch, gpus_per_host, workers):
+    """Not capped at 8: each rank (one per GPU) gets its share of the host's CPUs, one kept for its loop."""
+    import argparse
+
+    import torch
+
+    from bincount.container import batches
+
+    dest, _ = built
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(48)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(gpus_per_host))
+    args = argparse.Namespace(image_size=16, batch_size=8, num_classes=6, num_workers=None, seed=0, shuffle_buffer=10,
+                              cache_mb=0)
+    reader = batches.channel_batches(str(dest), "train", args, torch.device("cuda"))
+    assert isinstance(reader, sh.ShardBatches) and reader.num_workers == workers
+    assert batches.channel_batches(str(dest), "train", args, torch.device("cpu")).num_workers == 8  # on the CPU: 8 at most
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_on_shard_channels(synth_source, tmp_path):
+    """Real torch.distributed (gloo, 2 ranks x 2 workers) on shard channels: equal steps per rank, or it hangs."""
+    from .conftest import run_train
+
+    labels = sorted((synth_source / "metadata").glob("*.json"))
+    items = [{"id": p.stem, "count": json.loads(p.read_text())["EXPECTED_QUANTITY"]} for p in labels]
+    for split, part in (("train", items[:75]), ("val", items[75:100])):  # 75 // 2 ranks = 37 = 32 + 5: ragged
+        sh.build(part, split, sh.Store(str(synth_source)), sh.Store(str(tmp_path / split)), items_per_shard=30,
+                 max_side=48, workers=2, log=lambda _: None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = run_train({"train": tmp_path / "train", "val": tmp_path / "val"}, tmp_path / "run", "--epochs", "2",
+                    "--num_workers", "2", launcher=launcher, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world 2" in res.stderr and "75 train / 25 val images" in res.stderr
+    assert (tmp_path / "run" / "model" / "model.pth").is_file()

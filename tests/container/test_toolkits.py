@@ -78,19 +78,73 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     for collection in ("losses", "gradients"):
         assert trial.tensor_names(collection=collection), f"no {collection} tensors"
 
-    # The job's checkpoint went to its own prefix; a second job (same settings) does not resume it.
-    first.sync_checkpoints()
+    # The job's checkpoint went to its own prefix, synced while it ran, and left it when the model was written
+    # (issue 20.9); the next job gets a prefix of its own.
     assert request["CheckpointConfig"]["S3Uri"].endswith(f"/{request['TrainingJobName']}/")
+    assert "removed this job's checkpoints" in log and first.checkpoint_keys() == set()
     training.train(settings)
-    second_request = last(sagemaker_requests, "CreateTrainingJob")
-    second = TrainingContainer(second_request, tmp_path / "job-2").layout()
-    assert not any(second.checkpoints.rglob("*.pt"))  # nothing restored from the first job's prefix
-    assert second.run().returncode == 0
+    assert last(sagemaker_requests, "CreateTrainingJob")["CheckpointConfig"]["S3Uri"] != request["CheckpointConfig"]["S3Uri"]
 
-    # The first job restarted (as after a spot interruption) gets its checkpoint back and resumes it.
-    restarted = TrainingContainer(request, tmp_path / "job-1-restarted").layout()
-    again = restarted.run()
+    # Trials of a tuning job share one CheckpointConfig prefix, and SageMaker restores all of it into each new
+    # trial. A trial interrupted after its first epoch (spot) keeps its checkpoint there; another trial gets it
+    # restored but never loads it, and takes only its own away when it ends; the interrupted trial, restarted,
+    # resumes its own and then removes it: the prefix ends empty.
+    def trial(name: str, epochs: str) -> dict:
+        return {**request, "TrainingJobName": name, "HyperParameters": {**request["HyperParameters"], "epochs": epochs}}
+
+    a, b = trial("tune-a-001-1a2b3c4d", "2"), trial("tune-a-002-5e6f7a8b", "1")
+    interrupted = TrainingContainer(a, tmp_path / "trial-1").layout().run(
+        interrupt_when=f"{a['TrainingJobName']}/checkpoint.pt")
+    assert interrupted.returncode != 0
+    assert first.checkpoint_keys() == {f"{a['TrainingJobName']}/checkpoint.pt"}
+    other = TrainingContainer(b, tmp_path / "trial-2").layout()
+    assert (other.checkpoints / a["TrainingJobName"] / "checkpoint.pt").is_file()  # restored with the prefix
+    done = other.run()
+    assert done.returncode == 0 and "resuming" not in done.stderr + done.stdout
+    assert first.checkpoint_keys() == {f"{a['TrainingJobName']}/checkpoint.pt"}  # only its own went
+    again = TrainingContainer(a, tmp_path / "trial-1-restarted").layout().run()
     assert again.returncode == 0 and "resuming after epoch 1" in again.stderr + again.stdout
+    assert first.checkpoint_keys() == set()
+
+
+def test_every_gpu_of_the_instance_gets_a_training_process(sagemaker_requests, tmp_path):
+    """ml.g5.12xlarge has 4 GPUs: the job must start train.py once per GPU (torchrun through the toolkit's
+    torch_distributed), not train on cuda:0 alone as it did when distribution was set only for instance_count > 1.
+    The toolkit counts GPUs with nvidia-smi and launches torchrun: both are stand-ins on PATH here (no GPU), the
+    second recording the command the real toolkit built from the real request."""
+    import os
+    import stat
+    import sys
+
+    import boto3
+
+    from bincount.backends.sagemaker import training
+    from bincount.workspace import Workspace
+
+    instance, gpus = "ml.g5.12xlarge", 4
+    settings = settings_for(tmp_path / "work", **{"sagemaker.instance_type": instance,
+                                                   "sagemaker.use_spot_instances": False})
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for split in ("train", "val"):
+        s3.put_object(Bucket=BUCKET, Key=f"bincount/{split}/manifest.jsonl", Body=b'{"count": 1, "image": "images/1.jpg"}\n')
+    Workspace(settings.workdir).update_state(channels={s: f"s3://{BUCKET}/bincount/{s}/" for s in ("train", "val")})
+    training.train(settings)
+    request = last(sagemaker_requests, "CreateTrainingJob")
+    assert request["ResourceConfig"]["InstanceType"] == instance
+    assert request["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "torchrun.json"
+    bin_dir.mkdir()
+    fakes = {"nvidia-smi": "\n".join(f"print('GPU {i}: NVIDIA A10G (UUID: GPU-{i})')" for i in range(gpus)),
+             "torchrun": f"import json, sys; json.dump(sys.argv[1:], open({str(record)!r}, 'w'))"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    container = TrainingContainer(request, tmp_path / "job").layout()
+    run = container.run(env_extra={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    argv = json.loads(record.read_text())
+    assert argv[:4] == ["--nnodes", "1", "--nproc_per_node", str(gpus)] and argv[4].endswith("train.py")
 
 
 def _images() -> dict[str, bytes]:

@@ -12,7 +12,7 @@ import pytest
 
 from bincount.container.epochlog import METRIC_DEFINITIONS, parse_epoch_line, parse_progress_line
 
-from .conftest import SCRIPT, run_train
+from .conftest import SCRIPT, run_train, train_here
 
 CONTAINER = SCRIPT.parent
 
@@ -103,8 +103,8 @@ def test_ddp_two_processes_on_cpu_write_one_artifact(channels, tmp_path):
 
 
 def test_imagenet_weights_offline_fail_fast_with_one_line(channels, tmp_path):
-    res = run_train(channels, tmp_path / "run", "--epochs", "1", "--pretrained", "imagenet",
-                    env={"TORCH_HOME": str(tmp_path / "empty-torch-home")}, timeout=60)
+    res = train_here(channels, tmp_path / "run", "--epochs", "1", "--pretrained", "imagenet",
+                     env={"TORCH_HOME": str(tmp_path / "empty-torch-home")})
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "not cached" in errors[0] and "pretrained=none" in errors[0]
@@ -115,9 +115,10 @@ def test_imagenet_weights_offline_fail_fast_with_one_line(channels, tmp_path):
 def test_bad_channel_is_one_line_error(channels, tmp_path):
     empty = tmp_path / "nothing"
     empty.mkdir()
-    res = run_train({**channels, "train": empty}, tmp_path / "run", "--epochs", "1", timeout=60)
-    assert res.returncode == 2
+    res = run_train({**channels, "train": empty}, tmp_path / "run", "--epochs", "1", timeout=60)  # the script's
+    assert res.returncode == 2 and "Traceback" not in res.stderr                                  # own process
     assert res.stderr.strip().splitlines()[-1] == f"error: train channel {empty} has no manifest.jsonl"
+    assert (tmp_path / "run" / "output" / "failure").read_text() == f"error: train channel {empty} has no manifest.jsonl\n"
 
 
 def test_container_imports_only_allowed_modules():
@@ -289,15 +290,32 @@ def test_smdebug_shim_writes_tensors_without_ndarray_tostring():
 
 
 def test_a_loss_that_stops_being_finite_stops_the_run_and_ships_nothing(channels, tmp_path):
-    res = run_train(channels, tmp_path / "run", "--epochs", "3", "--lr", "1e20", "--ema_decay", "0", timeout=120)
+    res = train_here(channels, tmp_path / "run", "--epochs", "3", "--lr", "1e20", "--ema_decay", "0")
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "the loss is not finite at epoch 1" in errors[0] and "lower the learning rate" in errors[0]
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "model" / "model.pth").exists()
     assert "epoch=" not in res.stdout  # not even an epoch line with nan for a tuner to read
-    res = run_train(channels, tmp_path / "run", "--epochs", "1", "--lr", "inf", timeout=60)
+    res = train_here(channels, tmp_path / "run", "--epochs", "1", "--lr", "inf")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: --lr inf is not a finite number"
+
+
+def test_on_sagemaker_a_diverged_job_takes_its_checkpoints_away(channels, tmp_path):
+    """Its job can never resume them, and the trials of a tuning job share one prefix that SageMaker restores
+    into each new trial (issue 20.9); locally (no TRAINING_JOB_NAME) a run's checkpoints stay."""
+    import torch
+
+    mine = tmp_path / "run" / "checkpoints" / "tune-001-abc"
+    mine.mkdir(parents=True)
+    torch.save({"epoch": 1}, mine / "checkpoint.pt")  # an old one: not resumed, then training diverges
+    others = tmp_path / "run" / "checkpoints" / "tune-002-def"
+    others.mkdir()
+    (others / "checkpoint.pt").write_bytes(b"another trial's")
+    res = run_train(channels, tmp_path / "run", "--epochs", "3", "--lr", "1e20", "--ema_decay", "0",
+                    env={"TRAINING_JOB_NAME": "tune-001-abc"}, timeout=120)
+    assert res.returncode == 2 and "the loss is not finite" in res.stderr
+    assert not mine.exists() and (others / "checkpoint.pt").read_bytes() == b"another trial's"
 
 
 def test_a_truncated_checkpoint_names_the_file_and_how_to_restart(channels, tmp_path):
@@ -306,7 +324,7 @@ def test_a_truncated_checkpoint_names_the_file_and_how_to_restart(channels, tmp_
     checkpoint.parent.mkdir(parents=True)
     for damaged in (b"PK\x03\x04 truncated zip", b""):
         checkpoint.write_bytes(damaged)
-        res = run_train(channels, run, "--epochs", "1", timeout=120)
+        res = train_here(channels, run, "--epochs", "1")
         assert res.returncode == 2, res.stderr[-2000:]
         assert "Traceback" not in res.stderr
         last = res.stderr.strip().splitlines()[-1]
@@ -319,17 +337,17 @@ def test_jobs_resume_only_their_own_checkpoint_with_the_same_settings(channels, 
     (TRAINING_JOB_NAME), and only a checkpoint written for the same hyperparameters and data."""
     run = tmp_path / "run"
     job = lambda name: {"TRAINING_JOB_NAME": name}  # noqa: E731 - set by SageMaker in every training container
-    first = run_train(channels, run, "--epochs", "1", env=job("job-a"))
+    first = train_here(channels, run, "--epochs", "1", env=job("job-a"))
     assert first.returncode == 0, first.stderr[-2000:]
     assert (run / "checkpoints" / "job-a" / "checkpoint.pt").is_file()
 
-    other_job = run_train(channels, run, "--epochs", "1", env=job("job-b"))  # a trial sharing the prefix
+    other_job = train_here(channels, run, "--epochs", "1", env=job("job-b"))  # a trial sharing the prefix
     assert other_job.returncode == 0 and "resuming" not in other_job.stderr and epochs_in(other_job.stdout) == [1]
 
-    spot_restart = run_train(channels, run, "--epochs", "2", env=job("job-a"))  # the same job, restarted
+    spot_restart = train_here(channels, run, "--epochs", "2", env=job("job-a"))  # the same job, restarted
     assert "resuming after epoch 1" in spot_restart.stderr and epochs_in(spot_restart.stdout) == [2]
 
-    new_lr = run_train(channels, run, "--epochs", "1", "--lr", "0.004", env=job("job-b"))
+    new_lr = train_here(channels, run, "--epochs", "1", "--lr", "0.004", env=job("job-b"))
     assert new_lr.returncode == 0, new_lr.stderr[-2000:]
     said = [line for line in new_lr.stderr.splitlines() if "not resuming" in line]
     assert len(said) == 1 and "lr 0.003 -> 0.004" in said[0] and "starting fresh" in said[0]
@@ -370,7 +388,7 @@ def test_imagenet_weights_from_the_weights_channel_are_recorded_with_their_sha25
     channel = tmp_path / "weights"
     weights = _weights_file(channel / "mobilenet_v3_small-047dcff4-0123456789abcdef.pth", "mobilenet_v3_small")
     env = {"SM_CHANNEL_WEIGHTS": str(channel), "TORCH_HOME": str(tmp_path / "empty-torch-home")}
-    res = run_train(channels, tmp_path / "run", "--epochs", "1", "--pretrained", "imagenet",
+    res = train_here(channels, tmp_path / "run", "--epochs", "1", "--pretrained", "imagenet",
                     "--weights_source", "s3://bucket/bincount/weights/x.pth", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
@@ -381,7 +399,7 @@ def test_imagenet_weights_from_the_weights_channel_are_recorded_with_their_sha25
     # A file that does not fit the backbone is a one-line error, not a silently random start.
     (channel / weights.name).unlink()
     _weights_file(channel / "resnet18.pth", "resnet18")
-    bad = run_train(channels, tmp_path / "bad", "--epochs", "1", "--pretrained", "channel", env=env, timeout=120)
+    bad = train_here(channels, tmp_path / "bad", "--epochs", "1", "--pretrained", "channel", env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: pretrained weights file") and "does not fit" in bad.stderr
 
@@ -427,3 +445,49 @@ def test_the_debugger_hook_saves_activations_under_either_cpu_precision(channels
     assert names, "no activation inputs saved"
     value = trial.tensor(names[0]).value(trial.steps()[0])
     assert value.dtype.name == "float32" and value.size > 0
+
+
+def test_train_py_reports_the_test_metrics_that_bincount_evaluate_computes(channels, tmp_path):
+    """One scoring path (issue 23.6): train.py's test_acc/test_rmse are evaluate's for the same model and images,
+    even when training ran under bfloat16 autocast (forced here, so the check holds on every CPU)."""
+    from bincount.config import load_settings
+    from bincount.evaluate import evaluate
+
+    run = tmp_path / "run"
+    res = train_here(channels, run, "--arch", "resnet18", "--epochs", "1", "--lr", "1e-6", "--test",
+                     str(channels["train"]), env={"TRAIN_CPU_BF16": "1"})  # near its initial, close-call weights
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((run / "model" / "meta.json").read_text())
+    assert meta["train_precision"] == "bfloat16"
+    settings = load_settings(overrides={"workdir": str(tmp_path / "work")}, environ={})
+    result = evaluate(settings, manifest=channels["train"] / "manifest.jsonl", model=run / "model")
+    assert (result.n, result.skipped, result.tta) == (72, 0, False)
+    assert (meta["metrics"]["test_acc"], meta["metrics"]["test_rmse"]) == \
+        pytest.approx((result.accuracy, result.rmse), abs=1e-12)
+
+
+def test_the_test_pass_scores_near_ties_as_evaluate_does(channels, tmp_path):
+    """A model whose top two counts are close on every image: bfloat16 autocast or another decode would flip
+    some of them (the validation pass may; the test pass, loop.score, must not)."""
+    import torch
+
+    from bincount.artifacts import write_model_dir
+    from bincount.container import batches, loop, net
+    from bincount.evaluate import compute_metrics, predict_counts
+
+    items = batches.read_channel(str(channels["train"]), "train", 6)
+    data = batches.Batches(items, 32, 16, cache_mb=64, num_workers=0)
+    torch.manual_seed(0)
+    model = net.build_model("resnet18", 6).eval()
+    with torch.no_grad():  # counts 2 and 3 lead on every image, half of them each, by a few hundredths
+        x = torch.cat([net.normalize(images.contiguous()) for images, _ in data.iterate(list(range(len(items))))])
+        model.fc.bias[2:4] += 10.0
+        logits = model(x)
+        model.fc.bias[3] -= (logits[:, 3] - logits[:, 2]).median()
+    model_dir = write_model_dir(tmp_path / "model", "resnet18", model=model)
+    predicted, _ = predict_counts(model_dir, [path for path, _ in items], tta=False)
+    expected = compute_metrics([count for _, count in items], predicted, list(range(6)))
+    assert set(predicted) == {2, 3}  # a near tie that falls both ways
+    loaded, _ = net.load_model(model_dir)
+    test = loop.score(loaded, data, loop.CountingLoss(None, 0.05, 0.5), torch.device("cpu"), loop.Dist(), tta=False)
+    assert (test["acc"], test["rmse"]) == pytest.approx((expected["accuracy"], expected["rmse"]), abs=1e-12)

@@ -150,6 +150,16 @@ def test_s3s_redirect_to_the_buckets_region_is_followed_once(scripted, monkeypat
         client.get_object(Bucket="b", Key="k")
 
 
+def test_a_connection_to_the_host_a_redirect_left_behind_is_not_reused(scripted):
+    server = scripted([(200, {}, b"old host", "keep"), (200, {}, b"new host", "keep")])
+    client = PublicBucket("b", endpoint_url=server.url, region="us-east-1")
+    body = client.get_object(Bucket="b", Key="k")["Body"]  # in flight while another thread follows a redirect
+    client.host = "localhost"  # what _endpoint sets: the same server under another name
+    assert body.read() == b"old host" and not client._idle
+    assert client.get_object(Bucket="b", Key="k")["Body"].read() == b"new host"
+    assert [c.host for c in client._idle] == ["localhost"]
+
+
 def test_addresses_virtual_hosted_on_aws_and_path_style_elsewhere():
     aws = PublicBucket("aft-vbi-pds", endpoint_url=None, region="us-east-1")
     assert (aws.endpoint_url, aws.prefix) == ("https://aft-vbi-pds.s3.us-east-1.amazonaws.com", "/")

@@ -237,3 +237,16 @@ def test_an_id_that_would_read_outside_the_source_is_refused(fetched, tmp_path, 
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {path}:3: id ") and "not a safe item id" in last, last
     assert not (tmp_path / "work" / "shards").exists()
+
+
+def test_shard_max_side_stays_within_what_the_shard_reader_decodes(tmp_path):
+    """The reader refuses images over 4096 x 4096 pixels (decompression bombs): shards are never built bigger."""
+    from bincount.config import load_settings
+    from bincount.errors import BincountError
+
+    assert load_settings(overrides={"workdir": tmp_path, "shard.max_side": 4096}, environ={}).shard.max_side == 4096
+    with pytest.raises(BincountError, match="max_side"):
+        load_settings(overrides={"workdir": tmp_path, "shard.max_side": 4097}, environ={})
+    done = subprocess.run([sys.executable, str(SCRIPT), "--items", str(tmp_path / "x.jsonl"), "--source", str(tmp_path),
+                           "--dest", str(tmp_path / "out"), "--max_side", "5000"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "max_side 16..4096" in done.stderr

@@ -207,21 +207,39 @@ def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, s
 
 
 @torch.no_grad()
-def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Dist, tta: bool = False) -> dict[str, float]:
-    """Loss, accuracy and RMSE of the predicted counts over a split (all ranks together).
+def evaluate(model, data: Batches, loss_fn, device, channels_last, amp, dist: Dist) -> dict[str, float]:
+    """Validation: loss, accuracy and RMSE of the predicted counts over a split (all ranks together), at
+    training's speed (autocast, channels_last)."""
 
-    tta: counts from net.predict_proba's averaged views (as the shipped model predicts); the loss stays plain.
-    """
+    def predict(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device.type, enabled=amp):
+            logits = model(to_input(images, device, channels_last, None))
+        return logits.float(), logits.argmax(1)
+
+    return _metrics(model, data, loss_fn, device, dist, predict)
+
+
+@torch.no_grad()
+def score(model, data: Batches, loss_fn, device, dist: Dist, tta: bool) -> dict[str, float]:
+    """Test metrics as `bincount evaluate` and the endpoint compute them: net.probabilities (float32, no
+    autocast, with test-time augmentation when the model records it) of the same decoded pixels, on `model`
+    built as net.load_model builds the shipped one. The loss is of those probabilities (their log as logits)."""
+
+    def predict(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = net.probabilities(model, images.to(device, non_blocking=True), tta=tta)
+        return probs.clamp_min(1e-12).log(), probs.argmax(1)
+
+    return _metrics(model, data, loss_fn, device, dist, predict)
+
+
+def _metrics(model, data: Batches, loss_fn, device, dist: Dist, predict) -> dict[str, float]:
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, squared error: read once at the end
     n = 0
     for images, labels in data.iterate(shard(len(data), dist, None)):
-        x = to_input(images, device, channels_last, None)
         y = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=amp):
-            logits = model(x)
-            pred = net.predict_proba(model, x, tta=True).argmax(1) if tta else logits.argmax(1)
-        sums += torch.stack([loss_fn(logits.float(), y).double() * len(y), (pred == y).sum().double(),
+        logits, pred = predict(images)
+        sums += torch.stack([loss_fn(logits, y).double() * len(y), (pred == y).sum().double(),
                              ((pred - y).double() ** 2).sum()])
         n += len(y)
     loss_sum, correct, sq_err, n = dist.sum([*sums.tolist(), n])

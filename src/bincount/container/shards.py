@@ -30,6 +30,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import tarfile
 import tempfile
@@ -38,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 FORMAT = "bincount-shards/1"
+SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # and no "..": workspace.check_id
 PART = ".part"  # a file being written (beside its destination); never read as a shard
 
 
@@ -53,8 +55,7 @@ class ShardError(ValueError):
 
 # -- writing ---------------------------------------------------------------------------------------
 def bounded_jpeg(data: bytes, max_side: int, quality: int = 90) -> bytes:
-    """The image with its longest side <= max_side as JPEG: resized (aspect kept), never cropped.
-    An RGB JPEG already within the bound is returned as it is (no second lossy encode)."""
+    """The image as JPEG with its longest side <= max_side, never cropped; an RGB JPEG within it as it is."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
@@ -214,9 +215,11 @@ def build(items: list[dict], split: str, source: Store, dest: Store, *, items_pe
     """Write the shards of one split that are not there yet; part=(i, n): this process does shards k % n == i.
     Returns {"shards", "built", "present", "items", "skipped", "bytes", "seconds"} for this process's shards."""
     started = time.perf_counter()
-    for number, row in enumerate(items, 1):
-        if "id" not in row or not isinstance(row.get("count"), int) or row["count"] < 0:
-            raise ShardError(f"item {number}: needs an id and an integer count >= 0, got {row!r}")
+    for number, row in enumerate(items, 1):  # an id becomes a source key, a file name and a tar member: no / or ..
+        ident = str(row["id"]) if type(row.get("id")) in (str, int) else ""
+        if not SAFE_ID.fullmatch(ident) or ".." in ident or type(row.get("count")) is not int or row["count"] < 0:
+            raise ShardError(f"item {number}: needs an id (letters, digits, _ . -; no / or ..) and an integer count "
+                             f">= 0, got {json.dumps(row, default=str)[:120]}")
     shards = plan(items, items_per_shard, seed)
     names = shard_names(split, len(shards))
     mine = [k for k in range(len(shards)) if k % part[1] == part[0]]
@@ -234,10 +237,8 @@ def build(items: list[dict], split: str, source: Store, dest: Store, *, items_pe
                 stats["present"] += 1
                 continue
             sidecar = write_shard(names[k], shards[k], source, dest, max_side, quality, pool, Path(tmp))
-            stats["built"] += 1
-            stats["items"] += sidecar["items"]
-            stats["skipped"] += len(sidecar["skipped"])
-            stats["bytes"] += sidecar["bytes"]
+            stats["built"], stats["skipped"] = stats["built"] + 1, stats["skipped"] + len(sidecar["skipped"])
+            stats["items"], stats["bytes"] = stats["items"] + sidecar["items"], stats["bytes"] + sidecar["bytes"]
             rate = stats["items"] / max(time.perf_counter() - started, 1e-9)
             log(f"[shards] {split}: {done}/{len(mine)} shards, {stats['items']} items, {rate:.0f} items/s")
     stats["seconds"] = round(time.perf_counter() - started, 3)
@@ -578,8 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint_url", default=None, help="S3-compatible endpoint (both source and dest)")
     p.add_argument("--signed_source", action="store_true", help="sign source requests (default: anonymous, a public bucket)")
     args = p.parse_args(argv)
-    if args.items_per_shard < 1 or args.max_side < 16 or not 1 <= args.quality <= 100 or args.workers < 1:
-        print("error: need items_per_shard >= 1, max_side >= 16, quality 1..100, workers >= 1", file=sys.stderr)
+    if args.items_per_shard < 1 or not 16 <= args.max_side <= 4096 or not 1 <= args.quality <= 100 or args.workers < 1:
+        print("error: need items_per_shard >= 1, max_side 16..4096, quality 1..100, workers >= 1", file=sys.stderr)
         return 2
     source = Store(args.source, args.endpoint_url, unsigned=not args.signed_source, workers=args.workers)
     part = _part()

@@ -31,7 +31,6 @@ import os
 import random
 import re
 import ssl
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -72,7 +71,6 @@ class PublicBucket:
         self.on_attempt, self.events, self.service_model = on_attempt, events, service_model
         self.headers = {"User-Agent": user_agent, "Accept-Encoding": "identity"}
         self._idle: deque[http.client.HTTPConnection] = deque()
-        self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
         self._endpoint(endpoint_url, region)
 
@@ -108,7 +106,9 @@ class PublicBucket:
         return http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
-        if conn.sock is not None and len(self._idle) < self.connections:
+        """Keep an open connection for the next request, unless the pool is full or it goes to a host left
+        behind by a redirect (it was in flight while another thread followed one)."""
+        if conn.sock is not None and conn.host == self.host and len(self._idle) < self.connections:
             self._idle.append(conn)
         else:
             conn.close()

@@ -146,8 +146,8 @@ def _local(settings: Any, ws: Workspace, rows: dict[str, list[dict]]) -> ShardRe
             stats = sh.build([{"id": r["id"], "count": r["count"]} for r in items], split, source, sh.Store(str(folder)),
                              items_per_shard=cfg.items_per_shard, max_side=side, quality=cfg.quality,
                              workers=cfg.workers, seed=cfg.seed, log=log)
-        except sh.ShardError as exc:  # the splits were checked: a shard that cannot be written (a full disk)
-            raise BincountError(str(exc)) from None
+        except sh.ShardError as exc:  # a shard that cannot be written (a full disk) names itself, a bad item its split
+            raise BincountError(str(exc) if str(exc).startswith("cannot write") else f"{ws.split(split)}: {exc}") from None
         for key in total:
             total[key] += stats[key]
         channels[split] = str(folder)

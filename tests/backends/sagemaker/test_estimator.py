@@ -84,7 +84,23 @@ def test_each_training_job_and_each_tuning_job_has_its_own_checkpoint_prefix(sag
     tuned = tuning.tune(settings)
     definition = [p for op, p in sagemaker_requests if op == "CreateHyperParameterTuningJob"][-1]["TrainingJobDefinition"]
     assert definition["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/checkpoints/{tuned.job}/"
-    assert definition["Environment"]["PIP_NO_DEPS"] == "1"  # trials install smdebug the same way
+
+
+def test_tuning_trials_install_nothing(sagemaker_requests, tmp_path):
+    """A tuning job's trials carry no Debugger hook or rules (its TrainingJobDefinition has no DebugHookConfig), so
+    smdebug is never used there: shipping requirements.txt cost minutes per trial and failed every trial in a VPC
+    without a NAT."""
+    from bincount.backends.sagemaker import tuning
+
+    settings = make_settings(tmp_path)  # every tensor rule on, as by default
+    record_channels(settings)
+    tuning.tune(settings)
+    definition = [p for op, p in sagemaker_requests if op == "CreateHyperParameterTuningJob"][-1]["TrainingJobDefinition"]
+    assert "DebugHookConfig" not in definition and "DebugRuleConfigurations" not in definition
+    files = source_dir({"HyperParameters": definition["StaticHyperParameters"],
+                        "InputDataConfig": definition["InputDataConfig"]})
+    assert "train.py" in files and "requirements.txt" not in files
+    assert "PIP_NO_DEPS" not in (definition.get("Environment") or {})
 
 
 def test_requirements_reach_a_job_only_when_the_debugger_hook_needs_smdebug(sagemaker_requests, tmp_path):

@@ -156,8 +156,13 @@ def channels(settings: Settings) -> dict[str, Any]:
     return {name: TrainingInput(uri, distribution="FullyReplicated", input_mode=mode) for name, uri in sorted(uris.items())}
 
 
-def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, Any], job: str) -> Any:
-    """The PyTorch estimator over container/ that train and tune both use; `job` names the checkpoint prefix."""
+def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, Any], job: str,
+              tuning: bool = False) -> Any:
+    """The PyTorch estimator over container/ that train and tune both use; `job` names the checkpoint prefix.
+
+    tuning: for a HyperparameterTuner's trials, which carry no Debugger hook or rules (a tuning job's
+    TrainingJobDefinition has no DebugHookConfig): no rules, no hook, and so nothing to pip-install.
+    """
     from sagemaker.debugger import ProfilerConfig, Rule
     from sagemaker.pytorch import PyTorch
 
@@ -167,7 +172,7 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
     check_instances(settings)
     role = jobs.require_role(settings)
     out = jobs.output_path(settings)
-    rules = debugger.debugger_rules(settings)
+    rules = [] if tuning else debugger.debugger_rules(settings)
     kwargs: dict[str, Any] = {}
     if sm.use_spot_instances:
         max_wait = sm.max_wait_s or sm.max_run_s
@@ -176,13 +181,15 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
         kwargs.update(use_spot_instances=True, max_wait=max_wait, checkpoint_s3_uri=checkpoint_uri(settings, job))
     elif sm.checkpoint_s3_uri:
         kwargs["checkpoint_s3_uri"] = checkpoint_uri(settings, job)
-    if sm.instance_count > 1:
+    if sm.instance_count > 1 or is_gpu_instance(sm.instance_type):
+        # torchrun through the toolkit: one process per GPU of every instance (ml.g5.12xlarge: 4, ml.p4d.24xlarge:
+        # 8), so a several-GPU instance uses all of them; on a one-GPU instance it is one process, as before
         kwargs["distribution"] = {"torch_distributed": {"enabled": True}}
     if not any(isinstance(r, Rule) for r in rules):
         kwargs["debugger_hook_config"] = False  # no debugger rule reads tensors: no hook
     if sm.image_uri:
         kwargs["image_uri"] = jobs.check_image_uri(sm.image_uri, job_region(settings), "sagemaker.image_uri")
-    smdebug = installs_smdebug(settings)
+    smdebug = installs_smdebug(settings) and not tuning
     if smdebug:
         kwargs["environment"] = dict(SMDEBUG_ENVIRONMENT)
     code = training_code(Path(tempfile.mkdtemp(prefix="bincount-code-")), smdebug)

@@ -48,7 +48,7 @@ def tune(settings: Settings) -> TuneResult:
         sm_session = jobs.session(aws)
         job = _tuning_job_name(settings.sagemaker.base_job_name)
         inputs, hp = estimator.job_inputs(aws, estimator.train_hyperparameters(settings, epochs))
-        est = estimator.estimator(settings, sm_session, hp, job)
+        est = estimator.estimator(settings, sm_session, hp, job, tuning=True)
         jobs.check_bucket_region(aws)
         warm = _warm_start(settings, sm_session.sagemaker_client)
         tuner = HyperparameterTuner(
