@@ -301,6 +301,23 @@ def test_a_loss_that_stops_being_finite_stops_the_run_and_ships_nothing(channels
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: --lr inf is not a finite number"
 
 
+def test_on_sagemaker_a_diverged_job_takes_its_checkpoints_away(channels, tmp_path):
+    """Its job can never resume them, and the trials of a tuning job share one prefix that SageMaker restores
+    into each new trial (issue 20.9); locally (no TRAINING_JOB_NAME) a run's checkpoints stay."""
+    import torch
+
+    mine = tmp_path / "run" / "checkpoints" / "tune-001-abc"
+    mine.mkdir(parents=True)
+    torch.save({"epoch": 1}, mine / "checkpoint.pt")  # an old one: not resumed, then training diverges
+    others = tmp_path / "run" / "checkpoints" / "tune-002-def"
+    others.mkdir()
+    (others / "checkpoint.pt").write_bytes(b"another trial's")
+    res = run_train(channels, tmp_path / "run", "--epochs", "3", "--lr", "1e20", "--ema_decay", "0",
+                    env={"TRAINING_JOB_NAME": "tune-001-abc"}, timeout=120)
+    assert res.returncode == 2 and "the loss is not finite" in res.stderr
+    assert not mine.exists() and (others / "checkpoint.pt").read_bytes() == b"another trial's"
+
+
 def test_a_truncated_checkpoint_names_the_file_and_how_to_restart(channels, tmp_path):
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / "checkpoint.pt"

@@ -877,3 +877,27 @@ def test_shard_processing_job_needs_an_s3_source(sm, tmp_path, cli):
     out = cli("shard", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
               "--set", f"sagemaker.role={ROLE}", "--set", f"data.source={tmp_path}")
     assert out.exit_code == 1 and "reads the images from S3" in out.stderr
+
+
+def test_status_does_not_overwrite_a_training_record_written_meanwhile(sm, tmp_path, monkeypatch, cli):
+    """status adds the profiler report to the record as it is when it writes (under the state lock): a
+    `train` that recorded a newer job meanwhile keeps its record (issue 22.2)."""
+    from bincount.backends.sagemaker import debugger, training
+    from bincount.state import SageMakerTraining
+    from bincount.workspace import Workspace
+
+    settings = make_settings(tmp_path, **{"sagemaker.rules.wait_s": 0})
+    record_channels(settings)
+    jobs, finish, _ = _rules_finish_later(monkeypatch, polls_needed=10**6)
+    training.train(settings)
+    finish(jobs[-1])
+    real = debugger.download_profiler_report
+
+    def slow_download(*args, **kwargs):  # another process records a new job while status downloads
+        Workspace(tmp_path).update_state(training=SageMakerTraining(job="bincount-newer", status="InProgress"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(debugger, "download_profiler_report", slow_download)
+    out = cli("status", "--backend", "sagemaker", "--workdir", tmp_path, "--json")
+    assert out.exit_code == 0, out.stderr
+    assert Workspace(tmp_path).state().training.job == "bincount-newer"

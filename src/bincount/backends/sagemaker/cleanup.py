@@ -200,10 +200,14 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 result.s3_objects += len(batch)
             log(f"deleted {len(keys)} objects under {prefix}")
     # what state.json recorded on AWS is gone now
-    gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint")
-                            if getattr(getattr(state, k), "backend", None) == "sagemaker"}
-    if state.channels and all(any(uri.startswith(p) for p in prefixes) for uri in state.channels.values()):
-        gone["channels"] = {}
-    if gone:
-        ws.update_state(**gone)
+    def forget(now: Any) -> dict[str, Any]:  # only the records cleanup saw: not one another command wrote since
+        gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint")
+                                if getattr(getattr(state, k), "backend", None) == "sagemaker"
+                                and getattr(now, k) == getattr(state, k)}
+        if (now.channels and now.channels == state.channels
+                and all(any(uri.startswith(p) for p in prefixes) for uri in state.channels.values())):
+            gone["channels"] = {}
+        return gone
+
+    ws.update_state(forget)
     return result
