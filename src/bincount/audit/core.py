@@ -143,6 +143,8 @@ class Inputs:
                     row = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise BincountError(f"{path}:{number}: not valid JSON ({exc})") from None
+                except RecursionError:
+                    raise BincountError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
                 if not isinstance(row, dict):
                     raise BincountError(f"{path}:{number}: expected a JSON object")
                 count, image = row.get("count"), row.get("image")
@@ -460,5 +462,18 @@ def options(settings: Settings, manifest: Path | None, source: str | None, thres
     if manifest and source:
         raise BincountError("pass --source or --manifest, not both")
     top = settings.audit.top if top is None else top
-    out = Path(out) if out else Workspace(settings.workdir).reports / "audit.csv"
+    out = check_out(Path(out)) if out else Workspace(settings.workdir).reports / "audit.csv"
     return source or manifest, out, top
+
+
+def check_out(out: Path) -> Path:
+    """--out must name a file that can be written (its folder is made if missing): checked before any scoring."""
+    if out.is_dir():
+        raise BincountError(f"--out {out} is a folder: give the report's file name, e.g. --out {out / 'audit.csv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BincountError(f"--out {out}: cannot make the folder {out.parent} ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise BincountError(f"--out {out}: cannot write there (permission denied)")
+    return out

@@ -218,15 +218,28 @@ def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0
 
 def audit_local(settings: Settings, source: str | Path | None, *, threshold: float, endpoint: str | None,
                 model: Path | None, out: Path, top: int) -> AuditResult:
-    from bincount.console import progress
     from bincount.predict import resolve_target
+    from bincount.workspace import disk_error
 
     ws = Workspace(settings.workdir)
     inputs = Inputs(settings, source)
     target = resolve_target(settings, endpoint, model)
+    partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
+    try:
+        return _score_and_report(settings, inputs, target, partial, threshold=threshold, out=out, top=top)
+    except OSError as exc:  # a full disk or a read-only one: what was scored stays in `partial` for the rerun
+        error = disk_error(Path(exc.filename or partial), exc)
+        if error is exc:
+            raise
+        raise error from None
+
+
+def _score_and_report(settings: Settings, inputs: Inputs, target: Any, partial: Path, *, threshold: float,
+                      out: Path, top: int) -> AuditResult:
+    from bincount.console import progress
+
     started = time.perf_counter()
     try:
-        partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
         partial.parent.mkdir(parents=True, exist_ok=True)
         done = resume(partial, settings)
         if done:
