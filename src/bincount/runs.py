@@ -184,6 +184,7 @@ def collect(ws: Workspace, state: State | None = None) -> list[RunRow]:
             rows.append(_local_row(folder, record.job, "train", state, record))
         else:
             rows.append(_sagemaker_row(record))
+    recorded = len(rows)
     found = []
     if ws.models.is_dir():
         found += [(p, p.name, "train") for p in ws.models.iterdir() if p.is_dir() and p.name != "cache"]
@@ -194,8 +195,12 @@ def collect(ws: Workspace, state: State | None = None) -> list[RunRow]:
     for folder, name, kind in sorted(found, key=lambda f: f[1]):
         if folder.resolve() not in seen and ((folder / "train.log").is_file() or (folder / "model").is_dir()):
             rows.append(_local_row(folder, name, kind, state))
-    rows.sort(key=lambda r: r.started or "")
-    return rows
+    keys, last = [], ""
+    for i, row in enumerate(rows):  # a recorded run without a start time keeps its place after the one before it
+        last = row.started or (last if i < recorded else "")
+        keys.append(last)
+    order = sorted(range(len(rows)), key=lambda i: keys[i])
+    return [rows[i] for i in order]
 
 
 def used_training(ws: Workspace, state: State | None = None) -> LocalTraining | SageMakerTraining | None:
