@@ -132,9 +132,10 @@ def _meta(folder: Path) -> dict[str, Any] | None:
 
 
 def _started(folder: Path) -> str | None:
+    log = folder / "train.log"
     try:
-        return datetime.fromtimestamp(folder.stat().st_mtime if not (folder / "train.log").is_file() else
-                                      (folder / "train.log").stat().st_ctime, timezone.utc).isoformat(timespec="seconds")
+        stamp = log.stat().st_ctime if log.is_file() else folder.stat().st_mtime
+        return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
     except OSError:
         return None
 
@@ -158,7 +159,8 @@ def _local_row(folder: Path, name: str, kind: str, state: State, record: LocalTr
         name=name, backend="local", kind=kind, status=status,
         started=(record.started if record else None) or _started(folder),
         seconds=(record.seconds if record else None) or meta.get("train_seconds"),
-        hyperparameters=(record.hyperparameters if record and record.hyperparameters else meta.get("hyperparameters") or {}),
+        hyperparameters=(record.hyperparameters if record and record.hyperparameters
+                         else meta.get("hyperparameters") or {}),
         metrics={**metrics, **{k: v for k, v in (record.metrics if record else {}).items() if k != "epoch"}},
         val_digest=(record.val_digest if record else None) or meta.get("val_digest"),
         size_bytes=disk_size(folder) if folder.is_dir() else None,
