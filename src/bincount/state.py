@@ -33,7 +33,16 @@ class PendingTraining(Record):
     hyperparameters: dict[str, Any]
 
 
-class LocalTraining(Record):
+class _Run(Record):
+    """What `bincount runs` shows of a training run, recorded when it starts or ends (older records lack it)."""
+
+    hyperparameters: dict[str, Any] | None = None  # the train.py arguments it ran with
+    started: str | None = None  # ISO 8601 UTC
+    seconds: float | None = None  # wall time of the run
+    val_digest: str | None = None  # sha256 prefix of splits/val.jsonl it was validated on: runs compare on the same
+
+
+class LocalTraining(_Run):
     backend: Literal["local"] = "local"
     job: str  # the run dir's name under models/
     model_data: str  # its model.tar.gz
@@ -41,7 +50,7 @@ class LocalTraining(Record):
     metrics: dict[str, float] = {}
 
 
-class SageMakerTraining(Record):
+class SageMakerTraining(_Run):
     backend: Literal["sagemaker"] = "sagemaker"
     job: str  # the training job name
     status: str  # TrainingJobStatus when last seen
@@ -57,6 +66,7 @@ class _Tuning(Record):
     status: str  # Completed, or the tuning job's status when last seen
     best_hyperparameters: dict[str, Any] | None = None
     best_value: float | None = None
+    hyperparameters: dict[str, Any] | None = None  # what every trial ran with besides the tuned ones (image_size, ...)
 
 
 class LocalTuning(_Tuning):
@@ -81,6 +91,7 @@ class SageMakerEndpoint(Record):
     model_data: str
     config_name: str | None = None
     model_name: str | None = None
+    model_ref: str | None = None  # the artifact before upload (sha256:<local file digest>, or its S3 URI)
 
 
 class SageMakerTransform(Record):
@@ -126,6 +137,25 @@ class State(Record):
     tuning: Tuning | None = None
     endpoint: Endpoint | None = None
     transform: SageMakerTransform | None = None
+    runs: list[Training] = []  # the training runs before `training` (the newest), oldest first
+    use: str | None = None  # the run evaluate, deploy, predict and audit use (`bincount runs --use`); None: `training`
+
+    def all_runs(self) -> list[LocalTraining | SageMakerTraining]:
+        """Every recorded training run, oldest first (the newest is `training`)."""
+        return [*self.runs, *([self.training] if self.training else [])]
+
+    def with_training(self, new: LocalTraining | SageMakerTraining) -> dict[str, Any]:
+        """The changes that record `new` as the newest run: an update of the same job keeps what the old
+        record knew and the new one does not set; another job moves the previous record into `runs`."""
+        old = self.training
+        if old is not None and (old.backend, old.job) == (new.backend, new.job):
+            return {"training": old.model_copy(update=new.model_dump(exclude_unset=True))}
+        for i, run in enumerate(self.runs):  # news of an older run (e.g. deploy describing a pinned job): it stays older
+            if (run.backend, run.job) == (new.backend, new.job):
+                runs = list(self.runs)
+                runs[i] = run.model_copy(update=new.model_dump(exclude_unset=True))
+                return {"training": old, "runs": runs}
+        return {"training": new, "runs": [*self.runs, *([old] if old else [])]}
 
     @classmethod
     def load(cls, raw: Any, path: Path | str = "state.json") -> State:
@@ -138,6 +168,8 @@ class State(Record):
                 continue
             if key in _KINDS and isinstance(value, dict):
                 value = _known_keys(key, value)
+            elif key == "runs" and isinstance(value, list):
+                value = [_known_keys("training", r) if isinstance(r, dict) else r for r in value]
             elif key == "training_pending" and isinstance(value, dict):
                 value = {k: v for k, v in value.items() if k in PendingTraining.model_fields}
             data[key] = value
@@ -150,8 +182,9 @@ class State(Record):
 
     def dump(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
-        if not data["channels"]:
-            del data["channels"]  # not uploaded yet
+        for key in ("channels", "runs"):
+            if not data[key]:
+                del data[key]  # not uploaded, or never trained, yet
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 

@@ -133,7 +133,13 @@ class _Live:
         except Exception as exc:  # noqa: BLE001 - status must show what it can
             return f"unknown ({error_message(exc) or type(exc).__name__})"
         if report and isinstance(recorded, SageMakerTraining) and recorded.job == desc["TrainingJobName"]:
-            ws.update_state(training=recorded.model_copy(update={"profiler_report": report}))
+            def add_report(state: Any) -> dict[str, Any]:  # to the record as it is now, if still that job's
+                now = state.training
+                if isinstance(now, SageMakerTraining) and now.job == recorded.job:
+                    return {"training": now.model_copy(update={"profiler_report": report})}
+                return {}
+
+            ws.update_state(add_report)
         return report
 
     def tuning(self, job: str) -> dict[str, Any]:

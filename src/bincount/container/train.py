@@ -77,7 +77,7 @@ try:
     from .epochlog import log
     from .hparams import UsageError
     from .loop import (CountingLoss, Dist, better, check_finite, class_weights, clone_state, cpu_bf16, evaluate,
-                       make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
+                       loss_limit, make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
 except ImportError:  # run as a script: this folder is on sys.path
     import epochlog
     import hparams
@@ -90,7 +90,7 @@ except ImportError:  # run as a script: this folder is on sys.path
     from epochlog import log
     from hparams import UsageError
     from loop import (CountingLoss, Dist, better, check_finite, class_weights, clone_state, cpu_bf16, evaluate,
-                      make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
+                      loss_limit, make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
 
 CODE_FILES = ("inference.py", "net.py", "epochlog.py")
 PROGRESS_S = float(os.environ.get("TRAIN_PROGRESS_S") or 30)  # seconds between progress lines inside an epoch
@@ -264,8 +264,8 @@ def run(args: argparse.Namespace) -> dict:
         val = evaluate(kept, val_data, loss_fn, device, channels_last, amp, dist)
         metrics = {"train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                    "val_rmse": val["rmse"], "lr": lr}
-        try:
-            check_finite(epoch, metrics, args.lr)  # the same on every rank: the losses are summed over all of them
+        try:  # the same on every rank: the losses are summed over all of them
+            check_finite(epoch, metrics, args.lr, loss_limit(args.num_classes, args.count_loss))
         except UsageError:  # this job is over for good (a diverged tuning trial, typically)
             if writer is not None:
                 writer.close()

@@ -21,7 +21,7 @@ from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result
-from bincount.state import SageMakerEndpoint, SageMakerTraining, SageMakerTuning
+from bincount.state import SageMakerEndpoint
 from bincount.workspace import Workspace
 
 
@@ -97,11 +97,10 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
     with jobs.aws_errors("sagemaker cleanup"):
         # -- what exists ----------------------------------------------------------------------------
         running = []
-        for record in (state.training, state.tuning):
-            if isinstance(record, (SageMakerTraining, SageMakerTuning)):
-                found = jobs.job_status(sm, record.job)
-                if found and found[1] == "InProgress":
-                    running.append((found[0], record.job))
+        for record in jobs.recorded_jobs(state):
+            found = jobs.job_status(sm, record.job)
+            if found and found[1] == "InProgress":
+                running.append((found[0], record.job))
         # recorded here, or tagged with this work dir's id; another owner's bincount-* stays
         recorded: set[str] = set()
         if isinstance(state.endpoint, SageMakerEndpoint):
@@ -200,10 +199,14 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 result.s3_objects += len(batch)
             log(f"deleted {len(keys)} objects under {prefix}")
     # what state.json recorded on AWS is gone now
-    gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint")
-                            if getattr(getattr(state, k), "backend", None) == "sagemaker"}
-    if state.channels and all(any(uri.startswith(p) for p in prefixes) for uri in state.channels.values()):
-        gone["channels"] = {}
-    if gone:
-        ws.update_state(**gone)
+    def forget(now: Any) -> dict[str, Any]:  # only the records cleanup saw: not one another command wrote since
+        gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint")
+                                if getattr(getattr(state, k), "backend", None) == "sagemaker"
+                                and getattr(now, k) == getattr(state, k)}
+        if (now.channels and now.channels == state.channels
+                and all(any(uri.startswith(p) for p in prefixes) for uri in state.channels.values())):
+            gone["channels"] = {}
+        return gone
+
+    ws.update_state(forget)
     return result

@@ -20,7 +20,7 @@ from bincount.config import Settings
 from bincount.console import confirm, log
 from bincount.errors import BincountError
 from bincount.results import Result
-from bincount.state import SageMakerTraining, SageMakerTuning
+from bincount.state import SageMakerTraining, SageMakerTuning, State
 from bincount.workspace import Workspace
 
 
@@ -216,6 +216,14 @@ def job_status(client: Any, job: str) -> tuple[str, str] | None:
     return None
 
 
+def recorded_jobs(state: State) -> list[SageMakerTraining | SageMakerTuning]:
+    """The SageMaker jobs state.json knows that may run: the newest training and tuning jobs, and any older
+    training run last seen running (a `runs --use` pin never hides one)."""
+    newest = [r for r in (state.training, state.tuning) if isinstance(r, (SageMakerTraining, SageMakerTuning))]
+    older = [r for r in state.runs if isinstance(r, SageMakerTraining) and r.status in ("InProgress", "Stopping")]
+    return [*older, *newest]
+
+
 def stop(settings: Settings, job: str | None = None, yes: bool = False) -> StopResult:
     """Stop a running SageMaker training or tuning job: the named one, else the recorded ones still running."""
     aws = Aws(settings)
@@ -224,7 +232,7 @@ def stop(settings: Settings, job: str | None = None, yes: bool = False) -> StopR
     if job:
         names = [job]
     else:
-        names = [r.job for r in (state.training, state.tuning) if isinstance(r, (SageMakerTraining, SageMakerTuning))]
+        names = [r.job for r in recorded_jobs(state)]
         if not names:
             raise BincountError("no SageMaker training or tuning job recorded in state.json: pass --job NAME")
     running, not_running = [], []

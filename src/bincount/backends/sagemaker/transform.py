@@ -31,13 +31,13 @@ from typing import Any
 from bincount.audit.core import AuditResult, Bin, Inputs, Reader, chunks, options, read_records, report
 from bincount.aws import Aws
 from bincount.backends.sagemaker import jobs
-from bincount.backends.sagemaker.endpoint import resolve_model_data, serving_code
+from bincount.backends.sagemaker.endpoint import model_ref, resolve_model_data, serving_code
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 from bincount.state import SageMakerTransform
-from bincount.workspace import Workspace, file_sha256
+from bincount.workspace import Workspace
 
 TERMINAL = ("Completed", "Failed", "Stopped")
 CONTENT_TYPE = "image/jpeg"
@@ -152,20 +152,6 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
                              name=name, sagemaker_session=sm_session)
         transformer = model.transformer(**options)
     return transformer, name, model_data
-
-
-def model_ref(settings: Settings) -> str | None:
-    """What identifies the artifact before any upload: a local model.tar.gz's sha256, else its S3 URI."""
-    training = Workspace(settings.workdir).state().training
-    source = settings.deploy.model_data or (training.model_data if training else None)
-    if not source:
-        return None
-    if source.startswith("s3://"):
-        return source
-    path = Path(source)
-    if not path.is_file():
-        return None
-    return f"sha256:{file_sha256(path)}"
 
 
 def start(aws: Aws, inputs: Inputs) -> SageMakerTransform:

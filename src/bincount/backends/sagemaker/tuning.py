@@ -6,7 +6,8 @@ from typing import Any
 
 from bincount.aws import Aws, error_code, error_message
 from bincount.backends.sagemaker import estimator, jobs
-from bincount.backends.tuning import TUNED, TuneResult, coerce_hyperparameters, record
+from bincount.backends.tuning import (TUNED, TuneResult, batch_sizes, chance_warning, coerce_hyperparameters, record,
+                                      trial_hyperparameters)
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
@@ -38,16 +39,24 @@ def tune(settings: Settings) -> TuneResult:
         strategy_config = StrategyConfig(HyperbandStrategyConfig(
             max_resource=epochs, min_resource=min(epochs, settings.train.warmup_epochs + 1)))
     scale = {"log": "Logarithmic", "linear": "Linear"}
+    sizes, size_note = batch_sizes(settings)  # an epoch of several steps: not 512 on 360 images
+    if size_note:
+        log(f"note: {size_note}")
+    from bincount.data.split import stale_note
+
+    if stale := stale_note(Workspace(settings.workdir)):
+        log(stale)
     ranges = {
         "lr": ContinuousParameter(t.lr.min, t.lr.max, scaling_type=scale[t.lr.scale]),
         "weight_decay": ContinuousParameter(t.weight_decay.min, t.weight_decay.max, scaling_type=scale[t.weight_decay.scale]),
-        "batch_size": CategoricalParameter([int(b) for b in t.batch_size]),
+        "batch_size": CategoricalParameter(sizes),
     }
     with jobs.aws_errors("sagemaker tune"), jobs.sdk_output():
         aws = Aws(settings)
         sm_session = jobs.session(aws)
         job = _tuning_job_name(settings.sagemaker.base_job_name)
-        inputs, hp = estimator.job_inputs(aws, estimator.train_hyperparameters(settings, epochs))
+        static = estimator.train_hyperparameters(settings, epochs)
+        inputs, hp = estimator.job_inputs(aws, static)
         est = estimator.estimator(settings, sm_session, hp, job, tuning=True)
         jobs.check_bucket_region(aws)
         warm = _warm_start(settings, sm_session.sagemaker_client)
@@ -68,7 +77,7 @@ def tune(settings: Settings) -> TuneResult:
         tuner.fit(inputs=inputs, job_name=job, wait=False, include_cls_metadata=False)
         log(f"tuning job [bold]{job}[/] started ({t.max_jobs} trials, {t.max_parallel_jobs} at a time)")
         result = TuneResult(backend="sagemaker", job=job, objective=t.objective, direction=OBJECTIVES[t.objective],
-                            status="InProgress")
+                            status="InProgress", trial_hyperparameters=trial_hyperparameters(static), note=size_note)
         record(settings, result)
         if not t.wait:
             return result
@@ -78,6 +87,8 @@ def tune(settings: Settings) -> TuneResult:
             client = sm_session.sagemaker_client
             jobs.interrupted("tuning", job, lambda: client.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=job))
         result = tuning_result(settings, sm_session.sagemaker_client, job)
+    if result.warning:
+        log(result.warning)
     record(settings, result)
     return result
 
@@ -147,14 +158,19 @@ def tuning_result(settings: Settings, client: Any, job: str) -> TuneResult:
     ranked.sort(key=lambda r: r["value"], reverse=direction == "Maximize")
     trials = ranked + [r for r in trials if r["value"] is None]
     best_value = (best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
+    # what every trial ran with besides the tuned ones (image_size, arch, epochs, ...): --use-best reproduces it
+    static = (desc.get("TrainingJobDefinition") or {}).get("StaticHyperParameters") or {}
     return TuneResult(backend="sagemaker", job=job, objective=objective, direction=direction,
                       status=desc.get("HyperParameterTuningJobStatus", "?"), best_value=best_value,
                       best_hyperparameters=coerce_hyperparameters(best.get("TunedHyperParameters") or {}),
-                      trials=trials, note=note)
+                      trial_hyperparameters=trial_hyperparameters(coerce_hyperparameters(static)),
+                      trials=trials, note=note,
+                      warning=chance_warning(settings, best_value) if objective == "val_acc" else None)
 
 
 def _trial_row(summary: dict[str, Any]) -> dict[str, Any]:
     tuned = coerce_hyperparameters(summary.get("TunedHyperParameters") or {})
     value = (summary.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
+    reason = {"reason": summary["FailureReason"]} if summary.get("FailureReason") else {}  # e.g. train.py: diverged
     return {"trial": summary.get("TrainingJobName", "?"), "status": summary.get("TrainingJobStatus", "?"),
-            "value": value, **{k: tuned.get(k) for k in TUNED}}
+            "value": value, **{k: tuned.get(k) for k in TUNED}, **reason}
