@@ -28,7 +28,6 @@ from bincount.workspace import Workspace, read_manifest
 if TYPE_CHECKING:
     from bincount.config import Settings
 
-SHOWN = ("arch", "image_size", "epochs", "batch_size", "lr", "weight_decay")  # hyperparameters in the table
 USERS = "evaluate, deploy, predict and audit"
 
 
@@ -59,24 +58,32 @@ class RunsResult(Result):
         from rich.table import Table
 
         table = Table(title=f"runs ({len(self.runs)}; {human_bytes(self.total_bytes)} on disk)", title_justify="left")
-        columns = ("", "run", "backend", "status", "started", "time", *SHOWN, "val_acc", "val_rmse", "test_acc",
-                   "test_rmse", "size")
-        for name in columns:
-            table.add_column(name, justify="left" if name in ("", "run", "backend", "status", "started", "arch")
-                             else "right", overflow="fold")
+        for name in ("", "run", "backend", "status", "time", "setup", "val_acc", "test_acc", "size"):  # all: --json
+            table.add_column(name, justify="right" if name in ("time", "val_acc", "test_acc", "size") else "left",
+                             overflow="fold")  # a narrow terminal or pipe wraps cells, never cuts them
         for row in self.runs:
-            hp, m = row.hyperparameters, row.metrics
+            m = row.metrics
             table.add_row("*" if row.used else "", row.name, row.backend, row.status,
-                          (row.started or "")[:16].replace("T", " "),
-                          f"{row.seconds:.0f} s" if row.seconds is not None else "-",
-                          *(_fmt(hp.get(k)) for k in SHOWN),
-                          *(_fmt(m.get(k)) for k in ("val_acc", "val_rmse", "test_acc", "test_rmse")),
+                          f"{row.seconds:.0f} s" if row.seconds is not None else "-", setup(row.hyperparameters),
+                          _fmt(m.get("val_acc")), _fmt(m.get("test_acc")),
                           human_bytes(row.size_bytes) if row.size_bytes is not None else "-")
         how = "the newest run" if self.use == "latest" else "pinned with `bincount runs --use`"
         lines: list[Any] = [table, f"{USERS} use: {self.used or 'no run yet'} ({how})"]
         if self.note:
             lines.append(self.note)
         return Group(*lines)
+
+
+def setup(hp: dict[str, Any]) -> str:
+    """The hyperparameters that tell runs apart, short: `resnet18 224px 20ep bs64 lr0.001` (all in --json)."""
+    parts = [str(hp["arch"])] if hp.get("arch") else []
+    for key, unit in (("image_size", "{}px"), ("epochs", "{}ep"), ("batch_size", "bs{}"), ("lr", "lr{:.3g}")):
+        if hp.get(key) is not None:
+            try:
+                parts.append(unit.format(float(hp[key]) if key == "lr" else hp[key]))
+            except (TypeError, ValueError):
+                parts.append(f"{key}={hp[key]}")
+    return " ".join(parts) or "-"
 
 
 def _fmt(value: Any) -> str:
