@@ -152,3 +152,16 @@ def test_drop_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "checkpoint.pt").write_bytes(b"c" * 100)
     assert drop_checkpoint(tmp_path, keep=True) == 0 and (tmp_path / "checkpoints").is_dir()
     assert drop_checkpoint(tmp_path, keep=False) == 100 and not (tmp_path / "checkpoints").exists()
+
+
+def test_runs_cli_table_json_and_one_line_errors(ws, cli, one_line_error):
+    fake_run(ws, "r1", 0.5)
+    ws.update_state(training=SageMakerTraining(job="bincount-2026", status="InProgress", hyperparameters={"lr": 0.1}))
+    res = cli("runs", "--workdir", ws.root, "--json")
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [r["name"] for r in out["runs"]] == ["r1", "bincount-2026"] and out["used"] == "bincount-2026"
+    assert out["runs"][1]["backend"] == "sagemaker" and out["runs"][1]["size_bytes"] is None
+    table = cli("runs", "--workdir", ws.root, "--use", "r1")
+    assert table.exit_code == 0 and "r1" in table.stdout and "use: r1 (pinned" in table.stdout
+    one_line_error(cli("runs", "--workdir", ws.root, "--use", "nope"), "--use nope: no such run")

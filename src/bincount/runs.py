@@ -28,7 +28,6 @@ from bincount.workspace import Workspace, read_manifest
 if TYPE_CHECKING:
     from bincount.config import Settings
 
-SHOWN = ("arch", "image_size", "epochs", "batch_size", "lr", "weight_decay")  # hyperparameters in the table
 USERS = "evaluate, deploy, predict and audit"
 
 
@@ -59,24 +58,32 @@ class RunsResult(Result):
         from rich.table import Table
 
         table = Table(title=f"runs ({len(self.runs)}; {human_bytes(self.total_bytes)} on disk)", title_justify="left")
-        columns = ("", "run", "backend", "status", "started", "time", *SHOWN, "val_acc", "val_rmse", "test_acc",
-                   "test_rmse", "size")
-        for name in columns:
-            table.add_column(name, justify="left" if name in ("", "run", "backend", "status", "started", "arch")
-                             else "right", overflow="fold")
+        for name in ("", "run", "backend", "status", "time", "setup", "val_acc", "test_acc", "size"):  # all: --json
+            table.add_column(name, justify="right" if name in ("time", "val_acc", "test_acc", "size") else "left",
+                             overflow="fold")  # a narrow terminal or pipe wraps cells, never cuts them
         for row in self.runs:
-            hp, m = row.hyperparameters, row.metrics
+            m = row.metrics
             table.add_row("*" if row.used else "", row.name, row.backend, row.status,
-                          (row.started or "")[:16].replace("T", " "),
-                          f"{row.seconds:.0f} s" if row.seconds is not None else "-",
-                          *(_fmt(hp.get(k)) for k in SHOWN),
-                          *(_fmt(m.get(k)) for k in ("val_acc", "val_rmse", "test_acc", "test_rmse")),
+                          f"{row.seconds:.0f} s" if row.seconds is not None else "-", setup(row.hyperparameters),
+                          _fmt(m.get("val_acc")), _fmt(m.get("test_acc")),
                           human_bytes(row.size_bytes) if row.size_bytes is not None else "-")
         how = "the newest run" if self.use == "latest" else "pinned with `bincount runs --use`"
         lines: list[Any] = [table, f"{USERS} use: {self.used or 'no run yet'} ({how})"]
         if self.note:
             lines.append(self.note)
         return Group(*lines)
+
+
+def setup(hp: dict[str, Any]) -> str:
+    """The hyperparameters that tell runs apart, short: `resnet18 224px 20ep bs64 lr0.001` (all in --json)."""
+    parts = [str(hp["arch"])] if hp.get("arch") else []
+    for key, unit in (("image_size", "{}px"), ("epochs", "{}ep"), ("batch_size", "bs{}"), ("lr", "lr{:.3g}")):
+        if hp.get(key) is not None:
+            try:
+                parts.append(unit.format(float(hp[key]) if key == "lr" else hp[key]))
+            except (TypeError, ValueError):
+                parts.append(f"{key}={hp[key]}")
+    return " ".join(parts) or "-"
 
 
 def _fmt(value: Any) -> str:
@@ -132,9 +139,10 @@ def _meta(folder: Path) -> dict[str, Any] | None:
 
 
 def _started(folder: Path) -> str | None:
+    log = folder / "train.log"
     try:
-        return datetime.fromtimestamp(folder.stat().st_mtime if not (folder / "train.log").is_file() else
-                                      (folder / "train.log").stat().st_ctime, timezone.utc).isoformat(timespec="seconds")
+        stamp = log.stat().st_ctime if log.is_file() else folder.stat().st_mtime
+        return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
     except OSError:
         return None
 
@@ -158,7 +166,8 @@ def _local_row(folder: Path, name: str, kind: str, state: State, record: LocalTr
         name=name, backend="local", kind=kind, status=status,
         started=(record.started if record else None) or _started(folder),
         seconds=(record.seconds if record else None) or meta.get("train_seconds"),
-        hyperparameters=(record.hyperparameters if record and record.hyperparameters else meta.get("hyperparameters") or {}),
+        hyperparameters=(record.hyperparameters if record and record.hyperparameters
+                         else meta.get("hyperparameters") or {}),
         metrics={**metrics, **{k: v for k, v in (record.metrics if record else {}).items() if k != "epoch"}},
         val_digest=(record.val_digest if record else None) or meta.get("val_digest"),
         size_bytes=disk_size(folder) if folder.is_dir() else None,
@@ -184,6 +193,7 @@ def collect(ws: Workspace, state: State | None = None) -> list[RunRow]:
             rows.append(_local_row(folder, record.job, "train", state, record))
         else:
             rows.append(_sagemaker_row(record))
+    recorded = len(rows)
     found = []
     if ws.models.is_dir():
         found += [(p, p.name, "train") for p in ws.models.iterdir() if p.is_dir() and p.name != "cache"]
@@ -194,8 +204,12 @@ def collect(ws: Workspace, state: State | None = None) -> list[RunRow]:
     for folder, name, kind in sorted(found, key=lambda f: f[1]):
         if folder.resolve() not in seen and ((folder / "train.log").is_file() or (folder / "model").is_dir()):
             rows.append(_local_row(folder, name, kind, state))
-    rows.sort(key=lambda r: r.started or "")
-    return rows
+    keys, last = [], ""
+    for i, row in enumerate(rows):  # a recorded run without a start time keeps its place after the one before it
+        last = row.started or (last if i < recorded else "")
+        keys.append(last)
+    order = sorted(range(len(rows)), key=lambda i: keys[i])
+    return [rows[i] for i in order]
 
 
 def used_training(ws: Workspace, state: State | None = None) -> LocalTraining | SageMakerTraining | None:

@@ -334,19 +334,29 @@ def test_a_truncated_checkpoint_names_the_file_and_how_to_restart(channels, tmp_
 @pytest.mark.slow
 def test_jobs_resume_only_their_own_checkpoint_with_the_same_settings(channels, tmp_path):
     """SageMaker restores a checkpoint prefix into /opt/ml/checkpoints: a job resumes only its own folder
-    (TRAINING_JOB_NAME), and only a checkpoint written for the same hyperparameters and data."""
-    run = tmp_path / "run"
-    job = lambda name: {"TRAINING_JOB_NAME": name}  # noqa: E731 - set by SageMaker in every training container
-    first = train_here(channels, run, "--epochs", "1", env=job("job-a"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert (run / "checkpoints" / "job-a" / "checkpoint.pt").is_file()
+    (TRAINING_JOB_NAME), only a checkpoint written for the same hyperparameters and data, and takes its folder
+    away when its model is written (issue 20.9); a local run (no job name) keeps its checkpoint."""
+    import shutil
 
+    run, job = tmp_path / "run", lambda name: {"TRAINING_JOB_NAME": name}  # noqa: E731 - set in every SageMaker job
+    saved = run / "checkpoints"
+    local = train_here(channels, run, "--epochs", "1")
+    assert local.returncode == 0 and (saved / "checkpoint.pt").is_file(), local.stderr[-2000:]
+
+    def interrupted(name: str) -> None:  # a job stopped after its first epoch (spot): its folder holds epoch 1
+        (saved / name).mkdir(exist_ok=True)
+        shutil.copy(saved / "checkpoint.pt", saved / name / "checkpoint.pt")
+
+    interrupted("job-a")
     other_job = train_here(channels, run, "--epochs", "1", env=job("job-b"))  # a trial sharing the prefix
     assert other_job.returncode == 0 and "resuming" not in other_job.stderr and epochs_in(other_job.stdout) == [1]
+    assert not (saved / "job-b").exists() and (saved / "job-a" / "checkpoint.pt").is_file()  # only its own went
 
     spot_restart = train_here(channels, run, "--epochs", "2", env=job("job-a"))  # the same job, restarted
     assert "resuming after epoch 1" in spot_restart.stderr and epochs_in(spot_restart.stdout) == [2]
+    assert not (saved / "job-a").exists()
 
+    interrupted("job-b")
     new_lr = train_here(channels, run, "--epochs", "1", "--lr", "0.004", env=job("job-b"))
     assert new_lr.returncode == 0, new_lr.stderr[-2000:]
     said = [line for line in new_lr.stderr.splitlines() if "not resuming" in line]

@@ -59,7 +59,9 @@ def tune(settings: Settings) -> TuneResult:
         inputs, hp = estimator.job_inputs(aws, static)
         est = estimator.estimator(settings, sm_session, hp, job, tuning=True)
         jobs.check_bucket_region(aws)
-        warm = _warm_start(settings, sm_session.sagemaker_client)
+        warm = _warm_start(settings, sm_session.sagemaker_client, {
+            "objective": t.objective, "hyperparameters": set(hp) | set(ranges), "image": est.training_image_uri(),
+            "channels": {name: i.config["DataSource"]["S3DataSource"]["S3Uri"] for name, i in inputs.items()}})
         tuner = HyperparameterTuner(
             est,
             objective_metric_name=t.objective,
@@ -93,10 +95,14 @@ def tune(settings: Settings) -> TuneResult:
     return result
 
 
-def _warm_start(settings: Settings, client: Any) -> Any:
-    """A WarmStartConfig from the recorded tuning job, if it ended (Completed or Stopped); else None, said why.
+def _warm_start(settings: Settings, client: Any, new: dict[str, Any]) -> Any:
+    """A WarmStartConfig from the recorded tuning job where AWS's rules allow one; else None, said why in one line.
 
-    Warm start serves the Bayesian and Random strategies; SageMaker takes a parent only once it has ended.
+    The rules (API reference, HyperParameterTuningJobWarmStartConfig): a parent must have ended (Completed or
+    Stopped), warm start serves Bayesian and Random, and the parent must have the same objective metric and the
+    same hyperparameters (static plus tuned: train.pretrained adds weights_source). IdenticalDataAndAlgorithm also needs the
+    same input data and training image; where the channels or the image changed, TransferLearning.
+    `new`: objective, hyperparameters (names, static and tuned), channels (name -> S3 URI), image.
     """
     from sagemaker.tuner import WarmStartConfig, WarmStartTypes
 
@@ -110,17 +116,54 @@ def _warm_start(settings: Settings, client: Any) -> Any:
     from botocore.exceptions import ClientError
 
     try:
-        status = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=parent)[
-            "HyperParameterTuningJobStatus"]
+        desc = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=parent)
     except ClientError as exc:
         log(f"warning: no warm start: tuning job {parent} cannot be described ({error_message(exc) or exc})")
         return None
+    status = desc["HyperParameterTuningJobStatus"]
     if status not in ("Completed", "Stopped"):
         log(f"warning: no warm start: tuning job {parent} is {status} (a parent must be Completed or Stopped); "
             "starting without it")
         return None
+    old = _parent_definition(desc)
+    why = None
+    if old["objective"] != new["objective"]:
+        why = f"its objective is {old['objective']}, this one's {new['objective']} (warm start needs the same)"
+    elif _own(old["hyperparameters"]) != _own(new["hyperparameters"]):
+        added = sorted(_own(new["hyperparameters"]) - _own(old["hyperparameters"]))
+        gone = sorted(_own(old["hyperparameters"]) - _own(new["hyperparameters"]))
+        why = ("its hyperparameters differ (" + "; ".join(part for part in (
+            f"added {', '.join(added)}" if added else "", f"gone {', '.join(gone)}" if gone else "") if part)
+            + "; warm start needs the same set)")
+    if why:
+        log(f"no warm start from tuning job {parent}: {why}; starting cold")
+        return None
+    changed = [what for what in ("channels", "image") if old[what] != new[what]]
+    if changed:
+        log(f"warm start from tuning job {parent} ({status}) as TransferLearning: the {' and '.join(changed)} changed")
+        return WarmStartConfig(WarmStartTypes.TRANSFER_LEARNING, parents={parent})
     log(f"warm start from tuning job {parent} ({status})")
     return WarmStartConfig(WarmStartTypes.IDENTICAL_DATA_AND_ALGORITHM, parents={parent})
+
+
+def _own(names: set[str]) -> set[str]:
+    """Hyperparameter names less the SDK's own (sagemaker_*, _tuning_objective_metric): the SDK adds the same
+    ones to every job it starts, and they are not in the names bincount gives it."""
+    return {n for n in names if not n.startswith(("sagemaker_", "_"))}
+
+
+def _parent_definition(desc: dict[str, Any]) -> dict[str, Any]:
+    """Objective, hyperparameter names (static and tuned), channels and image of a DescribeHyperParameterTuningJob."""
+    config = desc.get("HyperParameterTuningJobConfig") or {}
+    definition = desc.get("TrainingJobDefinition") or {}
+    ranges = config.get("ParameterRanges") or {}
+    tuned = {r["Name"] for kind in ("ContinuousParameterRanges", "IntegerParameterRanges", "CategoricalParameterRanges")
+             for r in ranges.get(kind) or []}
+    channels = {c["ChannelName"]: ((c.get("DataSource") or {}).get("S3DataSource") or {}).get("S3Uri")
+                for c in definition.get("InputDataConfig") or []}
+    return {"objective": (config.get("HyperParameterTuningJobObjective") or {}).get("MetricName"),
+            "hyperparameters": set(definition.get("StaticHyperParameters") or {}) | tuned,
+            "channels": channels, "image": (definition.get("AlgorithmSpecification") or {}).get("TrainingImage")}
 
 
 def _tuning_job_name(base: str) -> str:
