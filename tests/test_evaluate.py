@@ -183,9 +183,9 @@ def test_meta_classes_that_do_not_match_the_head_are_one_line(tmp_path, cli, one
     model = write_model_dir(tmp_path / "m", "mobilenet_v3_small", classes=[0, 1, 2])
     write_jsonl(tmp_path / "m.jsonl", [{"id": "1", "count": 1, "image": str(tmp_path / "any.jpg")}])
     settings = load_settings(overrides={"workdir": str(tmp_path)}, environ={})
-    with pytest.raises(BincountError, match="classes .* do not match num_classes=6"):
+    with pytest.raises(BincountError, match=r"meta\.json: classes is \[0, 1, 2\]; expected num_classes distinct whole numbers"):
         evaluate(settings, manifest=tmp_path / "m.jsonl", model=model)
     from PIL import Image
 
     Image.new("RGB", (16, 16)).save(tmp_path / "a.jpg")
-    one_line_error(cli("predict", "--workdir", tmp_path, "--model", model, tmp_path / "a.jpg"), "do not match")
+    one_line_error(cli("predict", "--workdir", tmp_path, "--model", model, tmp_path / "a.jpg"), "classes is [0, 1, 2]; expected num_classes")

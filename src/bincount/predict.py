@@ -28,7 +28,7 @@ from bincount.data.source import BucketClients, aws_message
 from bincount.errors import BincountError
 from bincount.results import Result
 from bincount.runs import used_training
-from bincount.serve import MAX_BODY_BYTES
+from bincount.http_answers import MAX_BODY_BYTES
 from bincount.state import LocalEndpoint, SageMakerEndpoint
 from bincount.workspace import Workspace
 

@@ -380,6 +380,12 @@ def test_a_checkpoint_of_other_data_or_without_a_fingerprint_is_not_resumed(tmp_
     assert "train data changed" in checkpoints.mismatch(expected, other_data)
     torch.save({"epoch": 1}, tmp_path / checkpoints.CHECKPOINT)  # written before checkpoints recorded what they are
     assert checkpoints.load_checkpoint(tmp_path, dist, expected) is None
+    # Written by train.py before the EMA was torch's AveragedModel (format 1, unrecorded): named, not resumed.
+    old = {k: v for k, v in expected.items() if k != "format"}
+    torch.save({"epoch": 1, "fingerprint": old, "ema": {"0.weight": torch.zeros(2)}, "ema_steps": 3},
+               tmp_path / checkpoints.CHECKPOINT)
+    assert checkpoints.load_checkpoint(tmp_path, dist, expected) is None
+    assert "older train.py (checkpoint format 1, this one reads 2)" in checkpoints.mismatch(old, expected)
 
 
 def _weights_file(path: Path, arch: str) -> Path:

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.audit.core import AuditResult, Bin, Inputs, Reader, chunks, options, read_records, report
+from bincount.audit.core import AuditResult, Bin, Inputs, Reader, chunks, options, read_records, report, runner_up
+from bincount.audit.trust import assess
 from bincount.aws import Aws
 from bincount.backends.sagemaker import jobs
 from bincount.backends.sagemaker.endpoint import model_ref, resolve_model_data, serving_code
@@ -254,12 +255,13 @@ def join(aws: Aws, record: SageMakerTransform, desc: dict[str, Any], *, threshol
         rows = []
         for b in bins:
             row = {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected, "predicted": None,
-                   "confidence": None, "error": None}
+                   "confidence": None, "error": None, "path": b.path}
             try:
                 if b.expected is None:
                     row["expected"] = reader.expected(b.label)
                 answer = _read_output(s3, output + parse_s3_uri(b.path)[1][len(prefix):] + ".out")
-                row.update(predicted=int(answer["count"]), confidence=float(answer["confidence"]))
+                row.update(predicted=int(answer["count"]), confidence=float(answer["confidence"]),
+                           **runner_up(answer.get("probabilities"), int(answer["count"])))
             except LookupError:
                 row["error"] = why
             except (ValueError, TypeError, KeyError) as exc:
@@ -283,7 +285,8 @@ def join(aws: Aws, record: SageMakerTransform, desc: dict[str, Any], *, threshol
                 bar.advance(task)
     return report(read_records(results), out, source=record.source,
                   target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top,
-                  total=record.bins)
+                  total=record.bins, settings=aws.settings,
+                  quality=assess(aws.settings, f"SageMaker model of job {record.job}", threshold))
 
 
 # -- the stage ------------------------------------------------------------------------------------
