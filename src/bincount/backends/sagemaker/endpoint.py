@@ -102,6 +102,7 @@ def deploy(settings: Settings) -> EndpointResult:
         sm_session = jobs.session(aws)
         sm = sm_session.sagemaker_client
         role = jobs.require_role(settings)
+        image = jobs.check_image_uri(d.image_uri, aws.job_region, "deploy.image_uri") if d.image_uri else None
         status = _endpoint_status(sm, name) if live else None
         ref = model_ref(settings)
         if status and ref and live.model_ref == ref and live.mode == d.mode:
@@ -111,7 +112,6 @@ def deploy(settings: Settings) -> EndpointResult:
             aws.client("sts").get_caller_identity()
             sm.list_endpoints(MaxResults=1)
         model_data = resolve_model_data(settings, sm_session)
-        image = jobs.check_image_uri(d.image_uri, aws.job_region, "deploy.image_uri") if d.image_uri else None
         model = PyTorchModel(
             model_data=model_data,
             role=role,
