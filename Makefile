@@ -13,6 +13,12 @@ install:  ## create .venv (Python 3.11) and install bincount with its test extra
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/toolkits $(TOOLKITS)
+	@# headless Chromium for tests/test_audit_page.py (the audit page in a real browser): from the system
+	@# packages where apt-get is there and we are root; never fails the install (the test skips without it)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } ; } || \
+	  echo "chromium not installed (no apt-get, or not root): the audit page's browser test will skip"
 
 test:  ## run the whole test suite (slow tests included), one pytest-xdist worker per core
 	$(BIN)/python -m pytest -q -n auto

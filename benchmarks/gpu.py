@@ -79,22 +79,21 @@ class Loop:
     def __init__(self, arch: str, args, device):
         import torch
 
-        from bincount.container import net
-        from bincount.container import train as script
+        from bincount.container import loop, net, train
 
-        self.script, self.device = script, device
-        self.args = script.parse_args(["--arch", arch, "--image_size", str(args.image_size),
+        self.loop, self.device = loop, device
+        self.args = train.parse_args(["--arch", arch, "--image_size", str(args.image_size),
                                        "--batch_size", str(args.batch_size)])
         cuda = device.type == "cuda"
-        self.amp = self.args.amp and (cuda or script.cpu_bf16())
+        self.amp = self.args.amp and (cuda or loop.cpu_bf16())
         torch.backends.cudnn.benchmark = cuda
         self.model = net.build_model(arch, self.args.num_classes).to(device).to(memory_format=torch.channels_last)
-        self.optimizer = script.make_optimizer(self.model, self.args)
+        self.optimizer = loop.make_optimizer(self.model, self.args)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and cuda)
-        self.loss_fn = script.CountingLoss(None, self.args.label_smoothing, self.args.count_loss)
-        self.ema = script.EMA(self.model, self.args.ema_decay)
-        self.dist = script.Dist()
+        self.loss_fn = loop.CountingLoss(None, self.args.label_smoothing, self.args.count_loss)
+        self.ema = loop.make_ema(self.model, self.args.ema_decay)
+        self.dist = loop.Dist()
 
     def rate(self, data, passes: int) -> float:
         """Best images/s of `passes` timed train_epoch passes over all of `data`, after one warm-up pass."""
@@ -106,9 +105,9 @@ class Loop:
             order = torch.randperm(len(data), generator=generator).tolist()
             self.sync()
             start = time.perf_counter()
-            self.script.train_epoch(self.model, data, order, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    loss_fn=self.loss_fn, scaler=self.scaler, device=self.device, channels_last=True,
-                                    amp=self.amp, generator=generator, dist=self.dist, ema=self.ema)
+            self.loop.train_epoch(self.model, data, order, optimizer=self.optimizer, scheduler=self.scheduler,
+                                  loss_fn=self.loss_fn, scaler=self.scaler, device=self.device, channels_last=True,
+                                  amp=self.amp, generator=generator, dist=self.dist, ema=self.ema)
             self.sync()
             if number:  # the first pass warms up (cuDNN autotuning, allocator, worker start-up)
                 best = max(best, len(order) / (time.perf_counter() - start))
@@ -146,19 +145,19 @@ class Loop:
 
 
 def measure(arch: str, items, args, device) -> dict:
-    from bincount.container import train as script
+    from bincount.container.batches import Batches
 
     loop = Loop(arch, args, device)
     out = {"arch": arch, "peak": loop.rate(Ready(len(items), args.batch_size, args.image_size, device), args.passes)}
     started = time.perf_counter()
-    cached = script.Batches(items, args.image_size, args.batch_size, cache_mb=1 << 20, num_workers=args.num_workers,
-                            device=device)
+    cached = Batches(items, args.image_size, args.batch_size, cache_mb=1 << 20, num_workers=args.num_workers,
+                     device=device)
     out["fill"] = len(items) / (time.perf_counter() - started)
     out["cache_on"] = str(cached.images.device)
     out["cached"] = loop.rate(cached, args.passes)
     del cached
-    streamed = script.Batches(items, args.image_size, args.batch_size, cache_mb=0, num_workers=args.num_workers,
-                              device=device)
+    streamed = Batches(items, args.image_size, args.batch_size, cache_mb=0, num_workers=args.num_workers,
+                       device=device)
     out["workers"] = streamed.num_workers
     out["streamed"] = loop.rate(streamed, args.passes)
     del streamed

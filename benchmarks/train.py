@@ -107,10 +107,9 @@ def learning(root: Path, args) -> dict:
 def pipeline(channel: Path, args, steps: int = 12, rounds: int = 3) -> dict:
     import torch
 
-    from bincount.container import net
-    from bincount.container import train as script
+    from bincount.container import batches, loop, net
 
-    items = script.read_channel(str(channel), "train", 6)
+    items = batches.read_channel(str(channel), "train", 6)
     torch.manual_seed(0)
     model = net.build_model(args.arch, 6, stem=args.stem).to(memory_format=torch.channels_last)  # as train.py
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -119,7 +118,7 @@ def pipeline(channel: Path, args, steps: int = 12, rounds: int = 3) -> dict:
     n = steps * args.batch_size
     order = list(range(min(n, len(items))))
 
-    amp = args.amp and script.cpu_bf16()  # as train.py: bfloat16 autocast where the CPU runs it natively
+    amp = args.amp and loop.cpu_bf16()  # as train.py: bfloat16 autocast where the CPU runs it natively
 
     def step(x, y, amp=amp):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -133,14 +132,14 @@ def pipeline(channel: Path, args, steps: int = 12, rounds: int = 3) -> dict:
         model.train()
         start, seen = time.perf_counter(), 0
         for images, labels in data.iterate(order, drop_last_single=True):
-            step(script.to_input(images, device, True, generator), labels)
+            step(batches.to_input(images, device, True, generator), labels)
             seen += len(labels)
         return seen / (time.perf_counter() - start)
 
-    cached = script.Batches(items, args.image_size, args.batch_size, cache_mb=4096, num_workers=None)
-    streamed = script.Batches(items, args.image_size, args.batch_size, cache_mb=0, num_workers=None)
+    cached = batches.Batches(items, args.image_size, args.batch_size, cache_mb=4096, num_workers=None)
+    streamed = batches.Batches(items, args.image_size, args.batch_size, cache_mb=0, num_workers=None)
     generator = torch.Generator().manual_seed(0)
-    ready = [(script.to_input(x, device, True, generator), y) for x, y in cached.iterate(order, True)]
+    ready = [(batches.to_input(x, device, True, generator), y) for x, y in cached.iterate(order, True)]
 
     def in_memory(amp=amp) -> float:
         model.train()

@@ -63,7 +63,8 @@ def test_audit_ranks_confident_disagreements_and_writes_csv(cli, work, sure_of_t
 
     with (work / "reports" / "audit.csv").open() as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
+    assert list(table[0]) == ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error",
+                              "second", "second_confidence", "path", "model", "audited"]
     assert [(r["id"], r["expected"], r["predicted"], r["action"]) for r in table[:2]] == [
         ("00002", "4", "2", "investigate"), ("00004", "4", "2", "investigate")]
     assert table[2]["error"] == "not found" and table[2]["predicted"] == ""

@@ -64,14 +64,18 @@ def test_evaluate_writes_metrics_and_plots(synth_source, tmp_path):
     assert {key: getattr(result, key) for key in expected} == expected
     assert sum(map(sum, result.confusion)) == sum(r["n"] for r in result.per_count) == result.n
     assert result.accuracy == sum(result.confusion[i][i] for i in range(6)) / result.n
-    saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    folder = Path(result.reports["metrics"]).parent  # a model from outside the work dir's runs: its own folder
+    assert folder.parent == tmp_path / "reports" and folder.name.startswith("model-")
+    saved = json.loads((folder / "metrics.json").read_text())
     assert saved["accuracy"] == result.accuracy and saved["baseline"] == {"accuracy": 0.5567, "rmse": 0.93}
     for name in ("confusion-matrix.png", "training-curve.png"):
-        assert (tmp_path / "reports" / name).read_bytes()[:4] == b"\x89PNG"
+        assert (folder / name).read_bytes()[:4] == b"\x89PNG"
 
-    # The model recorded in state.json is the default.
+    # The model recorded in state.json is the default; its reports go to reports/<run>/ (issue 23.4).
     ws.update_state(training=LocalTraining(job="run", model_data=str(tar), model_dir=str(tmp_path / "gone")))
-    assert evaluate(settings).accuracy == result.accuracy
+    again = evaluate(settings)
+    assert again.accuracy == result.accuracy and again.reports["metrics"] == str(tmp_path / "reports" / "run" / "metrics.json")
+    assert saved == json.loads((folder / "metrics.json").read_text())  # the other model's reports are kept
 
 
 def test_evaluate_the_trained_run_from_the_state_then_its_archive(trained_run, cli, tmp_path):
@@ -83,7 +87,7 @@ def test_evaluate_the_trained_run_from_the_state_then_its_archive(trained_run, c
     assert metrics["n"] == 24 and sum(r["n"] for r in metrics["per_count"]) == 24
     assert metrics["accuracy"] == pytest.approx(trained_run.out["metrics"]["test_acc"], abs=1e-6)
     for name in ("metrics.json", "confusion-matrix.png", "training-curve.png"):
-        assert (workdir / "reports" / name).stat().st_size > 0
+        assert (workdir / "reports" / trained_run.run.name / name).stat().st_size > 0
     res = cli("evaluate", "--workdir", workdir, "--model", trained_run.out["model_data"])
     assert res.exit_code == 0, res.stderr
     assert "55.67% accuracy, RMSE 0.930" in res.stdout
@@ -118,7 +122,7 @@ def test_evaluate_can_switch_the_models_tta_for_one_run(synth_source, tmp_path):
     model = write_model_dir(tmp_path / "m", "resnet18", seed=5, tta=True)
     assert evaluate(settings, manifest=tmp_path / "m.jsonl", model=model).tta is True  # as recorded
     off = evaluate(settings, manifest=tmp_path / "m.jsonl", model=model, tta=False)
-    assert off.tta is False and json.loads((tmp_path / "reports" / "metrics.json").read_text())["tta"] is False
+    assert off.tta is False and json.loads(Path(off.reports["metrics"]).read_text())["tta"] is False
 
 
 def test_training_curve_separates_scales_marks_the_kept_epoch_and_survives_a_spike():
@@ -179,9 +183,9 @@ def test_meta_classes_that_do_not_match_the_head_are_one_line(tmp_path, cli, one
     model = write_model_dir(tmp_path / "m", "mobilenet_v3_small", classes=[0, 1, 2])
     write_jsonl(tmp_path / "m.jsonl", [{"id": "1", "count": 1, "image": str(tmp_path / "any.jpg")}])
     settings = load_settings(overrides={"workdir": str(tmp_path)}, environ={})
-    with pytest.raises(BincountError, match="classes .* do not match num_classes=6"):
+    with pytest.raises(BincountError, match=r"meta\.json: classes is \[0, 1, 2\]; expected num_classes distinct whole numbers"):
         evaluate(settings, manifest=tmp_path / "m.jsonl", model=model)
     from PIL import Image
 
     Image.new("RGB", (16, 16)).save(tmp_path / "a.jpg")
-    one_line_error(cli("predict", "--workdir", tmp_path, "--model", model, tmp_path / "a.jpg"), "do not match")
+    one_line_error(cli("predict", "--workdir", tmp_path, "--model", model, tmp_path / "a.jpg"), "classes is [0, 1, 2]; expected num_classes")

@@ -201,14 +201,15 @@ def _download(settings: Settings, uri: str, dest: Path) -> Path:
 
 def resolve_model(settings: Settings, model: Path | str | None = None, option: str = "--model") -> Path:
     """A local model dir for `model`: a model dir, a model.tar.gz, an s3:// URI of one, or None for the
-    last trained model in state.json. Archives are downloaded and unpacked safely once, into
+    run evaluate, deploy, predict and audit use (runs.used_training: the newest, or the pinned one). Archives are downloaded and unpacked safely once, into
     <workdir>/models/cache/, and reused. `option` names the CLI option in the error when there is none.
     Its code/ must pass check_code (the trust rule).
     """
+    from bincount.runs import used_training
     from bincount.workspace import Workspace
 
     ws = Workspace(settings.workdir)
-    source = str(model) if model else _trained_model(ws.state().training, option)
+    source = str(model) if model else _trained_model(used_training(ws), option)
     cache = ws.models / "cache"
     if source.startswith("s3://"):
         name = hashlib.sha256(source.encode()).hexdigest()[:16]

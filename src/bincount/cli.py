@@ -90,6 +90,7 @@ COMMANDS: dict[str, dict[str, str]] = {
     "cleanup": {"*": "bincount.backends.sagemaker.cleanup:cleanup"},
     "serve": {"*": "bincount.serve:serve_forever"},
     "status": {"*": "bincount.status:status"},
+    "runs": {"*": "bincount.runs:runs"},
     "demo": {"*": "bincount.demo:demo"},
     "config": {"*": "bincount.config:show"},
 }
@@ -439,6 +440,18 @@ def status(
 ) -> None:
     """Show where the recorded data, jobs, model and endpoint stand."""
     _call("status", config, {"workdir": workdir, "backend": backend}, set, json)
+
+
+@app.command(epilog=examples("bincount runs -w run1", "bincount runs -w run1 --use best",
+                             "bincount runs -w run1 --use 20260101-120000", "bincount runs -w run1 --use latest --json"))
+def runs(
+    use: Annotated[Optional[str], typer.Option(metavar="NAME|best|latest", help=(
+        "The run evaluate, deploy, predict and audit use: a run's name, best (by tune.objective among runs on the "
+        "same val data) or latest (the newest run, the default; follows new runs)."))] = None,
+    config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
+) -> None:
+    """List every training run (metrics, time, size on disk) and choose the one the other commands use."""
+    _call("runs", config, {"workdir": workdir}, set, json, use=use)
 
 
 @app.command(epilog=examples("bincount demo --config configs/demo.yaml", "bincount demo --images 300 --budget 60"))

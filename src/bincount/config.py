@@ -209,7 +209,10 @@ class TrainSettings(Section):
     seed: int = _hp("seed")
     shuffle_buffer: int = _hp("shuffle_buffer", ge=1)
     amp: bool = _hp("amp")
-    use_best: bool = Field(False, description="train with the best hyperparameters recorded by `bincount tune`")
+    use_best: bool = Field(False, description="train with the best tuning trial's hyperparameters (tuned and the rest "
+                           "it ran with, e.g. image_size; train settings you set yourself win, with a note)")
+    keep_checkpoint: bool = Field(False, description="keep a finished run's (and tuning trial's) checkpoints/ "
+                                  "(optimizer state, ~2x the model); only an interrupted run needs it to resume")
     wait: bool = Field(True, description="sagemaker backend: stream logs until the job ends")
 
     @field_validator("pretrained")
@@ -231,7 +234,7 @@ class TrainSettings(Section):
     def hyperparameters(self, max_count: int) -> dict[str, Any]:
         """The arguments train.py takes, as SageMaker passes them (a weights file as an absolute path:
         the local backend runs train.py in its run dir)."""
-        hp = self.model_dump(exclude={"num_workers", "use_best", "wait"})
+        hp = self.model_dump(exclude={"num_workers", "use_best", "wait", "keep_checkpoint"})
         hp["num_classes"] = max_count + 1
         if self.weights_file:
             hp["pretrained"] = str(self.weights_file)
@@ -421,6 +424,14 @@ class SageMakerSettings(Section):
         return value
 
 
+class MlflowSettings(Section):
+    """Optional: log each run to MLflow (`pip install 'bincount[mlflow]'`)."""
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (a SageMaker managed MLflow ARN, "
+                                     "http(s)://, or file:); default off")
+    experiment: str = Field("bincount", description="the MLflow experiment runs are logged to")
+
+
 class Settings(Section):
     """Everything bincount needs, in one tree."""
 
@@ -437,6 +448,7 @@ class Settings(Section):
     audit: AuditSettings = Field(AuditSettings(), description="the local audit: workers, pool")
     transform: TransformSettings = Field(TransformSettings(), description="the SageMaker Batch Transform audit")
     sagemaker: SageMakerSettings = Field(SageMakerSettings(), description="the SageMaker backend")
+    mlflow: MlflowSettings = Field(MlflowSettings(), description="optional experiment tracking in MLflow")
 
     @field_validator("workdir")
     @classmethod

@@ -1,6 +1,8 @@
 """Score a trained model on the test split (or any manifest): metrics, per-count table, plots.
 
-Writes reports/metrics.json, reports/confusion-matrix.png and reports/training-curve.png.
+Writes reports/<run>/metrics.json, confusion-matrix.png and training-curve.png: one folder per run scored (the run
+the other commands use, or the run whose model --model names; reports/model-<digest>/ for a model from elsewhere),
+so evaluating another run never overwrites the reports of the last.
 The per-count table has the form the public ABID challenge reports its baseline in
 (counts 0..5: 55.67% accuracy, RMSE 0.930), shown beside ours for comparison.
 """
@@ -259,7 +261,7 @@ def _save(fig, path: Path) -> None:
 
 def evaluate(settings: Settings, manifest: Path | None = None, model: Path | None = None,
              tta: bool | None = None) -> EvalResult:
-    """Score the model on `manifest` (default splits/test.jsonl); write reports/metrics.json and the plots.
+    """Score the model on `manifest` (default splits/test.jsonl); write reports/<run>/metrics.json and the plots.
 
     tta overrides the model's recorded test-time augmentation for this evaluation (None: as recorded).
     """
@@ -281,14 +283,23 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
     if not pairs:
         raise BincountError(f"none of the {len(rows)} images in {manifest} could be read")
     result = compute_metrics([t for t, _ in pairs], [p for _, p in pairs], meta["classes"])
-    reports = {"metrics": ws.reports / "metrics.json", "confusion_matrix": ws.reports / "confusion-matrix.png"}
+    from bincount.runs import report_dir
+
+    folder = report_dir(ws, model)
+    reports = {"metrics": folder / "metrics.json", "confusion_matrix": folder / "confusion-matrix.png"}
     plot_confusion(result["confusion"], result["classes"], reports["confusion_matrix"])
     history = load_history(model_dir, meta)
     if history:
-        reports["training_curve"] = ws.reports / "training-curve.png"
+        reports["training_curve"] = folder / "training-curve.png"
         kept = (meta.get("metrics") or {}).get("epoch")
         plot_history(history, reports["training_curve"], int(kept) if kept is not None else None)
     out = EvalResult(model=str(model_dir), manifest=str(manifest), skipped=len(rows) - len(pairs), tta=meta["tta"],
                      reports={k: str(v) for k, v in reports.items()}, **result)
     atomic_write_text(reports["metrics"], out.model_dump_json(indent=2) + "\n")
+    from bincount import tracking
+
+    if folder != ws.reports and tracking.enabled(settings):  # the run's MLflow run gets the test metrics and reports
+        tracking.log_run(settings, folder.name, metrics={f"eval_{k}": v for k, v in result.items()
+                                                         if isinstance(v, (int, float))},
+                         files=[Path(p) for p in reports.values()])
     return out

@@ -30,6 +30,8 @@ from typing import Any
 import h11
 from gunicorn.workers.base import Worker
 
+from bincount.http_answers import DRAIN_BYTES, MAX_BODY_BYTES, error_body, phrase
+
 EVICT_AFTER_S = 1.0  # a connection this long without a whole request may give its place to a waiting client
 BODY_BUDGET = 128 * 1024 * 1024  # request body bytes held in memory at once
 MAX_HEAD_BYTES = 32 * 1024  # request line + headers; more is a 431
@@ -137,7 +139,6 @@ class Conn:
     async def read_body(self, headers: dict, deadline: float) -> tuple[int | None, dict, bytes]:
         """(None, {}, body) or an error answer (status, headers with _message, b"") for a body over the limits."""
         front = self.front
-        from bincount.serve import DRAIN_BYTES, MAX_BODY_BYTES, error_body
 
         limit = f"over the {MAX_BODY_BYTES:,} byte limit (SageMaker's real-time payload limit)"
         length = headers.get("content-length")
@@ -179,7 +180,6 @@ class Conn:
 
     async def respond(self, method: str, status: int, body: bytes, extra: dict, path: str, target: str,
                       version: str) -> None:
-        from bincount.serve import phrase
 
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra.items()]
         if self.front.stopping or self.front.pressure:  # clients wait for a place: this one reconnects behind them
@@ -195,7 +195,6 @@ class Conn:
             self.front.access(self, f'"{method} {target} HTTP/{version}" {status} {len(body)}')
 
     async def write_close(self, status: int, body: bytes) -> None:
-        from bincount.serve import phrase
 
         head = (f"HTTP/1.1 {status} {phrase(status)}\r\nConnection: close\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -208,7 +207,6 @@ class Conn:
         self.front.access(self, f"{status} (connection closed)")
 
     async def send_error(self, status: int, message: str) -> None:
-        from bincount.serve import error_body
 
         if self.writer is not None and not self.writer.is_closing():
             await self.write_close(status, error_body(status, message))

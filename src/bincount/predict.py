@@ -27,7 +27,8 @@ from bincount.config import Settings
 from bincount.data.source import BucketClients, aws_message
 from bincount.errors import BincountError
 from bincount.results import Result
-from bincount.serve import MAX_BODY_BYTES
+from bincount.runs import used_training
+from bincount.http_answers import MAX_BODY_BYTES
 from bincount.state import LocalEndpoint, SageMakerEndpoint
 from bincount.workspace import Workspace
 
@@ -279,9 +280,10 @@ def resolve_target(settings: Settings, endpoint: str | None = None, model: Path 
         return HttpTarget(state.endpoint.url)
     if isinstance(state.endpoint, SageMakerEndpoint):
         return SageMakerTarget(settings, state.endpoint.name)
-    if state.training and state.training.model_data:
+    training = used_training(Workspace(settings.workdir), state)
+    if training and training.model_data:
         model_dir = resolve_model(settings)
-        log(f"no endpoint deployed: predicting in-process with the last trained model {model_dir}")
+        log(f"no endpoint deployed: predicting in-process with the model of run {training.job} ({model_dir})")
         return ModelTarget(model_dir)
     raise BincountError("nothing to predict with: run `bincount deploy`, or pass --endpoint URL|NAME or --model PATH")
 

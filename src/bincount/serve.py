@@ -16,7 +16,6 @@ pixels decoded at once (deploy.pixel_budget, deploy.queue_timeout_s).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -24,7 +23,6 @@ import socket
 import sys
 import tempfile
 import time
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +30,10 @@ from bincount.artifacts import resolve_model
 from bincount.config import DeploySettings, Settings
 from bincount.endpoint_client import ping
 from bincount.errors import BincountError
+from bincount.http_answers import error_body
 from bincount.handlers import Handlers, client_status
 from bincount.results import Result
 
-MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
-DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read and dropped up to this, so the client reads its 413
 ROUTES = {"/ping": ("GET", "HEAD"), "/invocations": ("POST",)}
 
 
@@ -79,17 +76,6 @@ class Endpoint:
             else:
                 message = str(exc)
             return status, error_body(status, message)
-
-
-def phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:  # a status an artifact's own handlers made up
-        return "Error"
-
-
-def error_body(status: int, message: str) -> bytes:
-    return json.dumps({"error": message, "status": status}).encode()
 
 
 # -- gunicorn: the master (restarts a killed worker, relays signals) over one front worker ----

@@ -33,7 +33,16 @@ class PendingTraining(Record):
     hyperparameters: dict[str, Any]
 
 
-class LocalTraining(Record):
+class _Run(Record):
+    """What `bincount runs` shows of a training run, recorded when it starts or ends (older records lack it)."""
+
+    hyperparameters: dict[str, Any] | None = None  # the train.py arguments it ran with
+    started: str | None = None  # ISO 8601 UTC
+    seconds: float | None = None  # wall time of the run
+    val_digest: str | None = None  # sha256 prefix of splits/val.jsonl it was validated on: runs compare on the same
+
+
+class LocalTraining(_Run):
     backend: Literal["local"] = "local"
     job: str  # the run dir's name under models/
     model_data: str  # its model.tar.gz
@@ -41,7 +50,7 @@ class LocalTraining(Record):
     metrics: dict[str, float] = {}
 
 
-class SageMakerTraining(Record):
+class SageMakerTraining(_Run):
     backend: Literal["sagemaker"] = "sagemaker"
     job: str  # the training job name
     status: str  # TrainingJobStatus when last seen
@@ -57,6 +66,7 @@ class _Tuning(Record):
     status: str  # Completed, or the tuning job's status when last seen
     best_hyperparameters: dict[str, Any] | None = None
     best_value: float | None = None
+    hyperparameters: dict[str, Any] | None = None  # what every trial ran with besides the tuned ones (image_size, ...)
 
 
 class LocalTuning(_Tuning):
@@ -81,6 +91,7 @@ class SageMakerEndpoint(Record):
     model_data: str
     config_name: str | None = None
     model_name: str | None = None
+    model_ref: str | None = None  # the artifact before upload (sha256:<local file digest>, or its S3 URI)
 
 
 class SageMakerTransform(Record):
@@ -103,6 +114,16 @@ class SageMakerTransform(Record):
     joined: bool = False  # its outputs went into a report
 
 
+class SageMakerProcessing(Record):
+    """The last `shard --backend sagemaker`: its Processing job and the shard channels it writes, which become
+    state.json's channels only once it has completed (`status`, `train` and `tune` refresh it)."""
+
+    backend: Literal["sagemaker"] = "sagemaker"
+    job: str  # the processing job name
+    status: str  # ProcessingJobStatus when last seen
+    channels: dict[str, str]  # split -> s3:// URI it writes
+
+
 Training = Annotated[LocalTraining | SageMakerTraining, Field(discriminator="backend")]
 Tuning = Annotated[LocalTuning | SageMakerTuning, Field(discriminator="backend")]
 Endpoint = Annotated[LocalEndpoint | SageMakerEndpoint, Field(discriminator="backend")]
@@ -112,6 +133,7 @@ _KINDS: dict[str, dict[str, type[Record]]] = {
     "tuning": {"local": LocalTuning, "sagemaker": SageMakerTuning},
     "endpoint": {"local": LocalEndpoint, "sagemaker": SageMakerEndpoint},
     "transform": {"sagemaker": SageMakerTransform},
+    "processing": {"sagemaker": SageMakerProcessing},
 }
 
 
@@ -126,6 +148,26 @@ class State(Record):
     tuning: Tuning | None = None
     endpoint: Endpoint | None = None
     transform: SageMakerTransform | None = None
+    processing: SageMakerProcessing | None = None  # the shard Processing job (its channels count once it completed)
+    runs: list[Training] = []  # the training runs before `training` (the newest), oldest first
+    use: str | None = None  # the run evaluate, deploy, predict and audit use (`bincount runs --use`); None: `training`
+
+    def all_runs(self) -> list[LocalTraining | SageMakerTraining]:
+        """Every recorded training run, oldest first (the newest is `training`)."""
+        return [*self.runs, *([self.training] if self.training else [])]
+
+    def with_training(self, new: LocalTraining | SageMakerTraining) -> dict[str, Any]:
+        """The changes that record `new` as the newest run: an update of the same job keeps what the old
+        record knew and the new one does not set; another job moves the previous record into `runs`."""
+        old = self.training
+        if old is not None and (old.backend, old.job) == (new.backend, new.job):
+            return {"training": old.model_copy(update=new.model_dump(exclude_unset=True))}
+        for i, run in enumerate(self.runs):  # news of an older run (e.g. deploy describing a pinned job): it stays older
+            if (run.backend, run.job) == (new.backend, new.job):
+                runs = list(self.runs)
+                runs[i] = run.model_copy(update=new.model_dump(exclude_unset=True))
+                return {"training": old, "runs": runs}
+        return {"training": new, "runs": [*self.runs, *([old] if old else [])]}
 
     @classmethod
     def load(cls, raw: Any, path: Path | str = "state.json") -> State:
@@ -138,6 +180,8 @@ class State(Record):
                 continue
             if key in _KINDS and isinstance(value, dict):
                 value = _known_keys(key, value)
+            elif key == "runs" and isinstance(value, list):
+                value = [_known_keys("training", r) if isinstance(r, dict) else r for r in value]
             elif key == "training_pending" and isinstance(value, dict):
                 value = {k: v for k, v in value.items() if k in PendingTraining.model_fields}
             data[key] = value
@@ -150,8 +194,9 @@ class State(Record):
 
     def dump(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
-        if not data["channels"]:
-            del data["channels"]  # not uploaded yet
+        for key in ("channels", "runs"):
+            if not data[key]:
+                del data[key]  # not uploaded, or never trained, yet
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 

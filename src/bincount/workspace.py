@@ -105,6 +105,8 @@ class Workspace:
             current = self.state()
             if change is not None:
                 changes = {**change(current), **changes}
+            if isinstance(changes.get("training"), Record):  # a new run, or news of the newest: see State.with_training
+                changes = {**changes, **current.with_training(changes["training"])}  # type: ignore[arg-type]
             state = State.model_validate({**dict(current), **changes})
             atomic_write_text(self.state_path, state.dump())
         return state

@@ -189,10 +189,10 @@ def test_ping_answers_at_once_while_every_inference_thread_is_busy(server):
 
 
 def test_a_client_that_does_not_read_its_answers_holds_only_its_own_connection(server):
-    """2,000 pipelined requests from a client that never reads: the server stops writing to it, /ping goes on."""
+    """200 pipelined requests from a client that never reads its answers: /ping goes on (gthread held a thread)."""
     raw = socket.create_connection(server.address)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+    raw.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
     time.sleep(0.5)
     assert max(ping_s(server.url) for _ in range(5)) < 0.5
     raw.close()

@@ -6,8 +6,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,7 +124,7 @@ class TrainingContainer:
     What SageMaker does before the image starts is done here from the request: input/config/
     hyperparameters.json, inputdataconfig.json, resourceconfig.json and debughookconfig.json; every channel
     copied from S3 as File mode lays it out (input/data/<channel>/); the CheckpointConfig prefix restored
-    into checkpoints/ (sync_checkpoints() uploads it back, as SageMaker does while the job runs). Then the
+    into checkpoints/ (run() mirrors it back while the job runs, deletions included, as SageMaker does). Then the
     image's entry point: sagemaker_training.cli.train with SAGEMAKER_TRAINING_MODULE=
     sagemaker_pytorch_container.training:main, which downloads sourcedir.tar.gz, pip-installs its
     requirements.txt (offline here: PIP_NO_INDEX, and --dry-run so the shared venv never changes) and runs
@@ -173,11 +175,16 @@ class TrainingContainer:
             hook = {**req["DebugHookConfig"], "LocalPath": str(self.tensors)}
             (config / "debughookconfig.json").write_text(json.dumps(hook))
         self.checkpoints.mkdir()
+        self._synced: dict[str, int] = {}  # checkpoint files in S3: relative path -> mtime when put there
         if "CheckpointConfig" in req:
-            s3_download_prefix(req["CheckpointConfig"]["S3Uri"], self.checkpoints)
+            for path in s3_download_prefix(req["CheckpointConfig"]["S3Uri"], self.checkpoints):
+                self._synced[path.relative_to(self.checkpoints).as_posix()] = path.stat().st_mtime_ns
         return self
 
-    def run(self, timeout: int = 600, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(self, timeout: int = 600, env_extra: dict[str, str] | None = None,
+            interrupt_when: str | None = None) -> subprocess.CompletedProcess:
+        """Run the job, syncing checkpoints/ with the CheckpointConfig prefix while it runs and when it ends, as
+        SageMaker does. interrupt_when: kill the job once that file exists under checkpoints/ (a spot interruption)."""
         if not (TOOLKITS / "sagemaker_training").is_dir():
             pytest.fail(f"the SageMaker training toolkit is not in {TOOLKITS}: run make install")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_", "PIP_"))}
@@ -193,14 +200,48 @@ class TrainingContainer:
         env.update(self.request.get("Environment") or {})
         env.update(env_extra or {})
         command = [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"]
-        return subprocess.run(command, env=env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+        job = subprocess.Popen(command, env=env, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                out, err = job.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                self.sync_checkpoints()
+                if (interrupt_when and (self.checkpoints / interrupt_when).is_file()) or time.monotonic() > deadline:
+                    os.killpg(job.pid, signal.SIGKILL)
+                    out, err = job.communicate()
+                    if not interrupt_when:
+                        raise subprocess.TimeoutExpired(command, timeout, out, err) from None
+                    break
+        self.sync_checkpoints()
+        return subprocess.CompletedProcess(command, job.returncode, out, err)
 
     def sync_checkpoints(self) -> None:
-        """Upload checkpoints/ to the CheckpointConfig prefix, as SageMaker does during the job."""
+        """Mirror checkpoints/ to the CheckpointConfig prefix, as SageMaker does during the job: new and changed
+        files are uploaded, and a file deleted in the container is deleted in S3 too (the SageMaker guide's words)."""
+        if "CheckpointConfig" not in self.request:
+            return
         bucket, prefix = _split(self.request["CheckpointConfig"]["S3Uri"])
-        for path in self.checkpoints.rglob("*"):
-            if path.is_file():
-                _s3().upload_file(str(path), bucket, prefix + path.relative_to(self.checkpoints).as_posix())
+        local = {p.relative_to(self.checkpoints).as_posix(): p for p in self.checkpoints.rglob("*") if p.is_file()}
+        for rel, path in local.items():
+            try:
+                mtime = path.stat().st_mtime_ns
+                if self._synced.get(rel) != mtime:
+                    _s3().upload_file(str(path), bucket, prefix + rel)
+                    self._synced[rel] = mtime
+            except FileNotFoundError:  # renamed or removed while we looked (a .part file becoming the checkpoint)
+                pass
+        for rel in set(self._synced) - set(local):
+            _s3().delete_object(Bucket=bucket, Key=prefix + rel)
+            del self._synced[rel]
+
+    def checkpoint_keys(self) -> set[str]:
+        """The keys under the CheckpointConfig prefix, relative to it."""
+        bucket, prefix = _split(self.request["CheckpointConfig"]["S3Uri"])
+        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return {obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])}
 
 
 class ModelServer:

@@ -78,19 +78,33 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     for collection in ("losses", "gradients"):
         assert trial.tensor_names(collection=collection), f"no {collection} tensors"
 
-    # The job's checkpoint went to its own prefix; a second job (same settings) does not resume it.
-    first.sync_checkpoints()
+    # The job's checkpoint went to its own prefix, synced while it ran, and left it when the model was written
+    # (issue 20.9); the next job gets a prefix of its own.
     assert request["CheckpointConfig"]["S3Uri"].endswith(f"/{request['TrainingJobName']}/")
+    assert "removed this job's checkpoints" in log and first.checkpoint_keys() == set()
     training.train(settings)
-    second_request = last(sagemaker_requests, "CreateTrainingJob")
-    second = TrainingContainer(second_request, tmp_path / "job-2").layout()
-    assert not any(second.checkpoints.rglob("*.pt"))  # nothing restored from the first job's prefix
-    assert second.run().returncode == 0
+    assert last(sagemaker_requests, "CreateTrainingJob")["CheckpointConfig"]["S3Uri"] != request["CheckpointConfig"]["S3Uri"]
 
-    # The first job restarted (as after a spot interruption) gets its checkpoint back and resumes it.
-    restarted = TrainingContainer(request, tmp_path / "job-1-restarted").layout()
-    again = restarted.run()
+    # Trials of a tuning job share one CheckpointConfig prefix, and SageMaker restores all of it into each new
+    # trial. A trial interrupted after its first epoch (spot) keeps its checkpoint there; another trial gets it
+    # restored but never loads it, and takes only its own away when it ends; the interrupted trial, restarted,
+    # resumes its own and then removes it: the prefix ends empty.
+    def trial(name: str, epochs: str) -> dict:
+        return {**request, "TrainingJobName": name, "HyperParameters": {**request["HyperParameters"], "epochs": epochs}}
+
+    a, b = trial("tune-a-001-1a2b3c4d", "2"), trial("tune-a-002-5e6f7a8b", "1")
+    interrupted = TrainingContainer(a, tmp_path / "trial-1").layout().run(
+        interrupt_when=f"{a['TrainingJobName']}/checkpoint.pt")
+    assert interrupted.returncode != 0
+    assert first.checkpoint_keys() == {f"{a['TrainingJobName']}/checkpoint.pt"}
+    other = TrainingContainer(b, tmp_path / "trial-2").layout()
+    assert (other.checkpoints / a["TrainingJobName"] / "checkpoint.pt").is_file()  # restored with the prefix
+    done = other.run()
+    assert done.returncode == 0 and "resuming" not in done.stderr + done.stdout
+    assert first.checkpoint_keys() == {f"{a['TrainingJobName']}/checkpoint.pt"}  # only its own went
+    again = TrainingContainer(a, tmp_path / "trial-1-restarted").layout().run()
     assert again.returncode == 0 and "resuming after epoch 1" in again.stderr + again.stdout
+    assert first.checkpoint_keys() == set()
 
 
 def test_every_gpu_of_the_instance_gets_a_training_process(sagemaker_requests, tmp_path):

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bincount.audit.trust import ModelQuality
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, csv_cell, key_value_table
 from bincount.workspace import Workspace, temp_beside
 
 ACTION_ORDER = {"investigate": 0, "recount": 1, "error": 2, "ok": 3}
-COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error"]
+COLUMNS = ["id", "image", "expected", "predicted", "confidence", "agree", "action", "error",
+           "second", "second_confidence", "path", "model", "audited"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SORT_RUN = 5000  # rows sorted in memory at a time when ranking (then merged from disk)
 RESUME_READERS = 8  # threads re-reading the images of kept results on resume
@@ -39,6 +41,8 @@ class AuditRow(Result):
     agree: bool | None = None
     action: str
     error: str | None = None
+    second: int | None = None  # the runner-up count
+    second_confidence: float | None = None  # its probability
 
 
 class AuditResult(Result):
@@ -59,6 +63,9 @@ class AuditResult(Result):
     resumed: int = 0  # bins whose result an interrupted run had already written
     seconds: float | None = None
     exit_code: int = 0
+    html: str | None = None  # the audit page beside the CSV
+    quality: ModelQuality | None = None  # the model's own accuracy and the threshold checked on val
+    warnings: list[str] = []  # why the ranking may not be trusted (the model is weak)
 
     def rich(self) -> Any:
         from rich.console import Group
@@ -81,8 +88,13 @@ class AuditResult(Result):
                            ("trusted", f"{self.trusted} (agreement among them {pct(self.trusted_agreement)})"),
                            ("recount", f"{self.recount} (confidence below the threshold: for a person)"),
                            ("investigate", f"{self.investigate} (confident disagreements: likely record errors)"),
-                           ("errors", self.errors), ("target", self.target), ("csv", self.csv)):
-            summary.add_row(key, str(value))
+                           ("errors", self.errors), ("target", self.target), ("csv", self.csv), ("page", self.html)):
+            if value is not None:
+                summary.add_row(key, Text(str(value)))
+        for key, value in (self.quality.lines() if self.quality else []):
+            summary.add_row(key, Text(value))
+        for warning in self.warnings:
+            summary.add_row(Text("warning", style="bold red"), Text(warning, style="red"))
         if self.resumed:
             summary.add_row("resumed", f"{self.resumed} bins scored by an interrupted run were kept")
         return Group(table, summary)
@@ -143,6 +155,8 @@ class Inputs:
                     row = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise BincountError(f"{path}:{number}: not valid JSON ({exc})") from None
+                except RecursionError:
+                    raise BincountError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
                 if not isinstance(row, dict):
                     raise BincountError(f"{path}:{number}: expected a JSON object")
                 count, image = row.get("count"), row.get("image")
@@ -221,7 +235,25 @@ def result_record(b: Bin, expected: int | None = None, **values: Any) -> dict[st
     the label's path) so a resumed audit keeps it only while that image is unchanged."""
     return {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected if expected is None else expected,
             "predicted": values.get("predicted"), "confidence": values.get("confidence"), "error": values.get("error"),
-            "path": b.path, "label": b.label, "sha256": values.get("sha256")}
+            "path": b.path, "label": b.label, "sha256": values.get("sha256"), "second": values.get("second"),
+            "second_confidence": values.get("second_confidence")}
+
+
+def runner_up(probabilities: Any, count: int) -> dict[str, Any]:
+    """The second-best count and its probability from an answer's probabilities ({} without them)."""
+    if not isinstance(probabilities, dict):
+        return {}
+    others = []
+    for key, p in probabilities.items():
+        try:
+            if int(key) != count:
+                others.append((float(p), int(key)))
+        except (TypeError, ValueError):
+            continue
+    if not others:
+        return {}
+    p, second = max(others)
+    return {"second": second, "second_confidence": p}
 
 
 class Reader:
@@ -334,7 +366,8 @@ def resume(path: Path, settings: Settings) -> set[int]:
 # -- the report: rank from the results file ------------------------------------------------------
 def row_of(record: dict[str, Any], threshold: float) -> dict[str, Any]:
     """A result record -> a report row with agree and action."""
-    row = {k: record.get(k) for k in ("id", "image", "expected", "predicted", "confidence", "error")}
+    row = {k: record.get(k) for k in ("id", "image", "expected", "predicted", "confidence", "error", "path",
+                                      "second", "second_confidence")}
     if row["error"] is not None or row["predicted"] is None or row["expected"] is None:
         row.update(action="error", agree=None, error=row["error"] or "no prediction")
         return row
@@ -379,20 +412,42 @@ def _read_run(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-def csv_line(row: dict[str, Any]) -> str:
+def report_path(path: str | None, folder: Path) -> str:
+    """An image's path as the report's folder sees it: relative to it where possible, else absolute (or s3://)."""
+    if not path or path.startswith("s3://"):
+        return path or ""
+    try:
+        return os.path.relpath(path, folder)
+    except ValueError:  # another drive
+        return str(Path(path).resolve())
+
+
+def csv_line(row: dict[str, Any], folder: Path | None = None, model: str = "", audited: str = "") -> str:
     buf = io.StringIO()
-    conf = row.get("confidence")
+    conf, second_conf = row.get("confidence"), row.get("second_confidence")
     csv.writer(buf, lineterminator="\n").writerow([
         csv_cell(str(row["id"])), csv_cell(row["image"]), "" if row["expected"] is None else row["expected"],
         "" if row["predicted"] is None else row["predicted"], "" if conf is None else f"{conf:.6f}",
-        "" if row["agree"] is None else int(row["agree"]), row["action"], csv_cell(row["error"] or "")])
+        "" if row["agree"] is None else int(row["agree"]), row["action"], csv_cell(row["error"] or ""),
+        "" if row.get("second") is None else row["second"], "" if second_conf is None else f"{second_conf:.6f}",
+        csv_cell(report_path(row.get("path"), folder) if folder else (row.get("path") or "")), csv_cell(model),
+        audited])
     return buf.getvalue()
 
 
 def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target: str, threshold: float, top: int,
-           resumed: int = 0, seconds: float | None = None, total: int | None = None) -> AuditResult:
-    """Rank the result records into the CSV (written atomically) and summarise them; memory stays flat.
-    With `total`, the records must hold exactly bins 0..total-1, once each, or no report is written."""
+           resumed: int = 0, seconds: float | None = None, total: int | None = None,
+           quality: ModelQuality | None = None, settings: Settings | None = None) -> AuditResult:
+    """Rank the result records into the CSV (written atomically) and the audit page beside it (audit.html)
+    and summarise them; memory stays flat. With `total`, the records must hold exactly bins 0..total-1,
+    once each, or no report is written."""
+    from datetime import datetime, timezone
+
+    from bincount.audit import page
+
+    audited = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    model = quality.model if quality else target
+    flagged: list[dict[str, Any]] = []  # the first rows to look at, for the page
     counts = {"bins": 0, "scored": 0, "agree": 0, "trusted": 0, "trusted_agree": 0,
               "investigate": 0, "recount": 0, "errors": 0}
     seen: set[int] = set()
@@ -427,9 +482,11 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
             with os.fdopen(fd, "w") as fh:
                 fh.write(",".join(COLUMNS) + "\n")
                 for row in heapq.merge(*(_read_run(r) for r in runs), key=rank_key):
-                    fh.write(csv_line(row))
+                    fh.write(csv_line(row, out.parent, model, audited))
                     if len(head) < top:
-                        head.append(AuditRow(**row))
+                        head.append(AuditRow(**{k: v for k, v in row.items() if k != "path"}))
+                    if sum(r["action"] == row["action"] for r in flagged) < page.SHOWN.get(row["action"], 0):
+                        flagged.append(row)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(part, out)
@@ -437,11 +494,15 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
             Path(part).unlink(missing_ok=True)
             raise
     share = lambda n, d: round(n / d, 6) if d else None  # noqa: E731
-    return AuditResult(manifest=source, target=target, csv=str(out), threshold=threshold, bins=counts["bins"],
-                       scored=counts["scored"], agreement=share(counts["agree"], counts["scored"]),
-                       trusted=counts["trusted"], trusted_agreement=share(counts["trusted_agree"], counts["trusted"]),
-                       investigate=counts["investigate"], recount=counts["recount"], errors=counts["errors"],
-                       rows=head, top=top, resumed=resumed, seconds=seconds, exit_code=1 if counts["errors"] else 0)
+    result = AuditResult(manifest=source, target=target, csv=str(out), threshold=threshold, bins=counts["bins"],
+                         scored=counts["scored"], agreement=share(counts["agree"], counts["scored"]),
+                         trusted=counts["trusted"], trusted_agreement=share(counts["trusted_agree"], counts["trusted"]),
+                         investigate=counts["investigate"], recount=counts["recount"], errors=counts["errors"],
+                         rows=head, top=top, resumed=resumed, seconds=seconds, exit_code=1 if counts["errors"] else 0,
+                         quality=quality, warnings=quality.warnings if quality else [])
+    reader = Reader(settings) if settings is not None else None
+    result.html = str(page.write(result, flagged, out.with_suffix(".html"), reader, audited))
+    return result
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -460,5 +521,18 @@ def options(settings: Settings, manifest: Path | None, source: str | None, thres
     if manifest and source:
         raise BincountError("pass --source or --manifest, not both")
     top = settings.audit.top if top is None else top
-    out = Path(out) if out else Workspace(settings.workdir).reports / "audit.csv"
+    out = check_out(Path(out)) if out else Workspace(settings.workdir).reports / "audit.csv"
     return source or manifest, out, top
+
+
+def check_out(out: Path) -> Path:
+    """--out must name a file that can be written (its folder is made if missing): checked before any scoring."""
+    if out.is_dir():
+        raise BincountError(f"--out {out} is a folder: give the report's file name, e.g. --out {out / 'audit.csv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BincountError(f"--out {out}: cannot make the folder {out.parent} ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise BincountError(f"--out {out}: cannot write there (permission denied)")
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bincount.audit.core import (AuditResult, Bin, Inputs, Reader, chunks, error_text, options,
-                                 partial_path, read_records, report, result_record, resume)
+                                 partial_path, read_records, report, result_record, resume, runner_up)
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.workspace import Workspace
@@ -54,7 +54,8 @@ class ModelScorer:
                     records[i]["error"] = f"internal error: {type(exc).__name__}: {exc}"
                 return records
             for i, answer in zip(slots, predictions):
-                records[i].update(predicted=int(answer["count"]), confidence=float(answer["confidence"]))
+                records[i].update(predicted=int(answer["count"]), confidence=float(answer["confidence"]),
+                                  **runner_up(answer.get("probabilities"), int(answer["count"])))
         return records
 
 
@@ -76,9 +77,10 @@ class TargetScorer:
                 from bincount.predict import parse_answer
 
                 body, content_type = self.reader.image(b.path)
-                count, confidence, _ = parse_answer(self.target.predict(body, content_type))
+                count, confidence, probabilities = parse_answer(self.target.predict(body, content_type))
                 records.append(result_record(b, expected, predicted=count, confidence=confidence,
-                                       sha256=hashlib.sha256(body).hexdigest()))
+                                             sha256=hashlib.sha256(body).hexdigest(),
+                                             **runner_up(probabilities, count)))
             except Exception as exc:  # noqa: BLE001
                 records.append(result_record(b, expected, error=error_text(exc)))
         return records
@@ -189,7 +191,43 @@ def score_local(settings: Settings, bins: Iterable[Bin], total: int, target: Any
     pool.shutdown()
 
 
-# -- the partial results file: resumable, keyed by model and input -------------------------------
+# -- the val check: how often the bins the model trusts are right ------------------------------
+def val_pairs(settings: Settings, target: Any, model_key: str) -> tuple[list[tuple[float, bool]], str]:
+    """(confidence, right) of up to VAL_BINS val bins scored by `target`, cached under reports/audit-val/."""
+    from bincount.audit.trust import VAL_BINS
+    from bincount.predict import ModelTarget
+
+    ws = Workspace(settings.workdir)
+    if not ws.split("val").is_file():
+        return [], "not checked: no val split (run `bincount split`)"
+    inputs = Inputs(settings, ws.split("val"))
+    key = hashlib.sha256(f"{model_key}\n{inputs.digest}".encode()).hexdigest()[:20]
+    cache = ws.reports / "audit-val" / f"{key}.json"
+    how = "scored {n} bins of the val split with this model"
+    if cache.is_file():
+        try:
+            pairs = [(float(c), bool(r)) for c, r in json.loads(cache.read_text())]
+            return pairs, how.format(n=len(pairs)) + " (cached)"
+        except (OSError, ValueError, TypeError):
+            pass
+    if isinstance(target, ModelTarget):
+        scorer: Any = ModelScorer(settings, target.handlers.model_dir, handlers=target.handlers)
+    else:
+        scorer = TargetScorer(settings, target)
+    pairs = []
+    from itertools import islice
+
+    for chunk in chunks(islice(inputs, VAL_BINS), settings.audit.chunk):
+        for record in scorer.score(chunk):
+            if record.get("error") is None and record.get("predicted") is not None:
+                pairs.append((float(record["confidence"]), record["predicted"] == record["expected"]))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pairs))
+    os.replace(tmp, cache)
+    return pairs, how.format(n=len(pairs))
+
+
 # -- the partial results file is keyed by the scorer ----------------------------------------------
 def model_key(target: Any) -> str:
     """What identifies the scorer: the digest of the artifact's weights, meta and handlers, else the endpoint."""
@@ -218,15 +256,31 @@ def audit(settings: Settings, manifest: Path | None = None, threshold: float = 0
 
 def audit_local(settings: Settings, source: str | Path | None, *, threshold: float, endpoint: str | None,
                 model: Path | None, out: Path, top: int) -> AuditResult:
-    from bincount.console import progress
     from bincount.predict import resolve_target
+    from bincount.workspace import disk_error
 
     ws = Workspace(settings.workdir)
     inputs = Inputs(settings, source)
     target = resolve_target(settings, endpoint, model)
+    key = model_key(target)
+    partial = partial_path(ws, f"{key}\n{inputs.digest}")
+    try:
+        return _score_and_report(settings, inputs, target, partial, threshold=threshold, out=out, top=top, key=key)
+    except OSError as exc:  # a full disk or a read-only one: what was scored stays in `partial` for the rerun
+        error = disk_error(Path(exc.filename or partial), exc)
+        if error is exc:
+            raise
+        raise error from None
+
+
+def _score_and_report(settings: Settings, inputs: Inputs, target: Any, partial: Path, *, threshold: float,
+                      out: Path, top: int, key: str = "") -> AuditResult:
+    from bincount.audit.trust import assess
+    from bincount.console import progress
+
     started = time.perf_counter()
     try:
-        partial = partial_path(ws, f"{model_key(target)}\n{inputs.digest}")
+        quality = assess(settings, target, threshold, val_pairs(settings, target, key))  # before scoring: a process pool drops target.handlers
         partial.parent.mkdir(parents=True, exist_ok=True)
         done = resume(partial, settings)
         if done:
@@ -246,6 +300,7 @@ def audit_local(settings: Settings, source: str | Path | None, *, threshold: flo
     finally:
         target.close()
     result = report(read_records(partial), out, source=inputs.name, target=target.name, threshold=threshold, top=top,
-                    resumed=len(done), seconds=round(time.perf_counter() - started, 3), total=inputs.total)
+                    resumed=len(done), seconds=round(time.perf_counter() - started, 3), total=inputs.total,
+                    quality=quality, settings=settings)
     partial.unlink(missing_ok=True)
     return result

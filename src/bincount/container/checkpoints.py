@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def checkpoint_dir(path: str | None) -> Path | None:
         return None
     job = os.environ.get("TRAINING_JOB_NAME")
     return Path(path) / job if job else Path(path)
+
+
+def drop(folder: Path | None) -> None:
+    """On SageMaker, remove this job's checkpoint folder once the job is over (its model written, or its loss
+    diverged). SageMaker deletes what the container deletes from the checkpoint prefix too, so the trials of a
+    tuning job, which share one prefix and each get all of it restored at start, never download a finished
+    trial's checkpoint. A job name is never reused, so nothing could resume it. Locally the folder stays: a
+    later run with more epochs continues from it."""
+    job = os.environ.get("TRAINING_JOB_NAME")
+    if folder is not None and job and folder.name == job and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"removed this job's checkpoints ({folder}): the job is over, and the jobs that share its "
+            "checkpoint prefix would download them")
 
 
 def load_checkpoint(folder: Path | None, dist: Dist, expected: dict) -> dict | None:

@@ -252,12 +252,22 @@ def better(a: dict, b: dict | None) -> bool:
     return b is None or (a["val_acc"], -a["val_loss"]) > (b["val_acc"], -b["val_loss"])
 
 
-def check_finite(epoch: int, metrics: dict[str, float], lr: float) -> None:
-    """Stop a run whose loss is no longer finite (nan or inf weights would be shipped otherwise)."""
+def loss_limit(num_classes: int, count_loss: float) -> float:
+    """A loss above this is divergence, not learning: 100x what guessing scores (uniform cross-entropy ln C plus
+    the count term's worst mean error, count_loss * (C - 1))."""
+    return 100 * (math.log(num_classes) + count_loss * (num_classes - 1))
+
+
+def check_finite(epoch: int, metrics: dict[str, float], lr: float, limit: float = math.inf) -> None:
+    """Stop a run whose loss is no longer finite, or absurd (over `limit`: a diverged run, e.g. val_loss 1.2e10):
+    nan or inf weights, or a diverged model, would be shipped otherwise, and a tuner would take it as a trial."""
     bad = {k: v for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)}
     if bad:
         what = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise UsageError(f"the loss is not finite at epoch {epoch} ({what}): training stopped and no model was "
                          f"written; lower the learning rate (lr {lr:g}) or check the data")
-
-
+    absurd = {k: v for k, v in metrics.items() if k.endswith("loss") and v > limit}
+    if absurd:
+        what = ", ".join(f"{k}={v:.4g}" for k, v in absurd.items())
+        raise UsageError(f"training diverged at epoch {epoch} ({what}, over {limit:.4g}, 100x a guess's loss): "
+                         f"stopped and no model was written; lower the learning rate (lr {lr:g})")

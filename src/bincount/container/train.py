@@ -10,7 +10,9 @@ Contract (as SageMaker runs it):
 - checkpoints: --checkpoint_dir, else $SM_CHECKPOINT_DIR, else /opt/ml/checkpoints (SageMaker syncs it
   with checkpoint_s3_uri), in a subfolder named $TRAINING_JOB_NAME on SageMaker (tuning trials share one
   prefix); written atomically every epoch; a restarted run continues after the last one, but only from a
-  checkpoint of the same hyperparameters and data (else it says so in one line and starts fresh);
+  checkpoint of the same hyperparameters and data (else it says so in one line and starts fresh); on
+  SageMaker the job's subfolder is removed once the model is written or the loss diverged (SageMaker then
+  removes it from the prefix, so later trials do not download it);
 - pretrained weights: --pretrained imagenet | none | channel | a file; with a `weights` channel
   (SM_CHANNEL_WEIGHTS) imagenet and channel load its one file; imagenet without it comes from the torch
   hub cache, or is downloaded when --download_weights is true; meta.json "weights" records where they
@@ -69,24 +71,26 @@ from torch import nn
 try:
     from . import epochlog, hparams, net, shards
     from .batches import channel_batches, manifest_digest
-    from .checkpoints import CHECKPOINT, CheckpointWriter, checkpoint_dir, fingerprint, load_checkpoint, usable_dir
+    from .checkpoints import (CHECKPOINT, CheckpointWriter, checkpoint_dir, drop, fingerprint, load_checkpoint,
+                              usable_dir)
     from .debughook import make_hook, set_mode
     from .epochlog import log
     from .hparams import UsageError
     from .loop import (CountingLoss, Dist, better, check_finite, class_weights, clone_state, cpu_bf16, evaluate,
-                       make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
+                       loss_limit, make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
 except ImportError:  # run as a script: this folder is on sys.path
     import epochlog
     import hparams
     import net
     import shards
     from batches import channel_batches, manifest_digest
-    from checkpoints import CHECKPOINT, CheckpointWriter, checkpoint_dir, fingerprint, load_checkpoint, usable_dir
+    from checkpoints import (CHECKPOINT, CheckpointWriter, checkpoint_dir, drop, fingerprint, load_checkpoint,
+                             usable_dir)
     from debughook import make_hook, set_mode
     from epochlog import log
     from hparams import UsageError
     from loop import (CountingLoss, Dist, better, check_finite, class_weights, clone_state, cpu_bf16, evaluate,
-                      make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
+                      loss_limit, make_ema, make_optimizer, score, shard, train_epoch, warmup_cosine)
 
 CODE_FILES = ("inference.py", "net.py", "epochlog.py")
 PROGRESS_S = float(os.environ.get("TRAIN_PROGRESS_S") or 30)  # seconds between progress lines inside an epoch
@@ -260,7 +264,13 @@ def run(args: argparse.Namespace) -> dict:
         val = evaluate(kept, val_data, loss_fn, device, channels_last, amp, dist)
         metrics = {"train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                    "val_rmse": val["rmse"], "lr": lr}
-        check_finite(epoch, metrics, args.lr)  # the same on every rank: the losses are summed over all of them
+        try:  # the same on every rank: the losses are summed over all of them
+            check_finite(epoch, metrics, args.lr, loss_limit(args.num_classes, args.count_loss))
+        except UsageError:  # this job is over for good (a diverged tuning trial, typically)
+            if writer is not None:
+                writer.close()
+            drop(ckpt_dir)
+            raise
         history.append({"epoch": epoch, **metrics})
         if better(metrics, best_metrics):
             best_metrics = {"epoch": epoch, **metrics}
@@ -296,6 +306,7 @@ def run(args: argparse.Namespace) -> dict:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
     if dist.main:
         write_model(args, best_state, best_metrics, history, started, precision, weights_record)
+        drop(ckpt_dir)  # on SageMaker: the job is done, its checkpoint leaves the (maybe shared) prefix
     if hook is not None:
         try:
             hook.close()

@@ -83,14 +83,39 @@ class IndexResult(Result):
         return Group(table, per_class_table("usable bins per count", ["count", "bins"], [[c, n] for c, n in shown]))
 
 
+LOCK_WAIT_S = 10.0  # how long to wait for another program's lock on index.sqlite
+COLUMNS = {"meta": {"key", "value"}, "listed": {"part"},
+           "bins": {"id", "num", "image_bytes", "has_label", "count", "skus", "status"}}
+
+
+def db_error(path: Path, exc: BaseException) -> BincountError:
+    """A sqlite error on index.sqlite as one line saying what to do."""
+    text = str(exc)
+    if "disk is full" in text or "disk I/O error" in text:
+        return BincountError(f"cannot write {path}: {text} (free some space, then run `bincount index` again: "
+                             "it resumes where it stopped)")
+    if "locked" in text:
+        return BincountError(f"{path} is locked by another program ({text}): close it, then run this again")
+    return BincountError(f"{path} is not a readable bincount index ({text}): delete it and run `bincount index` again")
+
+
 class Index:
     """The index table of one work dir (read and written by one process at a time)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            for table, columns in COLUMNS.items():  # a file of another program can have tables of these names
+                found = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                if not columns <= found:
+                    raise sqlite3.DatabaseError(f"its {table} table is not bincount's (another program's file?)")
+        except sqlite3.Error as exc:
+            if hasattr(self, "db"):
+                self.db.close()
+            raise db_error(self.path, exc) from None
 
     def close(self) -> None:
         self.db.close()
@@ -157,12 +182,21 @@ def open_index(settings: Settings, *, required: bool = False) -> Index | None:
         return None
     if not path.is_file():
         raise BincountError(f"{path} not found: run `bincount index` first (or --no-index)")
-    index = Index(path)
-    problem = None
-    if not index.complete:
-        problem = "is incomplete: run `bincount index` again to finish it"
-    elif index.meta("source") != data.source.rstrip("/"):
-        problem = f"was built from {index.meta('source')}, not {data.source}"
+    index, problem = None, None
+    try:
+        index = Index(path)
+        if not index.complete:
+            problem = "is incomplete: run `bincount index` again to finish it"
+        elif index.meta("source") != data.source.rstrip("/"):
+            problem = f"was built from {index.meta('source')}, not {data.source}"
+    except (BincountError, sqlite3.Error) as exc:  # unreadable: corrupt, truncated, another program's, locked
+        error = exc if isinstance(exc, BincountError) else db_error(path, exc)
+        if wanted or required:
+            raise error from None
+        log(f"not using {path}: {error} (--no-index silences this)")
+        if index is not None:
+            index.close()
+        return None
     if problem is None:
         return index
     index.close()
@@ -192,6 +226,26 @@ def _summarize_label(raw: bytes) -> tuple[str, int | None, int | None]:
 
 def index(settings: Settings) -> IndexResult:
     """Read every label of the source once into <workdir>/index.sqlite (resumable; see the module docstring)."""
+    from bincount.data.source import aws_message, is_request_error
+    from bincount.workspace import disk_error
+
+    path = index_path(settings.workdir)
+    try:
+        return _index(settings)
+    except sqlite3.Error as exc:
+        raise db_error(path, exc) from None
+    except Exception as exc:
+        if is_request_error(exc):
+            where = f" at {settings.data.endpoint_url}" if settings.data.endpoint_url else ""
+            raise BincountError(f"cannot read {settings.data.source}{where}: {aws_message(exc)} (check --source, "
+                                "--endpoint-url and the network; run `bincount index` again to resume)") from None
+        error = disk_error(Path(getattr(exc, "filename", None) or path), exc)
+        if error is exc:
+            raise
+        raise error from None
+
+
+def _index(settings: Settings) -> IndexResult:
     started = time.perf_counter()
     data = settings.data
     path = index_path(settings.workdir)

@@ -31,7 +31,6 @@ import os
 import random
 import re
 import ssl
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -72,7 +71,6 @@ class PublicBucket:
         self.on_attempt, self.events, self.service_model = on_attempt, events, service_model
         self.headers = {"User-Agent": user_agent, "Accept-Encoding": "identity"}
         self._idle: deque[http.client.HTTPConnection] = deque()
-        self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
         self._endpoint(endpoint_url, region)
 

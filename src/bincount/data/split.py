@@ -117,3 +117,20 @@ def split(settings: Settings, from_index: bool = False) -> SplitResult:
     per_count = {c: {name: sum(1 for r in parts[name] if r["count"] == c) for name in SPLITS} for c in counts}
     return SplitResult(seed=s.seed, ratios=ratios, sizes={n: len(parts[n]) for n in SPLITS},
                        per_count=per_count, files=files)
+
+
+def stale_note(ws: Workspace) -> str | None:
+    """One line when splits/ are older than manifest.jsonl and no longer split it (a fetch since the split added or
+    dropped items): training goes on with the old split, and says so with the fix. None when they agree."""
+    paths = [ws.split(name) for name in SPLITS if ws.split(name).is_file()]
+    if not ws.manifest.is_file() or not paths:
+        return None
+    if ws.manifest.stat().st_mtime <= min(p.stat().st_mtime for p in paths):
+        return None
+    split_ids = {str(r["id"]) for p in paths for r in read_manifest(p, need=("id",))}
+    manifest_ids = {str(r["id"]) for r in read_manifest(ws.manifest, need=("id",))}
+    new, gone = len(manifest_ids - split_ids), len(split_ids - manifest_ids)
+    if not new and not gone:
+        return None
+    return (f"note: splits/ are older than manifest.jsonl ({new} item(s) of the manifest in no split, {gone} split "
+            "item(s) no longer in it): training on the old split; `bincount split` makes a new one")

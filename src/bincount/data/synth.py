@@ -235,8 +235,14 @@ def synth(settings: Settings, out: Path | None = None, n: int = 600, image_size:
     if wanted != list(range(wanted[0], wanted[-1] + 1)):
         raise BincountError(f"--counts {counts}: synth draws a range of counts, like 1-5")
     out = Path(out) if out else Path(settings.workdir) / "synth"
-    with progress() as bar:
-        task = bar.add_task("drawing bins", total=n)
-        per_count = synthesize(out, n, image_size, max_count=wanted[-1], min_count=wanted[0], seed=seed,
-                               start_id=start_id, advance=lambda: bar.advance(task))
+    try:  # checked before drawing: a place that cannot be written is one line, not a traceback
+        with progress() as bar:
+            for folder in ("bin-images", "metadata"):
+                (out / folder).mkdir(parents=True, exist_ok=True)
+            task = bar.add_task("drawing bins", total=n)
+            per_count = synthesize(out, n, image_size, max_count=wanted[-1], min_count=wanted[0], seed=seed,
+                                   start_id=start_id, advance=lambda: bar.advance(task))
+    except OSError as exc:
+        raise BincountError(f"cannot write {exc.filename or out}: {exc.strerror or exc} (pick another --out, or free "
+                            "some space; a rerun writes the same bins)") from None
     return SynthResult(out=str(out), images=n, per_count=per_count, image_size=image_size, seed=seed)

@@ -67,6 +67,42 @@ def test_train_prints_epochs_and_records_the_run(trained_run):
     assert state.training_pending is None
 
 
+def test_a_finished_run_drops_its_checkpoint_is_recorded_for_runs_and_says_which_run_is_used(trained_run):
+    """Issues 23.4, 23.10: the checkpoint (optimizer state, ~2x the model) goes once the run is done; the record has
+    what `bincount runs` shows; train says in one line which run evaluate, deploy, predict and audit use now."""
+    assert not (trained_run.run / "checkpoints").exists()
+    assert (trained_run.run / "model" / "model.pth").is_file()
+    record = Workspace(trained_run.workdir).state().training
+    assert record.hyperparameters["image_size"] == 32 and record.hyperparameters["arch"] == "mobilenet_v3_small"
+    assert record.started and record.seconds > 0 and record.val_digest
+    [line] = [ln for ln in trained_run.stderr.splitlines() if "now use run" in ln]
+    assert f"evaluate, deploy, predict and audit now use run {trained_run.run.name}" in line
+
+
+def test_a_split_older_than_the_manifest_is_one_line_before_training(splits_workdir, tmp_path, cli, monkeypatch):
+    """Issue 23.6: a fetch after the split added items; train says so, with `bincount split` as the fix."""
+    import os
+
+    from bincount.backends.local import train as local_train
+    from bincount.workspace import read_jsonl, write_jsonl
+
+    workdir = splits_workdir(tmp_path / "w")
+    ws = Workspace(workdir)
+    rows = read_jsonl(ws.manifest)
+    write_jsonl(ws.manifest, rows + [{**rows[0], "id": "new-1"}])
+    future = ws.split("train").stat().st_mtime + 10
+    os.utime(ws.manifest, (future, future))
+    monkeypatch.setattr(local_train, "run_script", lambda *a, **k: (_ for _ in ()).throw(BincountError("stop here")))
+    res = cli("train", "--workdir", workdir)
+    notes = [ln for ln in res.stderr.splitlines() if "splits/ are older than manifest.jsonl" in ln]
+    assert len(notes) == 1 and "1 item(s) of the manifest in no split" in notes[0] and "`bincount split`" in notes[0]
+    from bincount.data.split import split
+
+    split(settings_for(workdir))  # a new split agrees with the manifest: no note
+    res = cli("train", "--workdir", workdir)
+    assert "older than manifest" not in res.stderr and "stop here" in res.stderr
+
+
 def _children_listed() -> bool:
     import os
 

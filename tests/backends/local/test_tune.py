@@ -10,6 +10,7 @@ import pytest
 from bincount.config import load_settings
 from bincount.errors import BincountError
 from bincount.state import LocalTuning
+from bincount.workspace import Workspace
 
 
 def test_read_objective_takes_the_last_value_sagemaker_would(tmp_path):
@@ -120,3 +121,101 @@ def test_use_best_says_which_hyperparameters_it_used(tmp_path, capsys):
     assert (train.lr, train.batch_size, train.epochs) == (0.0123, 32, 7)
     assert ("--use-best: the best trial of tuning job tune-1, val_acc 0.8125: batch_size=32 lr=0.0123 "
             "weight_decay=1e-05") in capsys.readouterr().err
+
+
+def _fake_trials(monkeypatch, outcomes):
+    """run_script replaced by one that plays `outcomes` in turn: a val_acc (a finished trial, meta.json written),
+    or an Exception to raise (what run_script raises when train.py exits non-zero). Returns the hp it got."""
+    from bincount.backends.local import train as local_train
+    from bincount.container.epochlog import format_best_line, format_epoch_line
+
+    calls = []
+
+    def fake_run_script(hp, run_dir, channels, on_epoch=None, extra_env=None, on_line=None):
+        outcome = outcomes[len(calls)]
+        calls.append(hp)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        (run_dir / "checkpoints" / "checkpoint.pt").write_bytes(b"c" * 1000)
+        if isinstance(outcome, Exception):
+            raise outcome
+        metrics = {"train_loss": 1.0, "val_loss": 1.0, "val_acc": outcome, "val_rmse": 1.0, "lr": hp["lr"]}
+        (run_dir / "train.log").write_text(format_epoch_line(1, **metrics) + "\n"
+                                           + format_best_line({"epoch": 1, **metrics}) + "\n")
+        (run_dir / "model").mkdir(exist_ok=True)
+        (run_dir / "model" / "meta.json").write_text(json.dumps({"metrics": {"epoch": 1, **metrics}}))
+        on_epoch({"epoch": 1, **metrics})
+        return {}
+
+    monkeypatch.setattr(local_train, "run_script", fake_run_script)
+    monkeypatch.setattr(local_train, "make_channels", lambda settings: {})
+    return calls
+
+
+def _splits(tmp_path, train: int, val_counts: list[int]):
+    from bincount.workspace import Workspace, write_jsonl
+
+    ws = Workspace(tmp_path)
+    write_jsonl(ws.split("train"), [{"id": str(i), "count": i % 6, "image": f"{i}.jpg"} for i in range(train)])
+    write_jsonl(ws.split("val"), [{"id": f"v{i}", "count": c, "image": f"v{i}.jpg"} for i, c in enumerate(val_counts)])
+    return ws
+
+
+def test_a_diverged_trial_fails_and_is_never_the_best_and_checkpoints_go(tmp_path, monkeypatch):
+    """Issue 23.5: a trial train.py stopped as diverged (or as non-finite) fails; the search goes on without it."""
+    from bincount.backends.local import tune as local_tune
+
+    _splits(tmp_path, 360, [0, 1, 2, 3, 4, 5] * 10)
+    diverged = BincountError("training failed (exit 2): training diverged at epoch 1 (val_loss=1.2e+10, over 429, "
+                             "100x a guess's loss)")
+    calls = _fake_trials(monkeypatch, [0.7, diverged, 0.8])
+    settings = load_settings(overrides={"workdir": tmp_path, "tune.max_jobs": 3, "tune.epochs": 1,
+                                        "tune.early_stopping": "Off"}, environ={})
+    result = local_tune.tune(settings)
+    assert len(calls) == 3
+    by_trial = {t["trial"]: t for t in result.trials}
+    assert by_trial["trial-001"]["status"] == "Failed" and "diverged" in by_trial["trial-001"]["reason"]
+    assert result.best_value == 0.8 and result.warning is None
+    assert not list((tmp_path / "tuning").glob("*/trial-*/checkpoints"))  # train.keep_checkpoint is off
+    # all failing: one error naming the first failure
+    _fake_trials(monkeypatch, [diverged, diverged])
+    with pytest.raises(BincountError, match="no trial completed.*diverged"):
+        local_tune.tune(load_settings(overrides={"workdir": tmp_path, "tune.max_jobs": 2, "tune.epochs": 1}, environ={}))
+
+
+def test_the_search_space_stays_within_the_data_and_a_best_at_chance_warns(tmp_path, monkeypatch, capsys):
+    """Issue 23.5: 360 train images search batch sizes up to 90 (4 steps an epoch), not 512 (one step); a best trial
+    at chance says so; everything --use-best needs (image_size, arch, epochs) is recorded with the best."""
+    from bincount.backends.local import tune as local_tune
+    from bincount.backends.tuning import best_train_settings
+
+    _splits(tmp_path, 360, [0, 1, 2, 3, 4, 5] * 10)
+    calls = _fake_trials(monkeypatch, [1 / 6, 0.18, 0.17, 0.16])
+    settings = load_settings(overrides={"workdir": tmp_path, "tune.max_jobs": 4, "tune.epochs": 2,
+                                        "train.image_size": 96, "train.arch": "resnet34", "tune.early_stopping": "Off",
+                                        "tune.batch_size": [32, 64, 128, 256, 512]}, environ={})
+    result = local_tune.tune(settings)
+    assert {hp["batch_size"] for hp in calls} <= {32, 64}
+    assert "batch sizes 128, 256, 512 left out" in result.note
+    assert result.warning and "near chance" in result.warning and "near chance" in capsys.readouterr().err
+    state = Workspace(tmp_path).state().tuning
+    assert state.hyperparameters["image_size"] == 96 and state.hyperparameters["arch"] == "resnet34"
+    assert state.hyperparameters["epochs"] == 2 and "lr" not in state.hyperparameters
+    # --use-best trains as the best trial ran (before: at the default 224 px), and a setting of the user's wins
+    train = best_train_settings(load_settings(overrides={"workdir": tmp_path, "train.use_best": True}, environ={}))
+    assert (train.image_size, train.arch, train.epochs, train.batch_size) == (
+        96, "resnet34", 2, state.best_hyperparameters["batch_size"])
+    capsys.readouterr()
+    train = best_train_settings(load_settings(overrides={"workdir": tmp_path, "train.use_best": True,
+                                                         "train.epochs": 30}, environ={}))
+    assert (train.image_size, train.epochs) == (96, 30)
+    assert "your settings win over the trials' epochs=30 (trials: 2)" in capsys.readouterr().err
+
+
+def test_tiny_data_keeps_the_smallest_batch_size(tmp_path):
+    from bincount.backends.tuning import batch_sizes
+
+    _splits(tmp_path, 24, [0, 1])
+    settings = load_settings(overrides={"workdir": tmp_path, "tune.batch_size": [16, 8, 512]}, environ={})
+    assert batch_sizes(settings)[0] == [8]
+    assert batch_sizes(load_settings(overrides={"workdir": tmp_path / "none"}, environ={}))[1] is None

@@ -19,6 +19,7 @@ import pytest
 from bincount.config import load_settings
 from bincount.errors import BincountError
 from bincount.state import SageMakerEndpoint, SageMakerTraining
+from bincount.workspace import Workspace
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 BUCKET = "bincount-test"
@@ -298,7 +299,8 @@ def test_whole_chain_tune_train_deploy_predict_undeploy(sm, tmp_path, synth_sour
     ranges = config["ParameterRanges"]
     assert {r["Name"]: r["ScalingType"] for r in ranges["ContinuousParameterRanges"]} == {
         "lr": "Logarithmic", "weight_decay": "Logarithmic"}
-    assert [json.loads(v) for v in ranges["CategoricalParameterRanges"][0]["Values"]] == ["32", "64", "128", "256", "512"]
+    # ~21 train images: no batch size of the default choices gives 4 steps an epoch, so the smallest alone (issue 23.5)
+    assert [json.loads(v) for v in ranges["CategoricalParameterRanges"][0]["Values"]] == ["32"]
     definition = req["TrainingJobDefinition"]
     assert {"lr", "weight_decay", "batch_size"}.isdisjoint(definition["StaticHyperParameters"])
     assert definition["StaticHyperParameters"]["epochs"] == "1"
@@ -652,7 +654,7 @@ def test_stop_command_stops_a_no_wait_job(sm, tmp_path, monkeypatch, cli):
     out = cli("stop", *base, "--yes", "--json")  # now Stopping: nothing more to stop
     assert json.loads(out.stdout)["stopped"] == [] and len(stops) == 1
     out = cli("stop", *base, "--job", "no-such-job", "--yes")
-    assert out.exit_code == 1 and "no SageMaker training or tuning job named no-such-job" in out.stderr
+    assert out.exit_code == 1 and "no SageMaker training, tuning, transform or processing job named no-such-job" in out.stderr
 
 
 def test_tags_and_images_reach_model_endpoint_config_and_endpoint(sm, tmp_path):
@@ -877,3 +879,172 @@ def test_shard_processing_job_needs_an_s3_source(sm, tmp_path, cli):
     out = cli("shard", "--backend", "sagemaker", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}",
               "--set", f"sagemaker.role={ROLE}", "--set", f"data.source={tmp_path}")
     assert out.exit_code == 1 and "reads the images from S3" in out.stderr
+
+
+def test_tuning_keeps_the_search_within_the_data_and_records_what_use_best_reproduces(sm, tmp_path, capsys):
+    """Issue 23.5 on SageMaker: batch sizes capped by the train split (360 images: an epoch of at least 4 steps), the
+    request within the API's rules (CategoricalParameterRange: 1-30 values of 1-256 characters); what the trials ran
+    with (image_size, arch, epochs) recorded with the best, and train --use-best runs that way; a best trial near
+    chance on val warns. A diverged trial fails in train.py (tests/container/test_loop.py), so it is never the best."""
+    from bincount.backends.sagemaker import training, tuning
+    from bincount.workspace import Workspace, write_jsonl
+
+    ws = Workspace(tmp_path)
+    write_jsonl(ws.split("train"), [{"id": str(i), "count": i % 6, "image": f"{i}.jpg"} for i in range(360)])
+    write_jsonl(ws.split("val"), [{"id": f"v{i}", "count": 0 if i < 90 else 1, "image": f"v{i}.jpg"}
+                                  for i in range(100)])  # 90% zeros: the best trial's val_acc 0.75 is below chance
+    settings = make_settings(tmp_path, **{"train.image_size": 96, "train.arch": "resnet34", "tune.epochs": 3,
+                                          "tune.batch_size": [32, 64, 128, 256, 512]})
+    record_channels(settings)
+    result = tuning.tune(settings)
+    config = sm.last("CreateHyperParameterTuningJob")["HyperParameterTuningJobConfig"]
+    [categorical] = config["ParameterRanges"]["CategoricalParameterRanges"]
+    assert categorical["Name"] == "batch_size" and [json.loads(v) for v in categorical["Values"]] == ["32", "64"]
+    assert 1 <= len(categorical["Values"]) <= 30 and all(1 <= len(v) <= 256 for v in categorical["Values"])
+    err = capsys.readouterr().err
+    assert "batch sizes 128, 256, 512 left out of the search: 360 train images" in err
+    assert result.warning and "near chance (0.900" in result.warning and "near chance" in err
+    recorded = ws.state().tuning
+    assert recorded.hyperparameters["image_size"] == 96 and recorded.hyperparameters["arch"] == "resnet34"
+    assert recorded.hyperparameters["epochs"] == 3 and "lr" not in recorded.hyperparameters
+
+    mine = {"workdir": tmp_path, "backend": "sagemaker", "s3.bucket": BUCKET, "sagemaker.role": ROLE,
+            "train.use_best": True, "train.wait": False}  # no train.image_size, arch or epochs of the user's
+    training.train(load_settings(overrides=mine, environ={}))
+    hp = sm.last("CreateTrainingJob")["HyperParameters"]
+    assert (json.loads(hp["image_size"]), json.loads(hp["arch"]), json.loads(hp["epochs"])) == (96, "resnet34", 3)
+    assert hp["lr"] == "0.0123" and hp["batch_size"] == "16"
+    training.train(load_settings(overrides={**mine, "train.image_size": 64}, environ={}))  # the user's own wins
+    assert json.loads(sm.last("CreateTrainingJob")["HyperParameters"]["image_size"]) == 64
+    assert "your settings win over the trials' image_size=64 (trials: 96)" in capsys.readouterr().err
+
+
+def test_stop_finds_a_running_job_behind_a_pinned_run(sm, tmp_path, monkeypatch, cli):
+    """Issue 23.4: `runs --use` pins an older run while a newer job runs; stop, status and cleanup still find it."""
+    from bincount.backends.sagemaker import training
+    from bincount.workspace import Workspace
+
+    settings = make_settings(tmp_path, **{"train.wait": False})
+    record_channels(settings)
+    _training_running(monkeypatch)
+    stops = _stop_requests(monkeypatch, sm)
+    first = training.train(settings).job
+    second = training.train(settings).job
+    ws = Workspace(tmp_path)
+    ws.update_state(use=first)
+    assert [r.job for r in ws.state().all_runs()] == [first, second]
+    out = cli("stop", "--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}", "--yes", "--json")
+    assert out.exit_code == 0, out.stderr
+    assert sorted(json.loads(out.stdout)["stopped"]) == sorted([f"training job {first}", f"training job {second}"])
+    assert len(stops) == 2
+
+
+def _update_endpoint_requests(monkeypatch):
+    """moto has no UpdateEndpoint: check the request as SageMaker does (the endpoint and the new endpoint config
+    must exist), point the moto endpoint at the new config, record the request."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+    from moto.sagemaker import models as sm_models
+
+    updates = []
+
+    def handler(model, params, **_):
+        params = json.loads(params["body"])
+        sm = boto3.client("sagemaker", region_name="us-east-1")
+        sm.describe_endpoint_config(EndpointConfigName=params["EndpointConfigName"])  # raises if it does not exist
+        assert set(params) == {"EndpointName", "EndpointConfigName"}
+        for backend in sm_models.sagemaker_backends.values():
+            for region in backend.values():
+                endpoint = region.endpoints[params["EndpointName"]]  # KeyError: no such endpoint
+                endpoint.endpoint_config_name = params["EndpointConfigName"]
+        updates.append(params)
+        return AWSResponse("https://api.sagemaker", 200, {}, None), {
+            "EndpointArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint/{params['EndpointName']}",
+            "ResponseMetadata": {"HTTPStatusCode": 200}}
+
+    import botocore.session
+
+    real_create = botocore.session.Session.create_client
+
+    def create_client(self, *args, **kwargs):
+        client = real_create(self, *args, **kwargs)
+        if client.meta.service_model.service_name == "sagemaker":
+            client.meta.events.register("before-call.sagemaker.UpdateEndpoint", handler)
+        return client
+
+    monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
+    return updates
+
+
+def test_deploy_a_new_model_updates_the_running_endpoint(sm, tmp_path, monkeypatch):
+    """Issue 23.6 on SageMaker: deploy --model NEW while the recorded endpoint runs updates it to a new endpoint
+    config over a new model (before: a second endpoint, the first left running and forgotten); the same model again
+    changes nothing; the old config and model are deleted."""
+    import io
+    import re
+    import tarfile
+
+    import boto3
+
+    from bincount.backends.sagemaker import endpoint as sm_endpoint
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for key in ("a/model.tar.gz", "b/model.tar.gz"):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            info = tarfile.TarInfo("meta.json")
+            info.size = len(key)
+            tar.addfile(info, io.BytesIO(key.encode()))
+        s3.put_object(Bucket=BUCKET, Key=key, Body=buf.getvalue())
+    updates = _update_endpoint_requests(monkeypatch)
+    first = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/a/model.tar.gz"}))
+    assert first.action == "created" and len(sm.calls("CreateEndpoint")) == 1
+    same = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/a/model.tar.gz"}))
+    assert same.action == "already deployed" and len(sm.calls("CreateModel")) == 1
+
+    second = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/b/model.tar.gz"}))
+    assert second.action == "updated" and second.endpoint == first.endpoint
+    assert len(sm.calls("CreateEndpoint")) == 1  # no second endpoint
+    [update] = updates
+    config = sm.last("CreateEndpointConfig")
+    assert update == {"EndpointName": first.endpoint, "EndpointConfigName": config["EndpointConfigName"]}
+    # the API's rules: names of 1-63 characters [a-zA-Z0-9-]; one variant with the new model and an instance type
+    for value in (config["EndpointConfigName"], sm.last("CreateModel")["ModelName"]):
+        assert re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", value), value
+    [variant] = config["ProductionVariants"]
+    assert variant["ModelName"] == second.model_name != first.model_name
+    assert variant["InstanceType"] == "ml.m5.large" and variant["InitialInstanceCount"] == 1
+    assert sm.last("DeleteEndpointConfig") == {"EndpointConfigName": first.config_name}
+    assert sm.last("DeleteModel") == {"ModelName": first.model_name}
+    state = Workspace(tmp_path).state().endpoint
+    assert state.model_data == f"s3://{BUCKET}/b/model.tar.gz" and state.config_name == config["EndpointConfigName"]
+
+    serverless = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/b/model.tar.gz",
+                                                               "deploy.mode": "serverless"}))
+    assert serverless.action == "updated" and len(updates) == 2
+    [variant] = sm.last("CreateEndpointConfig")["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 5} and "InstanceType" not in variant
+
+
+def test_status_does_not_overwrite_a_training_record_written_meanwhile(sm, tmp_path, monkeypatch, cli):
+    """status adds the profiler report to the record as it is when it writes (under the state lock): a
+    `train` that recorded a newer job meanwhile keeps its record (issue 22.2)."""
+    from bincount.backends.sagemaker import debugger, training
+    from bincount.state import SageMakerTraining
+    from bincount.workspace import Workspace
+
+    settings = make_settings(tmp_path, **{"sagemaker.rules.wait_s": 0})
+    record_channels(settings)
+    jobs, finish, _ = _rules_finish_later(monkeypatch, polls_needed=10**6)
+    training.train(settings)
+    finish(jobs[-1])
+    real = debugger.download_profiler_report
+
+    def slow_download(*args, **kwargs):  # another process records a new job while status downloads
+        Workspace(tmp_path).update_state(training=SageMakerTraining(job="bincount-newer", status="InProgress"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(debugger, "download_profiler_report", slow_download)
+    out = cli("status", "--backend", "sagemaker", "--workdir", tmp_path, "--json")
+    assert out.exit_code == 0, out.stderr
+    assert Workspace(tmp_path).state().training.job == "bincount-newer"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bincount.config import Settings
-from bincount.console import confirm
+from bincount.console import confirm, log
 from bincount.errors import BincountError
 from bincount.artifacts import resolve_model
 from bincount.results import Result, key_value_table
@@ -49,14 +49,24 @@ def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointRes
     if isinstance(current, SageMakerEndpoint):
         raise BincountError(f"a SageMaker endpoint {current.name!r} is recorded; "
                             "remove it first with `bincount undeploy --backend sagemaker`")
-    if current and current.pid > 0 and is_our_server(current.pid) and ping(current.url):
+    running = bool(current and current.pid > 0 and is_our_server(current.pid) and ping(current.url))
+    try:
+        model_dir = resolve_model(settings, settings.deploy.model_data, option="--model")  # else the run in use
+    except BincountError:
+        if not running or settings.deploy.model_data:
+            raise
+        model_dir = Path(current.model_dir)  # no model recorded any more: the one it serves stays
+    action = "started"
+    if running and Path(current.model_dir).resolve() == model_dir.resolve():
         return LocalEndpointResult(action="already running", url=current.url, pid=current.pid,
                                    model_dir=current.model_dir, log=str(ws.reports / "serve.log"))
-    if current:
+    if current:  # serving another model (deploy --model NEW, or `runs --use` chose another run): restart on it
+        if running:
+            log(f"redeploying: the endpoint at {current.url} served {current.model_dir}; restarting it on {model_dir}")
+            action = "redeployed"
         stop(current.pid, settings.deploy.graceful_timeout_s)
         ws.update_state(endpoint=None)
 
-    model_dir = resolve_model(settings, settings.deploy.model_data, option="--model")  # else the last trained
     log_path = ws.reports / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
@@ -77,7 +87,7 @@ def deploy_local(settings: Settings, timeout: float = 180.0) -> LocalEndpointRes
         stop(proc.pid, 5)
         raise
     ws.update_state(endpoint=LocalEndpoint(url=url, pid=proc.pid, model_dir=str(model_dir)))
-    return LocalEndpointResult(action="started", url=url, pid=proc.pid, model_dir=str(model_dir), log=str(log_path))
+    return LocalEndpointResult(action=action, url=url, pid=proc.pid, model_dir=str(model_dir), log=str(log_path))
 
 
 def undeploy_local(settings: Settings, yes: bool = False) -> LocalEndpointResult:

@@ -263,7 +263,17 @@ def train(settings: Settings, replan: Callable[[float], int] | None = None) -> T
     from bincount.console import err_console
     from bincount.trainview import TrainingView
 
+    from bincount import tracking
+    from bincount.data.split import stale_note
+    from bincount.runs import announce, drop_checkpoint, now_iso, val_digest
+
     ws = Workspace(settings.workdir)
+    tracking.enabled(settings)  # mlflow.tracking_uri set without mlflow installed: say so before training
+    note = stale_note(ws)
+    if note:
+        from bincount.console import log
+
+        log(note)
     channels = make_channels(settings)
     hp = hyperparameters(settings)
     pending = ws.state().training_pending
@@ -278,7 +288,7 @@ def train(settings: Settings, replan: Callable[[float], int] | None = None) -> T
         ws.update_state(training_pending=PendingTraining(run_dir=str(run_dir.resolve()), hyperparameters=hp))
     extra_env = {"DEBUGGER_OUT_DIR": str((run_dir / "debug").resolve())} if _smdebug_available() else {}
 
-    started = time.monotonic()
+    started, started_at = time.monotonic(), now_iso()
 
     def after_epoch(metrics: dict[str, float]) -> None:
         if replan is not None and int(metrics["epoch"]) == 1:
@@ -305,9 +315,14 @@ def train(settings: Settings, replan: Callable[[float], int] | None = None) -> T
 
         rules = check_run(settings, run_dir, out["history"])
     metrics = {k: float(v) for k, v in out["metrics"].items() if isinstance(v, (int, float))}
-    ws.update_state(training=LocalTraining(job=run_dir.name, model_data=str(tar.resolve()),
-                                           model_dir=str(out["model_dir"].resolve()), metrics=metrics),
-                    training_pending=None)
+    seconds = out["meta"].get("train_seconds")
+    ws.update_state(training=LocalTraining(
+        job=run_dir.name, model_data=str(tar.resolve()), model_dir=str(out["model_dir"].resolve()), metrics=metrics,
+        hyperparameters=hp, started=started_at, seconds=float(seconds) if seconds is not None else None,
+        val_digest=val_digest(ws)), training_pending=None)
+    drop_checkpoint(run_dir, settings.train.keep_checkpoint)  # only an interrupted run resumes from it
+    announce(ws, run_dir.name)
+    tracking.log_run(settings, run_dir.name, hp, metrics)
     return TrainResult(run=run_dir.name, model_data=str(tar.resolve()), model_dir=str(out["model_dir"].resolve()),
                        epochs=len(out["history"]), best_epoch=int(metrics.get("epoch", 0)), metrics=metrics,
                        hyperparameters=hp, rules=rules)

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.backends.tuning import TuneResult, record
+from bincount.backends.tuning import TuneResult, batch_sizes, chance_warning, record, trial_hyperparameters
 from bincount.config import Settings
 from bincount.console import log
 from bincount.trainview import TuningView
 from bincount.errors import BincountError
+from bincount.runs import drop_checkpoint
 from bincount.workspace import Workspace
 
 
@@ -57,6 +58,13 @@ def tune(settings: Settings) -> TuneResult:
     root = ws.root / "tuning" / job
     base = settings.train.hyperparameters(settings.data.max_count)
     base["epochs"] = t.epochs or settings.train.epochs
+    sizes, size_note = batch_sizes(settings)
+    if size_note:
+        log(f"note: {size_note}")
+    from bincount.data.split import stale_note
+
+    if stale := stale_note(ws):
+        log(stale)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -67,7 +75,7 @@ def tune(settings: Settings) -> TuneResult:
     )
     recorded = ws.state().tuning
     previous = (recorded.best_hyperparameters if recorded else None) or {}
-    if t.warm_start and _in_space(previous, settings):
+    if t.warm_start and _in_space(previous, settings, sizes):
         study.enqueue_trial({"lr": float(previous["lr"]), "weight_decay": float(previous["weight_decay"]),
                              "batch_size": int(previous["batch_size"])})
         log("warm start: the first trial retries the previous best hyperparameters")
@@ -77,7 +85,7 @@ def tune(settings: Settings) -> TuneResult:
         hp["lr"] = trial.suggest_float("lr", t.lr.min, t.lr.max, log=t.lr.scale == "log")
         hp["weight_decay"] = trial.suggest_float("weight_decay", t.weight_decay.min, t.weight_decay.max,
                                                  log=t.weight_decay.scale == "log")
-        hp["batch_size"] = trial.suggest_categorical("batch_size", list(t.batch_size))
+        hp["batch_size"] = trial.suggest_categorical("batch_size", sizes)
         run_dir = root / f"trial-{trial.number:03d}"
         reported: list[float] = []  # the objective per epoch, as reported to the pruner
 
@@ -96,27 +104,41 @@ def tune(settings: Settings) -> TuneResult:
         except optuna.TrialPruned:
             view.end(trial.number + 1, reported[-1] if reported else None, "pruned")
             raise
+        except BincountError as exc:  # e.g. a diverged run (train.py refuses it): the trial fails, the search goes on
+            view.end(trial.number + 1, None, "failed")
+            trial.set_user_attr("reason", str(exc))
+            raise _TrialFailed(str(exc)) from None
         except BaseException:
             view.end(trial.number + 1, None, "failed")
             raise
+        finally:
+            drop_checkpoint(run_dir, settings.train.keep_checkpoint)
         value = read_objective(run_dir / "train.log", t.objective)
-        view.end(trial.number + 1, value, "done")
+        view.end(trial.number + 1, value, "done" if value is not None else "failed")
         if value is None:
-            raise BincountError(f"trial {trial.number}: no {t.objective} in {run_dir / 'train.log'}")
+            trial.set_user_attr("reason", f"no finite {t.objective} in {run_dir / 'train.log'}")
+            raise _TrialFailed(trial.user_attrs["reason"])
         return value
 
     with TuningView(t.max_jobs, int(base["epochs"]), t.objective, direction == "Maximize") as view:
-        study.optimize(trial_fn, n_trials=t.max_jobs, catch=())
+        study.optimize(trial_fn, n_trials=t.max_jobs, catch=(_TrialFailed,))
     trials = [_row(tr, t.objective) for tr in study.trials]
     done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
     if not done:
-        raise BincountError(f"local tuning {job}: no trial completed (see {root})")
+        reasons = [tr.user_attrs["reason"] for tr in study.trials if tr.user_attrs.get("reason")]
+        raise BincountError(f"local tuning {job}: no trial completed" + (f" (first failure: {reasons[0]})" if reasons
+                                                                            else "") + f"; see {root}")
     reverse = direction == "Maximize"
     trials.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0) if reverse else (r["value"] or 0)))
     best = study.best_trial
+    notes = [f"{sum(r['status'] == 'Pruned' for r in trials)} trial(s) pruned, "
+             f"{sum(r['status'] == 'Failed' for r in trials)} failed; runs in {root}", *([size_note] if size_note else [])]
+    warning = chance_warning(settings, _val_acc(root / f"trial-{best.number:03d}"))
+    if warning:
+        log(warning)
     result = TuneResult(backend="local", job=job, objective=t.objective, direction=direction,
                         best_value=best.value, best_hyperparameters=dict(best.params), trials=trials,
-                        note=f"{sum(r['status'] == 'Pruned' for r in trials)} trial(s) pruned; runs in {root}")
+                        trial_hyperparameters=trial_hyperparameters(base), note="; ".join(notes), warning=warning)
     record(settings, result)
     return result
 
@@ -125,15 +147,30 @@ def _row(trial: Any, objective: str) -> dict[str, Any]:
     value = trial.value
     if value is None and trial.intermediate_values:
         value = trial.intermediate_values[max(trial.intermediate_values)]
-    return {"trial": f"trial-{trial.number:03d}", "status": trial.state.name.capitalize(), "value": value,
-            **trial.params}
+    reason = {"reason": trial.user_attrs["reason"]} if trial.user_attrs.get("reason") else {}
+    return {"trial": f"trial-{trial.number:03d}", "status": {"FAIL": "Failed"}.get(trial.state.name, trial.state.name.capitalize()), "value": value,
+            **trial.params, **reason}
 
 
-def _in_space(best: dict[str, Any], settings: Settings) -> bool:
+class _TrialFailed(Exception):
+    """A trial that ran and failed (its train.py refused a diverged run, or no objective): Optuna marks it FAIL."""
+
+
+def _val_acc(trial_dir: Path) -> float | None:
+    """The val_acc of a trial's kept epoch, from its model's meta.json."""
+    import json
+
+    try:
+        return float(json.loads((trial_dir / "model" / "meta.json").read_text())["metrics"]["val_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _in_space(best: dict[str, Any], settings: Settings, sizes: list[int]) -> bool:
     t = settings.tune
     try:
         return (t.lr.min <= float(best["lr"]) <= t.lr.max
                 and t.weight_decay.min <= float(best["weight_decay"]) <= t.weight_decay.max
-                and int(best["batch_size"]) in t.batch_size)
+                and int(best["batch_size"]) in sizes)
     except (KeyError, TypeError, ValueError):
         return False

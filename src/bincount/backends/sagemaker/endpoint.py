@@ -12,6 +12,7 @@ from bincount.config import Settings
 from bincount.console import confirm, log
 from bincount.errors import BincountError
 from bincount.results import Result
+from bincount.runs import used_training
 from bincount.state import SageMakerEndpoint, SageMakerTraining
 from bincount.workspace import Workspace
 
@@ -24,6 +25,7 @@ class EndpointResult(Result):
     config_name: str | None = None
     model_name: str | None = None
     model_data: str | None = None
+    action: str = "created"  # created, updated (a new endpoint config on the running endpoint) or already deployed
 
     def title(self) -> str:
         return "deploy (sagemaker)"
@@ -43,7 +45,7 @@ def resolve_model_data(settings: Settings, sm_session: Any) -> str:
     """settings.deploy.model_data, else the recorded training artifact; local files are uploaded to S3."""
     model_data = settings.deploy.model_data
     if not model_data:
-        training = Workspace(settings.workdir).state().training
+        training = used_training(Workspace(settings.workdir))  # the newest run, or the one `runs --use` pinned
         model_data = training.model_data if training else None
         if not model_data and isinstance(training, SageMakerTraining):
             desc = sm_session.sagemaker_client.describe_training_job(TrainingJobName=training.job)
@@ -66,22 +68,50 @@ def resolve_model_data(settings: Settings, sm_session: Any) -> str:
     return sm_session.upload_data(str(path), bucket=bucket, key_prefix=prefix)
 
 
+def model_ref(settings: Settings) -> str | None:
+    """What identifies the artifact to deploy before any upload: a local model.tar.gz's sha256, else its S3 URI."""
+    from bincount.workspace import file_sha256
+
+    training = used_training(Workspace(settings.workdir))
+    source = settings.deploy.model_data or (training.model_data if training else None)
+    if not source or source.startswith("s3://"):
+        return source
+    return f"sha256:{file_sha256(Path(source))}" if Path(source).is_file() else None
+
+
 def deploy(settings: Settings) -> EndpointResult:
-    """A PyTorchModel with container/inference.py on a real-time or serverless endpoint; waits until InService."""
+    """A PyTorchModel with container/inference.py on a real-time or serverless endpoint; waits until InService.
+
+    With the recorded endpoint running and another model (deploy --model NEW, or `runs --use` chose another run)
+    or mode, the endpoint is updated in place to a new endpoint config over a new model (UpdateEndpoint: it keeps
+    serving the old one until the new one is InService), and the old config and model are deleted."""
     jobs.load_sdk()
     import tempfile
 
     from sagemaker.pytorch import PyTorchModel
     from sagemaker.serverless import ServerlessInferenceConfig
+    from sagemaker.utils import name_from_base
 
     d = settings.deploy
-    name = d.endpoint_name or f"{settings.sagemaker.base_job_name}-{jobs.timestamp()}"
+    ws = Workspace(settings.workdir)
+    recorded = ws.state().endpoint
+    live = recorded if isinstance(recorded, SageMakerEndpoint) and d.endpoint_name in (None, recorded.name) else None
+    name = live.name if live else d.endpoint_name or f"{settings.sagemaker.base_job_name}-{jobs.timestamp()}"
     with jobs.aws_errors("sagemaker deploy"), jobs.sdk_output(), tempfile.TemporaryDirectory() as serving_dir:
         aws = Aws(settings)
         sm_session = jobs.session(aws)
+        sm = sm_session.sagemaker_client
         role = jobs.require_role(settings)
-        model_data = resolve_model_data(settings, sm_session)
         image = jobs.check_image_uri(d.image_uri, aws.job_region, "deploy.image_uri") if d.image_uri else None
+        status = _endpoint_status(sm, name) if live else None
+        ref = model_ref(settings)
+        if status and ref and live.model_ref == ref and live.mode == d.mode:
+            return EndpointResult(endpoint=name, status=status, mode=d.mode, config_name=live.config_name,
+                                  model_name=live.model_name, model_data=live.model_data, action="already deployed")
+        if not live:  # the credentials, and their SageMaker access, before any upload (a model is megabytes)
+            aws.client("sts").get_caller_identity()
+            sm.list_endpoints(MaxResults=1)
+        model_data = resolve_model_data(settings, sm_session)
         model = PyTorchModel(
             model_data=model_data,
             role=role,
@@ -90,23 +120,68 @@ def deploy(settings: Settings) -> EndpointResult:
             framework_version=d.framework_version,
             py_version=d.py_version,
             image_uri=image,
-            name=f"{name}-model",
+            name=name_from_base(f"{name}-model") if status else f"{name}-model",
             sagemaker_session=sm_session,
         )
-        log(f"deploying {model_data} to endpoint [bold]{name}[/] ({d.mode})")
         tags = jobs.tags(settings)  # on the model, the endpoint config and the endpoint
-        if d.mode == "serverless":
-            model.deploy(endpoint_name=name, wait=True, tags=tags, serverless_inference_config=ServerlessInferenceConfig(
-                memory_size_in_mb=d.memory_size_mb, max_concurrency=d.max_concurrency))
+        serverless = (ServerlessInferenceConfig(memory_size_in_mb=d.memory_size_mb, max_concurrency=d.max_concurrency)
+                      if d.mode == "serverless" else None)
+        if status:
+            log(f"updating endpoint [bold]{name}[/] ({status}, serving {live.model_data}) to {model_data} ({d.mode})")
+            _update(sm_session, name, model, serverless, tags, d, live)
         else:
-            model.deploy(endpoint_name=name, wait=True, tags=tags, initial_instance_count=d.instance_count,
-                         instance_type=d.instance_type)
-        desc = sm_session.sagemaker_client.describe_endpoint(EndpointName=name)
+            log(f"deploying {model_data} to endpoint [bold]{name}[/] ({d.mode})")
+            if serverless is not None:
+                model.deploy(endpoint_name=name, wait=True, tags=tags, serverless_inference_config=serverless)
+            else:
+                model.deploy(endpoint_name=name, wait=True, tags=tags, initial_instance_count=d.instance_count,
+                             instance_type=d.instance_type)
+        desc = sm.describe_endpoint(EndpointName=name)
     result = EndpointResult(endpoint=name, status=desc["EndpointStatus"], mode=d.mode,
-                            config_name=desc.get("EndpointConfigName"), model_name=model.name, model_data=model_data)
-    Workspace(settings.workdir).update_state(endpoint=SageMakerEndpoint(
-        name=name, config_name=result.config_name, model_name=result.model_name, mode=d.mode, model_data=model_data))
+                            config_name=desc.get("EndpointConfigName"), model_name=model.name, model_data=model_data,
+                            action="updated" if status else "created")
+    ws.update_state(endpoint=SageMakerEndpoint(name=name, config_name=result.config_name, model_name=result.model_name,
+                                               mode=d.mode, model_data=model_data, model_ref=ref))
     return result
+
+
+def _endpoint_status(sm: Any, name: str) -> str | None:
+    """The recorded endpoint's status, or None when it is gone (then deploy creates it again)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return sm.describe_endpoint(EndpointName=name)["EndpointStatus"]
+    except ClientError as exc:
+        if jobs.missing(exc) or jobs.error_code(exc) == "ValidationException":
+            return None
+        raise
+
+
+def _update(sm_session: Any, name: str, model: Any, serverless: Any, tags: list[dict[str, str]], d: Any,
+            live: SageMakerEndpoint) -> None:
+    """UpdateEndpoint to a new endpoint config over `model`; then the old config and model go (best effort)."""
+    from botocore.exceptions import ClientError
+    from sagemaker import production_variant
+    from sagemaker.utils import name_from_base
+
+    model.create(instance_type=None if serverless else d.instance_type, serverless_inference_config=serverless,
+                 tags=tags)
+    variant = production_variant(model.name, instance_type=None if serverless else d.instance_type,
+                                 initial_instance_count=None if serverless else d.instance_count,
+                                 serverless_inference_config=serverless._to_request_dict() if serverless else None)
+    config = name_from_base(name)
+    sm = sm_session.sagemaker_client
+    sm.create_endpoint_config(EndpointConfigName=config, ProductionVariants=[variant], **({"Tags": tags} if tags else {}))
+    sm.update_endpoint(EndpointName=name, EndpointConfigName=config)
+    sm_session.wait_for_endpoint(name)
+    for kind, call, key, old in (("endpoint config", sm.delete_endpoint_config, "EndpointConfigName", live.config_name),
+                                 ("model", sm.delete_model, "ModelName", live.model_name)):
+        if old:
+            try:
+                call(**{key: old})
+            except ClientError as exc:
+                log(f"warning: the old {kind} {old} was not deleted ({jobs.error_message(exc) or exc}); "
+                    "`bincount cleanup` removes it")
 
 
 def undeploy(settings: Settings, yes: bool = False) -> UndeployResult:

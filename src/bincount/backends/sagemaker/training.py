@@ -55,19 +55,30 @@ def train(settings: Settings) -> TrainJobResult:
     jobs.load_sdk()
     from sagemaker.utils import name_from_base
 
+    from bincount import tracking
+    from bincount.data.split import stale_note
+    from bincount.runs import announce, now_iso, val_digest
+
     ws = Workspace(settings.workdir)
+    tracking.enabled(settings)  # mlflow.tracking_uri set without mlflow installed: say so before the job starts
+    note = stale_note(ws)
+    if note:
+        log(note)
     with jobs.aws_errors("sagemaker train"), jobs.sdk_output():
         aws = Aws(settings)
         sm_session = jobs.session(aws)
         if settings.train.use_best:
             _refresh_tuning(settings, sm_session.sagemaker_client)
         job = name_from_base(settings.sagemaker.base_job_name)
-        inputs, hp = estimator.job_inputs(aws, estimator.train_hyperparameters(settings))
+        wanted = estimator.train_hyperparameters(settings)
+        inputs, hp = estimator.job_inputs(aws, wanted)
         est = estimator.estimator(settings, sm_session, hp, job)
         jobs.check_bucket_region(aws)
         est.fit(inputs=inputs, job_name=job, wait=False, logs="None")
-        ws.update_state(training=SageMakerTraining(job=job, status="InProgress"))
+        ws.update_state(training=SageMakerTraining(job=job, status="InProgress", hyperparameters=wanted,
+                                                   started=now_iso(), val_digest=val_digest(ws)))
         log(f"training job [bold]{job}[/] started in {sm_session.boto_region_name}")
+        announce(ws, job)
         if not settings.train.wait:
             return TrainJobResult(job=job, status="InProgress", hyperparameters=hp)
         client = sm_session.sagemaker_client
@@ -86,6 +97,8 @@ def train(settings: Settings) -> TrainJobResult:
         if report:
             log(f"profiler report: {report}")
         record_training(ws, description, report)
+    if description["TrainingJobStatus"] == "Completed":
+        tracking.log_run(settings, job, wanted, _final_metrics(description))
     return TrainJobResult(job=job, status=description["TrainingJobStatus"], model_data=model_artifact(description),
                           metrics=_final_metrics(description), rules=rules, profiler_report=report, hyperparameters=hp)
 
@@ -109,8 +122,10 @@ def _final_metrics(description: dict[str, Any]) -> dict[str, float]:
 
 def record_training(ws: Workspace, description: dict[str, Any], profiler_report: str | None = None) -> None:
     status = description["TrainingJobStatus"]
+    seconds = description.get("TrainingTimeInSeconds")
     ws.update_state(training=SageMakerTraining(
         job=description["TrainingJobName"], status=status, metrics=_final_metrics(description),
+        **({"seconds": float(seconds)} if seconds is not None else {}),
         model_data=model_artifact(description) if status == "Completed" else None,
         rules={r["rule"]: r["status"] for r in debugger.rule_statuses(description)} or None,
         profiler_report=profiler_report))

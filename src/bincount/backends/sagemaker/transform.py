@@ -28,16 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bincount.audit.core import AuditResult, Bin, Inputs, Reader, chunks, options, read_records, report
+from bincount.audit.core import AuditResult, Bin, Inputs, Reader, chunks, options, read_records, report, runner_up
+from bincount.audit.trust import assess
 from bincount.aws import Aws
 from bincount.backends.sagemaker import jobs
-from bincount.backends.sagemaker.endpoint import resolve_model_data, serving_code
+from bincount.backends.sagemaker.endpoint import model_ref, resolve_model_data, serving_code
 from bincount.config import Settings
 from bincount.console import log
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
 from bincount.state import SageMakerTransform
-from bincount.workspace import Workspace, file_sha256
+from bincount.workspace import Workspace
 
 TERMINAL = ("Completed", "Failed", "Stopped")
 CONTENT_TYPE = "image/jpeg"
@@ -154,20 +155,6 @@ def _transformer(settings: Settings, sm_session: Any, output_path: str,
     return transformer, name, model_data
 
 
-def model_ref(settings: Settings) -> str | None:
-    """What identifies the artifact before any upload: a local model.tar.gz's sha256, else its S3 URI."""
-    training = Workspace(settings.workdir).state().training
-    source = settings.deploy.model_data or (training.model_data if training else None)
-    if not source:
-        return None
-    if source.startswith("s3://"):
-        return source
-    path = Path(source)
-    if not path.is_file():
-        return None
-    return f"sha256:{file_sha256(path)}"
-
-
 def start(aws: Aws, inputs: Inputs) -> SageMakerTransform:
     """Write and upload the manifest, CreateModel if needed, CreateTransformJob; the transform record (in state.json)."""
     from bincount.aws import parse_s3_uri
@@ -268,12 +255,13 @@ def join(aws: Aws, record: SageMakerTransform, desc: dict[str, Any], *, threshol
         rows = []
         for b in bins:
             row = {"n": b.n, "id": b.id, "image": b.image, "expected": b.expected, "predicted": None,
-                   "confidence": None, "error": None}
+                   "confidence": None, "error": None, "path": b.path}
             try:
                 if b.expected is None:
                     row["expected"] = reader.expected(b.label)
                 answer = _read_output(s3, output + parse_s3_uri(b.path)[1][len(prefix):] + ".out")
-                row.update(predicted=int(answer["count"]), confidence=float(answer["confidence"]))
+                row.update(predicted=int(answer["count"]), confidence=float(answer["confidence"]),
+                           **runner_up(answer.get("probabilities"), int(answer["count"])))
             except LookupError:
                 row["error"] = why
             except (ValueError, TypeError, KeyError) as exc:
@@ -297,7 +285,8 @@ def join(aws: Aws, record: SageMakerTransform, desc: dict[str, Any], *, threshol
                 bar.advance(task)
     return report(read_records(results), out, source=record.source,
                   target=f"SageMaker Batch Transform job {record.job} ({status})", threshold=threshold, top=top,
-                  total=record.bins)
+                  total=record.bins, settings=aws.settings,
+                  quality=assess(aws.settings, f"SageMaker model of job {record.job}", threshold))
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -331,7 +320,11 @@ def batch_audit(settings: Settings, source: str | Path | None, *, threshold: flo
             record = recorded
         else:
             record = start(aws, inputs)
-    desc = wait(aws, record.job) if settings.transform.wait else describe(aws, record.job)
+    try:
+        desc = wait(aws, record.job) if settings.transform.wait else describe(aws, record.job)
+    except KeyboardInterrupt:
+        client = aws.client("sagemaker", region=aws.job_region)
+        jobs.interrupted("transform", record.job, lambda: jobs.stop_job(client, "transform", record.job))
     status = desc.get("TransformJobStatus", "?")
     record = record.model_copy(update={"status": status})
     ws.update_state(transform=record)
