@@ -122,7 +122,9 @@ def val_digest(ws: Workspace) -> str | None:
     path = ws.split("val")
     if not path.is_file():
         return None
-    rows = [[str(r.get("id") or Path(r["image"]).stem), int(r["count"]), r.get("sha256")] for r in read_manifest(path)]
+    # split --from-index rows carry an id and no image
+    rows = [[str(r.get("id") or Path(r.get("image") or "").stem), int(r["count"]), r.get("sha256")]
+            for r in read_manifest(path, need=("count",))]
     return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
 
 

@@ -114,6 +114,16 @@ class SageMakerTransform(Record):
     joined: bool = False  # its outputs went into a report
 
 
+class SageMakerProcessing(Record):
+    """The last `shard --backend sagemaker`: its Processing job and the shard channels it writes, which become
+    state.json's channels only once it has completed (`status`, `train` and `tune` refresh it)."""
+
+    backend: Literal["sagemaker"] = "sagemaker"
+    job: str  # the processing job name
+    status: str  # ProcessingJobStatus when last seen
+    channels: dict[str, str]  # split -> s3:// URI it writes
+
+
 Training = Annotated[LocalTraining | SageMakerTraining, Field(discriminator="backend")]
 Tuning = Annotated[LocalTuning | SageMakerTuning, Field(discriminator="backend")]
 Endpoint = Annotated[LocalEndpoint | SageMakerEndpoint, Field(discriminator="backend")]
@@ -123,6 +133,7 @@ _KINDS: dict[str, dict[str, type[Record]]] = {
     "tuning": {"local": LocalTuning, "sagemaker": SageMakerTuning},
     "endpoint": {"local": LocalEndpoint, "sagemaker": SageMakerEndpoint},
     "transform": {"sagemaker": SageMakerTransform},
+    "processing": {"sagemaker": SageMakerProcessing},
 }
 
 
@@ -137,6 +148,7 @@ class State(Record):
     tuning: Tuning | None = None
     endpoint: Endpoint | None = None
     transform: SageMakerTransform | None = None
+    processing: SageMakerProcessing | None = None  # the shard Processing job (its channels count once it completed)
     runs: list[Training] = []  # the training runs before `training` (the newest), oldest first
     use: str | None = None  # the run evaluate, deploy, predict and audit use (`bincount runs --use`); None: `training`
 

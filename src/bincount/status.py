@@ -12,7 +12,7 @@ from bincount.aws import error_message
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.results import Result, key_value_table
-from bincount.state import LocalEndpoint, Record, SageMakerEndpoint, SageMakerTraining, SageMakerTuning
+from bincount.state import LocalEndpoint, Record, SageMakerEndpoint, SageMakerTraining, SageMakerTuning, State
 from bincount.workspace import SPLITS, Workspace
 
 
@@ -24,12 +24,13 @@ class StatusResult(Result):
     training: dict[str, Any] | None = None
     endpoint: dict[str, Any] | None = None
     transform: dict[str, Any] | None = None  # the last audit's SageMaker Batch Transform job
+    processing: dict[str, Any] | None = None  # the last `shard --backend sagemaker` Processing job
 
     def rich(self) -> Any:
         table = key_value_table(title=f"status of {self.workdir}")
         table.add_row("data", ", ".join(f"{k} {'-' if v is None else v}" for k, v in self.data.items()))
         table.add_row("channels", ", ".join(f"{k} {v}" for k, v in self.channels.items()) or "-")
-        for name in ("tuning", "training", "endpoint", "transform"):
+        for name in ("tuning", "training", "endpoint", "transform", "processing"):
             item = getattr(self, name)
             table.add_row(name, "-" if not item else "\n".join(f"{k}: {_short(v)}" for k, v in item.items() if v not in (None, {})))
         return table
@@ -59,13 +60,28 @@ def status(settings: Settings) -> StatusResult:
     data = {"manifest": _lines(ws.manifest), **{name: _lines(ws.split(name)) for name in SPLITS}}
     live = _Live(settings)
     tuning, training, endpoint = state.tuning, state.training, state.endpoint
+    processing = _processing(ws, state, live)  # first: its completion records the channels shown
     return StatusResult(
-        workdir=str(ws.root), data=data, channels=state.channels,
+        workdir=str(ws.root), data=data, channels=ws.state().channels if processing else state.channels,
         tuning=_shown(tuning, live.tuning(tuning.job) if isinstance(tuning, SageMakerTuning) else {}),
         training=_shown(training, live.training(training.job) if isinstance(training, SageMakerTraining) else {}),
         endpoint=_shown(endpoint, live.endpoint(endpoint.name) if isinstance(endpoint, SageMakerEndpoint)
                         else {"status": _ping(endpoint.url)} if isinstance(endpoint, LocalEndpoint) else {}),
-        transform=_shown(state.transform, live.transform(state.transform.job) if state.transform else {}))
+        transform=_shown(state.transform, live.transform(state.transform.job) if state.transform else {}),
+        processing=processing)
+
+
+def _processing(ws: Workspace, state: State, live: _Live) -> dict[str, Any] | None:
+    """The shard Processing job as it stands; once it has ended, that is recorded (Completed: its channels)."""
+    record = state.processing
+    if record is None:
+        return None
+    found = live.processing(record.job) if record.status not in ("Completed", "Failed", "Stopped") else {}
+    if found.get("status") in ("Completed", "Failed", "Stopped"):
+        from bincount.backends.sagemaker.processing import settle
+
+        settle(ws, record.job, found["status"])
+    return _shown(record, found)
 
 
 def _shown(record: Record | None, live: dict[str, Any]) -> dict[str, Any] | None:
@@ -157,6 +173,15 @@ class _Live:
         if isinstance(desc, str):
             return {"status": desc}
         out = {"status": desc.get("EndpointStatus")}
+        if desc.get("FailureReason"):
+            out["failure"] = desc["FailureReason"]
+        return out
+
+    def processing(self, job: str) -> dict[str, Any]:
+        desc = self._describe("describe_processing_job", ProcessingJobName=job)
+        if isinstance(desc, str):
+            return {"status": desc}
+        out = {"status": desc.get("ProcessingJobStatus")}
         if desc.get("FailureReason"):
             out["failure"] = desc["FailureReason"]
         return out

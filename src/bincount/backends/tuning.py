@@ -124,7 +124,7 @@ def val_chance(settings: Settings) -> float | None:
     path = Workspace(settings.workdir).split("val")
     if not path.is_file():
         return None
-    counts = Counter(int(r["count"]) for r in read_manifest(path))
+    counts = Counter(int(r["count"]) for r in read_manifest(path, need=("count",)))  # from-index rows have no image
     return max(counts.values()) / sum(counts.values()) if counts else None
 
 

@@ -180,6 +180,7 @@ def upload(settings: Settings) -> UploadResult:
     wanted = {job.key for job in all_jobs}
     stale = sum(1 for key in existing if key not in wanted)
     channels = {split: f"s3://{s3.bucket}/{channel_base}{split}" for split in splits}
-    ws.update_state(channels=channels, channel_format="shards" if shard_folders else "files")
+    # these channels replace any a shard Processing job was to write (its record would block train)
+    ws.update_state(channels=channels, channel_format="shards" if shard_folders else "files", processing=None)
     return UploadResult(bucket=s3.bucket, prefix=prefix, channels=channels, items=items, uploaded=uploaded,
                         skipped=skipped, bytes_uploaded=sent, stale=stale)

@@ -654,7 +654,7 @@ def test_stop_command_stops_a_no_wait_job(sm, tmp_path, monkeypatch, cli):
     out = cli("stop", *base, "--yes", "--json")  # now Stopping: nothing more to stop
     assert json.loads(out.stdout)["stopped"] == [] and len(stops) == 1
     out = cli("stop", *base, "--job", "no-such-job", "--yes")
-    assert out.exit_code == 1 and "no SageMaker training or tuning job named no-such-job" in out.stderr
+    assert out.exit_code == 1 and "no SageMaker training, tuning, transform or processing job named no-such-job" in out.stderr
 
 
 def test_tags_and_images_reach_model_endpoint_config_and_endpoint(sm, tmp_path):

@@ -200,3 +200,38 @@ def test_common_prefix_of_keys():
         prefix = common_prefix(prefix, key)
     assert prefix == "wh/"
     assert common_prefix("wh/", "x.jpg") == "" and common_prefix(None, "a/b/c.jpg") == "a/b/"
+
+
+def test_ctrl_c_while_an_audit_waits_says_the_transform_job_bills_on(cli, sm, s3_server, warehouse, artifact, tmp_path,
+                                                                      monkeypatch):
+    """Issue 20.6: Ctrl-C during a waited Batch Transform leaves it running (no terminal to ask) and prints the
+    command that stops it; `bincount stop` then stops it (StopTransformJob, moto answers via the helper)."""
+    import importlib.util as iu
+
+    from bincount.backends.sagemaker import transform
+
+    spec = iu.spec_from_file_location("bincount_test_processing", Path(__file__).with_name("test_processing.py"))
+    helpers = iu.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    _jobs_start_in_progress(monkeypatch)
+    stops = helpers.stop_requests(monkeypatch)
+
+    class Interrupted:  # transform's clock: the first sleep between polls is where Ctrl-C lands
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(_seconds):
+            raise KeyboardInterrupt
+
+    import time
+
+    monkeypatch.setattr(transform, "time", Interrupted())
+    res = cli(*_args(tmp_path, s3_server, artifact, "--source", f"s3://{BUCKET}/wh"))
+    job = sm.last("CreateTransformJob")["TransformJobName"]
+    assert res.exit_code == 130 and stops == []
+    assert "billing" in res.stderr and f"bincount stop --job {job} --yes" in res.stderr
+    res = cli("stop", "-w", tmp_path, "--set", f"s3.bucket={BUCKET}", "--yes", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["stopped"] == [f"transform job {job}"]
+    assert stops == [("StopTransformJob", {"TransformJobName": job})]

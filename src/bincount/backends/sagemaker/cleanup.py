@@ -1,7 +1,7 @@
 """`bincount cleanup`: delete what this work dir made on AWS, after one confirmation.
 
 What goes, in this order (all listed in the question first):
-- the recorded training and tuning jobs, stopped if still running (a stopped job bills no more);
+- the recorded training, tuning, Batch Transform and Processing jobs, stopped if still running (a stopped job bills no more);
 - the endpoints, endpoint configs and models this work dir recorded in state.json, or that carry its
   tag (`bincount:workdir` = its id; every deploy, audit and job tags what it makes): named
   `<sagemaker.base_job_name>-...` is not enough, so another team's `bincount-*` in a shared account stays;
@@ -97,10 +97,10 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
     with jobs.aws_errors("sagemaker cleanup"):
         # -- what exists ----------------------------------------------------------------------------
         running = []
-        for record in jobs.recorded_jobs(state):
-            found = jobs.job_status(sm, record.job)
+        for kind, record in jobs.recorded_jobs(state):
+            found = jobs.job_status(sm, record.job, [kind])
             if found and found[1] == "InProgress":
-                running.append((found[0], record.job))
+                running.append((kind, record.job))
         # recorded here, or tagged with this work dir's id; another owner's bincount-* stays
         recorded: set[str] = set()
         if isinstance(state.endpoint, SageMakerEndpoint):
@@ -171,10 +171,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
 
         # -- delete ---------------------------------------------------------------------------------
         for kind, job in running:
-            if kind == "training":
-                sm.stop_training_job(TrainingJobName=job)
-            else:
-                sm.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=job)
+            jobs.stop_job(sm, kind, job)
             result.stopped.append(f"{kind} job {job}")
             log(f"stopping {kind} job {job}")
         steps = [("endpoint", sm.delete_endpoint, "EndpointName", n) for n in endpoints]
@@ -200,7 +197,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
             log(f"deleted {len(keys)} objects under {prefix}")
     # what state.json recorded on AWS is gone now
     def forget(now: Any) -> dict[str, Any]:  # only the records cleanup saw: not one another command wrote since
-        gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint")
+        gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint", "processing")
                                 if getattr(getattr(state, k), "backend", None) == "sagemaker"
                                 and getattr(now, k) == getattr(state, k)}
         if (now.channels and now.channels == state.channels

@@ -102,13 +102,16 @@ def deploy(settings: Settings) -> EndpointResult:
         sm_session = jobs.session(aws)
         sm = sm_session.sagemaker_client
         role = jobs.require_role(settings)
+        image = jobs.check_image_uri(d.image_uri, aws.job_region, "deploy.image_uri") if d.image_uri else None
         status = _endpoint_status(sm, name) if live else None
         ref = model_ref(settings)
         if status and ref and live.model_ref == ref and live.mode == d.mode:
             return EndpointResult(endpoint=name, status=status, mode=d.mode, config_name=live.config_name,
                                   model_name=live.model_name, model_data=live.model_data, action="already deployed")
+        if not live:  # the credentials, and their SageMaker access, before any upload (a model is megabytes)
+            aws.client("sts").get_caller_identity()
+            sm.list_endpoints(MaxResults=1)
         model_data = resolve_model_data(settings, sm_session)
-        image = jobs.check_image_uri(d.image_uri, aws.job_region, "deploy.image_uri") if d.image_uri else None
         model = PyTorchModel(
             model_data=model_data,
             role=role,

@@ -94,7 +94,10 @@ def job_inputs(aws: Aws, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any
 
     from bincount.container import net
 
+    from bincount.backends.sagemaker.processing import check_channels
+
     settings = aws.settings
+    check_channels(aws)  # not while the shard Processing job runs or after it failed
     inputs, hp = channels(settings), dict(hyperparameters)
     pretrained, arch = settings.train.pretrained, settings.train.arch
     if pretrained == "none":

@@ -2,7 +2,7 @@
 
 The SDK session (one per command, on the command's `bincount.aws.Aws`), the SDK's output kept off
 stdout, AWS errors as one line, the role, bucket, S3 locations, tags and image checks of a request,
-Ctrl-C while waiting on a job, and stopping a training or tuning job.
+Ctrl-C while waiting on a job, and stopping a training, tuning, Batch Transform or Processing job.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from bincount.config import Settings
 from bincount.console import confirm, log
 from bincount.errors import BincountError
 from bincount.results import Result
-from bincount.state import SageMakerTraining, SageMakerTuning, State
+from bincount.state import SageMakerProcessing, SageMakerTraining, SageMakerTransform, SageMakerTuning, State
 from bincount.workspace import Workspace
 
 
@@ -192,7 +192,7 @@ def interrupted(kind: str, job: str, stop: Any) -> None:
 
 class StopResult(Result):
     backend: str = "sagemaker"
-    stopped: list[str] = []  # "training job NAME" / "tuning job NAME"
+    stopped: list[str] = []  # "training job NAME" / "tuning job NAME" / "transform job NAME" / "processing job NAME"
     not_running: list[str] = []  # the same, with the status they were found in
     kept: bool = False
 
@@ -200,47 +200,70 @@ class StopResult(Result):
         return "stop (sagemaker)"
 
 
-def job_status(client: Any, job: str) -> tuple[str, str] | None:
-    """("training" | "tuning", status) of a job name, or None if SageMaker knows no job by that name."""
+# kind -> (Describe method, Stop method, name parameter, status field): the four kinds of job bincount starts
+KINDS = {
+    "training": ("describe_training_job", "stop_training_job", "TrainingJobName", "TrainingJobStatus"),
+    "tuning": ("describe_hyper_parameter_tuning_job", "stop_hyper_parameter_tuning_job", "HyperParameterTuningJobName",
+               "HyperParameterTuningJobStatus"),
+    "transform": ("describe_transform_job", "stop_transform_job", "TransformJobName", "TransformJobStatus"),
+    "processing": ("describe_processing_job", "stop_processing_job", "ProcessingJobName", "ProcessingJobStatus"),
+}
+
+
+def job_status(client: Any, job: str, kinds: Any = KINDS) -> tuple[str, str] | None:
+    """(kind, status) of a job name (kind: training, tuning, transform or processing), or None if SageMaker
+    knows no job of those kinds by that name."""
     from botocore.exceptions import ClientError
 
-    for kind, call, key, field in (
-            ("training", client.describe_training_job, "TrainingJobName", "TrainingJobStatus"),
-            ("tuning", client.describe_hyper_parameter_tuning_job, "HyperParameterTuningJobName",
-             "HyperParameterTuningJobStatus")):
+    for kind in kinds:
+        describe, _, key, field = KINDS[kind]
         try:
-            return kind, call(**{key: job})[field]
+            return kind, getattr(client, describe)(**{key: job})[field]
         except ClientError as exc:
             if not missing(exc) and error_code(exc) != "ValidationException":
                 raise
     return None
 
 
-def recorded_jobs(state: State) -> list[SageMakerTraining | SageMakerTuning]:
-    """The SageMaker jobs state.json knows that may run: the newest training and tuning jobs, and any older
-    training run last seen running (a `runs --use` pin never hides one)."""
-    newest = [r for r in (state.training, state.tuning) if isinstance(r, (SageMakerTraining, SageMakerTuning))]
-    older = [r for r in state.runs if isinstance(r, SageMakerTraining) and r.status in ("InProgress", "Stopping")]
-    return [*older, *newest]
+def stop_job(client: Any, kind: str, job: str) -> None:
+    """StopTrainingJob / StopHyperParameterTuningJob / StopTransformJob / StopProcessingJob."""
+    _, stop_call, key, _ = KINDS[kind]
+    getattr(client, stop_call)(**{key: job})
+
+
+Recorded = SageMakerTraining | SageMakerTuning | SageMakerTransform | SageMakerProcessing
+
+
+def recorded_jobs(state: State) -> list[tuple[str, Recorded]]:
+    """(kind, record) of the SageMaker jobs state.json knows that may run: the newest training, tuning,
+    Batch Transform and Processing jobs, and any older training run last seen running (a `runs --use` pin
+    never hides one)."""
+    older = [("training", r) for r in state.runs if isinstance(r, SageMakerTraining) and r.status in ("InProgress", "Stopping")]
+    newest = [(kind, r) for kind, r in (("training", state.training), ("tuning", state.tuning),
+                                         ("transform", state.transform), ("processing", state.processing))
+              if getattr(r, "backend", None) == "sagemaker"]
+    return [*older, *newest]  # type: ignore[list-item]
 
 
 def stop(settings: Settings, job: str | None = None, yes: bool = False) -> StopResult:
-    """Stop a running SageMaker training or tuning job: the named one, else the recorded ones still running."""
+    """Stop a running SageMaker job: the named one, else the recorded ones still running."""
     aws = Aws(settings)
     sm = aws.client("sagemaker", region=aws.job_region)
     state = Workspace(settings.workdir).state()
     if job:
-        names = [job]
+        names = [(None, job)]
     else:
-        names = [r.job for r in recorded_jobs(state)]
+        names = [(kind, r.job) for kind, r in recorded_jobs(state)]
         if not names:
-            raise BincountError("no SageMaker training or tuning job recorded in state.json: pass --job NAME")
+            raise BincountError("no SageMaker training, tuning, transform or processing job recorded in state.json: "
+                                "pass --job NAME")
     running, not_running = [], []
     with aws_errors("sagemaker stop"):
-        for name in names:
-            found = job_status(sm, name)
+        for known, name in names:
+            found = job_status(sm, name, [known] if known else KINDS)
             if found is None:
-                raise BincountError(f"no SageMaker training or tuning job named {name} in {aws.job_region}")
+                raise BincountError(f"no SageMaker training, tuning, transform or processing job named {name} "
+                                    f"in {aws.job_region}")
             kind, status = found
             (running if status == "InProgress" else not_running).append((kind, name, status))
         result = StopResult(not_running=[f"{kind} job {name} ({status})" for kind, name, status in not_running])
@@ -253,10 +276,7 @@ def stop(settings: Settings, job: str | None = None, yes: bool = False) -> StopR
             log("left running")
             return result.model_copy(update={"kept": True})
         for kind, name, _ in running:
-            if kind == "training":
-                sm.stop_training_job(TrainingJobName=name)
-            else:
-                sm.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+            stop_job(sm, kind, name)
             result.stopped.append(f"{kind} job {name}")
             log(f"stopping {kind} job {name} (bincount status shows when it has stopped)")
     return result

@@ -320,7 +320,11 @@ def batch_audit(settings: Settings, source: str | Path | None, *, threshold: flo
             record = recorded
         else:
             record = start(aws, inputs)
-    desc = wait(aws, record.job) if settings.transform.wait else describe(aws, record.job)
+    try:
+        desc = wait(aws, record.job) if settings.transform.wait else describe(aws, record.job)
+    except KeyboardInterrupt:
+        client = aws.client("sagemaker", region=aws.job_region)
+        jobs.interrupted("transform", record.job, lambda: jobs.stop_job(client, "transform", record.job))
     status = desc.get("TransformJobStatus", "?")
     record = record.model_copy(update={"status": status})
     ws.update_state(transform=record)
