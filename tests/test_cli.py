@@ -126,3 +126,36 @@ def test_a_log_line_with_a_closing_tag_in_a_path_is_printed_as_it_is(capsys):
 
     log("predicting with the model in /tmp/odd[/]dir")
     assert "/tmp/odd[/]dir" in capsys.readouterr().err
+
+
+# -- conventions (issue 23.8) ------------------------------------------------------------------------
+def test_piped_tables_keep_long_paths_whole(cli, tmp_path):
+    deep = tmp_path / ("d" * 120)
+    res = cli("synth", "--workdir", deep, "-n", 2, "--image-size", 32)
+    assert res.exit_code == 0 and str(deep / "synth") in res.stdout and "…" not in res.stdout
+
+
+def test_quiet_and_verbose_work_after_the_command_too(cli, tmp_path):
+    res = cli("synth", "--workdir", tmp_path, "-n", 2, "--image-size", 32, "-q")
+    assert res.exit_code == 0 and res.stderr == ""
+    res = cli("status", "--workdir", tmp_path / "typo", "--quiet", "-v")
+    assert res.exit_code == 1 and "does not exist" in res.stderr
+
+
+def test_usage_errors_exit_2_as_documented(cli):
+    res = cli("config", "--bogus")
+    assert res.exit_code == 2 and "No such option: --bogus" in res.stderr
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "2 a usage error" in readme
+
+
+def test_a_misspelled_setting_key_gets_a_suggestion(cli, one_line_error, tmp_path):
+    one_line_error(cli("config", "--workdir", tmp_path, "--set", "train.epoch=3"), "did you mean train.epochs?")
+    one_line_error(cli("config", "--workdir", tmp_path, "--set", "trian.epochs=3"), "did you mean train?")
+
+
+def test_argument_help_shows_no_python_type(cli):
+    page = cli("predict", "--help").stdout
+    assert "IMAGE" in page and "list[str]" not in page

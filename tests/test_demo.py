@@ -30,9 +30,9 @@ def test_demo_runs_the_whole_chain_and_leaves_nothing_running(cli, tmp_path):
     with open(summary["reports"]["audit"], newline="") as fh:
         audited = {row["image"]: row for row in csv.DictReader(fh)}
     assert len(audited) == len(tests) and all(row["action"] != "error" for row in audited.values())
-    agree = sum(row["agree"] == "1" for row in audited.values())
+    agree = sum(row["agree"] == "true" for row in audited.values())
     assert summary["agreement"] == pytest.approx(agree / len(tests), abs=1e-6)
-    assert summary["to_recount"] == sum(float(row["confidence"]) < 0.6 for row in audited.values())
+    assert summary["recount"] == sum(float(row["confidence"]) < 0.6 for row in audited.values())
     assert len(summary["predictions"]) == 4
     for prediction in summary["predictions"]:
         row = audited[str(Path(prediction["image"]).relative_to(work))]
@@ -53,7 +53,7 @@ def test_the_demo_summary_says_whether_to_trust_the_model():
     assert quality.chance([[5, 0], [3, 2]]) == 0.5
     assert quality.near_chance(0.30, 1 / 6) and not quality.near_chance(0.41, 1 / 6)
     assert quality.near_chance(0.60, 0.5)  # a skewed test split: 60% is barely above always answering one count
-    common = dict(workdir="w", images=60, rmse=1.0, within_one=0.5, agreement=0.5, to_recount=1, predictions=[],
+    common = dict(workdir="w", images=60, rmse=1.0, within_one=0.5, agreement=0.5, recount=1, predictions=[],
                   reports={}, seconds=1.0, chance=1 / 6)
     good = DemoResult(accuracy=0.7, trustworthy=True, **common)
     bad = DemoResult(accuracy=0.17, trustworthy=False, **common)

@@ -30,7 +30,7 @@ class Plan:
     """What the calibration chose, and what it measured."""
 
     epochs: int
-    image_size: int
+    image_size: int  # the image side it plans for, pixels
     images_per_s: float
     precision: str
     seconds: float  # the predicted training time

@@ -15,10 +15,33 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 
 from bincount.errors import BincountError
 
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+
+
+class Group(typer.core.TyperGroup):
+    """The command group: -q/--quiet and -v/--verbose work after the command too (`bincount audit -q`)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        hoisted = [a for a in args[:end] if a in GLOBAL_FLAGS]
+        rest = [a for a in args[:end] if a not in GLOBAL_FLAGS] + args[end:]
+        return super().parse_args(ctx, hoisted + rest)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        """The command, its arguments' help without typer's Python type (`IMAGE <list[str]>`: the metavar says it)."""
+        command = super().get_command(ctx, name)
+        for param in getattr(command, "params", []):
+            if isinstance(param, typer.core.TyperArgument):
+                param.display_type_rich = lambda ctx: None
+        return command
+
+
 app = typer.Typer(
+    cls=Group,
     help="Count the objects in warehouse bin photos, locally or on AWS SageMaker.",
     no_args_is_help=True,
     add_completion=True,
@@ -144,6 +167,9 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+PIPE_WIDTH = 100_000  # a table's width when stdout is not a terminal: its natural width, never cut
+
+
 def _print(result: Any, json_out: bool) -> None:
     """The result on stdout: JSON, or its view (ASCII tables when stdout is not a terminal)."""
     if result is None:
@@ -156,7 +182,9 @@ def _print(result: Any, json_out: bool) -> None:
 
         # markup off: paths, ids and errors in results are printed as they are (`[/]` in a file name is no tag);
         # a result styles its cells with rich Text, not markup; control characters are shown escaped
-        console = make_console(soft_wrap=not sys.stdout.isatty(), markup=False)
+        # piped (a file, `| grep`, CI): as wide as the widest line, so no path or ARN is cut to `…`
+        tty = sys.stdout.isatty()
+        console = make_console(soft_wrap=not tty, markup=False, **({} if tty else {"width": PIPE_WIDTH}))
         view = result.rich()
         console.print(view if console.is_terminal else plain_boxes(view))
     sys.stdout.flush()

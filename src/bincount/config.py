@@ -456,6 +456,21 @@ class Settings(Section):
         return _check_path(value)
 
 
+def did_you_mean(loc: tuple) -> str:
+    """'; did you mean train.epochs?' for a misspelled key (the closest setting at the same level), else ''."""
+    import difflib
+
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        model = field.annotation if field is not None else None
+        if model is None:
+            return ""
+    names = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
+
+
 def describe_validation_error(exc: ValidationError, origin: str = "") -> str:
     """One line: the first bad key and what is wrong with it (and how many more problems there are)."""
     errors = exc.errors()
@@ -463,7 +478,7 @@ def describe_validation_error(exc: ValidationError, origin: str = "") -> str:
     key = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + did_you_mean(first["loc"])
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"invalid setting {key}: {msg}{origin}{more}"
 

@@ -31,10 +31,10 @@ class DemoResult(Result):
     rmse: float
     within_one: float
     agreement: float
-    to_recount: int
+    recount: int  # bins the audit sends to a person (the audit's `recount`)
     predictions: list[dict[str, Any]]
     reports: dict[str, str]
-    seconds: float
+    seconds: float  # the demo's wall time, seconds
 
     @property
     def exit_code(self) -> int:
@@ -48,7 +48,7 @@ class DemoResult(Result):
         table.add_row("test accuracy", f"{self.accuracy:.1%} (chance {self.chance:.1%})")
         table.add_row("test RMSE", f"{self.rmse:.3f}")
         table.add_row("within one", f"{self.within_one:.1%}")
-        table.add_row("audit agreement", f"{self.agreement:.1%} ({self.to_recount} bins to recount)")
+        table.add_row("audit agreement", f"{self.agreement:.1%} ({self.recount} bins to recount)")
         for p in self.predictions:
             table.add_row(f"predict {Path(p['image']).name}", f"count {p['count']} (confidence {p['confidence']:.2f})")
         for name, path in self.reports.items():
@@ -180,7 +180,7 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
         workdir=str(ws.root), images=images,
         accuracy=metrics.accuracy, chance=chance, trustworthy=not quality.near_chance(metrics.accuracy, chance),
         rmse=metrics.rmse, within_one=metrics.within_one,
-        agreement=audited.agreement or 0.0, to_recount=audited.recount,
+        agreement=audited.agreement or 0.0, recount=audited.recount,
         predictions=[{"image": p.image, "count": p.count, "confidence": p.confidence} for p in predicted.items],
         reports={**metrics.reports, "audit": audited.csv},
         seconds=time.monotonic() - start,

@@ -38,6 +38,7 @@ class EvalResult(Result):
     tta: bool = False
     skipped: int = 0
     reports: dict[str, str] = {}
+    seconds: float | None = None  # the evaluation's wall time, seconds
 
     def rich(self) -> Any:
         from rich.console import Group
@@ -265,6 +266,9 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
 
     tta overrides the model's recorded test-time augmentation for this evaluation (None: as recorded).
     """
+    import time
+
+    started = time.perf_counter()
     ws = Workspace(settings.workdir)
     manifest = Path(manifest) if manifest else ws.require(ws.split("test"), "run `bincount split` first")
     rows = read_manifest(manifest)
@@ -294,7 +298,8 @@ def evaluate(settings: Settings, manifest: Path | None = None, model: Path | Non
         kept = (meta.get("metrics") or {}).get("epoch")
         plot_history(history, reports["training_curve"], int(kept) if kept is not None else None)
     out = EvalResult(model=str(model_dir), manifest=str(manifest), skipped=len(rows) - len(pairs), tta=meta["tta"],
-                     reports={k: str(v) for k, v in reports.items()}, **result)
+                     reports={k: str(v) for k, v in reports.items()}, **result,
+                     seconds=round(time.perf_counter() - started, 3))
     atomic_write_text(reports["metrics"], out.model_dump_json(indent=2) + "\n")
     from bincount import tracking
 

@@ -13,10 +13,49 @@ def csv_cell(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """`name: type = default  # what it is` in a class body -> {name: "what it is"} (the source's own comments)."""
+    import inspect
+    import textwrap
+    import io
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments, line_name = {}, {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            row, col = tok.start
+            if tok.type == tokenize.NAME and row not in line_name and col == 4:
+                line_name[row] = tok.string
+            elif tok.type == tokenize.COMMENT and row in line_name:
+                comments[line_name[row]] = tok.string.lstrip("#").strip().removeprefix("noqa").strip()
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    return {name: text for name, text in comments.items() if text}
+
+
 class Result(BaseModel):
-    """Base for stage results. Override `rich()` for a custom view; `--json` prints `model_dump`."""
+    """Base for stage results. Override `rich()` for a custom view; `--json` prints `model_dump`.
+
+    A field's trailing comment (`seconds: float  # wall time, seconds`) becomes its description in the
+    JSON Schema (docs/schemas/), unless the field sets one itself."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        changed = False
+        for name, text in field_comments(cls).items():
+            field = cls.model_fields.get(name)
+            if field is not None and not field.description and name in cls.__annotations__:
+                field.description = text
+                changed = True
+        if changed:
+            cls.model_rebuild(force=True)
 
     def title(self) -> str:
         return type(self).__name__.removesuffix("Result").lower() or "result"

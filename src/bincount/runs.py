@@ -41,7 +41,7 @@ class RunRow(Result):
     hyperparameters: dict[str, Any] = {}
     metrics: dict[str, float] = {}  # the kept epoch's val_* and, when the run had a test split, test_*
     val_digest: str | None = None  # the val data it was validated on (runs compare only on the same)
-    size_bytes: int | None = None  # what its folder takes on disk here (None: nothing here, e.g. in S3)
+    size_bytes: int | None = None  # what its folder takes on disk here, bytes (None: nothing here, e.g. in S3)
     model: str | None = None  # its model dir, model.tar.gz or s3:// URI
     used: bool = False  # the run evaluate, deploy, predict and audit use
 
@@ -51,7 +51,7 @@ class RunsResult(Result):
     used: str | None = None  # the run the other commands use
     use: str = "latest"  # how it is chosen: latest (the newest run) or the pinned run's name
     note: str | None = None  # what `--use best` compared
-    total_bytes: int = 0  # all runs' size on disk
+    total_bytes: int = 0  # all runs' size on disk, bytes
 
     def rich(self) -> Any:
         from rich.console import Group

@@ -61,7 +61,7 @@ class AuditResult(Result):
     rows: list[AuditRow]  # the first `top` rows of the ranking; the CSV has them all
     top: int = 15
     resumed: int = 0  # bins whose result an interrupted run had already written
-    seconds: float | None = None
+    seconds: float | None = None  # the audit's wall time, seconds
     exit_code: int = 0
     html: str | None = None  # the audit page beside the CSV
     quality: ModelQuality | None = None  # the model's own accuracy and the threshold checked on val
@@ -428,7 +428,7 @@ def csv_line(row: dict[str, Any], folder: Path | None = None, model: str = "", a
     csv.writer(buf, lineterminator="\n").writerow([
         csv_cell(str(row["id"])), csv_cell(row["image"]), "" if row["expected"] is None else row["expected"],
         "" if row["predicted"] is None else row["predicted"], "" if conf is None else f"{conf:.6f}",
-        "" if row["agree"] is None else int(row["agree"]), row["action"], csv_cell(row["error"] or ""),
+        "" if row["agree"] is None else ("true" if row["agree"] else "false"), row["action"], csv_cell(row["error"] or ""),
         "" if row.get("second") is None else row["second"], "" if second_conf is None else f"{second_conf:.6f}",
         csv_cell(report_path(row.get("path"), folder) if folder else (row.get("path") or "")), csv_cell(model),
         audited])

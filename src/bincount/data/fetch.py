@@ -59,7 +59,7 @@ class FetchResult(Result):
     rejects: dict[str, int]
     notes: int
     ids_tried: int
-    seconds: float
+    seconds: float  # wall time, seconds
 
     def rich(self) -> Any:
         from rich.console import Group

@@ -62,11 +62,11 @@ class IndexResult(Result):
     usable: int
     per_count: dict[int, int]
     problems: dict[str, int]
-    image_bytes: int
+    image_bytes: int  # total size of the indexed images, bytes
     labels_read: int
     list_calls: int
-    seconds: float
-    labels_per_second: float
+    seconds: float  # wall time, seconds
+    labels_per_second: float  # labels read per second
 
     def rich(self) -> Any:
         from rich.console import Group

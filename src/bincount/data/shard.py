@@ -37,10 +37,10 @@ class ShardResult(Result):
     shards: dict[str, int]
     items: int
     skipped: int
-    bytes: int
+    bytes: int  # size of the shards written, bytes
     max_side: int
-    seconds: float
-    items_per_second: float
+    seconds: float  # wall time, seconds
+    items_per_second: float  # items written per second
     job: str | None = None
     status: str | None = None
 

@@ -24,7 +24,7 @@ from bincount.workspace import SPLITS, Workspace, read_manifest, write_jsonl
 class SplitResult(Result):
     seed: int
     ratios: dict[str, float]
-    sizes: dict[str, int]
+    sizes: dict[str, int]  # bins per split (train, val, test)
     per_count: dict[int, dict[str, int]]
     files: dict[str, str]
 

@@ -24,7 +24,7 @@ class SynthResult(Result):
     out: str
     images: int
     per_count: dict[int, int]
-    image_size: int
+    image_size: int  # the images' side, pixels
     seed: int
 
 

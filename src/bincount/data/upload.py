@@ -33,7 +33,7 @@ class UploadResult(Result):
     items: dict[str, int]
     uploaded: int
     skipped: int
-    bytes_uploaded: int
+    bytes_uploaded: int  # bytes uploaded to S3
     stale: int
 
 

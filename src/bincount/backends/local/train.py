@@ -41,7 +41,7 @@ SCRIPT = CONTAINER / "train.py"
 
 class TrainResult(Result):
     backend: str = "local"
-    run: str
+    run: str  # the run's name (its models/<run>/ folder), as `bincount runs` lists it
     model_data: str
     model_dir: str
     epochs: int
@@ -49,6 +49,7 @@ class TrainResult(Result):
     metrics: dict[str, float]
     hyperparameters: dict[str, Any]
     rules: list[dict[str, Any]] = []
+    seconds: float | None = None  # the training's wall time, seconds
 
     def rich(self) -> Any:
         from rich.console import Group
@@ -325,4 +326,4 @@ def train(settings: Settings, replan: Callable[[float], int] | None = None) -> T
     tracking.log_run(settings, run_dir.name, hp, metrics)
     return TrainResult(run=run_dir.name, model_data=str(tar.resolve()), model_dir=str(out["model_dir"].resolve()),
                        epochs=len(out["history"]), best_epoch=int(metrics.get("epoch", 0)), metrics=metrics,
-                       hyperparameters=hp, rules=rules)
+                       hyperparameters=hp, rules=rules, seconds=float(seconds) if seconds is not None else None)

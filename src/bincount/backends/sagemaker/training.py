@@ -17,13 +17,18 @@ from bincount.workspace import Workspace
 
 class TrainJobResult(Result):
     backend: str = "sagemaker"
-    job: str
+    run: str = ""  # the run's name as `bincount runs` lists it and a local train names it: the job's name
+    job: str  # the SageMaker training job
     status: str
     model_data: str | None = None
     metrics: dict[str, float] = {}
     rules: list[dict[str, str]] = []
     profiler_report: str | None = None
     hyperparameters: dict[str, Any] = {}
+    seconds: float | None = None  # the job's training time (TrainingTimeInSeconds), seconds
+
+    def model_post_init(self, _: Any) -> None:
+        self.run = self.run or self.job
 
     def title(self) -> str:
         return "train (sagemaker)"
@@ -100,7 +105,8 @@ def train(settings: Settings) -> TrainJobResult:
     if description["TrainingJobStatus"] == "Completed":
         tracking.log_run(settings, job, wanted, _final_metrics(description))
     return TrainJobResult(job=job, status=description["TrainingJobStatus"], model_data=model_artifact(description),
-                          metrics=_final_metrics(description), rules=rules, profiler_report=report, hyperparameters=hp)
+                          metrics=_final_metrics(description), rules=rules, profiler_report=report, hyperparameters=hp,
+                          seconds=description.get("TrainingTimeInSeconds"))
 
 
 def _refresh_tuning(settings: Settings, client: Any) -> None:
