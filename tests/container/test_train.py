@@ -315,8 +315,8 @@ def test_on_sagemaker_a_diverged_job_takes_its_checkpoints_away(channels, tmp_pa
     others = tmp_path / "run" / "checkpoints" / "tune-002-def"
     others.mkdir()
     (others / "checkpoint.pt").write_bytes(b"another trial's")
-    res = run_train(channels, tmp_path / "run", "--epochs", "3", "--lr", "1e20", "--ema_decay", "0",
-                    env={"TRAINING_JOB_NAME": "tune-001-abc"}, timeout=120)
+    res = train_here(channels, tmp_path / "run", "--epochs", "3", "--lr", "1e20", "--ema_decay", "0",
+                     env={"TRAINING_JOB_NAME": "tune-001-abc"})
     assert res.returncode == 2 and "the loss is not finite" in res.stderr
     assert not mine.exists() and (others / "checkpoint.pt").read_bytes() == b"another trial's"
 
