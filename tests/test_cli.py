@@ -159,3 +159,27 @@ def test_a_misspelled_setting_key_gets_a_suggestion(cli, one_line_error, tmp_pat
 def test_argument_help_shows_no_python_type(cli):
     page = cli("predict", "--help").stdout
     assert "IMAGE" in page and "list[str]" not in page
+
+
+def complete(line: str) -> list[str]:
+    from typer.testing import CliRunner
+
+    from bincount.cli import app
+
+    words = line.split(" ")
+    res = CliRunner().invoke(app, [], prog_name="bincount", env={
+        "_BINCOUNT_COMPLETE": "complete_bash", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)})
+    return res.stdout.split()
+
+
+def test_completion_completes_option_values():
+    assert complete("bincount train --backend ") == ["local", "sagemaker"]
+    assert complete("bincount train --arch mobile") == ["mobilenet_v3_small", "mobilenet_v3_large"]
+    assert complete("bincount predict -f ") == ["table", "json", "csv"]
+    assert "train.epochs=" in complete("bincount train --set train.ep")
+
+
+def test_arch_completion_lists_the_containers_archs():
+    from bincount.container.net import ARCHS
+
+    assert complete("bincount train --arch ") == list(ARCHS)

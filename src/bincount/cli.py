@@ -56,9 +56,30 @@ ConfigOpt = Annotated[Optional[Path], typer.Option(
 WorkdirOpt = Annotated[Optional[Path], typer.Option(
     "--workdir", "-w", metavar="DIR", help="Work dir holding raw/, splits/, state.json, models/, reports/.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress goes to stderr).")]
+def _choices(*values: str) -> Callable[[str], list[str]]:
+    """Shell completion of an option's values."""
+    return lambda incomplete: [v for v in values if v.startswith(incomplete)]
+
+
+def setting_keys(incomplete: str) -> list[str]:
+    """Shell completion of --set: every setting's dotted key, with its `=`."""
+    from bincount.config import Settings
+
+    def keys(model: Any, prefix: str) -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            sub = field.annotation
+            out += keys(sub, f"{prefix}{name}.") if hasattr(sub, "model_fields") else [f"{prefix}{name}="]
+        return out
+
+    return [k for k in keys(Settings, "") if k.startswith(incomplete)]
+
+
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", metavar="KEY=VALUE", help="Override any setting: --set train.epochs=3 (repeatable).")]
+    "--set", metavar="KEY=VALUE", autocompletion=setting_keys,
+    help="Override any setting: --set train.epochs=3 (repeatable).")]
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", "-b", metavar="local|sagemaker",
+                                                   autocompletion=_choices("local", "sagemaker"),
                                                    help="Where to run (default: the backend setting, local).")]
 
 
@@ -314,7 +335,8 @@ def tune(
                              "bincount train -c aws.yaml --use-best --no-wait"))
 def train(
     epochs: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Epochs.")] = None,
-    arch: Annotated[Optional[str], typer.Option(metavar="NAME", help="resnet18, resnet34, resnet50, mobilenet_v3_small, mobilenet_v3_large.")] = None,
+    arch: Annotated[Optional[str], typer.Option(metavar="NAME", autocompletion=_choices(
+        "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"), help="resnet18, resnet34, resnet50, mobilenet_v3_small, mobilenet_v3_large.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(metavar="RATE", help="Peak learning rate.")] = None,
     image_size: Annotated[Optional[int], typer.Option(metavar="PX", help="Input size in pixels.")] = None,
@@ -367,7 +389,7 @@ def predict(
     images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Image files, folders, or s3:// URIs.")],
     endpoint: Annotated[Optional[str], typer.Option(metavar="URL|NAME", help="Endpoint URL or SageMaker endpoint name (default: the deployed one).")] = None,
     model: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Predict with this model.tar.gz or model dir directly, no server.")] = None,
-    format: Annotated[Optional[str], typer.Option("--format", "-f", metavar="table|json|csv", help="Output format (default table; --json is -f json).")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", metavar="table|json|csv", autocompletion=_choices("table", "json", "csv"), help="Output format (default table; --json is -f json).")] = None,
     workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Concurrent requests.")] = None,
     backend: BackendOpt = None,
     config: ConfigOpt = None, workdir: WorkdirOpt = None, json: JsonOpt = False, set: SetOpt = None,
