@@ -183,3 +183,11 @@ def test_arch_completion_lists_the_containers_archs():
     from bincount.container.net import ARCHS
 
     assert complete("bincount train --arch ") == list(ARCHS)
+
+
+def test_options_name_the_setting_they_set_and_its_default(cli):
+    page = " ".join(cli("train", "--help").stdout.split())
+    assert "[setting train.epochs, default 20]" in page and "[setting train.lr, default 0.001]" in page
+    assert "[setting backend]" in page  # its help already says the default
+    page = " ".join(cli("audit", "--help").stdout.split())
+    assert "[setting audit.workers" in page

@@ -32,12 +32,55 @@ class Group(typer.core.TyperGroup):
         return super().parse_args(ctx, hoisted + rest)
 
     def get_command(self, ctx: Any, name: str) -> Any:
-        """The command, its arguments' help without typer's Python type (`IMAGE <list[str]>`: the metavar says it)."""
+        """The command, its arguments' help without typer's Python type (`IMAGE <list[str]>`: the metavar says it),
+        and each option that sets a setting naming it and its default (`[setting train.epochs, default 30]`)."""
         command = super().get_command(ctx, name)
+        settings = option_settings(name)
         for param in getattr(command, "params", []):
             if isinstance(param, typer.core.TyperArgument):
                 param.display_type_rich = lambda ctx: None
+            elif param.name in settings and "[setting" not in (param.help or ""):
+                key = settings[param.name]
+                default = "" if "default" in (param.help or "") else setting_default(key)
+                param.help = f"{param.help or ''} [setting {key}{default}]"
         return command
+
+
+def option_settings(command: str) -> dict[str, str]:
+    """{option's parameter name: the setting it sets}, read from the dict the command passes to _call."""
+    import ast
+    import inspect
+    import textwrap
+
+    for info in app.registered_commands:
+        callback = info.callback
+        if callback is None or (info.name or callback.__name__.replace("_", "-")) != command:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(callback)))
+        except (OSError, TypeError, SyntaxError):
+            return {}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_call" and len(node.args) > 2
+                    and isinstance(node.args[2], ast.Dict)):
+                return {v.id: k.value for k, v in zip(node.args[2].keys, node.args[2].values)
+                        if isinstance(k, ast.Constant) and isinstance(v, ast.Name)}
+    return {}
+
+
+def setting_default(key: str) -> str:
+    """', default 30' for a dotted setting key ('' when it has none worth showing)."""
+    from bincount.config import Settings
+
+    value: Any = Settings.model_construct()
+    for part in key.split("."):
+        field = type(value).model_fields.get(part) if hasattr(type(value), "model_fields") else None
+        if field is None:
+            return ""
+        value = getattr(value, part, None)
+        if value is None:
+            value = field.get_default(call_default_factory=True)
+    return "" if value is None or key == "workdir" else f", default {value}"
 
 
 app = typer.Typer(
