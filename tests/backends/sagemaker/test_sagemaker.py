@@ -190,7 +190,9 @@ def test_training_request_has_rules_profiler_metrics_and_hyperparameters(sm, tmp
     assert {c["ChannelName"] for c in req["InputDataConfig"]} == {"train", "val", "test"}
     assert req["ResourceConfig"] == {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30}
     assert {"Key": "team", "Value": "vision"} in req["Tags"]
-    assert "EnableManagedSpotTraining" not in req and "sagemaker_torch_distributed_enabled" not in hp
+    assert "EnableManagedSpotTraining" not in req
+    # a GPU instance trains under torch_distributed: one process per GPU it has (one here)
+    assert hp["sagemaker_torch_distributed_enabled"] == "true"
 
     assert {"rule": "LossNotDecreasing", "status": "IssuesFound", "detail": "loss flat for 10 steps",
             "source": "SageMaker"} in result.rules
