@@ -448,6 +448,7 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
     audited = datetime.now(timezone.utc).isoformat(timespec="seconds")
     model = quality.model if quality else target
     flagged: list[dict[str, Any]] = []  # the first rows to look at, for the page
+    shown: dict[str, int] = {}  # of them, per action
     counts = {"bins": 0, "scored": 0, "agree": 0, "trusted": 0, "trusted_agree": 0,
               "investigate": 0, "recount": 0, "errors": 0}
     seen: set[int] = set()
@@ -485,7 +486,8 @@ def report(records: Iterable[dict[str, Any]], out: Path, *, source: str, target:
                     fh.write(csv_line(row, out.parent, model, audited))
                     if len(head) < top:
                         head.append(AuditRow(**{k: v for k, v in row.items() if k != "path"}))
-                    if sum(r["action"] == row["action"] for r in flagged) < page.SHOWN.get(row["action"], 0):
+                    if shown.get(row["action"], 0) < page.SHOWN.get(row["action"], 0):
+                        shown[row["action"]] = shown.get(row["action"], 0) + 1
                         flagged.append(row)
                 fh.flush()
                 os.fsync(fh.fileno())
