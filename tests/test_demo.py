@@ -21,6 +21,7 @@ def test_demo_runs_the_whole_chain_and_leaves_nothing_running(cli, tmp_path):
     assert "is near chance" in res.stderr and "bincount demo --budget 600" in res.stderr
     for path in summary["reports"].values():
         assert os.path.exists(path), path
+    assert Path(summary["reports"]["audit_page"]).name == "audit.html"  # the audit page (issue 23.3)
     # The summary is what the stages reported: evaluate's metrics on the whole test split, and the audit
     # of that split through the endpoint, whose answers for the four predicted bins are the same.
     tests = (work / "splits" / "test.jsonl").read_text().splitlines()

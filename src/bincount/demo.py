@@ -182,7 +182,7 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
         rmse=metrics.rmse, within_one=metrics.within_one,
         agreement=audited.agreement or 0.0, recount=audited.recount,
         predictions=[{"image": p.image, "count": p.count, "confidence": p.confidence} for p in predicted.items],
-        reports={**metrics.reports, "audit": audited.csv},
+        reports={**metrics.reports, "audit": audited.csv, "audit_page": audited.html or ""},
         seconds=time.monotonic() - start,
     )
 
