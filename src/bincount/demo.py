@@ -7,6 +7,7 @@ undeploy. Nothing is left running afterwards.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -152,9 +153,9 @@ def demo(settings: Settings, images: int = 900, image_size: int = 128, budget_s:
             chosen = _calibrate(settings, ws, budget_s)
             log(f"[bold]4/8 train[/] sized to about {budget_s:.0f} s on this machine: "
                 f"{chosen.describe(len(read_jsonl(ws.split('train'))))}")
-
-            def replan(first_epoch_s: float) -> int:
-                return calibrate.replan(chosen, first_epoch_s, budget_s, configured, settings.train.warmup_epochs)
+            # after the first epoch: the epochs its measured time fits (local_train calls it with that time)
+            replan = functools.partial(calibrate.replan, chosen, budget_s=budget_s, max_epochs=configured,
+                                       warmup_epochs=settings.train.warmup_epochs)
         else:
             log("[bold]4/8 train[/]")
         local_train.train(settings, replan=replan)

@@ -212,7 +212,7 @@ class _Doctor:
                 self.add("pretrained weights", "fail", f"ImageNet weights not cached at {cache} and a network-isolated "
                          "job cannot download them")
             else:
-                self.add("pretrained weights", "ok", f"ImageNet weights not cached here: the job downloads them")
+                self.add("pretrained weights", "ok", "ImageNet weights not cached here: the job downloads them")
         else:
             from pathlib import Path
 

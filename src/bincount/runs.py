@@ -269,7 +269,7 @@ def best(rows: list[RunRow], objective: str, current_val: str | None) -> tuple[R
     target = current_val or next((r.val_digest for r in reversed(done) if r.val_digest), None)
     same = [r for r in done if r.val_digest and r.val_digest == target]
     if not same:
-        raise BincountError(f"--use best: no run records which val data it was validated on, so none compare; "
+        raise BincountError("--use best: no run records which val data it was validated on, so none compare; "
                             "pick one with `bincount runs --use NAME`")
     pick = (max if OBJECTIVES[objective] == "Maximize" else min)(same, key=lambda r: r.metrics[objective])
     left = len(done) - len(same)
