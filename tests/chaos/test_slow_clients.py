@@ -164,27 +164,46 @@ def _still_open(sock: socket.socket | None) -> bool:
 
 
 def test_ping_answers_at_once_while_every_inference_thread_is_busy(server):
-    """2 inference threads, 12 batches of 64 images in flight: /ping does not queue behind them (gthread: 1.5-2 s)."""
+    """12 clients keep 2 inference threads busy with batches of 64 images: /ping does not queue behind them (gthread:
+    1.5-2 s). Each ping is sent while more requests are in flight than there are threads, on any machine's speed."""
     import base64
+    import threading
 
     big = json.dumps({"instances": [base64.b64encode(jpeg(64, (i, 90, 200))).decode() for i in range(64)]}).encode()
     host, port = server.address
+    in_flight, lock, stop = [0], threading.Lock(), threading.Event()
 
-    def post(_: int) -> float:
-        t0 = time.monotonic()
-        conn = http.client.HTTPConnection(host, port, timeout=120)
-        conn.request("POST", "/invocations", body=big, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        resp.read()
-        return time.monotonic() - t0
+    def post() -> None:
+        with lock:
+            in_flight[0] += 1
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=120)
+            conn.request("POST", "/invocations", body=big, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            resp.read()
+            conn.close()
+        finally:
+            with lock:
+                in_flight[0] -= 1
 
+    def client() -> None:
+        while not stop.is_set():
+            post()
+
+    pings, busy = [], []
     with ThreadPoolExecutor(12) as pool:
-        busy = pool.map(post, range(12))
-        time.sleep(0.5)
-        pings = [ping_s(server.url) for _ in range(10)]
-        took = max(busy)
-    assert took > 1.0  # the threads really were busy for a while
+        clients = [pool.submit(client) for _ in range(12)]
+        try:
+            time.sleep(0.5)
+            for _ in range(10):
+                busy.append(in_flight[0])
+                pings.append(ping_s(server.url))
+        finally:
+            stop.set()
+        for done in clients:
+            done.result()
+    assert min(busy) > 2, busy  # every ping went while both inference threads had work and more waited
     assert max(pings) < 0.5, pings
 
 

@@ -92,18 +92,24 @@ def test_the_training_job_runs_in_the_sagemaker_training_toolkit(sagemaker_reque
     def trial(name: str, epochs: str) -> dict:
         return {**request, "TrainingJobName": name, "HyperParameters": {**request["HyperParameters"], "epochs": epochs}}
 
-    a, b = trial("tune-a-001-1a2b3c4d", "2"), trial("tune-a-002-5e6f7a8b", "1")
-    interrupted = TrainingContainer(a, tmp_path / "trial-1").layout().run(
-        interrupt_when=f"{a['TrainingJobName']}/checkpoint.pt")
+    # 50 epochs: the kill (within half a second of the first checkpoint) always lands before the end, however fast
+    # the machine; the restart then asks for one epoch more than the checkpoint it gets back holds
+    a, b = trial("tune-a-001-1a2b3c4d", "50"), trial("tune-a-002-5e6f7a8b", "1")
+    first_trial = TrainingContainer(a, tmp_path / "trial-1").layout()
+    interrupted = first_trial.run(interrupt_when=f"{a['TrainingJobName']}/checkpoint.pt")
     assert interrupted.returncode != 0
+    import torch
+
+    kept = torch.load(first_trial.checkpoints / a["TrainingJobName"] / "checkpoint.pt", weights_only=True)["epoch"]
     assert first.checkpoint_keys() == {f"{a['TrainingJobName']}/checkpoint.pt"}
     other = TrainingContainer(b, tmp_path / "trial-2").layout()
     assert (other.checkpoints / a["TrainingJobName"] / "checkpoint.pt").is_file()  # restored with the prefix
     done = other.run()
     assert done.returncode == 0 and "resuming" not in done.stderr + done.stdout
     assert first.checkpoint_keys() == {f"{a['TrainingJobName']}/checkpoint.pt"}  # only its own went
-    again = TrainingContainer(a, tmp_path / "trial-1-restarted").layout().run()
-    assert again.returncode == 0 and "resuming after epoch 1" in again.stderr + again.stdout
+    restarted = trial(a["TrainingJobName"], str(kept + 1))
+    again = TrainingContainer(restarted, tmp_path / "trial-1-restarted").layout().run()
+    assert again.returncode == 0 and f"resuming after epoch {kept}" in again.stderr + again.stdout
     assert first.checkpoint_keys() == set()
 
 
