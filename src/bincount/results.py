@@ -7,6 +7,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 
+def cell(value: Any) -> str:
+    """A table cell: "-" for nothing, floats to 4 significant digits, anything else as it prints."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def csv_cell(text: str) -> str:
     """Text for a CSV cell: one starting with = + - @ tab or CR would run as a formula in Excel, LibreOffice
     or Sheets, so it gets a leading ' (OWASP's advice against CSV injection)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bincount.errors import BincountError
-from bincount.results import Result
+from bincount.results import Result, cell
 from bincount.state import LocalTraining, SageMakerTraining, State
 from bincount.workspace import Workspace, read_manifest
 
@@ -65,7 +65,7 @@ class RunsResult(Result):
             m = row.metrics
             table.add_row("*" if row.used else "", row.name, row.backend, row.status,
                           f"{row.seconds:.0f} s" if row.seconds is not None else "-", setup(row.hyperparameters),
-                          _fmt(m.get("val_acc")), _fmt(m.get("test_acc")),
+                          cell(m.get("val_acc")), cell(m.get("test_acc")),
                           human_bytes(row.size_bytes) if row.size_bytes is not None else "-")
         how = "the newest run" if self.use == "latest" else "pinned with `bincount runs --use`"
         lines: list[Any] = [table, f"{USERS} use: {self.used or 'no run yet'} ({how})"]
@@ -84,14 +84,6 @@ def setup(hp: dict[str, Any]) -> str:
             except (TypeError, ValueError):
                 parts.append(f"{key}={hp[key]}")
     return " ".join(parts) or "-"
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def human_bytes(n: int | None) -> str:

@@ -169,28 +169,20 @@ class _Live:
                 "best_value": (best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")}
 
     def endpoint(self, name: str) -> dict[str, Any]:
-        desc = self._describe("describe_endpoint", EndpointName=name)
-        if isinstance(desc, str):
-            return {"status": desc}
-        out = {"status": desc.get("EndpointStatus")}
-        if desc.get("FailureReason"):
-            out["failure"] = desc["FailureReason"]
-        return out
+        return self._status_of("describe_endpoint", "EndpointStatus", EndpointName=name)
 
     def processing(self, job: str) -> dict[str, Any]:
-        desc = self._describe("describe_processing_job", ProcessingJobName=job)
-        if isinstance(desc, str):
-            return {"status": desc}
-        out = {"status": desc.get("ProcessingJobStatus")}
-        if desc.get("FailureReason"):
-            out["failure"] = desc["FailureReason"]
-        return out
+        return self._status_of("describe_processing_job", "ProcessingJobStatus", ProcessingJobName=job)
 
     def transform(self, job: str) -> dict[str, Any]:
-        desc = self._describe("describe_transform_job", TransformJobName=job)
+        return self._status_of("describe_transform_job", "TransformJobStatus", TransformJobName=job)
+
+    def _status_of(self, operation: str, status_key: str, **name: str) -> dict[str, Any]:
+        """{"status": ..., "failure": its FailureReason if any} from one Describe call (its error text if it failed)."""
+        desc = self._describe(operation, **name)
         if isinstance(desc, str):
             return {"status": desc}
-        out = {"status": desc.get("TransformJobStatus")}
+        out = {"status": desc.get(status_key)}
         if desc.get("FailureReason"):
             out["failure"] = desc["FailureReason"]
         return out

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,18 @@ from bincount.audit.core import (AuditResult, Bin, Inputs, Reader, chunks, error
 from bincount.config import Settings
 from bincount.errors import BincountError
 from bincount.workspace import Workspace
+
+
+def with_expected(reader: Reader, bins: list[Bin], records: list[dict[str, Any]]) -> Iterator[tuple[Bin, int]]:
+    """Each bin with its recorded count (from the bin, else its label); a bin whose label cannot be read becomes
+    an error record in `records` instead."""
+    for b in bins:
+        try:
+            expected = reader.expected(b.label) if b.expected is None else b.expected
+        except ValueError as exc:
+            records.append(result_record(b, error=error_text(exc)))
+            continue
+        yield b, expected
 
 
 class ModelScorer:
@@ -33,12 +45,7 @@ class ModelScorer:
 
     def score(self, bins: list[Bin]) -> list[dict[str, Any]]:
         records, images, slots = [], [], []
-        for b in bins:
-            try:
-                expected = self.reader.expected(b.label) if b.expected is None else b.expected
-            except ValueError as exc:
-                records.append(result_record(b, error=error_text(exc)))
-                continue
+        for b, expected in with_expected(self.reader, bins, records):
             try:
                 body, content_type = self.reader.image(b.path)
                 images.extend(self.module.input_fn(body, content_type))
@@ -66,13 +73,8 @@ class TargetScorer:
         self.target, self.reader = target, Reader(settings)
 
     def score(self, bins: list[Bin]) -> list[dict[str, Any]]:
-        records = []
-        for b in bins:
-            try:
-                expected = self.reader.expected(b.label) if b.expected is None else b.expected
-            except ValueError as exc:
-                records.append(result_record(b, error=error_text(exc)))
-                continue
+        records: list[dict[str, Any]] = []
+        for b, expected in with_expected(self.reader, bins, records):
             try:
                 from bincount.predict import parse_answer
 

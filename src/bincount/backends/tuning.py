@@ -7,7 +7,7 @@ from typing import Any
 
 from bincount.config import Settings, TrainSettings
 from bincount.errors import BincountError
-from bincount.results import Result
+from bincount.results import Result, cell
 from bincount.state import LocalTuning, SageMakerTuning
 from bincount.workspace import Workspace
 
@@ -36,10 +36,10 @@ class TuneResult(Result):
         for name in ("trial", "status", self.objective, *TUNED):
             table.add_column(name, justify="left" if name in ("trial", "status") else "right")
         for row in self.trials:
-            table.add_row(str(row.get("trial", "")), str(row.get("status", "")), _fmt(row.get("value")),
-                          *(_fmt(row.get(name)) for name in TUNED))
-        best = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_hyperparameters.items()) or "none yet"
-        lines = [table, f"best {self.objective}: {_fmt(self.best_value)}  ({best})"]
+            table.add_row(str(row.get("trial", "")), str(row.get("status", "")), cell(row.get("value")),
+                          *(cell(row.get(name)) for name in TUNED))
+        best = ", ".join(f"{k}={cell(v)}" for k, v in self.best_hyperparameters.items()) or "none yet"
+        lines = [table, f"best {self.objective}: {cell(self.best_value)}  ({best})"]
         for row in self.trials:
             if row.get("reason"):
                 lines.append(f"{row.get('trial')} failed: {row['reason']}")
@@ -48,14 +48,6 @@ class TuneResult(Result):
         if self.warning:
             lines.append(self.warning)
         return Group(*lines)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def coerce_hyperparameters(raw: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +158,7 @@ def best_train_settings(settings: Settings) -> TrainSettings:
         + (f"; as the trials ran: {_pairs(taken)}" if taken else ""))
     if kept:
         log("--use-best: your settings win over the trials' " + ", ".join(
-            f"{k}={_fmt(v)} (trials: {_fmt(trial[k])})" for k, v in sorted(
+            f"{k}={cell(v)} (trials: {cell(trial[k])})" for k, v in sorted(
                 (k, current[k]) for k in kept)))
     if tuning.hyperparameters is None:
         log(f"--use-best: tuning job {tuning.job} did not record what its trials ran with besides "
