@@ -279,8 +279,10 @@ def test_sigterm_under_load_finishes_what_was_taken_and_exits_0(small_model, tmp
     threads = [threading.Thread(target=client) for _ in range(48)]
     for t in threads:
         t.start()
-    time.sleep(2.0)
-    assert outcomes["ok"] > 0
+    deadline = time.monotonic() + 30
+    while outcomes["ok"] < 20 and time.monotonic() < deadline:  # under load: requests answered and more in flight
+        time.sleep(0.05)
+    assert outcomes["ok"] >= 20
     srv.proc.send_signal(signal.SIGTERM)
     code = srv.proc.wait(60)
     for t in threads:

@@ -96,8 +96,8 @@ def test_index_against_a_refused_endpoint_is_one_line(tmp_path):
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    res = run("index", "--workdir", tmp_path / "w", "--source", "s3://some-bucket",
-              "--endpoint-url", f"http://127.0.0.1:{port}")
+    res = run("index", "--workdir", tmp_path / "w", "--source", "s3://some-bucket",  # 2 attempts: 8 back off for 10 s
+              "--endpoint-url", f"http://127.0.0.1:{port}", "--set", "data.retries=2")
     one_line(res, "cannot read s3://some-bucket", f"127.0.0.1:{port}", "again to resume")
 
 

@@ -69,6 +69,8 @@ def inject(monkeypatch, request):
         monkeypatch.setattr(s3get.PublicBucket, "_backoff", staticmethod(lambda attempt: None))
     monkeypatch.setattr("bincount.data.source.backoff", lambda attempt: 0.0)
     monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0.0)
+    # adaptive retries also slow the client's send rate after each SlowDown (a token bucket): 7 s of waiting here
+    monkeypatch.setattr("botocore.retries.bucket.TokenBucket.acquire", lambda self, amount=1, block=True: True)
     return plan, attempts
 
 
