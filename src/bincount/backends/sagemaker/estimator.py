@@ -92,8 +92,6 @@ def job_inputs(aws: Aws, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any
     """
     from sagemaker.inputs import TrainingInput
 
-    from bincount.container import net
-
     from bincount.backends.sagemaker.processing import check_channels
 
     settings = aws.settings
@@ -103,6 +101,8 @@ def job_inputs(aws: Aws, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any
     if pretrained == "none":
         return inputs, hp
     if pretrained == "imagenet":
+        from bincount.container import net  # torch and torchvision: 2-3 s to import, only for this branch
+
         cache = net.imagenet_cache_file(arch)
         if not cache.is_file():
             if settings.sagemaker.enable_network_isolation:
