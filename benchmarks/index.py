@@ -9,8 +9,9 @@ bincount, ...: see benchmarks/measure.py), the median of --repeat rounds:
   (100 prefixes each), reads and parses every label into index.sqlite;
 - s5cmd (its default 256 workers) `run` over two lines: `ls s3://bucket/bin-images/*` (ids and sizes)
   and `cp s3://bucket/metadata/* out/` (lists and downloads every label; it parses nothing).
-Goal row: s5cmd's time / bincount's time >= 0.8 at each latency. Every row prints the load average it
-was measured under; above one runnable process per core it is "not comparable".
+Goal rows: s5cmd's time / bincount's time >= 0.8 at each latency, idle and under load (--loaded busy
+processes beside it, default half the cores). Every row prints the load it was measured under; a row in
+which the rest of the machine kept more than one task per core runnable is "not comparable".
 
 The client's CPU seconds per label bound the rate: one Python process runs its Python code on about
 one core at a time (the GIL), so the estimate for the real bucket is
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latency-ms", type=float, nargs="+", default=[20.0, 50.0])
     p.add_argument("--workers", type=int, default=None, help="bincount's data.workers (default: its default)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--loaded", type=int, default=None,
+                   help="busy processes for the under-load rows (default: half the cores; 0: idle rows only)")
     args = p.parse_args(argv or [])
     s5cmd = s5cmd_binary()
     if s5cmd is None:
@@ -92,42 +95,46 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         make_source(tmp / "source", args.items)
         print(f"{args.items} labels and image placeholders; {measure.machine()}", flush=True)
-        for latency in args.latency_ms:
-            server = Server(tmp / "source", latency, bucket=BUCKET)
-            work = tmp / f"{latency:g}ms"
-            results = []
+        for condition, spinners in measure.conditions(args.loaded).items():
+            if condition != "idle" and not spinners:
+                continue
+            for latency in args.latency_ms:
+                server = Server(tmp / "source", latency, bucket=BUCKET)
+                work = tmp / f"{condition.replace(' ', '-')}-{latency:g}ms"
+                results = []
 
-            def ours(n: int) -> measure.Run:
-                result = run_index(endpoint, work / f"index{n}", args.workers, server.pid)
-                assert result.labels_read == args.items and result.bins == args.items, result
-                results.append(result)
-                return result.run
+                def ours(n: int) -> measure.Run:
+                    result = run_index(endpoint, work / f"index{n}", args.workers, server.pid)
+                    assert result.labels_read == args.items and result.bins == args.items, result
+                    results.append(result)
+                    return result.run
 
-            with server as endpoint:
-                series = measure.interleave(
-                    {"bincount": ours, "s5cmd": lambda n: run_s5cmd(s5cmd, endpoint, work / f"s5cmd{n}", args.items, server.pid)},
-                    args.repeat)
-            mine, peer = series["bincount"], series["s5cmd"]
-            cpu_per_label = min(r.cpu_s for r in mine.runs) / args.items
-            print(f"\n{args.items} labels at {latency:g} ms per request ({results[0].list_calls} LIST calls; the "
-                  f"server used {server.cpu_s:.1f} CPU s in all); medians of {args.repeat} interleaved rounds:")
-            for label, s in ((f"bincount index ({workers} workers)", mine), ("s5cmd ls images + cp labels (256 workers)", peer)):
-                print(f"  {label:42s}: {s.seconds:6.2f} s {args.items / s.seconds:6.0f} labels/s  {s.cpu_ms(args.items):4.2f} "
-                      f"ms CPU/label  peak RSS "
-                      f"{s.rss_mib:6.1f} MiB  load {s.load:4.1f} others {s.others:3.1f} cores  (runs {s.times()})")
-            print(f"  bincount index / s5cmd: {peer.seconds / mine.seconds:.2f} (goal >= {GOAL:g}); "
-                  f"{measure.load_note(mine, peer)}; {cpu_per_label * 1000:.2f} ms client CPU per label (start-up "
-                  f"included)", flush=True)
-            rows.append(row("index: bincount / s5cmd (list + read labels)", mine, peer, GOAL,
-                            f"{latency:g} ms: bincount {args.items / mine.seconds:.0f} vs s5cmd {args.items / peer.seconds:.0f} "
-                            f"labels/s, {cpu_per_label * 1000:.2f} ms CPU/label", latency_ms=latency))
-            report["latencies"][latency] = {
-                "index_s": mine.seconds, "index_runs_s": [r.seconds for r in mine.runs], "s5cmd_s": peer.seconds,
-                "s5cmd_runs_s": [r.seconds for r in peer.runs], "load": max(mine.load, peer.load),
-                "client_cpu_ms_per_label": round(cpu_per_label * 1000, 2), "server_cpu_s": server.cpu_s,
-                "peak_rss_mib": {"index": mine.rss_mib, "s5cmd": peer.rss_mib}}
+                with measure.busy(spinners), server as endpoint:
+                    series = measure.interleave(
+                        {"bincount": ours, "s5cmd": lambda n: run_s5cmd(s5cmd, endpoint, work / f"s5cmd{n}", args.items, server.pid)},
+                        args.repeat)
+                mine, peer = series["bincount"], series["s5cmd"]
+                cpu_per_label = min(r.cpu_s for r in mine.runs) / args.items
+                where = f"{latency:g} ms, {condition}" + (f" ({spinners} busy processes)" if spinners else "")
+                print(f"\n{args.items} labels at {where} ({results[0].list_calls} LIST calls; the server used "
+                      f"{server.cpu_s:.1f} CPU s in all); medians of {args.repeat} interleaved rounds:")
+                for label, s in ((f"bincount index ({workers} workers)", mine), ("s5cmd ls images + cp labels (256 workers)", peer)):
+                    print(f"  {label:42s}: {s.seconds:6.2f} s {args.items / s.seconds:6.0f} labels/s  {s.cpu_ms(args.items):4.2f} "
+                          f"ms CPU/label  peak RSS {s.rss_mib:6.1f} MiB  others {s.others:3.1f} runnable, load average "
+                          f"{s.load:4.1f}  (runs {s.times()})")
+                print(f"  bincount index / s5cmd: {peer.seconds / mine.seconds:.2f} (goal >= {GOAL:g}); "
+                      f"{measure.load_note(mine, peer)}; {cpu_per_label * 1000:.2f} ms client CPU per label (start-up "
+                      f"included)", flush=True)
+                rows.append(row(f"index: bincount / s5cmd (list + read labels), {condition}", mine, peer, GOAL,
+                                f"{latency:g} ms: bincount {args.items / mine.seconds:.0f} vs s5cmd {args.items / peer.seconds:.0f} "
+                                f"labels/s, {cpu_per_label * 1000:.2f} ms CPU/label", latency_ms=latency, condition=condition))
+                report["latencies"].setdefault(condition, {})[latency] = {
+                    "index_s": mine.seconds, "index_runs_s": [r.seconds for r in mine.runs], "s5cmd_s": peer.seconds,
+                    "s5cmd_runs_s": [r.seconds for r in peer.runs], "others": max(mine.others, peer.others),
+                    "load": max(mine.load, peer.load), "client_cpu_ms_per_label": round(cpu_per_label * 1000, 2),
+                    "server_cpu_s": server.cpu_s, "peak_rss_mib": {"index": mine.rss_mib, "s5cmd": peer.rss_mib}}
 
-    cpu_per_label = min(v["client_cpu_ms_per_label"] for v in report["latencies"].values()) / 1000
+    cpu_per_label = min(v["client_cpu_ms_per_label"] for v in report["latencies"]["idle"].values()) / 1000
     estimates = {}
     for place, rtt in {"laptop (50 ms RTT)": 0.050, "EC2 us-east-1 (2 ms RTT)": 0.002}.items():
         rate = min(workers / (rtt + S3_FIRST_BYTE_S), 1 / cpu_per_label)  # one process: about one core (the GIL)

@@ -2,10 +2,13 @@
 so drift in the machine's load hits both), each a child process measured for wall time, peak RSS and
 CPU seconds, with the load it ran under printed beside it.
 
-A row is comparable only when the 1-minute load average at the start of each of its runs was at most
-one runnable process per core (the benchmark's own earlier runs count too, which can only err towards
-"not comparable"); "others" is the CPU the rest of the machine used during the runs (all CPU time in
-/proc/stat minus this benchmark's: the child, the S3 server and this process), in cores.
+What judges a row is the load the rest of the machine put on it: "others" is the mean number of runnable
+tasks (threads in state R, /proc/<pid>/task/<tid>/stat, sampled every 100 ms) of every process that is not
+the benchmark's own (this process, the child it measures, the S3 server). A row is comparable only when
+others stayed at most one per core in every run. The
+1-minute load average is printed too, but it counts the benchmark's own server and clients (and lags a
+minute behind): on 2 cores an idle machine showed 2.6 from the benchmark alone. `busy(n)` runs n
+busy-looping processes beside a benchmark: the "under load" rows (a busy laptop: half its cores taken).
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+import sys
 import time
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,16 +57,6 @@ def machine() -> str:
             f"load average {loads}")
 
 
-def _busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat), or nan."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return float("nan")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / TICKS
-
-
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) of a running process, or 0 when it cannot be read."""
     try:
@@ -80,13 +77,93 @@ def _peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def others_running(own: set[int]) -> int:
+    """Runnable tasks (threads) now of every process outside `own` and their descendants (the benchmark's:
+    the child it measures and what that starts, the S3 server), and outside this process (but not its other
+    children: the busy processes of busy() are the load), from /proc."""
+    parents: dict[int, int] = {}
+    try:
+        pids = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                parents[pid] = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    mine = set(own) - {os.getpid()}
+    grew = True  # add the descendants of `own`, a generation at a time
+    while grew:
+        joined = {pid for pid, parent in parents.items() if parent in mine and pid not in mine}
+        mine |= joined
+        grew = bool(joined)
+    mine.add(os.getpid())
+    running = 0
+    for pid in parents:
+        if pid in mine:
+            continue
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                    state = fh.read().rsplit(b")", 1)[1][1:2]
+            except (OSError, IndexError):
+                continue
+            running += state == b"R"
+    return running
+
+
+class Others:
+    """The mean number of runnable tasks of the rest of the machine while something runs: sample() at
+    most every `every` seconds (reading /proc costs ~1-3 ms of this process's CPU each time)."""
+
+    def __init__(self, own: Callable[[], set[int]], every: float = 0.1):
+        self.own, self.every, self.last, self.total, self.samples = own, every, float("-inf"), 0, 0
+
+    def sample(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and not force:
+            return
+        self.last = now
+        self.total += others_running(self.own())
+        self.samples += 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.samples if self.samples else 0.0
+
+
+@contextmanager
+def watching(own: Callable[[], set[int]]) -> Iterator[Others]:
+    """Sample the rest of the machine from a thread while the block runs (for in-process work)."""
+    others, done = Others(own), threading.Event()
+
+    def loop() -> None:
+        while not done.wait(others.every):
+            others.sample()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    others.sample()
+    thread.start()
+    try:
+        yield others
+    finally:
+        done.set()
+        thread.join()
+        others.sample(force=True)  # a short block gets its end seen too
+
+
 @dataclass
 class Run:
     seconds: float
     rss_mib: float
     cpu_s: float
-    load: float  # 1-minute load average at the start
-    others: float  # cores the rest of the machine kept busy during the run
+    load: float  # 1-minute load average at the start (the benchmark's own processes included)
+    others: float  # runnable tasks of the rest of the machine during the run, on average
     stdout: str = ""
 
 
@@ -95,30 +172,29 @@ def run(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, ser
     cwd.mkdir(parents=True, exist_ok=True)
     out, err = cwd / ".stdout", cwd / ".stderr"
     load_at = load()
-    busy, own = _busy_seconds(), time.process_time()
-    server = process_cpu(server_pid) if server_pid else 0.0
     start = time.perf_counter()
     with out.open("wb") as fo, err.open("wb") as fe:
         child = subprocess.Popen(command, cwd=cwd, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+        own = {os.getpid(), child.pid} | ({server_pid} if server_pid else set())
+        others = Others(lambda: own)
         peak = 0.0
         while True:  # ru_maxrss would count this process's memory too (Linux keeps it across fork + exec)
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
-            peak = max(peak, _peak_rss_mib(child.pid))
+            peak = max(peak, _peak_rss_mib(child.pid))  # and the rest of the machine, every 100 ms
+            others.sample()
             time.sleep(0.01)
     seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     cpu = usage.ru_utime + usage.ru_stime
-    ours = cpu + (time.process_time() - own) + ((process_cpu(server_pid) - server) if server_pid else 0.0)
-    others = max(0.0, (_busy_seconds() - busy - ours) / seconds)
     text = out.read_text(errors="replace")
     if child.returncode != 0:
         tail = err.read_text(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{Path(command[0]).name} exited {child.returncode}: {' / '.join(tail)}")
     out.unlink()
     err.unlink()
-    return Run(seconds, peak or usage.ru_maxrss / 1024, cpu, load_at, others, text)
+    return Run(seconds, peak or usage.ru_maxrss / 1024, cpu, load_at, others.mean, text)
 
 
 @dataclass
@@ -138,7 +214,7 @@ class Series:
 
     @property
     def others(self) -> float:
-        return statistics.mean(r.others for r in self.runs)
+        return max(r.others for r in self.runs)
 
     @property
     def rss_mib(self) -> float:
@@ -163,12 +239,32 @@ def interleave(contestants: dict[str, callable], repeat: int, once: tuple[str, .
 
 
 def comparable(*series: Series) -> bool:
-    """True when every run of these series started at a load average of at most one per core."""
-    return all(s.load <= cores() for s in series)
+    """True when, in every run of these series, the rest of the machine kept at most one task per core runnable."""
+    return all(s.others <= cores() for s in series)
 
 
 def load_note(*series: Series) -> str:
     worst = max(s.load for s in series)
     others = max(s.others for s in series)
-    verdict = "" if worst <= cores() else f", above {cores()} cores: not comparable"
-    return f"load {worst:.1f} (others {others:.1f} cores{verdict})"
+    verdict = "" if others <= cores() else f", above one per core ({cores()} cores): not comparable"
+    return f"others {others:.1f} runnable (load average {worst:.1f}, the benchmark's own included{verdict})"
+
+
+@contextmanager
+def busy(n: int) -> Iterator[None]:
+    """n processes spinning on a core each while the block runs: a machine under load (0: nothing)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+                for _ in range(n)]
+    try:
+        if spinners:
+            time.sleep(0.5)  # all of them running before the first measurement
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def conditions(loaded: int | None = None) -> dict[str, int]:
+    """The machine states every goal row is measured in: idle, and busy with half the cores taken."""
+    return {"idle": 0, "under load": loaded if loaded is not None else max(1, cores() // 2)}

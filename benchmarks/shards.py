@@ -5,9 +5,10 @@ benchmarks/measure.py), each a full pass after a warm-up pass (page cache and pe
 the median of --repeat rounds. Building: items/s and CPU seconds per item (re-encoding to the bounded size).
 
 Per pass it records the wall time, the CPU seconds of this process and its DataLoader workers (so CPU ms
-per image, the per-core cost, which load disturbs less than the wall time) and the load average at its start.
-Goal row: shard images/s / file images/s >= 1.0. Every row prints the load it was measured under; a row
-whose passes started above one runnable process per core is "not comparable", whatever its ratio.
+per image, the per-core cost, which load disturbs less than the wall time) and the rest of the machine's
+runnable tasks meanwhile (benchmarks/measure.py). Goal rows: shard images/s / file images/s >= 1.0, idle
+and under load (--loaded busy processes, default half the cores); a row in which the rest of the machine
+kept more than one task per core runnable is "not comparable", whatever its ratio.
 
 The per-item CPU costs are what the whole-dataset estimates in docs/ scale from.
 
@@ -31,28 +32,28 @@ import measure  # noqa: E402  (benchmarks/measure.py)
 GOAL = 1.0
 
 
-def children_cpu() -> float:
-    """CPU seconds of this process's live children (the persistent DataLoader workers)."""
-    me, total = os.getpid(), 0.0
+def children() -> list[int]:
+    """The pids of this process's live children (the persistent DataLoader workers)."""
+    me, pids = os.getpid(), []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
-                total += measure.process_cpu(int(stat.parent.name))
+                pids.append(int(stat.parent.name))
         except (OSError, ValueError, IndexError):
             pass
-    return total
+    return pids
 
 
 def timed_pass(batches, order) -> tuple[measure.Run, int]:
-    """One full evaluation-order pass: (its Run, images read)."""
-    load_at, busy = measure.load(), measure._busy_seconds()
-    cpu = time.process_time() + children_cpu()
+    """One full evaluation-order pass: (its Run, images read), with the rest of the machine sampled meanwhile."""
+    workers = children()
+    own = lambda: time.process_time() + sum(measure.process_cpu(pid) for pid in workers)  # noqa: E731
+    load_at, cpu = measure.load(), own()
     started = time.perf_counter()
-    n = sum(len(y) for _, y in batches.iterate(order))
+    with measure.watching(lambda: {os.getpid(), *workers}) as others:
+        n = sum(len(y) for _, y in batches.iterate(order))
     seconds = time.perf_counter() - started
-    cpu = time.process_time() + children_cpu() - cpu
-    others = max(0.0, (measure._busy_seconds() - busy - cpu) / seconds)
-    return measure.Run(seconds, 0.0, cpu, load_at, others), n
+    return measure.Run(seconds, 0.0, own() - cpu, load_at, others.mean), n
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for both readers")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--loaded", type=int, default=None,
+                   help="busy processes for the under-load row (default: half the cores; 0: the idle row only)")
     args = p.parse_args(argv or [])
     import torch
 
@@ -96,30 +99,41 @@ def main(argv: list[str] | None = None) -> dict:
                 run, n = timed_pass(readers[name], order)
                 assert n == len(items), (name, n)
                 print(f"  {name:6s} {n / run.seconds:7.1f} images/s  {1000 * run.cpu_s / n:6.2f} ms CPU/image  "
-                      f"load {run.load:4.1f} others {run.others:3.1f} cores", flush=True)
+                      f"others {run.others:3.1f} runnable, load average {run.load:4.1f}", flush=True)
                 return run
             return one
 
-        series = measure.interleave({name: contestant(name) for name in readers}, args.repeat)
-        del readers
-    shard_s, file_s = series["shards"], series["files"]
-    shard_rate, file_rate = len(items) / shard_s.seconds, len(items) / file_s.seconds
-    cpu_ms = {name: 1000 * statistics.median(r.cpu_s for r in s.runs) / len(items) for name, s in series.items()}
+        measured = {}
+        for condition, spinners in measure.conditions(args.loaded).items():
+            if condition == "idle" or spinners:
+                print(f"{condition}" + (f" ({spinners} busy processes)" if spinners else ""), flush=True)
+                with measure.busy(spinners):
+                    measured[condition] = measure.interleave({name: contestant(name) for name in readers}, args.repeat)
+        readers.clear()
     report = {
         "items": args.items, "source_px": args.size, "max_side": 2 * args.image_size, "workers": args.workers,
         "build_items_per_s": round(stats["items"] / build_s, 1), "build_cpu_ms_per_item": round(1000 * build_cpu / stats["items"], 1),
         "source_kb_per_item": round(src_bytes / args.items / 1024, 1), "shard_kb_per_item": round(stats["bytes"] / stats["items"] / 1024, 1),
-        "read_shards_images_per_s": round(shard_rate, 1), "read_files_images_per_s": round(file_rate, 1),
-        "read_shards_cpu_ms_per_image": round(cpu_ms["shards"], 2), "read_files_cpu_ms_per_image": round(cpu_ms["files"], 2),
-        "load": max(shard_s.load, file_s.load), "machine": measure.machine(),
+        "machine": measure.machine(), "conditions": {},
     }
+    rows = []
+    for condition, series in measured.items():
+        shard_s, file_s = series["shards"], series["files"]
+        shard_rate, file_rate = len(items) / shard_s.seconds, len(items) / file_s.seconds
+        cpu_ms = {name: 1000 * statistics.median(r.cpu_s for r in s.runs) / len(items) for name, s in series.items()}
+        report["conditions"][condition] = {
+            "read_shards_images_per_s": round(shard_rate, 1), "read_files_images_per_s": round(file_rate, 1),
+            "read_shards_cpu_ms_per_image": round(cpu_ms["shards"], 2), "read_files_cpu_ms_per_image": round(cpu_ms["files"], 2),
+            "others": max(shard_s.others, file_s.others), "load": max(shard_s.load, file_s.load)}
+        note = (f"{shard_rate:.0f} vs {file_rate:.0f} images/s, {cpu_ms['shards']:.1f} vs {cpu_ms['files']:.1f} ms CPU/image, "
+                f"{args.workers} workers, {args.image_size} px from {args.size} px; {measure.load_note(shard_s, file_s)}")
+        rows.append({"name": f"shard reader vs file reader (images/s), {condition}", "ratio": shard_rate / file_rate,
+                     "goal": GOAL, "note": note, "comparable": measure.comparable(shard_s, file_s), "condition": condition})
+        if condition == "idle":
+            rows.append({"name": "shard reader vs file reader (CPU per image)", "ratio": cpu_ms["files"] / cpu_ms["shards"],
+                         "goal": None, "note": f"build {report['build_cpu_ms_per_item']} ms CPU/item",
+                         "comparable": measure.comparable(shard_s, file_s)})
     print(json.dumps(report, indent=2))
-    note = (f"{shard_rate:.0f} vs {file_rate:.0f} images/s, {cpu_ms['shards']:.1f} vs {cpu_ms['files']:.1f} ms CPU/image, "
-            f"{args.workers} workers, {args.image_size} px from {args.size} px; {measure.load_note(shard_s, file_s)}")
-    rows = [{"name": "shard reader vs file reader (images/s)", "ratio": shard_rate / file_rate, "goal": GOAL,
-             "note": note, "comparable": measure.comparable(shard_s, file_s)},
-            {"name": "shard reader vs file reader (CPU per image)", "ratio": cpu_ms["files"] / cpu_ms["shards"], "goal": None,
-             "note": f"build {report['build_cpu_ms_per_item']} ms CPU/item", "comparable": measure.comparable(shard_s, file_s)}]
     return {**rows[0], "rows": rows, "report": report}
 
 

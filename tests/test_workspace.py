@@ -204,3 +204,25 @@ def test_no_accepted_id_leaves_its_folder():
         assert (folder / f"{ident}.jpg").resolve().parent == folder and "/" not in ident and ".." not in ident
 
     check()
+
+
+def test_temp_files_beside_a_path_are_new_and_distinct_from_many_threads(tmp_path, monkeypatch):
+    """temp_beside replaced mkstemp (its random names cost more than a fetch's small writes): still O_EXCL,
+    still one name per call, and a leftover file that has the next name is stepped over, never reused."""
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bincount import workspace
+
+    target = tmp_path / "x.jpg"
+    with ThreadPoolExecutor(16) as pool:
+        made = list(pool.map(lambda _: workspace.temp_beside(target), range(400)))
+    for fd, _ in made:
+        os.close(fd)
+    assert len({name for _, name in made}) == 400 and all(Path(n).parent == tmp_path for _, n in made)
+    monkeypatch.setattr(workspace, "_TEMP_NAMES", itertools.count(10_000))
+    leftover = tmp_path / f".x.jpg.{os.getpid()}-{workspace._TEMP_TAG}-10000.part"
+    leftover.write_bytes(b"from a killed run")
+    fd, name = workspace.temp_beside(target)
+    os.close(fd)
+    assert name.endswith("-10001.part") and leftover.read_bytes() == b"from a killed run"

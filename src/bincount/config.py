@@ -63,7 +63,8 @@ class DataSettings(Section):
     ids: str | None = Field(None, description="an id range or list, e.g. \"1-5000\" or \"4,9915,100313\"")
     id_file: Path | None = Field(None, description="plain ids (one a line) or the capstone JSON {\"1\": [\"data/metadata/100313.json\", ...]}")
     balanced: bool = Field(False, description="equal numbers per count (labels are read first, then images fetched)")
-    workers: int = Field(64, ge=1, le=512, description="concurrent requests: sized for network latency (a GET waits tens of ms), not CPU")
+    workers: int | None = Field(None, ge=1, le=512, description="concurrent requests; default: 256 on S3 (sized for network "
+                                "latency: a GET waits tens of ms; s5cmd's default), 4 per core for a local folder")
     retries: int = Field(8, ge=1, le=50, description="attempts per object in all (botocore's retries with backoff on throttling "
                          "and connection errors, and a re-read of a body that broke off)")
     seed: int = Field(0, description="which items --balanced picks when a count has more than needed (--limit takes the lowest ids)")

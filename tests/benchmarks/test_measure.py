@@ -33,21 +33,45 @@ def test_a_childs_peak_rss_is_its_own_not_this_process(tmp_path):
 
 def test_runs_interleave_and_a_row_above_one_process_per_core_is_not_comparable(monkeypatch):
     fetch = load("fetch")
-    order, loads = [], iter([0.5, 0.5, 0.5, 0.5, 0.5, 9.0])
+    order, others = [], iter([0.5, 0.5, 0.5, 0.5, 0.5, 9.0])
 
     def contestant(name):
         def go(n):
             order.append((name, n))
-            return measure.Run(seconds={"a": 1.0, "b": 2.0}[name], rss_mib=1, cpu_s=0, load=next(loads), others=0)
+            return measure.Run(seconds={"a": 1.0, "b": 2.0}[name], rss_mib=1, cpu_s=0, load=0.5, others=next(others))
         return go
 
     series = measure.interleave({"a": contestant("a"), "b": contestant("b")}, 3)
     assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     monkeypatch.setattr(measure, "cores", lambda: 2)
     row = fetch.row("x", series["a"], series["b"], 0.8, "note")
-    assert row["ratio"] == 2.0 and row["comparable"] is False and "load 9.0" in row["note"] and "not comparable" in row["note"]
-    calm = measure.Series("c", [measure.Run(1.0, 1, 0, 1.5, 0)])
-    assert fetch.row("y", calm, calm, 0.8, "note")["comparable"] is True
+    assert row["ratio"] == 2.0 and row["comparable"] is False and "others 9.0" in row["note"] and "not comparable" in row["note"]
+    own_load = measure.Series("c", [measure.Run(1.0, 1, 0, load=2.6, others=1.2)])  # the load average counts our own
+    assert fetch.row("y", own_load, own_load, 0.8, "note")["comparable"] is True
+
+
+def test_others_counts_the_rest_of_the_machine_not_the_benchmarks_own_tasks():
+    """A spinning process is counted while it is someone else's, and not once it is the benchmark's own."""
+    import os
+
+    with measure.busy(1):
+        spinner = next(int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline") if b"while True: pass" in _read(p))
+        counted = measure.Others(lambda: {os.getpid()}, every=0)
+        mine = measure.Others(lambda: {os.getpid(), spinner}, every=0)
+        for _ in range(20):
+            counted.sample()
+            mine.sample()
+        assert counted.mean >= 1  # always runnable
+        assert mine.mean <= counted.mean - 1
+    assert not Path(f"/proc/{spinner}").exists()
+    assert measure.conditions() == {"idle": 0, "under load": max(1, measure.cores() // 2)}
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def test_run_all_shows_not_comparable_rows_as_neither_pass_nor_miss(monkeypatch, capsys):
@@ -74,8 +98,10 @@ def test_run_all_shows_not_comparable_rows_as_neither_pass_nor_miss(monkeypatch,
 
 def test_the_index_benchmark_runs_small_and_reports_rows_with_their_load():
     index = load("index")
-    out = index.main(["--items", "30", "--latency-ms", "1", "--repeat", "1", "--workers", "4"])
-    row = out["rows"][0]
-    assert out["name"] == "index" and out["goal"] == 0.8 and row["ratio"] > 0 and row["latency_ms"] == 1
-    assert "load" in row["note"] and isinstance(row["comparable"], bool) and row["load"] >= 0
-    assert out["latencies"][1.0]["client_cpu_ms_per_label"] > 0 and out["computed_full_bucket"]
+    out = index.main(["--items", "30", "--latency-ms", "1", "--repeat", "1", "--workers", "4", "--loaded", "1"])
+    idle, loaded = out["rows"]
+    assert out["name"] == "index" and out["goal"] == 0.8 and idle["ratio"] > 0 and idle["latency_ms"] == 1
+    assert (idle["condition"], loaded["condition"]) == ("idle", "under load") and loaded["name"].endswith("under load")
+    assert "others" in idle["note"] and isinstance(idle["comparable"], bool) and idle["load"] >= 0
+    assert loaded["others"] >= 0.5  # the busy process beside it was seen
+    assert out["latencies"]["idle"][1.0]["client_cpu_ms_per_label"] > 0 and out["computed_full_bucket"]

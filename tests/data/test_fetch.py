@@ -200,9 +200,10 @@ def test_benchmark_script_runs_small():
     spec = importlib.util.spec_from_file_location("bench_fetch", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = module.main(["--items", "12", "--small", "6", "--latency-ms", "1", "--repeat", "1", "--image-size", "64"])
+    out = module.main(["--items", "12", "--small", "6", "--latency-ms", "1", "--repeat", "1", "--image-size", "64",
+                       "--loaded", "0"])  # the under-load rows: tests/benchmarks/test_measure.py (index)
     assert out["name"] == "fetch" and out["goal"] == 0.8 and out["ratio"] > 0 and out["s5cmd_s"] > 0
-    assert out["peak_mib"]["fetch_large"] > 0 and out["rows"][0]["name"] == "fetch: bincount / s5cmd throughput"
+    assert out["peak_mib"]["fetch_large"] > 0 and out["rows"][0]["name"] == "fetch: bincount / s5cmd throughput, idle"
 
 
 # -- hostile input and faults: one-line errors, nothing lost --------------------------------------
@@ -402,3 +403,12 @@ def test_bad_endpoint_url_and_non_utf8_id_file_are_one_line(cli, one_line_error,
     one_line_error(cli("fetch", "--workdir", tmp_path, "--id-file", ids, "--source", str(tmp_path)), "not UTF-8")
     ids.write_text("[" * 30000)
     one_line_error(cli("fetch", "--workdir", tmp_path, "--id-file", ids, "--source", str(tmp_path)), "nested too deeply")
+
+
+def test_a_small_limit_keeps_few_requests_in_flight(make_settings, count_requests):
+    """256 requests in flight by default: a scan for --limit 3 would have started hundreds of GETs before it
+    stopped; in flight stays at max(8, limit), so at most 2 x 8 ids are tried past the first usable ones."""
+    calls, _ = count_requests
+    result = fetch(make_settings(data__workers=None, data__limit=3))
+    labels = [k for k in calls if k.startswith("metadata/")]
+    assert result.items == 3 and len(labels) <= 3 + 2 * 8

@@ -178,3 +178,17 @@ def test_bounded_map_keeps_the_bound_pulls_lazily_and_stops_on_request():
         assert sorted(r for _, r in bounded_map(abs, [-4, 5], 1, pool=pool)) == [4, 5]
     with pytest.raises(ZeroDivisionError):
         list(bounded_map(lambda n: 1 // n, [1, 0, 2], 2))
+
+
+def test_requests_in_flight_are_sized_for_latency_on_s3_and_per_core_for_a_folder(make_settings, synth_source):
+    """data.workers unset: 256 requests in flight on S3 (at 50 ms a GET, 64 capped a run at 1,280 GETs/s,
+    0.56x s5cmd in the index benchmark), 4 per core (at most 64) for a local folder; set, it is what it says."""
+    import os
+
+    from bincount.data.source import S3_WORKERS
+
+    bucket = open_source(make_settings(data__workers=None))
+    assert bucket.workers == S3_WORKERS == 256 and bucket.reader.connections == 256
+    assert open_source(make_settings(data__workers=12)).workers == 12
+    assert LocalSource(str(synth_source)).workers == min(64, 4 * (os.cpu_count() or 1))
+    assert open_source(make_settings(data__source=str(synth_source), data__workers=3)).workers == 3

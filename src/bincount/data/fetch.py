@@ -9,9 +9,9 @@
   after MAX_GAP consecutive ids without a label (the end of the bucket). --limit always keeps the
   lowest usable ids (in id order), so a run is deterministic; --balanced picks per count with
   data.seed, and replaces an item whose image is bad by a spare of the same count.
-- Concurrent (a thread pool of data.workers over the source's client, data/source.py: for anonymous
-  reads the lean client of data/s3get.py, else boto3), with botocore's retry rules: data.retries attempts per object in all, a re-read of a body that broke off
-  included. Bodies stream to a temp file that is renamed into place, so a file under its final name
+- Concurrent (a thread pool of the source's workers, data.workers or 256 on S3, over its client,
+  data/source.py: for anonymous reads the lean client of data/s3get.py, else boto3), with botocore's
+  retry rules: data.retries attempts per object in all, a re-read of a body that broke off included. Bodies stream to a temp file that is renamed into place, so a file under its final name
   is always complete; stale *.part files are removed.
   One os.sync() before the manifest is written replaces an fsync per file.
 - Resumable: present labels are read locally; a present image is trusted when the last manifest
@@ -25,7 +25,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -46,6 +49,9 @@ from bincount.workspace import Workspace, atomic_write_chunks, file_sha256, read
 MAX_GAP = 1000  # an id scan stops after this many consecutive ids without a label
 MAX_PIXELS = 25_000_000  # an image whose header claims more is refused before decoding (ABID photos are ~0.2 MP)
 MAX_IDS = 2_000_000  # --ids without --limit (every id is tried and reported) selects at most this many
+# Decodes at once: they are CPU work (more than the cores gain nothing), and each holds a decoded image, so
+# with 256 requests in flight the memory stays that of a few decodes, not of 256.
+DECODES = threading.BoundedSemaphore(2 * (os.cpu_count() or 1))
 
 
 class FetchResult(Result):
@@ -92,30 +98,37 @@ class Outcome:
     label_sha256: str | None = None
 
 
-def inspect_image(path: Path, sha256: str | None = None) -> dict:
+def inspect_image(path: Path, sha256: str | None = None, data: bytes | None = None) -> dict:
     """Decode the image once (PIL verify + load); return bytes, sha256, width, height or raise _BadImage.
 
     The size its header claims is checked first, without decoding: over MAX_PIXELS it is refused (a
-    2 KB JPEG can claim 12000x12000 and cost 600 MB to decode).
+    2 KB JPEG can claim 12000x12000 and cost 600 MB to decode). `data`: the file's bytes, when the caller
+    has them (no reading it back). A JPEG is decoded in draft mode (DCT scaling to 1/8): libjpeg still
+    decodes every coefficient of every scan, so a truncated or broken stream fails as in a full decode,
+    at about two thirds of the CPU.
     """
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise _BadImage(f"the header says {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit")
-            img.verify()
-        problem = scan_data_problem(path.read_bytes()) if img.format == "JPEG" else None
-        if problem:
-            raise _BadImage(problem)
-        with Image.open(path) as img:
-            img.load()
+        with DECODES:
+            raw = path.read_bytes() if data is None else data
+            with Image.open(io.BytesIO(raw)) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise _BadImage(f"the header says {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit")
+                img.verify()
+            problem = scan_data_problem(raw) if img.format == "JPEG" else None
+            if problem:
+                raise _BadImage(problem)
+            with Image.open(io.BytesIO(raw)) as img:
+                if img.format == "JPEG":
+                    img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+                img.load()
     except _BadImage:
         raise
     except Exception as exc:  # PIL raises many types for broken files
         raise _BadImage(f"{type(exc).__name__}: {exc}") from None
-    return {"bytes": path.stat().st_size, "sha256": sha256 or file_sha256(path), "width": width, "height": height}
+    return {"bytes": len(raw), "sha256": sha256 or hashlib.sha256(raw).hexdigest(), "width": width, "height": height}
 
 
 class Fetcher:
@@ -187,7 +200,8 @@ class Fetcher:
         if info is None:
             status = "fetched"
             try:
-                sha = self.source.read(mf.image_key(ident), lambda chunks: write_atomic(path, chunks))
+                kept: list[bytes] = []  # the body, kept to inspect it from memory (images are ~50 KB)
+                sha = self.source.read(mf.image_key(ident), lambda chunks: write_atomic(path, _keep(chunks, kept)))
             except Exception as exc:
                 if isinstance(exc, BincountError) or not is_request_error(exc):
                     raise
@@ -196,7 +210,7 @@ class Fetcher:
                 return Outcome(ident, "rejected", reason=mf.MISSING_IMAGE, count=out.count,
                                detail=f"no {mf.image_key(ident)} in the source")
             try:
-                info = inspect_image(path, sha)
+                info = inspect_image(path, sha, b"".join(kept) if kept else None)
             except _BadImage as exc:
                 path.unlink(missing_ok=True)
                 return Outcome(ident, "rejected", reason=mf.BAD_IMAGE, count=out.count, detail=str(exc))
@@ -209,6 +223,22 @@ class Fetcher:
     def item(self, ident: str) -> Outcome:
         out = self.label(ident)
         return self.image(out) if out.status == "labelled" else out
+
+
+def _keep(chunks: Iterable[bytes], kept: list[bytes], limit: int = 16 << 20) -> Iterator[bytes]:
+    """Pass chunks through, keeping them in `kept` up to `limit` bytes (beyond it: keep nothing, read back);
+    a new attempt (a body read again) starts afresh."""
+    kept.clear()
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size <= limit:
+            kept.append(chunk)
+        elif kept:
+            kept.clear()
+        yield chunk
+    if size > limit:
+        kept.clear()
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
@@ -341,7 +371,7 @@ def _balanced_known(fetcher: Fetcher, known: dict[int, list[str]], counts: list[
         task = bar.add_task("fetching", total=n * len(counts))
         while todo:
             retry: list[str] = []
-            for ident, out in bounded_map(fetcher.item, todo, data.workers):
+            for ident, out in bounded_map(fetcher.item, todo, fetcher.source.workers):
                 outcomes[ident] = out
                 if out.row is not None:
                     bar.advance(task)
@@ -389,6 +419,12 @@ def fetch(settings: Settings) -> FetchResult:
     return _finish(ws, source, outcomes, started)
 
 
+def in_flight(fetcher: Fetcher, limit: int | None) -> int:
+    """Requests in flight: the source's workers, but no more than --limit (at least 8): requests already
+    started when the limit is reached still complete, and 256 of them for `--limit 10` would be waste."""
+    return fetcher.source.workers if limit is None else min(fetcher.source.workers, max(8, limit))
+
+
 def _plain(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, data: DataSettings) -> list[Outcome]:
     """Label and image per id in one task; with --limit, the first `limit` usable ids in id order."""
     limit = data.limit
@@ -397,7 +433,8 @@ def _plain(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, data: DataS
     total = limit if limit is not None else len(ids)  # type: ignore[arg-type]
     with progress() as bar:
         task = bar.add_task("fetching", total=total)
-        for ident, out in bounded_map(fetcher.item, ids, data.workers, stop=lambda: limit is not None and len(usable) >= limit):
+        for ident, out in bounded_map(fetcher.item, ids, in_flight(fetcher, limit),
+                                      stop=lambda: limit is not None and len(usable) >= limit):
             outcomes[ident] = out
             if scan is not None and out.status != "absent":
                 scan.saw(ident)
@@ -427,7 +464,7 @@ def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: 
 
     with progress() as bar:
         task = bar.add_task("reading labels", total=None if scan is not None else len(ids))  # type: ignore[arg-type]
-        for ident, out in bounded_map(fetcher.label, ids, data.workers, stop=enough):
+        for ident, out in bounded_map(fetcher.label, ids, in_flight(fetcher, data.limit), stop=enough):
             outcomes[ident] = out
             if scan is not None and out.status != "absent":
                 scan.saw(ident)
@@ -457,7 +494,7 @@ def _balanced(fetcher: Fetcher, ids: Iterable[str], scan: _Scan | None, counts: 
         task = bar.add_task("fetching images", total=n * len(counts))
         while todo:
             retry: list[Outcome] = []
-            for _, out in bounded_map(fetcher.image, todo, data.workers):
+            for _, out in bounded_map(fetcher.image, todo, fetcher.source.workers):
                 outcomes[out.id] = out
                 if out.row is not None:
                     bar.advance(task)

@@ -1,7 +1,7 @@
 """`bincount index`: every bin of the source in one local table, <workdir>/index.sqlite.
 
-Two phases, both resumable (a rerun does only what is missing) and concurrent (data.workers, over the
-source's client, retries and bounded thread pool of data/source.py):
+Two phases, both resumable (a rerun does only what is missing) and concurrent (the source's workers:
+data.workers, else 256 on S3; over the source's client, retries and bounded thread pool of data/source.py):
 
 1. List bin-images/ and metadata/ (S3 returns 1,000 keys with their sizes per LIST call: ~540 calls
    per prefix for the whole ABID bucket, far cheaper than a HEAD per image). The listing is split by
@@ -266,7 +266,7 @@ def _index(settings: Settings) -> IndexResult:
         list_calls = 0
         with progress() as bar:
             task = bar.add_task("listing", total=2 * len(PREFIXES), completed=2 * len(PREFIXES) - len(todo))
-            for (kind, part), (keys, calls) in bounded_map(lambda job: _list_part(source, *job), todo, data.workers):
+            for (kind, part), (keys, calls) in bounded_map(lambda job: _list_part(source, *job), todo, source.workers):
                 if kind == mf.IMAGES:
                     db.executemany("INSERT INTO bins(id, num, image_bytes) VALUES (?, ?, ?) "
                                    "ON CONFLICT(id) DO UPDATE SET image_bytes = excluded.image_bytes",
@@ -302,7 +302,7 @@ def _index(settings: Settings) -> IndexResult:
         with progress() as bar:
             task = bar.add_task("reading labels", total=total)
             try:
-                for ident, (status, count, skus) in bounded_map(one, idx.pending(), data.workers):
+                for ident, (status, count, skus) in bounded_map(one, idx.pending(), source.workers):
                     batch.append((status, mf.MISSING_IMAGE, status, count, skus, ident))
                     read += 1
                     bar.advance(task)

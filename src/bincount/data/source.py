@@ -5,6 +5,9 @@
   LocalSource for a folder. Both list keys with their sizes (`list`) and read an object (`read`).
   S3Source reads anonymously (data.unsigned, no proxy) with the lean client of data/s3get.py (GET and
   LIST at a fifth of botocore's CPU, the same errors, retries and hooks), else with boto3.
+- Concurrency (`source.workers`): data.workers, else 256 requests in flight on S3 (sized for the
+  network's latency, not the cores: at 50 ms a GET, 64 in flight cap a run at 1,280 GETs/s whatever
+  the CPU; s5cmd's default is 256) and 4 per core for a local folder.
 - Retries are botocore's own (its retry config: backoff on throttling, 5xx and connection errors),
   with data.retries as the total number of attempts for one object: botocore's attempts and any
   re-read of a body that broke off while streaming (which botocore cannot retry) share that budget.
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -30,6 +34,8 @@ from bincount.errors import BincountError
 
 T = TypeVar("T")
 CHUNK = 256 * 1024
+S3_WORKERS = 256  # requests in flight on S3 by default: s5cmd's default; at 50-100 ms a request, ~2,500-5,000/s
+LOCAL_WORKERS_PER_CORE = 4  # a local folder: reads wait on the disk, not the network
 FATAL_CODES = {"NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                "AllAccessDisabled", "InvalidBucketName", "PermanentRedirect", "301"}
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -80,8 +86,9 @@ class S3Source:
         self.bucket, self.prefix = parse_s3_uri(data.source)
         self.endpoint = data.endpoint_url or "AWS S3"
         self.attempts = data.retries
+        self.workers = data.workers or S3_WORKERS
         # botocore's max_attempts counts the retries after the first attempt: data.retries attempts in all
-        self.client = s3_client(settings, source=True, max_pool_connections=data.workers, max_attempts=data.retries - 1,
+        self.client = s3_client(settings, source=True, max_pool_connections=self.workers, max_attempts=data.retries - 1,
                                 connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout)
         # An endpoint that accepts connections and never answers would otherwise cost retries x timeout per
         # request: once it has been silent for `stall_s`, the next timeout stops the run.
@@ -92,7 +99,7 @@ class S3Source:
         if s3get.usable(data.endpoint_url, data.unsigned):
             self.reader = s3get.PublicBucket(
                 self.bucket, endpoint_url=data.endpoint_url, region=self.client.meta.region_name,
-                connections=data.workers, connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout,
+                connections=self.workers, connect_timeout=min(5.0, data.timeout), read_timeout=data.timeout,
                 attempts=data.retries, on_attempt=self._on_attempt, events=self.client.meta.events,
                 service_model=self.client.meta.service_model)
 
@@ -185,9 +192,10 @@ def _chunks(resp: dict) -> Iterator[bytes]:
 class LocalSource:
     """A local folder in the bucket layout (bin-images/, metadata/), e.g. made by `bincount synth`."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, workers: int | None = None):
         self.root = Path(root).expanduser()
         self.uri = str(self.root)
+        self.workers = workers or min(64, LOCAL_WORKERS_PER_CORE * (os.cpu_count() or 1))
         if not self.root.is_dir():
             raise BincountError(f"source {root} is neither an s3://bucket/prefix URI nor an existing folder")
         if not (self.root / mf.IMAGES).is_dir() and not (self.root / mf.LABELS).is_dir():
@@ -217,7 +225,8 @@ Source = S3Source | LocalSource
 
 def open_source(settings: Settings) -> Source:
     """The source data.source names: an s3:// bucket (the data settings) or a local folder."""
-    return S3Source(settings) if settings.data.source.startswith("s3://") else LocalSource(settings.data.source)
+    data = settings.data
+    return S3Source(settings) if data.source.startswith("s3://") else LocalSource(data.source, data.workers)
 
 
 def read_label(source: Source, ident: str) -> bytes | None:
