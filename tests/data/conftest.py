@@ -82,24 +82,18 @@ def make_settings(s3_server, abid_bucket, tmp_path):
 @pytest.fixture
 def count_requests(monkeypatch):
     """Count S3 GetObject calls per key of every client bincount makes; optionally fail after N image GETs."""
-    import bincount.aws
+    from bincount.data.source import S3Source
 
-    real = bincount.aws.client
+    real = S3Source.get
     calls: list[str] = []
     fail_after = {"images": None}
 
-    def wrapped(*args, **kwargs):
-        client = real(*args, **kwargs)
+    def get(self, key):  # every GET of the source, whichever client makes it (boto3 or data/s3get.py)
+        calls.append(key)
+        limit = fail_after["images"]
+        if limit is not None and "bin-images/" in key and sum("bin-images/" in k for k in calls) > limit:
+            raise RuntimeError("simulated crash")
+        return real(self, key)
 
-        def before(params, **_):
-            key = params["Key"]
-            calls.append(key)
-            limit = fail_after["images"]
-            if limit is not None and "bin-images/" in key and sum("bin-images/" in k for k in calls) > limit:
-                raise RuntimeError("simulated crash")
-
-        client.meta.events.register("before-parameter-build.s3.GetObject", before)
-        return client
-
-    monkeypatch.setattr(bincount.aws, "client", wrapped)
+    monkeypatch.setattr(S3Source, "get", get)
     return calls, fail_after

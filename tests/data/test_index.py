@@ -22,25 +22,20 @@ def rows(workdir) -> dict[str, tuple]:
 @pytest.fixture
 def label_gets(monkeypatch):
     """Metadata GETs of every client bincount makes; interrupt["after"] = N raises KeyboardInterrupt after N."""
-    import bincount.aws
+    from bincount.data.source import S3Source
 
-    real = bincount.aws.client
+    real = S3Source.get
     calls: list[str] = []
     interrupt = {"after": None}
 
-    def wrapped(*args, **kwargs):
-        client = real(*args, **kwargs)
+    def get(self, key):  # every GET of the source, whichever client makes it (boto3 or data/s3get.py)
+        if "/metadata/" in f"/{key}":
+            calls.append(key)
+            if interrupt["after"] is not None and len(calls) > interrupt["after"]:
+                raise KeyboardInterrupt
+        return real(self, key)
 
-        def before(params, **_):
-            if "/metadata/" in f"/{params['Key']}":
-                calls.append(params["Key"])
-                if interrupt["after"] is not None and len(calls) > interrupt["after"]:
-                    raise KeyboardInterrupt
-
-        client.meta.events.register("before-parameter-build.s3.GetObject", before)
-        return client
-
-    monkeypatch.setattr(bincount.aws, "client", wrapped)
+    monkeypatch.setattr(S3Source, "get", get)
     return calls, interrupt
 
 

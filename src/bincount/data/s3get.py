@@ -14,9 +14,7 @@ does for what the stages use, so their error handling is the same:
   `attempts` tries in all as botocore's max_attempts; a kept-alive connection the server has closed is
   replaced at once without using a try;
 - follows S3's redirect to the bucket's region (x-amz-bucket-region), on AWS endpoints;
-- calls on_attempt(response=..., caught_exception=...) after every try, as botocore's needs-retry event,
-  and emits before-parameter-build.s3.GetObject on the given botocore event emitter first, so observers
-  of the boto3 client still see every read.
+- calls on_attempt(response=..., caught_exception=...) after every try, as botocore's needs-retry event.
 
 Addressing: path style on a custom endpoint (moto, MinIO, the benchmark server), virtual-hosted on AWS
 (https://<bucket>.s3.<region>.amazonaws.com). TLS verifies against botocore's CA bundle (or
@@ -63,12 +61,11 @@ class PublicBucket:
 
     def __init__(self, bucket: str, *, endpoint_url: str | None, region: str, connections: int = 32,
                  connect_timeout: float = 5.0, read_timeout: float = 10.0, attempts: int = 8,
-                 on_attempt: Callable[..., Any] | None = None, events: Any = None, service_model: Any = None,
-                 user_agent: str = "bincount"):
+                 on_attempt: Callable[..., Any] | None = None, user_agent: str = "bincount"):
         self.bucket, self.custom = bucket, bool(endpoint_url)
         self.connections, self.attempts = connections, max(1, attempts)
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.on_attempt, self.events, self.service_model = on_attempt, events, service_model
+        self.on_attempt = on_attempt
         self.headers = {"User-Agent": user_agent, "Accept-Encoding": "identity"}
         self._idle: deque[http.client.HTTPConnection] = deque()
         self._context: ssl.SSLContext | None = None
@@ -148,9 +145,6 @@ class PublicBucket:
 
     def _request(self, operation: str, params: dict, target: Callable[[], str]) -> tuple[Any, Any]:
         """A 200 answer to GET target() (called again after a redirect), with retries; else botocore's errors."""
-        if self.events is not None and self.service_model is not None:
-            self.events.emit(f"before-parameter-build.s3.{operation}", params=params,
-                             model=self.service_model.operation_model(operation), context={})
         redirected = False
         attempt = 0
         while True:
