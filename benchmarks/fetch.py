@@ -174,7 +174,9 @@ def row(name: str, ours: measure.Series, peer: measure.Series, goal: float | Non
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=1000)
-    parser.add_argument("--small", type=int, default=200, help="the smaller size for the memory comparison")
+    parser.add_argument("--small", type=int, default=400,
+                        help="the smaller size for the memory comparison: above the workers (256), so both runs have "
+                             "every thread; what grows from there grows with the items")
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[20.0, 50.0],
                         help="delay per request (S3-like first byte); one row per value")
     parser.add_argument("--workers", type=int, default=None, help="bincount's data.workers (default: its default)")

@@ -92,7 +92,7 @@ def others_running(own: set[int]) -> int:
                 parents[pid] = int(fh.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
-    mine = set(own) - {os.getpid()}
+    mine = set(own) - {os.getpid()} - SPINNERS
     grew = True  # add the descendants of `own`, a generation at a time
     while grew:
         joined = {pid for pid, parent in parents.items() if parent in mine and pid not in mine}
@@ -250,11 +250,15 @@ def load_note(*series: Series) -> str:
     return f"others {others:.1f} runnable (load average {worst:.1f}, the benchmark's own included{verdict})"
 
 
+SPINNERS: set[int] = set()  # the pids busy() runs now: the load, never the benchmark's own
+
+
 @contextmanager
 def busy(n: int) -> Iterator[None]:
     """n processes spinning on a core each while the block runs: a machine under load (0: nothing)."""
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
                 for _ in range(n)]
+    SPINNERS.update(s.pid for s in spinners)
     try:
         if spinners:
             time.sleep(0.5)  # all of them running before the first measurement
@@ -263,6 +267,7 @@ def busy(n: int) -> Iterator[None]:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+            SPINNERS.discard(spinner.pid)
 
 
 def conditions(loaded: int | None = None) -> dict[str, int]:

@@ -33,11 +33,11 @@ GOAL = 1.0
 
 
 def children() -> list[int]:
-    """The pids of this process's live children (the persistent DataLoader workers)."""
+    """The pids of this process's live children (the persistent DataLoader workers; not busy()'s spinners)."""
     me, pids = os.getpid(), []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me and int(stat.parent.name) not in measure.SPINNERS:
                 pids.append(int(stat.parent.name))
         except (OSError, ValueError, IndexError):
             pass
