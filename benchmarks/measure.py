@@ -81,40 +81,40 @@ def others_running(own: set[int]) -> int:
     """Runnable tasks (threads) now of every process outside `own` and their descendants (the benchmark's:
     the child it measures and what that starts, the S3 server), and outside this process (but not its other
     children: the busy processes of busy() are the load), from /proc."""
-    parents: dict[int, int] = {}
+    return count_others(processes(), own, os.getpid())
+
+
+def processes() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, threads running or runnable now)} of every process, from /proc."""
+    found: dict[int, tuple[int, int]] = {}
     try:
         pids = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
     except OSError:
-        return 0
+        return found
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
-                parents[pid] = int(fh.read().rsplit(b")", 1)[1].split()[1])
+                parent = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            running = 0
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                    running += fh.read().rsplit(b")", 1)[1][1:2] == b"R"
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
-    mine = set(own) - {os.getpid()} - SPINNERS
+        found[pid] = (parent, running)
+    return found
+
+
+def count_others(found: dict[int, tuple[int, int]], own: set[int], me: int) -> int:
+    """The running threads in `found` outside `me` and outside `own` with all their descendants (busy()'s
+    spinners are never own, even as children of `me`)."""
+    mine = set(own) - {me} - SPINNERS
     grew = True  # add the descendants of `own`, a generation at a time
     while grew:
-        joined = {pid for pid, parent in parents.items() if parent in mine and pid not in mine}
+        joined = {pid for pid, (parent, _) in found.items() if parent in mine and pid not in mine}
         mine |= joined
         grew = bool(joined)
-    mine.add(os.getpid())
-    running = 0
-    for pid in parents:
-        if pid in mine:
-            continue
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
-                    state = fh.read().rsplit(b")", 1)[1][1:2]
-            except (OSError, IndexError):
-                continue
-            running += state == b"R"
-    return running
+    return sum(running for pid, (_, running) in found.items() if pid not in mine and pid != me)
 
 
 class Others:

@@ -412,3 +412,16 @@ def test_a_small_limit_keeps_few_requests_in_flight(make_settings, count_request
     result = fetch(make_settings(data__workers=None, data__limit=3))
     labels = [k for k in calls if k.startswith("metadata/")]
     assert result.items == 3 and len(labels) <= 3 + 2 * 8
+
+
+def test_a_body_is_kept_for_inspection_only_up_to_its_cap_and_afresh_on_a_reread():
+    """fetch inspects an image from the bytes it streamed; a bigger body is read back from disk instead, so
+    256 requests in flight hold at most 256 x KEEP_BYTES whatever a bucket serves."""
+    from bincount.data.fetch import _keep
+
+    kept: list[bytes] = []
+    assert b"".join(_keep(iter([b"a" * 10, b"b" * 10]), kept, limit=25)) == b"a" * 10 + b"b" * 10
+    assert kept == [b"a" * 10, b"b" * 10]
+    assert b"".join(_keep(iter([b"c" * 10]), kept, limit=25)) == b"c" * 10 and kept == [b"c" * 10]  # a re-read
+    assert b"".join(_keep(iter([b"a" * 10, b"b" * 10, b"c" * 10]), kept, limit=25)) == b"a" * 10 + b"b" * 10 + b"c" * 10
+    assert kept == []

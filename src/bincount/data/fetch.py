@@ -200,7 +200,7 @@ class Fetcher:
         if info is None:
             status = "fetched"
             try:
-                kept: list[bytes] = []  # the body, kept to inspect it from memory (images are ~50 KB)
+                kept: list[bytes] = []  # the body, kept to inspect it from memory (see _keep)
                 sha = self.source.read(mf.image_key(ident), lambda chunks: write_atomic(path, _keep(chunks, kept)))
             except Exception as exc:
                 if isinstance(exc, BincountError) or not is_request_error(exc):
@@ -225,9 +225,12 @@ class Fetcher:
         return self.image(out) if out.status == "labelled" else out
 
 
-def _keep(chunks: Iterable[bytes], kept: list[bytes], limit: int = 16 << 20) -> Iterator[bytes]:
-    """Pass chunks through, keeping them in `kept` up to `limit` bytes (beyond it: keep nothing, read back);
-    a new attempt (a body read again) starts afresh."""
+KEEP_BYTES = 512 * 1024  # a body up to this is inspected from memory (ABID images are ~50 KB), a bigger one read back
+
+
+def _keep(chunks: Iterable[bytes], kept: list[bytes], limit: int = KEEP_BYTES) -> Iterator[bytes]:
+    """Pass chunks through, keeping them in `kept` up to `limit` bytes (beyond it: keep nothing, read back, so
+    256 requests in flight hold at most 128 MiB whatever the objects); a body read again starts afresh."""
     kept.clear()
     size = 0
     for chunk in chunks:

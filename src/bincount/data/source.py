@@ -4,7 +4,7 @@
 - `open_source(settings)`: S3Source for s3://bucket[/prefix] (anonymous unless data.unsigned is false),
   LocalSource for a folder. Both list keys with their sizes (`list`) and read an object (`read`).
   S3Source reads anonymously (data.unsigned, no proxy) with the lean client of data/s3get.py (GET and
-  LIST at a fifth of botocore's CPU, the same errors, retries and hooks), else with boto3.
+  LIST at a fifth of botocore's CPU, the same errors and retries; no boto3 client is made), else with boto3.
 - Concurrency (`source.workers`): data.workers, else 256 requests in flight on S3 (sized for the
   network's latency, not the cores: at 50 ms a GET, 64 in flight cap a run at 1,280 GETs/s whatever
   the CPU; s5cmd's default is 256) and 4 per core for a local folder.
