@@ -103,8 +103,12 @@ def drop(folder: Path | None) -> None:
 
 
 def load_checkpoint(folder: Path | None, dist: Dist, expected: dict) -> dict | None:
-    """The checkpoint to resume, or None: one written for other hyperparameters or data is named and ignored."""
+    """The checkpoint to resume, or None: one written for other hyperparameters or data is named and ignored.
+    A write a killed run left unfinished (its temp file) is removed: on SageMaker the checkpoint folder is
+    synced to S3 and restored into every job sharing the prefix, so it would travel on for ever."""
     ckpt = None
+    if dist.main and folder is not None:
+        (folder / f".{CHECKPOINT}.part").unlink(missing_ok=True)
     if dist.main and folder is not None and (folder / CHECKPOINT).is_file():
         path = folder / CHECKPOINT
         try:
