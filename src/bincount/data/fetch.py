@@ -11,8 +11,9 @@
   data.seed, and replaces an item whose image is bad by a spare of the same count.
 - Concurrent (a thread pool of the source's workers, data.workers or 256 on S3, over its client,
   data/source.py: for anonymous reads the lean client of data/s3get.py, else boto3), with botocore's
-  retry rules: data.retries attempts per object in all, a re-read of a body that broke off included. Bodies stream to a temp file that is renamed into place, so a file under its final name
-  is always complete; stale *.part files are removed.
+  retry rules: data.retries attempts per object in all, a re-read of a body that broke off included.
+  Bodies stream to a temp file that is renamed into place, so a file under its final name is always
+  complete; stale *.part files are removed.
   One os.sync() before the manifest is written replaces an fsync per file.
 - Resumable: present labels are read locally; a present image is trusted when the last manifest
   lists it with the same size (no decoding), else when it decodes; only the rest is downloaded.
@@ -110,8 +111,8 @@ def inspect_image(path: Path, sha256: str | None = None, data: bytes | None = No
     from PIL import Image
 
     try:
+        raw = path.read_bytes() if data is None else data
         with DECODES:
-            raw = path.read_bytes() if data is None else data
             with Image.open(io.BytesIO(raw)) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
@@ -237,11 +238,9 @@ def _keep(chunks: Iterable[bytes], kept: list[bytes], limit: int = KEEP_BYTES) -
         size += len(chunk)
         if size <= limit:
             kept.append(chunk)
-        elif kept:
+        elif kept:  # over the limit: nothing kept from here on (size only grows)
             kept.clear()
         yield chunk
-    if size > limit:
-        kept.clear()
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes]) -> str:

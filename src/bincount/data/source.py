@@ -81,7 +81,7 @@ class S3Source:
     def __init__(self, settings: Settings):
         from bincount.aws import parse_s3_uri, resolve_region
 
-        data = self.data = settings.data
+        data = settings.data
         self.settings = settings
         self.uri = data.source.rstrip("/")
         self.bucket, self.prefix = parse_s3_uri(data.source)
@@ -110,7 +110,7 @@ class S3Source:
 
         with self._client_lock:
             if self._client is None:
-                data = self.data  # botocore's max_attempts counts the retries after the first: data.retries in all
+                data = self.settings.data  # botocore's max_attempts counts the retries after the first: data.retries in all
                 client = s3_client(self.settings, source=True, max_pool_connections=self.workers,
                                    max_attempts=data.retries - 1, connect_timeout=min(5.0, data.timeout),
                                    read_timeout=data.timeout)
