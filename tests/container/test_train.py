@@ -378,6 +378,7 @@ def test_a_checkpoint_of_other_data_or_without_a_fingerprint_is_not_resumed(tmp_
     dist = loop.Dist()
     torch.save({"epoch": 1, "fingerprint": expected}, tmp_path / checkpoints.CHECKPOINT)
     (tmp_path / f".{checkpoints.CHECKPOINT}.part").write_bytes(b"a write a kill cut short")
+    assert checkpoints.unfinished(tmp_path / checkpoints.CHECKPOINT) == tmp_path / f".{checkpoints.CHECKPOINT}.part"
     assert checkpoints.load_checkpoint(tmp_path, dist, expected)["epoch"] == 1
     assert not (tmp_path / f".{checkpoints.CHECKPOINT}.part").exists()  # removed, not synced on to other jobs
     other_data = checkpoints.fingerprint(train.parse_args(["--train", str(channels["val"]), "--val", str(channels["val"])]), None)

@@ -23,8 +23,13 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT = 2  # 2: the EMA is torch's AveragedModel state (1, unrecorded: a hand-rolled state dict)
 
 
+def unfinished(path: Path) -> Path:
+    """The temp file a checkpoint is written to before it is renamed to `path`."""
+    return path.with_name(f".{path.name}.part")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.part")
+    tmp = unfinished(path)
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -107,10 +112,10 @@ def load_checkpoint(folder: Path | None, dist: Dist, expected: dict) -> dict | N
     A write a killed run left unfinished (its temp file) is removed: on SageMaker the checkpoint folder is
     synced to S3 and restored into every job sharing the prefix, so it would travel on for ever."""
     ckpt = None
-    if dist.main and folder is not None:
-        (folder / f".{CHECKPOINT}.part").unlink(missing_ok=True)
-    if dist.main and folder is not None and (folder / CHECKPOINT).is_file():
-        path = folder / CHECKPOINT
+    path = folder / CHECKPOINT if folder is not None else None
+    if dist.main and path is not None:
+        unfinished(path).unlink(missing_ok=True)
+    if dist.main and path is not None and path.is_file():
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt: a stream-reader error, an EOFError, ...
@@ -119,7 +124,7 @@ def load_checkpoint(folder: Path | None, dist: Dist, expected: dict) -> dict | N
                              f"(mv {path} {path}.bad) to train this run again from epoch 1") from None
         found = ckpt.get("fingerprint") if isinstance(ckpt, dict) else None
         if found != expected:
-            log(f"not resuming {folder / CHECKPOINT}: {mismatch(found, expected)}; starting fresh")
+            log(f"not resuming {path}: {mismatch(found, expected)}; starting fresh")
             ckpt = None
     return dist.broadcast(ckpt)
 
