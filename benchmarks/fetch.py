@@ -204,8 +204,6 @@ def main(argv: list[str] | None = None) -> dict:
         rate = lambda seconds: len(keys) / seconds  # noqa: E731 - objects per second
 
         for condition, spinners in measure.conditions(args.loaded).items():
-            if condition != "idle" and not spinners:
-                continue
             for latency in args.latency_ms:
                 server = Server(tmp / "source", latency)
                 work = tmp / f"{condition.replace(' ', '-')}-{latency:g}ms"

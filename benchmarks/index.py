@@ -96,8 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
         make_source(tmp / "source", args.items)
         print(f"{args.items} labels and image placeholders; {measure.machine()}", flush=True)
         for condition, spinners in measure.conditions(args.loaded).items():
-            if condition != "idle" and not spinners:
-                continue
             for latency in args.latency_ms:
                 server = Server(tmp / "source", latency, bucket=BUCKET)
                 work = tmp / f"{condition.replace(' ', '-')}-{latency:g}ms"

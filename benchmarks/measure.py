@@ -271,5 +271,7 @@ def busy(n: int) -> Iterator[None]:
 
 
 def conditions(loaded: int | None = None) -> dict[str, int]:
-    """The machine states every goal row is measured in: idle, and busy with half the cores taken."""
-    return {"idle": 0, "under load": loaded if loaded is not None else max(1, cores() // 2)}
+    """The machine states every goal row is measured in (name: busy processes): idle, and busy with half the
+    cores taken (`loaded` busy processes where given; 0 leaves the under-load rows out)."""
+    spinners = loaded if loaded is not None else max(1, cores() // 2)
+    return {"idle": 0, **({"under load": spinners} if spinners else {})}

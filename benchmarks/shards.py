@@ -34,14 +34,8 @@ GOAL = 1.0
 
 def children() -> list[int]:
     """The pids of this process's live children (the persistent DataLoader workers; not busy()'s spinners)."""
-    me, pids = os.getpid(), []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me and int(stat.parent.name) not in measure.SPINNERS:
-                pids.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    return pids
+    me = os.getpid()
+    return [pid for pid, (parent, _) in measure.processes().items() if parent == me and pid not in measure.SPINNERS]
 
 
 def timed_pass(batches, order) -> tuple[measure.Run, int]:
@@ -105,10 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         measured = {}
         for condition, spinners in measure.conditions(args.loaded).items():
-            if condition == "idle" or spinners:
-                print(f"{condition}" + (f" ({spinners} busy processes)" if spinners else ""), flush=True)
-                with measure.busy(spinners):
-                    measured[condition] = measure.interleave({name: contestant(name) for name in readers}, args.repeat)
+            print(f"{condition}" + (f" ({spinners} busy processes)" if spinners else ""), flush=True)
+            with measure.busy(spinners):
+                measured[condition] = measure.interleave({name: contestant(name) for name in readers}, args.repeat)
         readers.clear()
     report = {
         "items": args.items, "source_px": args.size, "max_side": 2 * args.image_size, "workers": args.workers,

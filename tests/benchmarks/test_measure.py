@@ -69,6 +69,7 @@ def test_a_busy_process_is_counted_at_every_sample_and_gone_after():
         assert measure.processes()[spinner][0] == os.getpid()
     assert not Path(f"/proc/{spinner}").exists() and not measure.SPINNERS
     assert measure.conditions() == {"idle": 0, "under load": max(1, measure.cores() // 2)}
+    assert measure.conditions(3) == {"idle": 0, "under load": 3} and measure.conditions(0) == {"idle": 0}
 
 
 def test_run_all_shows_not_comparable_rows_as_neither_pass_nor_miss(monkeypatch, capsys):
