@@ -168,24 +168,33 @@ def test_workers_score_like_one_thread(cli, synth_source, tmp_path, random_model
         assert float(x["confidence"]) == pytest.approx(float(y["confidence"]), abs=1e-4)
 
 
-def test_interrupted_audit_resumes_without_rescoring(work, random_model, tmp_path, monkeypatch):
+def _interrupted_after_three_bins(work: Path, model: Path, monkeypatch) -> tuple:
+    """An in-process audit (one thread, one bin a chunk) interrupted as it starts its fourth bin: (settings,
+    the ids scored so far and by later runs, go() to let later runs through)."""
     from bincount.audit import local as audit_mod
     from bincount.config import load_settings
 
     settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
     scored: list[str] = []
+    stop = [True]
     real_score = audit_mod.ModelScorer.score
 
     def score(self, bins):
-        if len(scored) == 3 and stop:
+        if len(scored) == 3 and stop[0]:
             raise KeyboardInterrupt
         scored.extend(b.id for b in bins)
         return real_score(self, bins)
 
     monkeypatch.setattr(audit_mod.ModelScorer, "score", score)
-    stop = True
     with pytest.raises(KeyboardInterrupt):
-        audit_mod.audit(settings, model=random_model)
+        audit_mod.audit(settings, model=model)
+    return settings, scored, lambda: stop.__setitem__(0, False)
+
+
+def test_interrupted_audit_resumes_without_rescoring(work, random_model, tmp_path, monkeypatch):
+    from bincount.audit import local as audit_mod
+
+    settings, scored, go = _interrupted_after_three_bins(work, random_model, monkeypatch)
     partials = list((work / "reports" / "audit-partial").glob("*.jsonl"))
     assert len(partials) == 1 and len(partials[0].read_text().splitlines()) == 3
     assert not (work / "reports" / "audit.csv").exists()
@@ -193,7 +202,7 @@ def test_interrupted_audit_resumes_without_rescoring(work, random_model, tmp_pat
         fh.write('{"n": 5, "id": "torn')  # a line cut short by the interruption
 
     first, scored[:] = list(scored), []
-    stop = False
+    go()
     resumed = audit_mod.audit(settings, model=random_model)
     assert resumed.resumed == 3 and resumed.bins == 6
     assert sorted(first + scored) == ["00001", "00002", "00003", "00004", "00005", "00006"]  # each scored once
@@ -309,26 +318,12 @@ def test_a_resumed_audit_scores_again_the_images_that_changed(work, random_model
     from PIL import Image
 
     from bincount.audit import local as audit_mod
-    from bincount.config import load_settings
 
-    settings = load_settings(overrides={"workdir": str(work), "audit.workers": 1, "audit.chunk": 1, "audit.threads": 1})
-    scored: list[str] = []
-    real_score = audit_mod.ModelScorer.score
-
-    def score(self, bins):
-        if len(scored) == 3 and stop:
-            raise KeyboardInterrupt
-        scored.extend(b.id for b in bins)
-        return real_score(self, bins)
-
-    monkeypatch.setattr(audit_mod.ModelScorer, "score", score)
-    stop = True
-    with pytest.raises(KeyboardInterrupt):
-        audit_mod.audit(settings, model=random_model)
+    settings, scored, go = _interrupted_after_three_bins(work, random_model, monkeypatch)
     first, scored[:] = list(scored), []
     changed = first[1]
     Image.new("RGB", (40, 30), (255, 0, 0)).save(work / "raw" / "bin-images" / f"{changed}.jpg")  # same path
-    stop = False
+    go()
     resumed = audit_mod.audit(settings, model=random_model)
     assert resumed.resumed == 2 and resumed.bins == 6
     assert sorted(scored) == sorted({"00001", "00002", "00003", "00004", "00005", "00006"} - set(first) | {changed})

@@ -233,7 +233,14 @@ def test_a_label_nested_too_deeply_is_rejected_also_when_cached(make_settings):
     assert result.items == 3
 
 
-def test_an_image_whose_header_claims_absurd_dimensions_is_refused(make_settings, s3_server, abid_bucket):
+@pytest.mark.parametrize("ident, side, why", [
+    # over the pixel limit: refused from the header, before decoding
+    ("00301", 12000, "pixel limit"),
+    # 633 bytes claiming 5000x5000 (under the pixel limit) decode to grey rows without an error: refused as a bad
+    # image because its scan data cannot fill the frame (issue 22.14)
+    ("00302", 5000, "bytes of image data"),
+])
+def test_a_tiny_jpeg_claiming_a_big_frame_is_not_a_usable_bin(make_settings, s3_server, abid_bucket, ident, side, why):
     import io
 
     from PIL import Image
@@ -244,47 +251,19 @@ def test_an_image_whose_header_claims_absurd_dimensions_is_refused(make_settings
     Image.new("RGB", (8, 8)).save(buf, "JPEG")
     data = bytearray(buf.getvalue())
     sof = data.index(b"\xff\xc0")  # the frame header: height and width, big-endian, after length and precision
-    data[sof + 5:sof + 9] = (12000).to_bytes(2, "big") + (12000).to_bytes(2, "big")
+    data[sof + 5:sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")
     client = s3(s3_server)
-    client.put_object(Bucket="abid-test", Key="metadata/00301.json", Body=b'{"EXPECTED_QUANTITY": 1}')
-    client.put_object(Bucket="abid-test", Key="bin-images/00301.jpg", Body=bytes(data))
+    keys = [f"metadata/{ident}.json", f"bin-images/{ident}.jpg"]
+    client.put_object(Bucket="abid-test", Key=keys[0], Body=b'{"EXPECTED_QUANTITY": 1}')
+    client.put_object(Bucket="abid-test", Key=keys[1], Body=bytes(data))
     try:
-        settings = make_settings(data__ids="1,301")
+        settings = make_settings(data__ids=f"1,{int(ident)}")
         result = fetch(settings)
     finally:  # the bucket is shared by the session: leave it as the other tests (index: 127 bins) expect it
-        client.delete_objects(Bucket="abid-test", Delete={"Objects": [{"Key": "metadata/00301.json"},
-                                                                     {"Key": "bin-images/00301.jpg"}]})
-    assert result.items == 1 and reasons(settings.workdir) == {"00301": "bad_image"}
+        client.delete_objects(Bucket="abid-test", Delete={"Objects": [{"Key": key} for key in keys]})
+    assert result.items == 1 and reasons(settings.workdir) == {ident: "bad_image"}
     detail = read_jsonl(settings.workdir / "reports" / "fetch-rejects.jsonl")[0]["detail"]
-    assert "12000x12000" in detail and "pixel limit" in detail, detail
-
-
-def test_a_tiny_jpeg_claiming_a_big_frame_is_not_a_usable_bin(make_settings, s3_server, abid_bucket):
-    """633 bytes claiming 5000x5000 (under the pixel limit) decodes to grey rows without an error: refused
-    as a bad image because its scan data cannot fill the frame (issue 22.14)."""
-    import io
-
-    from PIL import Image
-
-    from .conftest import s3
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = (5000).to_bytes(2, "big") + (5000).to_bytes(2, "big")
-    client = s3(s3_server)
-    client.put_object(Bucket="abid-test", Key="metadata/00302.json", Body=b'{"EXPECTED_QUANTITY": 1}')
-    client.put_object(Bucket="abid-test", Key="bin-images/00302.jpg", Body=bytes(data))
-    try:
-        settings = make_settings(data__ids="1,302")
-        result = fetch(settings)
-    finally:  # the bucket is shared by the session: leave it as the other tests (index: 127 bins) expect it
-        client.delete_objects(Bucket="abid-test", Delete={"Objects": [{"Key": "metadata/00302.json"},
-                                                                     {"Key": "bin-images/00302.jpg"}]})
-    assert result.items == 1 and reasons(settings.workdir) == {"00302": "bad_image"}
-    detail = read_jsonl(settings.workdir / "reports" / "fetch-rejects.jsonl")[0]["detail"]
-    assert "5000x5000" in detail and "bytes of image data" in detail, detail
+    assert f"{side}x{side}" in detail and why in detail, detail
 
 
 def test_a_corrupt_image_of_the_right_size_is_not_trusted_on_resume(make_settings, synth_source):
