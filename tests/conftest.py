@@ -33,6 +33,18 @@ for _name in [n for n in os.environ if n.startswith("BINCOUNT_")]:
     del os.environ[_name]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def default_boto3_sessions_share_one_loader():
+    """moto's mock_aws sets boto3.DEFAULT_SESSION to None, so every test that uses it makes a new default
+    session (the SDK's Estimator and the tests' own boto3.client calls) and re-parses each service model: let
+    those sessions share bincount's loader (aws.session), as a user's one default session per process does."""
+    import boto3
+
+    from bincount import aws
+
+    boto3.setup_default_session = lambda **kw: setattr(boto3, "DEFAULT_SESSION", aws.session(**kw))
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API over HTTP on 127.0.0.1 (moto's ThreadedMotoServer); yields its endpoint URL."""

@@ -63,3 +63,21 @@ def test_region_rule_and_its_source(monkeypatch, tmp_path):
     assert job_region(load_settings(overrides={"s3.region": "eu-west-2"}, environ={})) == "eu-west-2"
     with pytest.raises(BincountError, match="s3.region=us-west-1 but the SageMaker jobs run in eu-west-2"):
         job_region(load_settings(overrides={"s3.region": "us-west-1"}, environ={}))
+
+
+def test_sessions_share_one_loader_so_a_service_model_is_parsed_once(monkeypatch):
+    """Each command's sessions (the SDK's, the clients') read a service model once per process, not per session."""
+    import botocore.loaders
+
+    from bincount import aws
+
+    parsed = []
+    real = botocore.loaders.JSONFileLoader.load_file
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file",
+                        lambda self, path: parsed.append(path) or real(self, path))
+    sessions = [aws.session("eu-west-1") for _ in range(3)]
+    clients = [s.client("sagemaker") for s in sessions] + [aws.client("sagemaker", region="us-west-2")]
+    assert sum("sagemaker" in p and "service-2" in p for p in parsed) <= 1
+    assert [c.meta.region_name for c in clients] == ["eu-west-1"] * 3 + ["us-west-2"]
+    paths = sessions[0]._loader.search_paths  # boto3 adds its data folder per Session: still once
+    assert len(paths) == len(set(paths))

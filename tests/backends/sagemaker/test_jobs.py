@@ -27,3 +27,23 @@ def test_the_sdk_config_is_still_validated_but_the_schema_is_not_checked_at_ever
         sagemaker.utils.get_sagemaker_config_value(None, TELEMETRY_OPT_OUT_PATH, sagemaker_config=config)
     with pytest.raises(jsonschema.ValidationError):
         sagemaker.session.validate_sagemaker_config({"SchemaVersion": "2.0"})
+
+
+def test_image_uri_lookups_read_the_endpoint_data_once(monkeypatch):
+    """The SDK builds a resolver from botocore's endpoints.json at every image URI lookup (80 ms each, several
+    per job): load_sdk keeps the first one, and the URIs stay what the SDK answers."""
+    import botocore.loaders
+
+    from bincount.backends.sagemaker.jobs import load_sdk
+
+    sagemaker = load_sdk()
+    reads = []
+    real = botocore.loaders.Loader.load_data
+    monkeypatch.setattr(botocore.loaders.Loader, "load_data",
+                        lambda self, name: reads.append(name) or real(self, name))
+    uris = {region: sagemaker.image_uris.retrieve("pytorch", region, version="2.3", py_version="py311",
+                                                  instance_type="ml.g5.xlarge", image_scope="training")
+            for region in ("us-east-1", "cn-north-1", "us-east-1")}
+    assert reads.count("endpoints") <= 1
+    assert uris["us-east-1"].endswith(".dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.3-gpu-py311")
+    assert ".dkr.ecr.cn-north-1.amazonaws.com.cn/" in uris["cn-north-1"]  # the partition's DNS suffix still applies

@@ -60,7 +60,17 @@ def load_sdk() -> Any:
                 handler.setStream(sys.stderr)
     logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
     _validate_config_with_one_validator(sagemaker)
+    _read_endpoints_once(sagemaker)
     return sagemaker
+
+
+def _read_endpoints_once(sagemaker: Any) -> None:
+    """The SDK reads and parses botocore's endpoints.json (80 ms of CPU) at every image URI lookup, several per
+    job or model: keep the resolver it builds from it (read-only data from the installed botocore)."""
+    import functools
+
+    if not hasattr(sagemaker.utils._botocore_resolver, "cache_info"):
+        sagemaker.utils._botocore_resolver = functools.cache(sagemaker.utils._botocore_resolver)
 
 
 def _validate_config_with_one_validator(sagemaker: Any) -> None:
