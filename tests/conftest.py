@@ -45,18 +45,34 @@ def default_boto3_sessions_share_one_loader():
     boto3.setup_default_session = lambda **kw: setattr(boto3, "DEFAULT_SESSION", aws.session(**kw))
 
 
+MOTO_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log lines in the stderr tests read
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks the port
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the test session ends (closes our stdin, or dies)
+server.stop()
+"""
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API over HTTP on 127.0.0.1 (moto's ThreadedMotoServer); yields its endpoint URL."""
-    import logging
+    """A real S3 API over HTTP on 127.0.0.1 (moto's ThreadedMotoServer) in its own process; yields its URL.
+    Its own process: the in-process mock_aws of the SageMaker tests resets moto's backends in this process,
+    and must not empty the buckets that other tests of the same xdist worker keep on this server."""
+    import subprocess
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log lines in the stderr tests read
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks the port: two
-    server.start()                                                                # xdist workers never race for one
-    yield "http://127.0.0.1:%d" % server.get_host_and_port()[1]
-    server.stop()
+    proc = subprocess.Popen([sys.executable, "-c", MOTO_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = proc.stdout.readline().strip()
+    assert port.isdigit(), f"the moto server did not start (exit {proc.poll()})"
+    yield f"http://127.0.0.1:{port}"
+    proc.stdin.close()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @pytest.fixture(scope="session")

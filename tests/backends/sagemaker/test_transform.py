@@ -22,6 +22,21 @@ BUCKET, ROLE = _sagemaker_tests.BUCKET, _sagemaker_tests.ROLE
 
 
 @pytest.fixture(scope="module")
+def s3_server():
+    """This module's S3 server runs in this process (not conftest's own process): it serves the same moto
+    backends as the in-process mock_aws of `sm`, so the bucket the SageMaker side made is the one read over HTTP."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log lines in the stderr tests read
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield "http://127.0.0.1:%d" % server.get_host_and_port()[1]
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> tuple[Path, Path]:
     """A model dir (random mobilenet, 32 px) and its model.tar.gz."""
     root = tmp_path_factory.mktemp("artifact")
