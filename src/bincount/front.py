@@ -15,14 +15,18 @@ head or body, so a body trickled at 1 byte every 5 s never times out. Here, as a
   keep-alive clients take turns with them. Slow clients hold only their own connection, never a thread;
 - request bodies held in memory (read, or waiting for a thread) are bounded by BODY_BUDGET bytes;
 - /ping never waits for the inference threads;
-- SIGTERM: connections queued in the listen backlog are taken, listening stops, idle keep-alive connections
-  close, and every request taken is answered (up to graceful_timeout_s).
+- SIGTERM: new connection attempts are dropped at the listener (Linux: a socket filter on bare SYNs; the
+  client's retry, a second later, is refused), handshakes already under way complete for SETTLE_S, what the
+  listen backlog holds is taken, listening stops, idle keep-alive connections close, and every request taken
+  is answered (up to graceful_timeout_s). No client is reset after its connect succeeded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,6 +39,34 @@ from bincount.http_answers import DRAIN_BYTES, MAX_BODY_BYTES, error_body, phras
 EVICT_AFTER_S = 1.0  # a connection this long without a whole request may give its place to a waiting client
 BODY_BUDGET = 128 * 1024 * 1024  # request body bytes held in memory at once
 MAX_HEAD_BYTES = 32 * 1024  # request line + headers; more is a 431
+SETTLE_S = 0.25  # on SIGTERM, how long handshakes already under way (one round trip) get to reach the backlog
+
+# A classic BPF socket filter (Linux SO_ATTACH_FILTER) that drops bare SYNs, new connection attempts: the TCP
+# flags byte (offset 13 of the TCP header) masked with SYN|ACK equal to SYN -> drop, anything else -> keep.
+DROP_BARE_SYN = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02), (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]
+SO_ATTACH_FILTER = 26
+
+
+class _Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Insn))]
+
+
+def refuse_new_connections(listener: socket.socket) -> bool:
+    """Drop new connection attempts at `listener` while the handshakes under way still complete into its
+    backlog (closing a listener resets what its backlog holds: clients that had connected). Linux only;
+    False where the filter cannot be attached."""
+    if not sys.platform.startswith("linux") or listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    insns = (_Insn * len(DROP_BARE_SYN))(*(_Insn(*insn) for insn in DROP_BARE_SYN))
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(_Program(len(insns), insns)))
+    except OSError:
+        return False
+    return True
 
 
 class Closed(Exception):
@@ -345,10 +377,13 @@ class Front:
         while self.worker.alive:
             self.worker.notify()
             await asyncio.sleep(0.2)
-        # stopping: take what is queued, stop listening, close idle keep-alive connections, answer the rest
+        # stopping: refuse new connections, take what is queued, stop listening, close idle keep-alive
+        # connections, answer the rest
         self.stopping = True
         for task in accepting:
             task.cancel()
+        if any([refuse_new_connections(listener) for listener in listeners]):
+            await asyncio.sleep(SETTLE_S)  # handshakes under way reach the backlog; new ones cannot
         for listener in listeners:
             self.take(listener)
             try:
