@@ -191,6 +191,19 @@ def test_every_epoch_is_a_permutation_and_no_reader_reads_a_shard_it_does_not_us
     assert orders[0] != orders[1] != orders[2]  # a new order every epoch
 
 
+def test_a_resumed_run_reads_each_epoch_in_the_order_an_uninterrupted_run_did(built):
+    """The pass order is seeded by the epoch train.py names, not by how many passes this reader made: a reader
+    made when a run resumes at epoch 3 reads epoch 3 as the first reader read it."""
+    dest, items = built
+    labels = lambda reader, **kw: [n for _, batch in reader.iterate([], True, **kw) for n in batch.tolist()]  # noqa: E731
+    whole = sh.ShardBatches(dest, 16, 8, 6, num_workers=0, seed=5, shuffle_buffer=4)
+    epochs = [labels(whole, epoch=e) for e in (1, 2, 3)]
+    resumed = sh.ShardBatches(dest, 16, 8, 6, num_workers=0, seed=5, shuffle_buffer=4)
+    assert labels(resumed, epoch=3) == epochs[2] != epochs[0]
+    counted = sh.ShardBatches(dest, 16, 8, 6, num_workers=0, seed=5, shuffle_buffer=4)  # no epoch: the next pass
+    assert [labels(counted) for _ in range(2)] == epochs[:2]
+
+
 def test_epoch_plan_covers_each_ranks_share_once_in_whole_batches():
     sizes = [7, 30, 1, 12, 50]
     for world, workers, batch in [(1, 4, 8), (3, 2, 5), (2, 8, 4), (4, 1, 3)]:

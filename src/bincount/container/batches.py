@@ -161,7 +161,8 @@ class Batches:
     def __len__(self) -> int:
         return len(self.items)
 
-    def iterate(self, order: list[int], drop_last_single: bool = False):
+    def iterate(self, order: list[int], drop_last_single: bool = False, epoch: int | None = None):
+        """Batches over `order` (already the epoch's: `epoch` is for the shard reader's interface)."""
         if drop_last_single and len(order) % self.batch_size == 1 and len(order) > 1:
             order = order[:-1]  # a batch of one breaks BatchNorm in training
         if self.cached:

@@ -181,12 +181,13 @@ def cpu_bf16() -> bool:
 
 def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, scaler, device: torch.device,
                 channels_last: bool, amp: bool, generator: torch.Generator | None, dist: Dist,
-                ema: AveragedModel | None = None, ticker: epochlog.StepTicker | None = None) -> float:
+                ema: AveragedModel | None = None, ticker: epochlog.StepTicker | None = None,
+                epoch: int | None = None) -> float:
     """One pass over `order`; the mean training loss (all ranks together). generator: augmentation, or None;
-    ticker: prints progress lines inside the epoch. The loss is summed on the device and read once at the end (no host sync per step)."""
+    ticker: prints progress lines inside the epoch; epoch: seeds a shard channel's order. The loss is summed on the device and read once at the end (no host sync per step)."""
     model.train()
     total, seen = torch.zeros((), device=device), 0
-    for images, labels in data.iterate(order, drop_last_single=True):
+    for images, labels in data.iterate(order, drop_last_single=True, epoch=epoch):
         x = to_input(images, device, channels_last, generator)
         y = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp):  # float16 on CUDA, bfloat16 on the CPU

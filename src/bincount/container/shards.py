@@ -526,10 +526,12 @@ class ShardBatches:
 
         return (td.get_rank(), td.get_world_size()) if td.is_available() and td.is_initialized() else (0, 1)
 
-    def iterate(self, order, drop_last_single: bool = False):
+    def iterate(self, order, drop_last_single: bool = False, epoch: int | None = None):
+        """A pass (see the class); `epoch` seeds a training pass's order (default: the pass after the last), so
+        a resumed run's epoch N reads in the order an uninterrupted run's epoch N did."""
         training = drop_last_single
         if training:
-            self.epoch += 1
+            self.epoch = self.epoch + 1 if epoch is None else epoch
         seed = self.seed * 1000003 + self.epoch if training else 0
         self.params[0], self.params[1] = seed, int(training)
         rank, world = self.dist

@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
         ticker = epochlog.StepTicker(epoch, math.ceil(len(order) / args.batch_size), PROGRESS_S) if dist.main else None
         train_loss = train_epoch(ddp, train_data, order, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                                  scaler=scaler, device=device, channels_last=channels_last, amp=amp, generator=aug,
-                                 dist=dist, ema=ema, ticker=ticker)
+                                 dist=dist, ema=ema, ticker=ticker, epoch=epoch)
         set_mode(hook, "eval")
         val = evaluate(kept, val_data, loss_fn, device, channels_last, amp, dist)
         metrics = {"train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
