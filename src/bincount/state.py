@@ -92,6 +92,7 @@ class SageMakerEndpoint(Record):
     config_name: str | None = None
     model_name: str | None = None
     model_ref: str | None = None  # the artifact before upload (sha256:<local file digest>, or its S3 URI)
+    serving: dict[str, Any] | None = None  # the deploy settings it runs with (endpoint.serving_settings)
 
 
 class SageMakerTransform(Record):

@@ -1028,6 +1028,43 @@ def test_deploy_a_new_model_updates_the_running_endpoint(sm, tmp_path, monkeypat
     assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 5} and "InstanceType" not in variant
 
 
+def test_redeploying_the_same_model_with_other_serving_settings_updates_the_endpoint(sm, tmp_path, monkeypatch):
+    """The same artifact with another image, instance type or count, or serverless capacity is not "already
+    deployed": each updates the endpoint (a new model and endpoint config); the same settings again change nothing."""
+    import io
+    import tarfile
+
+    import boto3
+
+    from bincount.backends.sagemaker import endpoint as sm_endpoint
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("meta.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key="a/model.tar.gz", Body=buf.getvalue())
+    updates = _update_endpoint_requests(monkeypatch)
+    model = {"deploy.model_data": f"s3://{BUCKET}/a/model.tar.gz"}
+    image = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312-ubuntu22.04-sagemaker"
+    assert sm_endpoint.deploy(make_settings(tmp_path, **model)).action == "created"
+    steps = [({"deploy.instance_type": "ml.c5.xlarge"}, {"InstanceType": "ml.c5.xlarge", "InitialInstanceCount": 1}),
+             ({"deploy.instance_type": "ml.c5.xlarge", "deploy.instance_count": 2}, {"InitialInstanceCount": 2}),
+             ({"deploy.instance_type": "ml.c5.xlarge", "deploy.instance_count": 2, "deploy.image_uri": image}, {}),
+             ({"deploy.mode": "serverless"}, {"ServerlessConfig": {"MemorySizeInMB": 4096, "MaxConcurrency": 5}}),
+             ({"deploy.mode": "serverless", "deploy.memory_size_mb": 2048},
+              {"ServerlessConfig": {"MemorySizeInMB": 2048, "MaxConcurrency": 5}})]
+    for n, (changed, variant) in enumerate(steps, 1):
+        result = sm_endpoint.deploy(make_settings(tmp_path, **model, **changed))
+        assert result.action == "updated" and len(updates) == n, changed
+        [sent] = sm.last("CreateEndpointConfig")["ProductionVariants"]
+        assert variant.items() <= sent.items(), (changed, sent)
+        again = sm_endpoint.deploy(make_settings(tmp_path, **model, **changed))
+        assert again.action == "already deployed" and len(updates) == n, changed
+    assert [c["PrimaryContainer"]["Image"] for c in sm.calls("CreateModel")].count(image) == 1  # the image step's
+    assert Workspace(tmp_path).state().endpoint.serving["memory_size_mb"] == 2048
+
+
 def test_status_does_not_overwrite_a_training_record_written_meanwhile(sm, tmp_path, monkeypatch, cli):
     """status adds the profiler report to the record as it is when it writes (under the state lock): a
     `train` that recorded a newer job meanwhile keeps its record (issue 22.2)."""

@@ -79,11 +79,21 @@ def model_ref(settings: Settings) -> str | None:
     return f"sha256:{file_sha256(Path(source))}" if Path(source).is_file() else None
 
 
+def serving_settings(d: Any) -> dict[str, Any]:
+    """The deploy settings an endpoint runs with: its image (or framework and Python versions), its mode and
+    that mode's capacity. A redeploy that changes any of them updates the endpoint."""
+    image = {"image_uri": d.image_uri} if d.image_uri else {"framework_version": d.framework_version,
+                                                            "py_version": d.py_version}
+    capacity = ({"memory_size_mb": d.memory_size_mb, "max_concurrency": d.max_concurrency} if d.mode == "serverless"
+                else {"instance_type": d.instance_type, "instance_count": d.instance_count})
+    return {"mode": d.mode, **image, **capacity}
+
+
 def deploy(settings: Settings) -> EndpointResult:
     """A PyTorchModel with container/inference.py on a real-time or serverless endpoint; waits until InService.
 
-    With the recorded endpoint running and another model (deploy --model NEW, or `runs --use` chose another run)
-    or mode, the endpoint is updated in place to a new endpoint config over a new model (UpdateEndpoint: it keeps
+    With the recorded endpoint running and another model (deploy --model NEW, or `runs --use` chose another run),
+    mode, image or capacity (serving_settings), the endpoint is updated in place to a new endpoint config over a new model (UpdateEndpoint: it keeps
     serving the old one until the new one is InService), and the old config and model are deleted."""
     jobs.load_sdk()
     import tempfile
@@ -104,8 +114,8 @@ def deploy(settings: Settings) -> EndpointResult:
         role = jobs.require_role(settings)
         image = jobs.check_image_uri(d.image_uri, aws.job_region, "deploy.image_uri") if d.image_uri else None
         status = _endpoint_status(sm, name) if live else None
-        ref = model_ref(settings)
-        if status and ref and live.model_ref == ref and live.mode == d.mode:
+        ref, serving = model_ref(settings), serving_settings(d)
+        if status and ref and live.model_ref == ref and _serves_as(live, serving):
             return EndpointResult(endpoint=name, status=status, mode=d.mode, config_name=live.config_name,
                                   model_name=live.model_name, model_data=live.model_data, action="already deployed")
         if not live:  # the credentials, and their SageMaker access, before any upload (a model is megabytes)
@@ -141,8 +151,13 @@ def deploy(settings: Settings) -> EndpointResult:
                             config_name=desc.get("EndpointConfigName"), model_name=model.name, model_data=model_data,
                             action="updated" if status else "created")
     ws.update_state(endpoint=SageMakerEndpoint(name=name, config_name=result.config_name, model_name=result.model_name,
-                                               mode=d.mode, model_data=model_data, model_ref=ref))
+                                               mode=d.mode, model_data=model_data, model_ref=ref, serving=serving))
     return result
+
+
+def _serves_as(live: SageMakerEndpoint, serving: dict[str, Any]) -> bool:
+    """Does the recorded endpoint run with these serving settings? (A record from before they were kept: its mode.)"""
+    return live.serving == serving if live.serving is not None else live.mode == serving["mode"]
 
 
 def _endpoint_status(sm: Any, name: str) -> str | None:
