@@ -212,8 +212,9 @@ class TrainSettings(Section):
     amp: bool = _hp("amp")
     use_best: bool = Field(False, description="train with the best tuning trial's hyperparameters (tuned and the rest "
                            "it ran with, e.g. image_size; train settings you set yourself win, with a note)")
-    keep_checkpoint: bool = Field(False, description="keep a finished run's (and tuning trial's) checkpoints/ "
-                                  "(optimizer state, ~2x the model); only an interrupted run needs it to resume")
+    keep_checkpoint: bool = Field(False, description="keep a finished run's (and tuning trial's) checkpoints: "
+                                  "checkpoints/ locally, the job's checkpoint prefix in S3 on SageMaker (optimizer "
+                                  "state, ~2x the model); only an interrupted run needs them to resume")
     wait: bool = Field(True, description="sagemaker backend: stream logs until the job ends")
 
     @field_validator("pretrained")

@@ -321,6 +321,28 @@ def test_on_sagemaker_a_diverged_job_takes_its_checkpoints_away(channels, tmp_pa
     assert not mine.exists() and (others / "checkpoint.pt").read_bytes() == b"another trial's"
 
 
+def test_keep_checkpoint_keeps_a_sagemaker_jobs_folder_when_the_job_is_over(tmp_path, monkeypatch):
+    """train.keep_checkpoint reaches a SageMaker job as --keep_checkpoint true: the job's folder (and so its copy
+    under the S3 prefix) stays; without it only this job's folder goes; locally drop never deletes."""
+    from bincount.container import checkpoints, train
+
+    folders = {job: tmp_path / job for job in ("job-a", "job-b")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(b"state")
+    monkeypatch.delenv("TRAINING_JOB_NAME", raising=False)
+    checkpoints.drop(folders["job-a"])
+    assert folders["job-a"].is_dir()  # locally: bincount decides after the run
+    monkeypatch.setenv("TRAINING_JOB_NAME", "job-a")
+    assert train.parse_args(["--keep_checkpoint", "true"]).keep_checkpoint is True
+    assert train.parse_args([]).keep_checkpoint is False
+    checkpoints.drop(folders["job-a"], keep=True)
+    assert folders["job-a"].is_dir()
+    checkpoints.drop(folders["job-b"])  # another job's folder: never this job's to delete
+    checkpoints.drop(folders["job-a"])
+    assert not folders["job-a"].exists() and folders["job-b"].is_dir()
+
+
 def test_a_truncated_checkpoint_names_the_file_and_how_to_restart(channels, tmp_path):
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / "checkpoint.pt"

@@ -94,14 +94,14 @@ def checkpoint_dir(path: str | None) -> Path | None:
     return Path(path) / job if job else Path(path)
 
 
-def drop(folder: Path | None) -> None:
+def drop(folder: Path | None, keep: bool = False) -> None:
     """On SageMaker, remove this job's checkpoint folder once the job is over (its model written, or its loss
-    diverged). SageMaker deletes what the container deletes from the checkpoint prefix too, so the trials of a
-    tuning job, which share one prefix and each get all of it restored at start, never download a finished
-    trial's checkpoint. A job name is never reused, so nothing could resume it. Locally the folder stays: a
-    later run with more epochs continues from it."""
+    diverged), unless `keep` (--keep_checkpoint). SageMaker deletes what the container deletes from the
+    checkpoint prefix too, so the trials of a tuning job, which share one prefix and each get all of it restored
+    at start, never download a finished trial's checkpoint. A job name is never reused, so nothing could resume
+    it. Locally the folder stays (bincount deletes it after the run unless train.keep_checkpoint)."""
     job = os.environ.get("TRAINING_JOB_NAME")
-    if folder is not None and job and folder.name == job and folder.is_dir():
+    if folder is not None and job and folder.name == job and folder.is_dir() and not keep:
         shutil.rmtree(folder, ignore_errors=True)
         log(f"removed this job's checkpoints ({folder}): the job is over, and the jobs that share its "
             "checkpoint prefix would download them")

@@ -112,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache_mb", type=int, default=4096, help="cache decoded images when they fit")
     p.add_argument("--augment", type=str2bool, default=True)
     p.add_argument("--checkpoint_dir", default=env("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints"))
+    p.add_argument("--keep_checkpoint", type=str2bool, default=False,
+                   help="on SageMaker, keep this job's checkpoint folder (and so its copy in S3) once the job is over")
     p.add_argument("--debugger_out_dir", default=env("DEBUGGER_OUT_DIR"), help="local smdebug hook output")
     p.add_argument("--debugger_interval", type=int, default=5, help="steps between saved tensors (local hook)")
     p.add_argument("--model_dir", default=env("SM_MODEL_DIR", "/opt/ml/model"))
@@ -269,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
         except UsageError:  # this job is over for good (a diverged tuning trial, typically)
             if writer is not None:
                 writer.close()
-            drop(ckpt_dir)
+            drop(ckpt_dir, args.keep_checkpoint)
             raise
         history.append({"epoch": epoch, **metrics})
         if better(metrics, best_metrics):
@@ -306,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
     if dist.main:
         write_model(args, best_state, best_metrics, history, started, precision, weights_record)
-        drop(ckpt_dir)  # on SageMaker: the job is done, its checkpoint leaves the (maybe shared) prefix
+        drop(ckpt_dir, args.keep_checkpoint)  # on SageMaker: the job is done, its checkpoint leaves the (maybe shared) prefix
     if hook is not None:
         try:
             hook.close()

@@ -806,6 +806,17 @@ def test_cleanup_deletes_what_bincount_made_after_one_confirmation(sm, tmp_path,
     client = boto3.client("sagemaker", region_name="us-east-1")
     client.create_model(ModelName="other-model", ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "x"})
     assert len(client.list_endpoints()["Endpoints"]) == 2
+    from bincount.state import LocalTraining, SageMakerTraining, SageMakerTransform
+
+    older = SageMakerTraining(job="bincount-older", status="Completed", model_data=f"s3://{BUCKET}/bincount/o/model.tar.gz")
+    local = LocalTraining(job="local-run", model_data=str(tmp_path / "m.tar.gz"), model_dir=str(tmp_path / "m"))
+    out_uri = f"s3://{BUCKET}/bincount/transform/job-1/"
+    transform = SageMakerTransform(job="job-1", status="Completed", model_name=first.model_name,
+                                   model_data=first.model_data, input_manifest=f"{out_uri}in.manifest",
+                                   input_prefix=out_uri, input_key_prefix="bincount/transform/job-1/",
+                                   output_path=out_uri, bins=1, bins_file=str(tmp_path / "bins.jsonl"), source="x",
+                                   source_digest="d")
+    Workspace(tmp_path).update_state(runs=[local, older], use="bincount-older", transform=transform)
 
     base = ("--workdir", tmp_path, "--set", f"s3.bucket={BUCKET}")
     out = cli("cleanup", *base)  # no terminal and no --yes: nothing deleted
@@ -823,6 +834,7 @@ def test_cleanup_deletes_what_bincount_made_after_one_confirmation(sm, tmp_path,
     assert keys == ["someone-else/keep.txt"] and result["s3_objects"] > 5
     state = Workspace(tmp_path).state()
     assert state.endpoint is None and state.channels == {} and state.training is None
+    assert state.transform is None and state.use is None and state.runs == [local]  # the local run is not AWS's
 
     out = cli("cleanup", *base, "--yes", "--json")  # again: nothing left to do
     assert out.exit_code == 0 and json.loads(out.stdout)["deleted"] == []
@@ -1087,3 +1099,29 @@ def test_status_does_not_overwrite_a_training_record_written_meanwhile(sm, tmp_p
     out = cli("status", "--backend", "sagemaker", "--workdir", tmp_path, "--json")
     assert out.exit_code == 0, out.stderr
     assert Workspace(tmp_path).state().training.job == "bincount-newer"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_checkpoint_reaches_the_jobs_and_a_completed_tuning_job_leaves_no_checkpoints(sm, tmp_path, monkeypatch,
+                                                                                          keep):
+    """train.keep_checkpoint on SageMaker: a training job and a tuning job's trials get --keep_checkpoint true
+    (train.py then keeps its folder, which SageMaker syncs), and without it a completed tuning job's prefix
+    (what trials the tuner stopped early left there) is deleted; other jobs' prefixes stay."""
+    import boto3
+
+    from bincount.backends.sagemaker import training, tuning
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for key in ("ck/the-tuning/trial-1/.checkpoint.pt", "ck/the-tuning/trial-2/x", "ck/the-tuning-2/other.pt"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"state")
+    monkeypatch.setattr(tuning, "_tuning_job_name", lambda base: "the-tuning")
+    settings = make_settings(tmp_path, **{"sagemaker.checkpoint_s3_uri": f"s3://{BUCKET}/ck", "train.keep_checkpoint": keep})
+    record_channels(settings)
+    assert training.train(settings).status == "Completed"
+    assert tuning.tune(settings).status == "Completed"
+    job_hp = sm.last("CreateTrainingJob")["HyperParameters"]
+    trial_hp = sm.last("CreateHyperParameterTuningJob")["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert [hp.get("keep_checkpoint") for hp in (job_hp, trial_hp)] == (["true", "true"] if keep else [None, None])
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ck/")["Contents"]}
+    left = {"ck/the-tuning/trial-1/.checkpoint.pt", "ck/the-tuning/trial-2/x"}
+    assert keys == {"ck/the-tuning-2/other.pt"} | (left if keep else set())

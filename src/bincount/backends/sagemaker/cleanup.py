@@ -10,6 +10,8 @@ What goes, in this order (all listed in the question first):
   elsewhere, and the repacked model.tar.gz the SDK wrote beside each deleted model (s3://<bucket>/<model>/).
   Listed under `<prefix>/` (never `<prefix>X/`); an empty prefix (the whole bucket) is refused.
 The bucket and the IAM role stay: the README's walk-through deletes them with the aws cli.
+Then state.json forgets the SageMaker records it saw (jobs, endpoint, transform, channels under the deleted
+prefixes, older SageMaker runs and a `runs --use` pin on one of them); a record another command wrote since stays.
 """
 
 from __future__ import annotations
@@ -61,16 +63,6 @@ def _prefix(uri: str, setting: str) -> str:
         raise BincountError(f"{setting} is the root of s3://{bucket}: cleanup deletes only under a prefix that is "
                             f"bincount's alone (set {setting} to one, e.g. bincount)")
     return f"s3://{bucket}/{key}/"
-
-
-def _s3_keys(s3: Any, uri: str) -> list[str]:
-    from bincount.aws import parse_s3_uri
-
-    bucket, key = parse_s3_uri(uri)
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/"):
-        keys += [obj["Key"] for obj in page.get("Contents", [])]
-    return keys
 
 
 def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
@@ -154,7 +146,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
             url = container.get("ModelDataUrl") or ""
             if url.startswith(f"s3://{bucket}/{model}/"):
                 prefixes.append(f"s3://{bucket}/{model}/")
-        objects = {p: _s3_keys(s3, p) for p in prefixes}
+        objects = {p: jobs.s3_keys(s3, p.rstrip('/')) for p in prefixes}
         objects = {p: keys for p, keys in objects.items() if keys}
         count = sum(len(keys) for keys in objects.values())
 
@@ -186,23 +178,24 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 if not jobs.missing(exc):
                     raise
         for prefix, keys in objects.items():
-            bucket_name = parse_s3_uri(prefix)[0]
-            for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-                batch = [{"Key": k} for k in keys[start:start + 1000]]
-                answer = s3.delete_objects(Bucket=bucket_name, Delete={"Objects": batch, "Quiet": True})
-                if answer.get("Errors"):
-                    err = answer["Errors"][0]
-                    raise BincountError(f"could not delete s3://{bucket_name}/{err['Key']}: {err.get('Message')}")
-                result.s3_objects += len(batch)
+            result.s3_objects += jobs.delete_keys(s3, parse_s3_uri(prefix)[0], keys)
             log(f"deleted {len(keys)} objects under {prefix}")
     # what state.json recorded on AWS is gone now
     def forget(now: Any) -> dict[str, Any]:  # only the records cleanup saw: not one another command wrote since
-        gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint", "processing")
+        gone: dict[str, Any] = {k: None for k in ("training", "tuning", "endpoint", "transform", "processing")
                                 if getattr(getattr(state, k), "backend", None) == "sagemaker"
                                 and getattr(now, k) == getattr(state, k)}
         if (now.channels and now.channels == state.channels
                 and all(any(uri.startswith(p) for p in prefixes) for uri in state.channels.values())):
             gone["channels"] = {}
+        # the older SageMaker runs, whose artifacts lay under the deleted prefixes; a pin on one of them goes too
+        dropped = [r for r in now.runs if r.backend == "sagemaker" and r in state.runs
+                   and any((r.model_data or p).startswith(p) for p in prefixes)]
+        if dropped:
+            gone["runs"] = [r for r in now.runs if r not in dropped]
+        forgotten = {r.job for r in dropped} | ({state.training.job} if "training" in gone else set())
+        if now.use and now.use in forgotten:
+            gone["use"] = None
         return gone
 
     ws.update_state(forget)

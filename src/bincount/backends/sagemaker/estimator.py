@@ -195,6 +195,8 @@ def estimator(settings: Settings, sm_session: Any, hyperparameters: dict[str, An
     smdebug = installs_smdebug(settings) and not tuning
     if smdebug:
         kwargs["environment"] = dict(SMDEBUG_ENVIRONMENT)
+    if settings.train.keep_checkpoint:  # train.py keeps its checkpoint folder, which SageMaker syncs to S3
+        hyperparameters = {**hyperparameters, "keep_checkpoint": True}
     code = training_code(Path(tempfile.mkdtemp(prefix="bincount-code-")), smdebug)
     est = PyTorch(
         entry_point="train.py",

@@ -160,6 +160,43 @@ def s3_uri(settings: Settings, *parts: str) -> str:
     return "s3://" + "/".join(p for p in (require_bucket(settings), prefix, *parts) if p)
 
 
+def s3_keys(s3: Any, uri: str) -> list[str]:
+    """Every key under the S3 prefix `uri` (as a folder: `<prefix>/`, never `<prefix>X`)."""
+    from bincount.aws import parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/"):
+        keys += [obj["Key"] for obj in page.get("Contents", [])]
+    return keys
+
+
+def delete_keys(s3: Any, bucket: str, keys: list[str]) -> int:
+    """Delete `keys` from `bucket` (DeleteObjects, 1000 at a time); the count deleted. The first error raises."""
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[start:start + 1000]]
+        answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        if answer.get("Errors"):
+            err = answer["Errors"][0]
+            raise BincountError(f"could not delete s3://{bucket}/{err['Key']}: {err.get('Message')}")
+    return len(keys)
+
+
+def drop_checkpoints(aws: Aws, uri: str | None, keep: bool) -> int:
+    """After a tuning job completed: delete its checkpoint prefix `uri` in S3 unless train.keep_checkpoint. Each
+    trial removes its own checkpoint when it ends; a trial the tuner stopped early leaves its own there, and
+    nothing resumes it (a job name is never reused). The count of objects deleted."""
+    from bincount.aws import parse_s3_uri
+
+    if keep or not uri:
+        return 0
+    keys = s3_keys(aws.s3(), uri.rstrip("/"))
+    deleted = delete_keys(aws.s3(), parse_s3_uri(uri)[0], keys)
+    if deleted:
+        log(f"deleted the {deleted} checkpoint objects under {uri} (train.keep_checkpoint=true keeps them)")
+    return deleted
+
+
 def output_path(settings: Settings) -> str:
     return settings.sagemaker.output_path or s3_uri(settings, "output")
 

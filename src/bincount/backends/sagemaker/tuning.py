@@ -89,6 +89,8 @@ def tune(settings: Settings) -> TuneResult:
             client = sm_session.sagemaker_client
             jobs.interrupted("tuning", job, lambda: client.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=job))
         result = tuning_result(settings, sm_session.sagemaker_client, job)
+        if result.status == "Completed" and est.checkpoint_s3_uri:  # what early-stopped trials left in the prefix
+            jobs.drop_checkpoints(aws, est.checkpoint_s3_uri, settings.train.keep_checkpoint)
     if result.warning:
         log(result.warning)
     record(settings, result)
