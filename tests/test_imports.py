@@ -1,4 +1,4 @@
-"""No import cycles in src/bincount: the graph of which module imports which (lazy imports inside functions
+"""The package's shape. No import cycles in src/bincount: the graph of which module imports which (lazy imports inside functions
 included, since they are cycles all the same) has no cycle."""
 
 from __future__ import annotations
@@ -92,3 +92,10 @@ def test_the_cycle_finder_finds_cycles():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}
     assert sorted(map(sorted, cycles(graph))) == [["a", "b", "c"], ["d", "e"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_source_file_is_over_600_lines():
+    """A module that outgrows 600 lines has more than one job: split it along its seams."""
+    long = {path.relative_to(ROOT).as_posix(): n for path in ROOT.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 600}
+    assert long == {}

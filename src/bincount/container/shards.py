@@ -481,8 +481,8 @@ def _torch_dataset():
 
 
 class ShardBatches:
-    """train.py's batch source for a shard channel (the file Batches' interface): iterate(order, True) is a
-    training pass over this rank's equal share (the shards in a new seeded order each epoch), iterate(order)
+    """train.py's batch source for a shard channel (the file Batches' interface): iterate(order, True, epoch) is
+    a training pass over this rank's equal share (in an order seeded by epoch, default the next), iterate(order)
     an evaluation pass over its share of every item once; batches are channels_last views [B, 3, S, S] of
     [B, S, S, 3], labels come from the sidecars, and the DataLoader workers persist across passes."""
 
@@ -527,8 +527,6 @@ class ShardBatches:
         return (td.get_rank(), td.get_world_size()) if td.is_available() and td.is_initialized() else (0, 1)
 
     def iterate(self, order, drop_last_single: bool = False, epoch: int | None = None):
-        """A pass (see the class); `epoch` seeds a training pass's order (default: the pass after the last), so
-        a resumed run's epoch N reads in the order an uninterrupted run's epoch N did."""
         training = drop_last_single
         if training:
             self.epoch = self.epoch + 1 if epoch is None else epoch
