@@ -67,7 +67,7 @@ class Ready:
     def __len__(self) -> int:
         return self.n
 
-    def iterate(self, order, drop_last_single: bool = False):
+    def iterate(self, order, drop_last_single: bool = False, epoch: int | None = None):
         for start in range(0, len(order), self.batch_size):
             size = min(self.batch_size, len(order) - start)
             yield self.images[:size], self.labels[:size]
