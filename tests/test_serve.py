@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -231,6 +233,36 @@ def test_predict_with_128_workers_over_1000_images_loses_nothing(server, cli, tm
     assert (out["predicted"], out["failed"]) == (1000, 0)
 
 
+FAULTS = """
+import ctypes, resource, sys
+from bincount.serve import return_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+return_freed_memory(**({"keep": 128 * 1024} if sys.argv[1] == "glibc-default-trim" else {}))
+def request():  # what a request's activations do: blocks under the mmap threshold, written, then freed
+    blocks = [libc.malloc(512 * 1024) for _ in range(8)]
+    for block in blocks:
+        ctypes.memset(block, 1, 512 * 1024)
+    for block in reversed(blocks):
+        libc.free(block)
+request()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    request()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_server_keeps_freed_activations_instead_of_faulting_them_in_at_every_request():
+    """serve.return_freed_memory returns freed images (over 1 MB) to the system but keeps up to 8 MB free per
+    arena: with glibc's 128 KB trim threshold every request gave its activations back and faulted them in
+    again (20% more CPU per request, benchmarks/serve.py). Page faults of 20 requests' worth, counted."""
+    faults = {case: int(subprocess.run([sys.executable, "-c", FAULTS, case], capture_output=True, text=True,
+                                       check=True).stdout) for case in ("served", "glibc-default-trim")}
+    assert faults["served"] < 200 and faults["glibc-default-trim"] > 20 * 500, faults
+
+
 def test_large_images_are_decoded_within_the_pixel_budget(server):
     """16 megapixel PNGs at once wait for the budget; a 6300x6300 PNG (~130 KB) is refused before it is
     decoded; a 36 megapixel JPEG is decoded in draft mode (1/4 scale). Peak RSS stays bounded."""
@@ -394,9 +426,6 @@ def test_generated_requests_always_get_a_json_answer_never_a_500_or_a_dropped_co
 
 
 def test_serve_json_prints_the_result_on_stdout_after_a_clean_stop(small_model, tmp_path):
-    import subprocess
-    import sys
-
     log = tmp_path / "serve.log"
     with log.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "bincount", "serve", "--model", str(small_model), "--port", "0",

@@ -178,13 +178,16 @@ def serve_forever(settings: Settings, model: Path | None = None) -> ServeResult:
     return ServeResult(url=url, model_dir=str(model_dir), stopped_by=arbiter.stopped_by)
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> None:
+def return_freed_memory(threshold: int = 1 << 20, keep: int = 8 << 20) -> None:
     """glibc: allocations over 1 MB (decoded images) are mapped apart and returned to the system when freed.
 
     By default glibc raises this threshold to the size of the largest block freed (up to 32 MB), after which
     decoded images come from per-thread arenas that keep freed memory: 16 hostile images at once then
     peaked at +463 MB against a 192 MB decode budget, and at +162 MB with the threshold fixed
-    (tests/chaos/test_hostile_images.py). No-op where there is no glibc.
+    (tests/chaos/test_hostile_images.py). Fixing it also fixes the trim threshold, the free memory an arena
+    keeps at its top, at its default of 128 KB: then every request gave back and faulted in again the
+    model's activations, 20% more CPU per request (benchmarks/serve.py, 0.76 of in-process throughput):
+    `keep` sets it to 8 MB per arena. No-op where there is no glibc.
     """
     import ctypes
     import ctypes.util
@@ -192,6 +195,7 @@ def return_freed_memory(threshold: int = 1 << 20) -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
+        libc.mallopt(-1, keep)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
