@@ -1125,3 +1125,16 @@ def test_keep_checkpoint_reaches_the_jobs_and_a_completed_tuning_job_leaves_no_c
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ck/")["Contents"]}
     left = {"ck/the-tuning/trial-1/.checkpoint.pt", "ck/the-tuning/trial-2/x"}
     assert keys == {"ck/the-tuning-2/other.pt"} | (left if keep else set())
+
+
+def test_checkpoints_that_cannot_be_deleted_are_a_warning_not_a_lost_result(sm, tmp_path, capsys):
+    """The tuning job's result is recorded after the clean-up: a prefix that cannot be deleted (here: no such
+    bucket) is a warning naming it and `bincount cleanup`, never an error."""
+    from bincount.aws import Aws
+    from bincount.backends.sagemaker import jobs
+
+    aws = Aws(make_settings(tmp_path))
+    assert jobs.drop_checkpoints(aws, "s3://no-such-bucket-here/ck/the-tuning/", keep=False) == 0
+    said = capsys.readouterr().err
+    assert "warning: the checkpoints under s3://no-such-bucket-here/ck/the-tuning/ were not deleted" in said
+    assert "bincount cleanup" in said and "Traceback" not in said

@@ -185,13 +185,20 @@ def delete_keys(s3: Any, bucket: str, keys: list[str]) -> int:
 def drop_checkpoints(aws: Aws, uri: str | None, keep: bool) -> int:
     """After a tuning job completed: delete its checkpoint prefix `uri` in S3 unless train.keep_checkpoint. Each
     trial removes its own checkpoint when it ends; a trial the tuner stopped early leaves its own there, and
-    nothing resumes it (a job name is never reused). The count of objects deleted."""
+    nothing resumes it (a job name is never reused). The count of objects deleted. Best effort: a failure is a
+    warning (the job's result is recorded all the same; `bincount cleanup` deletes the prefix later)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from bincount.aws import parse_s3_uri
 
     if keep or not uri:
         return 0
-    keys = s3_keys(aws.s3(), uri.rstrip("/"))
-    deleted = delete_keys(aws.s3(), parse_s3_uri(uri)[0], keys)
+    try:
+        deleted = delete_keys(aws.s3(), parse_s3_uri(uri)[0], s3_keys(aws.s3(), uri))
+    except (BotoCoreError, ClientError, BincountError) as exc:
+        log(f"warning: the checkpoints under {uri} were not deleted ({error_message(exc) or exc}); "
+            "`bincount cleanup` deletes them")
+        return 0
     if deleted:
         log(f"deleted the {deleted} checkpoint objects under {uri} (train.keep_checkpoint=true keeps them)")
     return deleted
