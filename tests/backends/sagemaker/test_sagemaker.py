@@ -120,6 +120,22 @@ def sm(monkeypatch, captured_sagemaker_requests):
         yield Box()
 
 
+def put_model_tar(key: str, meta: bytes = b"{}") -> str:
+    """A model.tar.gz holding one meta.json, put in the test bucket at `key` (what the SDK repacks); its S3 URI."""
+    import io
+    import tarfile
+
+    import boto3
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("meta.json")
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+    boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key=key, Body=buf.getvalue())
+    return f"s3://{BUCKET}/{key}"
+
+
 def record_channels(settings):
     """Channels as `bincount upload` records them, with a manifest in the mocked bucket."""
     import boto3
@@ -421,7 +437,7 @@ def test_ddp_on_a_cpu_instance_is_refused_before_any_request(sm, tmp_path, cli):
                   "--set", f"sagemaker.role={ROLE}", "--set", "sagemaker.instance_count=2",
                   "--set", f"sagemaker.instance_type={instance_type}")
         assert out.exit_code == 1 and "Traceback" not in out.stderr
-        assert f"sagemaker.instance_count=2 runs torch_distributed" in out.stderr and instance_type in out.stderr
+        assert "sagemaker.instance_count=2 runs torch_distributed" in out.stderr and instance_type in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
     assert sm.calls("CreateTrainingJob") == []
 
@@ -660,19 +676,9 @@ def test_stop_command_stops_a_no_wait_job(sm, tmp_path, monkeypatch, cli):
 
 
 def test_tags_and_images_reach_model_endpoint_config_and_endpoint(sm, tmp_path):
-    import io
-    import tarfile
-
-    import boto3
-
     from bincount.backends.sagemaker import endpoint as sm_endpoint
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("meta.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
-    boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key="m/model.tar.gz", Body=buf.getvalue())
+    put_model_tar("m/model.tar.gz")
     image = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.7.1-cpu-py312-ubuntu22.04-sagemaker"
     settings = make_settings(tmp_path, **{"sagemaker.tags": {"team": "vision", "cost": "bins"},
                                           "deploy.model_data": f"s3://{BUCKET}/m/model.tar.gz", "deploy.image_uri": image})
@@ -781,21 +787,13 @@ def test_bucket_and_job_regions_must_agree(sm, tmp_path):
 
 
 def test_cleanup_deletes_what_bincount_made_after_one_confirmation(sm, tmp_path, cli):
-    import io
-    import tarfile
-
     import boto3
 
     from bincount.backends.sagemaker import endpoint as sm_endpoint, training
     from bincount.workspace import Workspace
 
     s3 = boto3.client("s3", region_name="us-east-1")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("meta.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
-    s3.put_object(Bucket=BUCKET, Key="bincount/models/model.tar.gz", Body=buf.getvalue())
+    put_model_tar("bincount/models/model.tar.gz")
     s3.put_object(Bucket=BUCKET, Key="someone-else/keep.txt", Body=b"not ours")
     settings = make_settings(tmp_path, **{"train.wait": False, "deploy.model_data": f"s3://{BUCKET}/bincount/models/model.tar.gz"})
     record_channels(settings)
@@ -994,22 +992,12 @@ def test_deploy_a_new_model_updates_the_running_endpoint(sm, tmp_path, monkeypat
     """Issue 23.6 on SageMaker: deploy --model NEW while the recorded endpoint runs updates it to a new endpoint
     config over a new model (before: a second endpoint, the first left running and forgotten); the same model again
     changes nothing; the old config and model are deleted."""
-    import io
     import re
-    import tarfile
-
-    import boto3
 
     from bincount.backends.sagemaker import endpoint as sm_endpoint
 
-    s3 = boto3.client("s3", region_name="us-east-1")
     for key in ("a/model.tar.gz", "b/model.tar.gz"):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            info = tarfile.TarInfo("meta.json")
-            info.size = len(key)
-            tar.addfile(info, io.BytesIO(key.encode()))
-        s3.put_object(Bucket=BUCKET, Key=key, Body=buf.getvalue())
+        put_model_tar(key, key.encode())
     updates = _update_endpoint_requests(monkeypatch)
     first = sm_endpoint.deploy(make_settings(tmp_path, **{"deploy.model_data": f"s3://{BUCKET}/a/model.tar.gz"}))
     assert first.action == "created" and len(sm.calls("CreateEndpoint")) == 1
@@ -1043,19 +1031,9 @@ def test_deploy_a_new_model_updates_the_running_endpoint(sm, tmp_path, monkeypat
 def test_redeploying_the_same_model_with_other_serving_settings_updates_the_endpoint(sm, tmp_path, monkeypatch):
     """The same artifact with another image, instance type or count, or serverless capacity is not "already
     deployed": each updates the endpoint (a new model and endpoint config); the same settings again change nothing."""
-    import io
-    import tarfile
-
-    import boto3
-
     from bincount.backends.sagemaker import endpoint as sm_endpoint
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("meta.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
-    boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key="a/model.tar.gz", Body=buf.getvalue())
+    put_model_tar("a/model.tar.gz")
     updates = _update_endpoint_requests(monkeypatch)
     model = {"deploy.model_data": f"s3://{BUCKET}/a/model.tar.gz"}
     image = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312-ubuntu22.04-sagemaker"
