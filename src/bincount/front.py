@@ -18,7 +18,7 @@ head or body, so a body trickled at 1 byte every 5 s never times out. Here, as a
 - SIGTERM: new connection attempts are dropped at the listener (Linux: a socket filter on bare SYNs; the
   client's retry, a second later, is refused), handshakes already under way complete for SETTLE_S, what the
   listen backlog holds is taken, listening stops, idle keep-alive connections close, and every request taken
-  is answered (up to graceful_timeout_s). No client is reset after its connect succeeded.
+  is answered (up to graceful_timeout_s). On Linux no client is reset after its connect succeeded.
 """
 
 from __future__ import annotations

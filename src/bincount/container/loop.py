@@ -184,7 +184,8 @@ def train_epoch(model, data: Batches, order, *, optimizer, scheduler, loss_fn, s
                 ema: AveragedModel | None = None, ticker: epochlog.StepTicker | None = None,
                 epoch: int | None = None) -> float:
     """One pass over `order`; the mean training loss (all ranks together). generator: augmentation, or None;
-    ticker: prints progress lines inside the epoch; epoch: seeds a shard channel's order. The loss is summed on the device and read once at the end (no host sync per step)."""
+    ticker: prints progress lines inside the epoch; epoch: seeds a shard channel's order. The loss is summed on
+    the device and read once at the end (no host sync per step)."""
     model.train()
     total, seen = torch.zeros((), device=device), 0
     for images, labels in data.iterate(order, drop_last_single=True, epoch=epoch):

@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
             log(f"test_acc={test['acc']:.4f} test_rmse={test['rmse']:.4f} (best epoch {best_metrics['epoch']})")
     if dist.main:
         write_model(args, best_state, best_metrics, history, started, precision, weights_record)
-        drop(ckpt_dir, args.keep_checkpoint)  # on SageMaker: the job is done, its checkpoint leaves the (maybe shared) prefix
+        drop(ckpt_dir, args.keep_checkpoint)  # on SageMaker: the job is done, its checkpoint leaves the shared prefix
     if hook is not None:
         try:
             hook.close()

@@ -146,7 +146,7 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
             url = container.get("ModelDataUrl") or ""
             if url.startswith(f"s3://{bucket}/{model}/"):
                 prefixes.append(f"s3://{bucket}/{model}/")
-        objects = {p: jobs.s3_keys(s3, p.rstrip('/')) for p in prefixes}
+        objects = {p: jobs.s3_keys(s3, p) for p in prefixes}
         objects = {p: keys for p, keys in objects.items() if keys}
         count = sum(len(keys) for keys in objects.values())
 

@@ -93,8 +93,9 @@ def deploy(settings: Settings) -> EndpointResult:
     """A PyTorchModel with container/inference.py on a real-time or serverless endpoint; waits until InService.
 
     With the recorded endpoint running and another model (deploy --model NEW, or `runs --use` chose another run),
-    mode, image or capacity (serving_settings), the endpoint is updated in place to a new endpoint config over a new model (UpdateEndpoint: it keeps
-    serving the old one until the new one is InService), and the old config and model are deleted."""
+    mode, image or capacity (serving_settings), the endpoint is updated in place to a new endpoint config over a
+    new model (UpdateEndpoint: it keeps serving the old one until the new one is InService), and the old config
+    and model are deleted."""
     jobs.load_sdk()
     import tempfile
 
