@@ -20,9 +20,9 @@ install:  ## create .venv (Python 3.11) and install bincount with its test extra
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } ; } || \
 	  echo "chromium not installed (no apt-get, or not root): the audit page's browser test will skip"
 
-# pytest-xdist workers: one per core and one more. About 15% of the suite waits on the processes, servers and
-# sockets it tests rather than computing; the extra worker fills those gaps (measured on 2 idle cores: 291 s
-# with 3 workers, 301 s with 2). TEST_WORKERS=auto for one per core.
+# pytest-xdist workers: one per core and one more. Part of the suite waits on the processes, servers and sockets
+# it tests, and on a fresh clone on reading files; the extra worker fills those gaps (measured from clean clones
+# on 2 idle cores: 246 s with 3 workers, 273 s with 2; in a warm tree 247 s and 248 s). TEST_WORKERS=auto: one per core.
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)' 2>/dev/null || echo auto)
 
 test:  ## run the whole test suite (slow tests included) in parallel: pytest-xdist, one worker per core and one more
