@@ -66,3 +66,17 @@ def test_every_timed_or_sized_result_field_says_its_unit(unit_word):
                 if field.endswith(suffixes[unit_word]) and unit_word not in prop.get("description", ""):
                     missing.append(f"{model.get('title')}.{field}")
     assert not missing, f"fields without their unit ({unit_word}): {missing}"
+
+
+def test_every_result_field_says_what_it_is():
+    """A script reading --json finds each field described in docs/schemas/ (a trailing comment on the field)."""
+    from bincount.docs import result_schemas
+    import json
+
+    missing = []
+    for name, text in result_schemas().items():
+        doc = json.loads(text)
+        for model in [doc, *doc.get("$defs", {}).values()]:
+            missing += [f"{model.get('title')}.{field}" for field, prop in model.get("properties", {}).items()
+                        if not prop.get("description")]
+    assert not missing, f"result fields without a description: {sorted(set(missing))}"

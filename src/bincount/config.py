@@ -546,8 +546,8 @@ def find_config(config: Path | None, environ: dict[str, str], workdir: Any = Non
 class ConfigResult(Result):
     """`bincount config`: the file the settings were read from (if any) and the effective settings."""
 
-    config_file: str | None
-    settings: dict[str, Any]
+    config_file: str | None  # the config file the settings were read from (None: none found or given)
+    settings: dict[str, Any]  # the effective settings: defaults < config file < BINCOUNT_* variables < --set < flags
 
     def rich(self) -> Any:
         from rich.console import Group

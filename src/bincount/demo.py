@@ -24,17 +24,17 @@ FIX = "bincount demo --budget 600"  # what buys a model above chance on a slow o
 
 
 class DemoResult(Result):
-    workdir: str
-    images: int
-    accuracy: float
+    workdir: str  # the work dir the demo ran in
+    images: int  # synthetic bins drawn, served from a local S3 server and fetched
+    accuracy: float  # the trained model's exact-count accuracy on the test split, 0..1
     chance: float = Field(description="the test split's majority rate: what always answering one count scores")
     trustworthy: bool = Field(description="false when test accuracy is near chance: the model is not to be used")
-    rmse: float
-    within_one: float
-    agreement: float
+    rmse: float  # root mean squared count error on the test split, objects
+    within_one: float  # share of test images predicted within one of the true count, 0..1
+    agreement: float  # audit of the test split: share of scored bins whose prediction matches the label, 0..1
     recount: int  # bins the audit sends to a person (the audit's `recount`)
-    predictions: list[dict[str, Any]]
-    reports: dict[str, str]
+    predictions: list[dict[str, Any]]  # {image, count, confidence} for the first four test images (None: it failed)
+    reports: dict[str, str]  # name -> path: metrics, confusion_matrix, training_curve, audit (CSV), audit_page (HTML)
     seconds: float  # the demo's wall time, seconds
 
     @property

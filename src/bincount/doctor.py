@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from bincount.config import Settings
 from bincount.results import Result
@@ -24,13 +24,13 @@ Status = Literal["ok", "fail", "unknown", "skip"]
 
 
 class Check(BaseModel):
-    check: str
-    status: Status
-    detail: str
+    check: str = Field(description="what was checked, e.g. credentials, region, role, bucket, quota")
+    status: Status = Field(description="ok, fail (makes the exit code 1), unknown (could not be checked) or skip")
+    detail: str = Field(description="what was found, or why it failed or was skipped")
 
 
 class DoctorResult(Result):
-    checks: list[Check]
+    checks: list[Check]  # one per check, in the order made
 
     @property
     def exit_code(self) -> int:

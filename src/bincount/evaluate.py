@@ -24,20 +24,20 @@ BATCH = 64
 
 
 class EvalResult(Result):
-    model: str
-    manifest: str
-    n: int
-    accuracy: float
-    rmse: float
-    mae: float
-    within_one: float
-    per_count: list[dict[str, Any]]
-    confusion: list[list[int]]
-    classes: list[int]
-    baseline: dict[str, float] = ABID_BASELINE
-    tta: bool = False
-    skipped: int = 0
-    reports: dict[str, str] = {}
+    model: str  # the model dir scored (an archive or s3:// model is unpacked into models/cache/)
+    manifest: str  # the manifest scored (default splits/test.jsonl)
+    n: int  # images scored (readable ones; skipped images are left out of every metric)
+    accuracy: float  # share of images whose predicted count is exact, 0..1
+    rmse: float  # root mean squared error of the predicted count, in objects
+    mae: float  # mean absolute error of the predicted count, in objects
+    within_one: float  # share of images whose predicted count is off by at most one, 0..1
+    per_count: list[dict[str, Any]]  # per true count present: count, n (images), accuracy (0..1) and rmse
+    confusion: list[list[int]]  # [i][j]: images of true count classes[i] predicted as classes[j]
+    classes: list[int]  # the counts the model predicts (meta.json), the confusion matrix's row and column labels
+    baseline: dict[str, float] = ABID_BASELINE  # fixed ABID challenge baseline (counts 0..5): accuracy 0..1, rmse
+    tta: bool = False  # whether test-time augmentation (8 views per image) was used
+    skipped: int = 0  # images that could not be read (or were too large), left out of the metrics
+    reports: dict[str, str] = {}  # file written -> its path: metrics, confusion_matrix, training_curve (with history)
     seconds: float | None = None  # the evaluation's wall time, seconds
 
     def rich(self) -> Any:

@@ -37,18 +37,18 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png
 
 
 class PredictItem(Result):
-    image: str
-    count: int | None = None
-    confidence: float | None = None
-    probabilities: dict[str, float] | None = None
-    error: str | None = None
+    image: str  # the image: a path (as given, or found in a folder) or s3:// URI
+    count: int | None = None  # the predicted count (None: the image failed, see error)
+    confidence: float | None = None  # the predicted count's probability, 0..1 (None: failed)
+    probabilities: dict[str, float] | None = None  # count (a string) -> probability 0..1 (None: failed or not sent)
+    error: str | None = None  # why the image got no prediction (None: it got one)
 
 
 class PredictResult(Result):
-    target: str
-    predicted: int
-    failed: int
-    items: list[PredictItem]
+    target: str  # what answered: model <dir> (in-process), endpoint <url> or SageMaker endpoint <name>
+    predicted: int  # images that got a count
+    failed: int  # images that got an error instead (any makes the exit code 1)
+    items: list[PredictItem]  # one per image, in input order (a folder's or prefix's images sorted)
     output_format: str = Field("table", exclude=True)  # how to print it, not part of the result
     exit_code: int = Field(0, exclude=True)  # 1 when an image failed: the shell sees it, the JSON need not
 

@@ -38,7 +38,7 @@ class RunRow(Result):
     status: str  # Completed, Failed, Unfinished (a local run to resume), or the SageMaker job status
     started: str | None = None  # ISO 8601 UTC
     seconds: float | None = None  # training wall time in seconds
-    hyperparameters: dict[str, Any] = {}
+    hyperparameters: dict[str, Any] = {}  # the train.py arguments it ran with (arch, epochs, lr, ...; {}: unknown)
     metrics: dict[str, float] = {}  # the kept epoch's val_* and, when the run had a test split, test_*
     val_digest: str | None = None  # the val data it was validated on (runs compare only on the same)
     size_bytes: int | None = None  # what its folder takes on disk here, bytes (None: nothing here, e.g. in S3)
@@ -48,10 +48,10 @@ class RunRow(Result):
 
 class RunsResult(Result):
     runs: list[RunRow]  # oldest first
-    used: str | None = None  # the run the other commands use
+    used: str | None = None  # the name of the run the other commands use (None: no run yet)
     use: str = "latest"  # how it is chosen: latest (the newest run) or the pinned run's name
-    note: str | None = None  # what `--use best` compared
-    total_bytes: int = 0  # all runs' size on disk, bytes
+    note: str | None = None  # what `--use best` compared (None without it)
+    total_bytes: int = 0  # all runs' size on disk here, bytes (runs only in S3 count 0)
 
     def rich(self) -> Any:
         from rich.console import Group

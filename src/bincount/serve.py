@@ -130,9 +130,9 @@ def url_of(sock: socket.socket) -> str:
 
 
 class ServeResult(Result):
-    url: str
-    model_dir: str
-    stopped_by: str
+    url: str  # the address it listened on, http://host:port (the bound port, also for --port 0)
+    model_dir: str  # the local model dir it served (an archive or s3:// URI is unpacked under models/cache/)
+    stopped_by: str  # what stopped it: SIGTERM, SIGINT, or shutdown (neither signal)
 
 
 def serve_forever(settings: Settings, model: Path | None = None) -> ServeResult:

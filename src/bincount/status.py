@@ -17,12 +17,12 @@ from bincount.workspace import SPLITS, Workspace
 
 
 class StatusResult(Result):
-    workdir: str
-    data: dict[str, int | None]
-    channels: dict[str, str] = {}
-    tuning: dict[str, Any] | None = None
-    training: dict[str, Any] | None = None
-    endpoint: dict[str, Any] | None = None
+    workdir: str  # the work dir shown
+    data: dict[str, int | None]  # rows per file: manifest, train, val, test (splits/) -> rows (None: no such file)
+    channels: dict[str, str] = {}  # split -> s3:// URI of the training channel recorded in state.json (empty: none)
+    tuning: dict[str, Any] | None = None  # recorded tuning, with a SageMaker job's live status and best (None: none)
+    training: dict[str, Any] | None = None  # recorded run, with a SageMaker job's live status and metrics (None: none)
+    endpoint: dict[str, Any] | None = None  # recorded endpoint and its live status (a local one: up, down or unhealthy)
     transform: dict[str, Any] | None = None  # the last audit's SageMaker Batch Transform job
     processing: dict[str, Any] | None = None  # the last `shard --backend sagemaker` Processing job
 

@@ -33,36 +33,36 @@ RESUME_READERS = 8  # threads re-reading the images of kept results on resume
 
 
 class AuditRow(Result):
-    id: str
-    image: str
-    expected: int | None
-    predicted: int | None = None
-    confidence: float | None = None
-    agree: bool | None = None
-    action: str
-    error: str | None = None
+    id: str  # the bin's id: the manifest row's id, else the image's file name without extension
+    image: str  # the image as the input names it: manifest path, path within the folder, or s3:// URI
+    expected: int | None  # the recorded count (manifest count or label quantity; None: unknown, an error row)
+    predicted: int | None = None  # the model's count (None: not scored, an error row)
+    confidence: float | None = None  # the model's probability of its count, 0..1
+    agree: bool | None = None  # predicted == expected (None: an error row)
+    action: str  # investigate (confident disagreement), recount (below threshold), error, or ok
+    error: str | None = None  # why the bin could not be scored (None: it was)
     second: int | None = None  # the runner-up count
     second_confidence: float | None = None  # its probability
 
 
 class AuditResult(Result):
     manifest: str  # the source audited: a manifest, folder or s3:// prefix
-    target: str
-    csv: str
-    threshold: float
-    bins: int
-    scored: int
-    agreement: float | None  # share of scored bins where the model agrees with the record
-    trusted: int  # confidence >= threshold
-    trusted_agreement: float | None  # agreement among trusted bins
-    investigate: int
-    recount: int
-    errors: int
+    target: str  # what scored the bins: a model dir, an endpoint, or a SageMaker Batch Transform job
+    csv: str  # the ranked CSV report, one row per bin
+    threshold: float  # confidence (0..1) below which a bin goes to a person for a recount
+    bins: int  # bins audited (scored + errors)
+    scored: int  # bins with both a prediction and a recorded count
+    agreement: float | None  # share of scored bins where the model agrees with the record, 0..1 (None: none scored)
+    trusted: int  # scored bins with confidence >= threshold
+    trusted_agreement: float | None  # agreement among trusted bins, 0..1 (None: none trusted)
+    investigate: int  # trusted bins that disagree with the record: likely record errors
+    recount: int  # scored bins with confidence below the threshold
+    errors: int  # bins that could not be scored (unreadable image or label, failed prediction)
     rows: list[AuditRow]  # the first `top` rows of the ranking; the CSV has them all
-    top: int = 15
+    top: int = 15  # how many ranked rows `rows` holds (audit.top, --top)
     resumed: int = 0  # bins whose result an interrupted run had already written
-    seconds: float | None = None  # the audit's wall time, seconds
-    exit_code: int = 0
+    seconds: float | None = None  # the audit's wall time, seconds (None: a Batch Transform audit)
+    exit_code: int = 0  # the command's exit status: 1 when any bin could not be scored (errors > 0), else 0
     html: str | None = None  # the audit page beside the CSV
     quality: ModelQuality | None = None  # the model's own accuracy and the threshold checked on val
     warnings: list[str] = []  # why the ranking may not be trusted (the model is weak)

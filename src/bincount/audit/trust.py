@@ -33,7 +33,8 @@ class ModelQuality(Result):
     made: str | None = Field(None, description="when the model was written (its meta.json's time, UTC ISO 8601)")
     test_acc: float | None = Field(None, description="share of exact counts on the test split, as training recorded it")
     val_acc: float | None = Field(None, description="share of exact counts on the val split, as training recorded it")
-    chance: float | None = Field(None, description="accuracy of always answering the most frequent count (test split)")
+    chance: float | None = Field(None, description="accuracy of always answering the most frequent count of the "
+                                  "test split (1/num_classes without one)")
     near_chance: bool | None = Field(None, description="test_acc too close to chance to trust the model")
     threshold: float = Field(description="the confidence threshold the audit used (0..1)")
     val_bins: int = Field(0, description="val bins scored to check the threshold (0: not checked)")

@@ -15,16 +15,16 @@ TUNED = ("lr", "weight_decay", "batch_size")
 
 
 class TuneResult(Result):
-    backend: str
-    job: str
-    objective: str
+    backend: str  # local or sagemaker
+    job: str  # the SageMaker tuning job, or the local search's tune-YYYYmmdd-HHMMSS (its tuning/<job>/ folder)
+    objective: str  # the metric tuned: val_acc (maximised) or val_rmse (minimised)
     direction: str  # Maximize | Minimize
-    status: str = "Completed"
-    best_value: float | None = None
-    best_hyperparameters: dict[str, Any] = {}
+    status: str = "Completed"  # SageMaker's HyperParameterTuningJobStatus (InProgress with --no-wait); local: Completed
+    best_value: float | None = None  # best trial's objective: val_acc (0-1) or val_rmse (in objects); None: none yet
+    best_hyperparameters: dict[str, Any] = {}  # the best trial's lr, weight_decay and batch_size ({}: none yet)
     trials: list[dict[str, Any]] = []  # trial, status, value, lr, weight_decay, batch_size (and a failed one's reason)
     trial_hyperparameters: dict[str, Any] = {}  # what every trial ran with besides the tuned ones (image_size, ...)
-    note: str | None = None
+    note: str | None = None  # batch sizes left out, local pruned/failed counts and runs folder, or a missing trial list
     warning: str | None = None  # e.g. the best trial is near chance
 
     def rich(self) -> Any:

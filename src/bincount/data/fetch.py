@@ -56,16 +56,16 @@ DECODES = threading.BoundedSemaphore(2 * (os.cpu_count() or 1))
 
 
 class FetchResult(Result):
-    source: str
-    manifest: str
-    items: int
-    per_count: dict[int, int]
-    fetched: int
-    present: int
-    rejected: int
-    rejects: dict[str, int]
-    notes: int
-    ids_tried: int
+    source: str  # the source read: its s3:// URI (no trailing /) or the local folder's path
+    manifest: str  # path of the manifest.jsonl written (<workdir>/manifest.jsonl, relative if the workdir is)
+    items: int  # usable items in the manifest: this run's selection (fetched + present)
+    per_count: dict[int, int]  # manifest items per count: label count -> items, ascending
+    fetched: int  # manifest items whose image was downloaded this run
+    present: int  # manifest items whose image was already in raw/ and still valid (not downloaded again)
+    rejected: int  # unusable ids, not in the manifest (listed in reports/fetch-rejects.jsonl)
+    rejects: dict[str, int]  # rejected ids per reason, e.g. missing_label, bad_image, count_not_selected, fetch_error
+    notes: int  # notes on usable items (count mismatches, id-file count hints) in reports/fetch-notes.jsonl
+    ids_tried: int  # ids accounted for: items + rejected + ids an open scan found no label for
     seconds: float  # wall time, seconds
 
     def rich(self) -> Any:

@@ -56,17 +56,17 @@ CREATE INDEX IF NOT EXISTS bins_count ON bins(status, count);
 
 
 class IndexResult(Result):
-    index: str
-    source: str
-    bins: int
-    usable: int
-    per_count: dict[int, int]
-    problems: dict[str, int]
+    index: str  # path of the index file (<workdir>/index.sqlite)
+    source: str  # the source indexed: its s3:// URI or local folder, as given without a trailing /
+    bins: int  # ids in the index (an image or a label listed), including those of earlier runs
+    usable: int  # bins with a valid label count and an image (status ok), whatever their count
+    per_count: dict[int, int]  # usable bins per label count: count -> bins, ascending
+    problems: dict[str, int]  # unusable bins per reason, e.g. missing_label, bad_count, missing_image
     image_bytes: int  # total size of the indexed images, bytes
-    labels_read: int
-    list_calls: int
+    labels_read: int  # labels read this run (a resumed run skips those read before)
+    list_calls: int  # LIST calls this run (0 once every prefix was listed before)
     seconds: float  # wall time, seconds
-    labels_per_second: float  # labels read per second
+    labels_per_second: float  # labels read per second of this run's label phase (0.0: none read)
 
     def rich(self) -> Any:
         from rich.console import Group

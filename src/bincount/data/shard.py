@@ -32,17 +32,17 @@ BUILD_FILE = "_build.json"  # what a shard folder was built from; a change means
 
 
 class ShardResult(Result):
-    backend: str
-    channels: dict[str, str]
-    shards: dict[str, int]
-    items: int
-    skipped: int
-    bytes: int  # size of the shards written, bytes
-    max_side: int
+    backend: str  # local or sagemaker (a Processing job)
+    channels: dict[str, str]  # split -> its shard folder (local) or s3:// URI (sagemaker)
+    shards: dict[str, int]  # split -> shard .tar files (local: in its folder; sagemaker: planned)
+    items: int  # local: items written into the shards built this run; sagemaker: items in the splits
+    skipped: int  # items left out of the shards built this run (missing or bad image, fetch error; sagemaker: 0)
+    bytes: int  # size of the shards built this run, bytes (sagemaker: 0)
+    max_side: int  # images' longest side is at most this, pixels (shard.max_side, default 2 x train.image_size)
     seconds: float  # wall time, seconds
-    items_per_second: float  # items written per second
-    job: str | None = None
-    status: str | None = None
+    items_per_second: float  # items written per second (sagemaker: 0.0)
+    job: str | None = None  # the SageMaker Processing job's name (None: local backend)
+    status: str | None = None  # the job's status: InProgress (not waited for) or Completed (None: local backend)
 
     def rich(self) -> Any:
         table = key_value_table(title=f"shards ({self.backend})")

@@ -22,11 +22,11 @@ from bincount.workspace import SPLITS, Workspace, read_manifest, write_jsonl
 
 
 class SplitResult(Result):
-    seed: int
-    ratios: dict[str, float]
+    seed: int  # split.seed: the seed of the per-count shuffles
+    ratios: dict[str, float]  # the configured split ratios: train, val, test -> share of each count's items
     sizes: dict[str, int]  # bins per split (train, val, test)
-    per_count: dict[int, dict[str, int]]
-    files: dict[str, str]
+    per_count: dict[int, dict[str, int]]  # per count: count -> {train, val, test: items}
+    files: dict[str, str]  # split -> path of its JSON Lines file (<workdir>/splits/<split>.jsonl)
 
     def rich(self) -> Any:
         rows = [[c, *(v[s] for s in SPLITS), sum(v.values())] for c, v in self.per_count.items()]

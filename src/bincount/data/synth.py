@@ -21,11 +21,11 @@ TEXTURES = ("solid", "stripes", "gradient", "speckle", "label")
 
 
 class SynthResult(Result):
-    out: str
-    images: int
-    per_count: dict[int, int]
+    out: str  # the folder written, in the bucket layout (bin-images/, metadata/)
+    images: int  # bins drawn: one image and one label each
+    per_count: dict[int, int]  # images per object count: count -> images, ascending
     image_size: int  # the images' side, pixels
-    seed: int
+    seed: int  # random seed: the same seed and options draw the same bins
 
 
 def image_id(number: int) -> str:

@@ -27,14 +27,14 @@ from bincount.workspace import SPLITS, Workspace, file_sha256, read_manifest
 
 
 class UploadResult(Result):
-    bucket: str
-    prefix: str
-    channels: dict[str, str]
-    items: dict[str, int]
-    uploaded: int
-    skipped: int
+    bucket: str  # the S3 bucket written to (s3.bucket)
+    prefix: str  # key prefix in the bucket, without leading or trailing / (empty: none)
+    channels: dict[str, str]  # split -> its channel's s3:// URI, as recorded in state.json
+    items: dict[str, int]  # split -> items in its channel (shards: the items their sidecars list)
+    uploaded: int  # objects sent: images and split manifests, or shard .tar and .json files
+    skipped: int  # objects not sent: already in S3 with the same size and sha256
     bytes_uploaded: int  # bytes uploaded to S3
-    stale: int
+    stale: int  # objects under the channels' prefixes that no split lists now (left in place)
 
 
 @dataclass

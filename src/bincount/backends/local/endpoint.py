@@ -25,12 +25,12 @@ from bincount.workspace import Workspace
 
 
 class LocalEndpointResult(Result):
-    backend: str = "local"
-    action: str
-    url: str | None = None
-    pid: int | None = None
-    model_dir: str | None = None
-    log: str | None = None
+    backend: str = "local"  # always local
+    action: str  # started, redeployed, already running, stopped, nothing to stop, kept (...), was not running (...)
+    url: str | None = None  # the server's base URL, http://host:port (None: nothing was recorded)
+    pid: int | None = None  # the `bincount serve` process id
+    model_dir: str | None = None  # the model dir it serves (or served)
+    log: str | None = None  # the server's output log, reports/serve.log (deploy only)
 
     def title(self) -> str:
         return "endpoint"

@@ -40,15 +40,15 @@ SCRIPT = CONTAINER / "train.py"
 
 
 class TrainResult(Result):
-    backend: str = "local"
+    backend: str = "local"  # always local
     run: str  # the run's name (its models/<run>/ folder), as `bincount runs` lists it
-    model_data: str
-    model_dir: str
-    epochs: int
-    best_epoch: int
-    metrics: dict[str, float]
-    hyperparameters: dict[str, Any]
-    rules: list[dict[str, Any]] = []
+    model_data: str  # the run's packaged model.tar.gz, absolute path
+    model_dir: str  # the run's model dir (model.pth, meta.json, code/), absolute path
+    epochs: int  # epochs run (fewer than planned after an early stop)
+    best_epoch: int  # the kept epoch, 1-based: the highest val_acc, then the lowest val_loss
+    metrics: dict[str, float]  # the kept epoch's epoch, train_loss, val_*, lr; test_loss/acc/rmse with a test split
+    hyperparameters: dict[str, Any]  # train.py's arguments: the config's, or the best tuning trial's with --use-best
+    rules: list[dict[str, Any]] = []  # rule, status (IssuesFound/NoIssuesFound/NotRun), detail, source ([]: no smdebug)
     seconds: float | None = None  # the training's wall time, seconds
 
     def rich(self) -> Any:

@@ -28,13 +28,13 @@ from bincount.workspace import Workspace
 
 
 class CleanupResult(Result):
-    backend: str = "sagemaker"
-    region: str
-    stopped: list[str] = []
+    backend: str = "sagemaker"  # always sagemaker
+    region: str  # the AWS region of the jobs, endpoints and models it looked at
+    stopped: list[str] = []  # running jobs it asked to stop, as "training job NAME" (or tuning, transform, processing)
     deleted: list[str] = []  # "endpoint X", "endpoint config Y", "model Z"
-    s3_prefixes: list[str] = []
-    s3_objects: int = 0
-    kept: bool = False
+    s3_prefixes: list[str] = []  # s3:// prefixes that held objects to delete (listed even when kept)
+    s3_objects: int = 0  # how many S3 objects it deleted
+    kept: bool = False  # true when the confirmation was declined: nothing was stopped or deleted
 
     def title(self) -> str:
         return "cleanup (sagemaker)"

@@ -18,13 +18,13 @@ from bincount.workspace import Workspace
 
 
 class EndpointResult(Result):
-    backend: str = "sagemaker"
-    endpoint: str
-    status: str
-    mode: str
-    config_name: str | None = None
-    model_name: str | None = None
-    model_data: str | None = None
+    backend: str = "sagemaker"  # always sagemaker
+    endpoint: str  # the SageMaker endpoint's name
+    status: str  # SageMaker's EndpointStatus, e.g. InService
+    mode: str  # realtime or serverless (deploy.mode)
+    config_name: str | None = None  # its endpoint config's name
+    model_name: str | None = None  # the SageMaker model it serves
+    model_data: str | None = None  # s3:// URI of the model.tar.gz it serves
     action: str = "created"  # created, updated (a new endpoint config on the running endpoint) or already deployed
 
     def title(self) -> str:
@@ -32,10 +32,10 @@ class EndpointResult(Result):
 
 
 class UndeployResult(Result):
-    backend: str = "sagemaker"
-    endpoint: str
-    deleted: list[str] = []
-    kept: bool = False
+    backend: str = "sagemaker"  # always sagemaker
+    endpoint: str  # the SageMaker endpoint's name
+    deleted: list[str] = []  # what it deleted: "endpoint X", "endpoint config Y", "model Z" (already gone: left out)
+    kept: bool = False  # true when the confirmation was declined: nothing was deleted
 
     def title(self) -> str:
         return "undeploy (sagemaker)"

@@ -268,10 +268,10 @@ def interrupted(kind: str, job: str, stop: Any) -> None:
 
 
 class StopResult(Result):
-    backend: str = "sagemaker"
+    backend: str = "sagemaker"  # always sagemaker
     stopped: list[str] = []  # "training job NAME" / "tuning job NAME" / "transform job NAME" / "processing job NAME"
     not_running: list[str] = []  # the same, with the status they were found in
-    kept: bool = False
+    kept: bool = False  # true when the confirmation was declined: the running jobs were left running
 
     def title(self) -> str:
         return "stop (sagemaker)"

@@ -16,15 +16,15 @@ from bincount.workspace import Workspace
 
 
 class TrainJobResult(Result):
-    backend: str = "sagemaker"
+    backend: str = "sagemaker"  # always sagemaker
     run: str = ""  # the run's name as `bincount runs` lists it and a local train names it: the job's name
     job: str  # the SageMaker training job
-    status: str
-    model_data: str | None = None
-    metrics: dict[str, float] = {}
-    rules: list[dict[str, str]] = []
-    profiler_report: str | None = None
-    hyperparameters: dict[str, Any] = {}
+    status: str  # SageMaker's TrainingJobStatus: InProgress (--no-wait), Completed or Stopped (a failure raises)
+    model_data: str | None = None  # s3:// URI of the job's model.tar.gz (None with --no-wait)
+    metrics: dict[str, float] = {}  # kept epoch's train_loss, val_loss, val_acc, val_rmse; last epoch's lr; no test_*
+    rules: list[dict[str, str]] = []  # Debugger and profiler rules: rule, status (RuleEvaluationStatus), detail, source
+    profiler_report: str | None = None  # ProfilerReport rule output copied to reports/profiler/<job>/ (None: not yet)
+    hyperparameters: dict[str, Any] = {}  # the train.py arguments the job was given
     seconds: float | None = None  # the job's training time (TrainingTimeInSeconds), seconds
 
     def model_post_init(self, _: Any) -> None:

@@ -48,13 +48,13 @@ JOIN_WORKERS = 16
 class TransformResult(Result):
     """A Batch Transform job that has not ended yet (--no-wait, or the wait ran out)."""
 
-    job: str
-    status: str
-    bins: int
-    model_name: str
-    input_manifest: str
-    output_path: str
-    note: str
+    job: str  # the Batch Transform job's name
+    status: str  # SageMaker's TransformJobStatus, one not ended yet (InProgress or Stopping)
+    bins: int  # how many bins the job scores
+    model_name: str  # the SageMaker model it runs
+    input_manifest: str  # s3:// URI of the job's input ManifestFile
+    output_path: str  # s3:// prefix of its outputs: one <entry>.out per input object
+    note: str  # how to follow the job and join its outputs once it has ended
 
     def title(self) -> str:
         return "audit (sagemaker batch transform)"
