@@ -325,6 +325,44 @@ def test_sigterm_under_load_finishes_what_was_taken_and_exits_0(small_model, tmp
     assert "stopped (SIGTERM)" in log and "Traceback" not in log
 
 
+def test_sighup_replaces_the_worker_and_the_server_keeps_answering(small_model, tmp_path):
+    """gunicorn's reload (SIGHUP to the master): a new worker loads the model, the old one finishes and exits.
+    The listener stays open for the new worker: clients sending throughout get every answer, none refused or
+    reset (the old worker used to shut the shared listener down, and the server refused everything after)."""
+    srv = serve.Server(small_model, log=tmp_path / "serve.log")
+    body, answers, failures, stop = jpeg(9, 32), [], [], threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(invoke(srv.url, body)[0])
+            except Exception as exc:  # noqa: BLE001 - refused, reset or timed out: all failures here
+                failures.append(repr(exc))
+
+    try:
+        old = worker_pid(srv.pid)
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        while len(answers) < 10:
+            time.sleep(0.05)
+        os.kill(srv.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (Path(f"/proc/{old}").exists() or worker_pid(srv.pid) == old):
+            time.sleep(0.1)
+        after = len(answers)
+        while len(answers) < after + 10 and time.monotonic() < deadline:  # the new worker answers too
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert failures == [] and set(answers) == {200} and len(answers) >= after + 10, (failures[:3], len(answers))
+        assert worker_pid(srv.pid) != old
+    finally:
+        stop.set()
+        assert srv.stop() == 0
+
+
 def test_deploy_and_undeploy_through_the_cli_leave_nothing_running(cli, small_model, tmp_path):
     model_dir, work = small_model, tmp_path / "w"
     res = cli("deploy", "--workdir", work, "--port", "0", "--set", f"deploy.model_data={model_dir}", "--json")

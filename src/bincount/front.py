@@ -18,13 +18,16 @@ head or body, so a body trickled at 1 byte every 5 s never times out. Here, as a
 - SIGTERM: new connection attempts are dropped at the listener (Linux: a socket filter on bare SYNs; the
   client's retry, a second later, is refused), handshakes already under way complete for SETTLE_S, what the
   listen backlog holds is taken, listening stops, idle keep-alive connections close, and every request taken
-  is answered (up to graceful_timeout_s). On Linux no client is reset after its connect succeeded.
+  is answered (up to graceful_timeout_s). On Linux no client is reset after its connect succeeded. When the
+  master still holds the listener (SIGHUP: it replaces this worker), the worker only takes the backlog and
+  stops accepting: the listener stays open for the next worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import socket
 import sys
 import time
@@ -53,6 +56,22 @@ class _Insn(ctypes.Structure):
 
 class _Program(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Insn))]
+
+
+def held_by(pid: int, listener: socket.socket) -> bool:
+    """Does process `pid` (the gunicorn master) still hold `listener` open? False where /proc cannot tell."""
+    try:
+        target, folder = f"socket:[{os.fstat(listener.fileno()).st_ino}]", f"/proc/{pid}/fd"
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{folder}/{name}") == target:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
 
 
 def refuse_new_connections(listener: socket.socket) -> bool:
@@ -377,17 +396,22 @@ class Front:
         while self.worker.alive:
             self.worker.notify()
             await asyncio.sleep(0.2)
-        # stopping: refuse new connections, take what is queued, stop listening, close idle keep-alive
-        # connections, answer the rest
+        # stopping: take what is queued and, when the server stops, refuse new connections and stop listening;
+        # then close idle keep-alive connections and answer the rest
         self.stopping = True
         for task in accepting:
             task.cancel()
-        if any([refuse_new_connections(listener) for listener in listeners]):
+        # The master closes its copy of the listener before it stops its workers. If it still holds it, it is
+        # replacing this worker (SIGHUP reload, or this worker alone was signalled): its next worker accepts
+        # from the same listener, which must stay open and unfiltered.
+        closing = [listener for listener in listeners if not held_by(self.worker.ppid, listener)]
+        if any([refuse_new_connections(listener) for listener in closing]):
             await asyncio.sleep(SETTLE_S)  # handshakes under way reach the backlog; new ones cannot
         for listener in listeners:
             self.take(listener)
+        for listener in closing:
             try:
-                listener.shutdown(socket.SHUT_RD)  # stop listening, in the master's copy too
+                listener.shutdown(socket.SHUT_RD)  # stop listening
             except OSError:
                 pass
         for conn in list(self.conns):
