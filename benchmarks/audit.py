@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                 one = max(one, baseline(model_dir, bodies, threads=1))
                 n, seconds = run_audit(tmp / f"thread-{r}", source, model_dir, workers=cores, pool="thread")
                 threads = max(threads, n / seconds)
-        comparable = others.mean <= measure.cores()
+        comparable = measure.calm(others.mean)
         n, seconds = run_audit(tmp / "process", source, model_dir, workers=cores, pool="process")
         processes = n / seconds
         processes_marginal = steady_rate(tmp / "process-steady", source, model_dir, workers=cores, pool="process")

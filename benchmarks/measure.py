@@ -238,15 +238,20 @@ def interleave(contestants: dict[str, callable], repeat: int, once: tuple[str, .
     return series
 
 
+def calm(others: float) -> bool:
+    """The rule every goal row is judged by: the rest of the machine kept at most one task per core runnable."""
+    return others <= cores()
+
+
 def comparable(*series: Series) -> bool:
-    """True when, in every run of these series, the rest of the machine kept at most one task per core runnable."""
-    return all(s.others <= cores() for s in series)
+    """True when every run of these series was calm (see `calm`)."""
+    return all(calm(s.others) for s in series)
 
 
 def load_note(*series: Series) -> str:
     worst = max(s.load for s in series)
     others = max(s.others for s in series)
-    verdict = "" if others <= cores() else f", above one per core ({cores()} cores): not comparable"
+    verdict = "" if calm(others) else f", above one per core ({cores()} cores): not comparable"
     return f"others {others:.1f} runnable (load average {worst:.1f}, the benchmark's own included{verdict})"
 
 

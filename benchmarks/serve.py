@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio1 = best[("http", 1)]["rps"] / best[("in-process", 1)]["rps"]
     ratio = best[("http", 4)]["rps"] / best[("in-process", 4)]["rps"]
     lock_gain = best[("in-process", 4)]["rps"] / best[("in-process, locked", 4)]["rps"]
-    comparable = others.mean <= measure.cores()
+    comparable = measure.calm(others.mean)
     print(f"HTTP / in-process throughput: {ratio1:.2f} at concurrency 1, {ratio:.2f} at concurrency 4 (goal >= {GOAL}); "
           f"others {others.mean:.1f} runnable threads on {measure.cores()} cores"
           f"{'' if comparable else ': not comparable (rerun on a quieter machine)'}")

@@ -194,7 +194,8 @@ def drop_checkpoints(aws: Aws, uri: str | None, keep: bool) -> int:
     if keep or not uri:
         return 0
     try:
-        deleted = delete_keys(aws.s3(), parse_s3_uri(uri)[0], s3_keys(aws.s3(), uri))
+        s3 = aws.s3()
+        deleted = delete_keys(s3, parse_s3_uri(uri)[0], s3_keys(s3, uri))
     except (BotoCoreError, ClientError, BincountError) as exc:
         log(f"warning: the checkpoints under {uri} were not deleted ({error_message(exc) or exc}); "
             "`bincount cleanup` deletes them")
