@@ -189,8 +189,8 @@ def cleanup(settings: Settings, yes: bool = False) -> CleanupResult:
                 and all(any(uri.startswith(p) for p in prefixes) for uri in state.channels.values())):
             gone["channels"] = {}
         # the older SageMaker runs, whose artifacts lay under the deleted prefixes; a pin on one of them goes too
-        dropped = [r for r in now.runs if r.backend == "sagemaker" and r in state.runs
-                   and any((r.model_data or p).startswith(p) for p in prefixes)]
+        dropped = [r for r in now.runs if r.backend == "sagemaker" and r in state.runs  # no artifact: nothing to keep
+                   and (r.model_data is None or any(r.model_data.startswith(p) for p in prefixes))]
         if dropped:
             gone["runs"] = [r for r in now.runs if r not in dropped]
         forgotten = {r.job for r in dropped} | ({state.training.job} if "training" in gone else set())
